@@ -1,0 +1,276 @@
+"""Run configuration: pydantic models, YAML loading, ``--set key=value`` overrides.
+
+Every config error names the offending key path (``train.lr``, ``strategies[1].lamda``) and, for an
+unknown key, the closest valid name, because a silently ignored typo in a fine-tuning config costs a
+whole training run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and what to do in the message."""
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    name_or_path: str = Field(description="Local model directory or Hugging Face hub id.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to the model's.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weight dtype at load time."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub; off unless you trust it.")
+
+
+class DataConfig(StrictModel):
+    path: str = Field(description="File (.jsonl/.json/.csv/.tsv/.txt/.parquet), directory, or hub dataset name.")
+    format: Literal["auto", "text", "prompt_completion", "chat"] = Field(
+        "auto", description="auto picks chat/prompt_completion/text from the fields present."
+    )
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    split: str = Field("train", description="Split name for hub datasets.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    max_length: int = Field(256, gt=1, description="Tokens per example (window length for packed text).")
+    pack: bool = Field(True, description="Pack plain text into full windows (text format only).")
+    add_eos: bool = Field(True, description="Append EOS to each document/completion.")
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share, split by seed.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many records (after shuffling by seed).")
+
+
+class TaskConfig(StrictModel):
+    name: str = Field(description="Task name, used in logs, outputs and the accuracy matrix.")
+    data: DataConfig
+    steps: int | None = Field(None, gt=0, description="Optimizer steps for this task; default train.steps_per_task.")
+
+
+class TrainConfig(StrictModel):
+    steps_per_task: int = Field(100, gt=0, description="Optimizer steps per task unless the task sets its own.")
+    batch_size: int = Field(8, gt=0, description="Micro-batch size per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables clipping.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml"]] = Field(
+        default_factory=list, description="accelerate trackers, e.g. [tensorboard]."
+    )
+    progress: bool = Field(True, description="Show a rich progress bar.")
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(0, ge=0, description="Save every N optimizer steps (0: only at the end of each task).")
+    keep: int = Field(1, gt=0, description="How many step checkpoints to keep.")
+
+
+class EvalConfig(StrictModel):
+    suite: str | None = Field(None, description="Suite YAML file evaluated after every task.")
+    every_n_steps: int = Field(0, ge=0, description="Also evaluate every N steps (0: only after each task).")
+    batch_size: int = Field(16, gt=0)
+
+
+class OutputConfig(StrictModel):
+    dir: str = Field("runs/retain", description="Run directory: checkpoints, per-task outputs, final model.")
+    merge: bool = Field(False, description="With adapters, also save the merged full model.")
+    save_per_task: bool = Field(True, description="Save a model/adapter directory after every task.")
+
+
+class StrategySpec(BaseModel):
+    """One entry of ``strategies``: a registered name and that strategy's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(StrictModel):
+    model: ModelConfig
+    tasks: list[TaskConfig] = Field(min_length=1)
+    strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="full")])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        """Accept ``[lora, ewc]`` and ``lora+ewc`` shorthands besides full mappings."""
+        if isinstance(value, str):
+            value = value.split("+")
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> "RunConfig":
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def steps_for(self, task: TaskConfig) -> int:
+        return task.steps or self.train.steps_per_task
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and readable errors
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the config classes along an error location to find the section that holds the key."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return current
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current
+
+
+def closest_name(name: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    """The valid name a typo most likely meant (close spelling, or one is a prefix of the other)."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    if match:
+        return match[0]
+    prefixed = [c for c in choices if name.startswith(c) or c.startswith(name)]
+    return max(prefixed, key=len) if prefixed else None
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel], source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = _loc_to_path(loc)
+        if e["type"] == "extra_forbidden":
+            section = _model_at(root, loc[:-1])
+            valid = list(getattr(section, "model_fields", {}))
+            hint = closest_name(str(loc[-1]), valid)
+            extra = f"; did you mean '{hint}'?" if hint else ""
+            lines.append(f"unknown key '{path}'{extra}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{path}'")
+        else:
+            lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(lines))
+
+
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """``train.lr=3e-4`` -> (['train', 'lr'], 0.0003); ``strategies[0].r=16`` and ``strategies.0.r`` both work."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected key=value, e.g. --set train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts: list[str | int] = []
+    for token in key.replace("[", ".").replace("]", "").split("."):
+        if token == "":
+            continue
+        parts.append(int(token) if token.isdigit() else token)
+    if not parts:
+        raise ConfigError(f"--set '{item}': empty key")
+    return parts, yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise ConfigError(f"--set '{item}': index {part} out of range")
+                node = node[part]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            if isinstance(node[part], str) and part != "strategies":
+                raise ConfigError(f"--set '{item}': '{part}' is a value, not a section")
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last > len(node):
+                raise ConfigError(f"--set '{item}': index {last} out of range")
+            if last == len(node):
+                node.append(value)
+            else:
+                node[last] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _normalize_strategy_list(data: dict[str, Any]) -> None:
+    """Turn shorthand strategy entries into mappings so overrides can address their params."""
+    strategies = data.get("strategies")
+    if isinstance(strategies, str):
+        strategies = strategies.split("+")
+    if isinstance(strategies, list):
+        data["strategies"] = [{"name": s} if isinstance(s, str) else s for s in strategies]
+
+
+def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> RunConfig:
+    data = dict(data)
+    _normalize_strategy_list(data)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise format_validation_error(err, RunConfig, source) from None
+    from retain.strategies.registry import validate_strategy_specs
+
+    validate_strategy_specs(config.strategies, source)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass the path to a run YAML (see README 'Config').")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys model, tasks, strategies, train, ...")
+    return load_config_dict(data, overrides, source=str(path))

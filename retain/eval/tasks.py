@@ -1,0 +1,528 @@
+"""Evaluation primitives: pure functions of (model, tokenizer, data) -> a score.
+
+Shared conventions, so numbers are comparable across runs and with lm-eval:
+
+* The model is put in ``eval()`` mode and every module's previous train/eval flag is restored
+  afterwards (a frozen submodule kept in eval mode by a strategy stays so). Gradients are off via
+  ``torch.no_grad()`` rather than ``inference_mode``: tensors a model caches during an inference-mode
+  forward (rotary tables, ...) would break a later training step.
+* Batches are formed after sorting by length (longest first, ties by input order), so padding is
+  minimal and results do not depend on the data order. Scoring passes right-pad and pass no attention
+  mask: in a causal LM, padding after the last real token cannot change the logits of real tokens.
+* Logits are taken from the *end* of the model's output, so PEFT prompt tuning (which prepends
+  virtual tokens) works unchanged. Inputs go to the device of the input embeddings.
+* Results are :class:`TaskResult` values whose fields match ``retain.report.schema.Score`` minus the
+  suite-level ``role``/``train_task``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+T = TypeVar("T")
+Normalize = Literal["none", "token", "char"]
+MatchMode = Literal["exact", "contains"]
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One measured value; the Score fields that do not depend on the suite."""
+
+    value: float
+    metric: str
+    higher_is_better: bool
+    bounded: bool
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Small shared helpers
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` + no_grad, restoring each module's own training flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where inputs must go: the input embeddings' device (first parameter's as a fallback)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Recent HF causal LMs can skip the LM head on positions we do not score."""
+    try:
+        return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all when None), shape [batch, positions, vocab]."""
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if keep is not None and keep < input_ids.shape[1] and supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids, **kwargs).logits
+    positions = input_ids.shape[1] if keep is None else keep
+    return logits[:, -positions:]
+
+
+def right_pad(rows: Sequence[Sequence[int]], device: torch.device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [B, max_len] padded on the right, lengths [B])."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first (ties in input order) to minimise padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def subsample(items: Sequence[T], k: int | None, seed: int = 0) -> list[T]:
+    """At most ``k`` items chosen by ``seed``, kept in their original order."""
+    if k is None or k >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), k))
+    return [items[i] for i in chosen]
+
+
+def encode(tokenizer: Any, text: str, special: bool | None = None) -> list[int]:
+    """Token ids; ``special=None`` uses the tokenizer's default (e.g. adds BOS) unless the text already
+    starts with the BOS string, as lm-eval does."""
+    kwargs: dict[str, Any] = {"verbose": False}
+    bos = getattr(tokenizer, "bos_token", None)
+    if special is None and bos and text.startswith(bos):
+        special = False
+    if special is not None:
+        kwargs["add_special_tokens"] = special
+    return list(tokenizer(text, **kwargs)["input_ids"])
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else float("inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Language modelling: loss / perplexity / next-token accuracy over packed windows
+
+
+def text_windows(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Tokenize each text (default special tokens), concatenate, cut into ``max_length`` windows.
+
+    Windows do not overlap, so the first token of each window is context only; a final window
+    shorter than 2 tokens (nothing to predict) is dropped.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(encode(tokenizer, text))
+    windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [w for w in windows if len(w) >= 2]
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Token-weighted sums over all predicted positions of a set of windows."""
+
+    nll_sum: float
+    correct: int
+    n_tokens: int
+
+
+def window_stats(model: nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 16) -> WindowStats:
+    """Summed next-token NLL and top-1 hits over every predicted position of every window."""
+    if not windows:
+        raise ValueError("no token windows to evaluate (empty texts?)")
+    device = model_device(model)
+    nll, correct, count = 0.0, 0, 0
+    with eval_mode(model):
+        for batch in length_sorted_batches([len(w) for w in windows], batch_size):
+            ids, lengths = right_pad([windows[i] for i in batch], device)
+            logits = forward_logits(model, ids)[:, :-1]
+            positions = torch.arange(ids.shape[1] - 1, device=device)
+            mask = positions[None, :] < (lengths - 1)[:, None]
+            scored, targets = logits[mask].float(), ids[:, 1:][mask]
+            nll += float(F.cross_entropy(scored, targets, reduction="none").double().sum())
+            correct += int((scored.argmax(dim=-1) == targets).sum())
+            count += int(targets.numel())
+    return WindowStats(nll, correct, count)
+
+
+def loss(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+    max_windows: int | None = None,
+    seed: int = 0,
+) -> tuple[TaskResult, TaskResult]:
+    """(mean token NLL, perplexity = exp(NLL)) over packed windows of ``texts``; both lower-is-better.
+
+    ``max_windows`` keeps a seeded subsample of the windows (cheap evals of long corpora).
+    """
+    windows = subsample(text_windows(tokenizer, texts, max_length), max_windows, seed)
+    stats = window_stats(model, windows, batch_size)
+    mean_nll = stats.nll_sum / stats.n_tokens
+    return (
+        TaskResult(mean_nll, "loss", higher_is_better=False, bounded=False, n=stats.n_tokens),
+        TaskResult(_safe_exp(mean_nll), "perplexity", higher_is_better=False, bounded=False, n=stats.n_tokens),
+    )
+
+
+def next_token_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+    max_windows: int | None = None,
+    seed: int = 0,
+) -> TaskResult:
+    """Share of positions whose argmax prediction is the actual next token (same windows as ``loss``)."""
+    windows = subsample(text_windows(tokenizer, texts, max_length), max_windows, seed)
+    stats = window_stats(model, windows, batch_size)
+    return TaskResult(stats.correct / stats.n_tokens, "next_token_accuracy", True, True, stats.n_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-likelihood of continuations (multiple choice)
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens, with lm-eval's causal-LM convention so scores match it.
+
+    Trailing whitespace of the context moves to the front of the continuation; ``context +
+    continuation`` is tokenized jointly and the continuation is whatever follows the length of the
+    context's own tokenization. Tokenizing jointly keeps the continuation's tokens the ones the model
+    would really see (e.g. " Yes" as one word-initial token rather than " " + "Yes"). An empty
+    context is replaced by the BOS (else EOS) token.
+    """
+    stripped = context.rstrip()
+    if stripped != context:
+        continuation = context[len(stripped) :] + continuation
+        context = stripped
+    if not context:
+        return _encode_without_context(tokenizer, continuation)
+    context_ids = encode(tokenizer, context)
+    continuation_ids = encode(tokenizer, context + continuation)[len(context_ids) :]
+    if not continuation_ids:
+        raise ValueError(f"continuation {continuation!r} produced no tokens after context {context[-40:]!r}")
+    return context_ids, continuation_ids
+
+
+def _encode_without_context(tokenizer: Any, continuation: str) -> tuple[list[int], list[int]]:
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = encode(tokenizer, continuation, special=False)
+    if prefix is None:
+        raise ValueError("an empty prompt needs a BOS or EOS token to condition on")
+    if ids and ids[0] == prefix:
+        return ids[:1], ids[1:]
+    return [prefix], ids
+
+
+def _prefix_owners(inputs: Sequence[tuple[int, ...]]) -> list[int]:
+    """For each input, the index of an input that extends it (itself if none).
+
+    A causal LM's logits at position p depend only on tokens <= p, so one forward pass of the
+    longer sequence scores every prefix of it: the choices of a question share most of their
+    input, and single-token choices (" Yes"/" No") share all of it. In lexicographic order an
+    input that is a prefix of another is directly followed by one of its extensions, so one
+    backwards sweep finds the longest extension of each.
+    """
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i])
+    owner = list(range(len(inputs)))
+    for pos in range(len(order) - 2, -1, -1):
+        here, after = inputs[order[pos]], inputs[order[pos + 1]]
+        if after[: len(here)] == here:
+            owner[order[pos]] = owner[order[pos + 1]]
+    return owner
+
+
+def continuation_logprobs(
+    model: nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> list[float]:
+    """Sum of log p(continuation tokens | context) for each (context_ids, continuation_ids) pair.
+
+    Over-long pairs are cut from the left to ``max_length + 1`` tokens (the model sees
+    ``max_length``), as lm-eval does. Pairs whose input is a prefix of another pair's share a
+    forward pass, and only the positions that are scored go through the LM head when the model
+    supports ``logits_to_keep``.
+    """
+    inputs, starts, targets = _scoring_layout(pairs, max_length)
+    owners = _prefix_owners(inputs)
+    served: dict[int, list[int]] = {}
+    for i, owner in enumerate(owners):
+        served.setdefault(owner, []).append(i)
+    rows = sorted(served)
+    totals = torch.zeros(len(pairs), dtype=torch.float64)
+    device = model_device(model)
+    with eval_mode(model):
+        for batch in length_sorted_batches([len(inputs[r]) for r in rows], batch_size):
+            batch_rows = [rows[b] for b in batch]
+            _score_batch(model, device, inputs, starts, targets, batch_rows, served, totals)
+    return totals.tolist()
+
+
+def _scoring_layout(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int | None
+) -> tuple[list[tuple[int, ...]], list[int], list[list[int]]]:
+    """Model inputs, the first scored position in each input, and the tokens scored there."""
+    inputs, starts, targets = [], [], []
+    for context, continuation in pairs:
+        if not context or not continuation:
+            raise ValueError("every pair needs at least one context and one continuation token")
+        if max_length is not None and len(continuation) > max_length:
+            raise ValueError(f"continuation of {len(continuation)} tokens exceeds max_length={max_length}")
+        full = list(context) + list(continuation)
+        if max_length is not None:
+            full = full[-(max_length + 1) :]
+        inputs.append(tuple(full[:-1]))
+        starts.append(len(full) - 1 - len(continuation))
+        targets.append(list(continuation))
+    return inputs, starts, targets
+
+
+def _score_batch(
+    model: nn.Module,
+    device: torch.device,
+    inputs: Sequence[tuple[int, ...]],
+    starts: Sequence[int],
+    targets: Sequence[Sequence[int]],
+    batch_rows: Sequence[int],
+    served: Mapping[int, Sequence[int]],
+    totals: torch.Tensor,
+) -> None:
+    """One forward pass over ``batch_rows``; adds each served pair's log-likelihood to ``totals``."""
+    ids, _ = right_pad([inputs[r] for r in batch_rows], device)
+    width = ids.shape[1]
+    keep = width - min(starts[i] for r in batch_rows for i in served[r])
+    logprobs = forward_logits(model, ids, keep).float().log_softmax(dim=-1)
+    row_idx, pos_idx, tok_idx, pair_idx = [], [], [], []
+    for row, owner in enumerate(batch_rows):
+        for i in served[owner]:
+            n = len(targets[i])
+            row_idx += [row] * n
+            pos_idx += range(starts[i] - (width - keep), starts[i] - (width - keep) + n)
+            tok_idx += targets[i]
+            pair_idx += [i] * n
+    on = logprobs.device
+    picked = logprobs[torch.tensor(row_idx, device=on), torch.tensor(pos_idx, device=on), torch.tensor(tok_idx, device=on)]
+    totals.index_add_(0, torch.tensor(pair_idx), picked.double().cpu())
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    """One multiple-choice question: ``label`` indexes ``choices``."""
+
+    prompt: str
+    choices: list[str]
+    label: int
+
+
+def resolve_label(label: Any, choices: Sequence[str]) -> int:
+    """An index, or the choice string itself (exact, then whitespace-insensitive), as an index."""
+    if isinstance(label, bool):
+        label = str(label)
+    if isinstance(label, int):
+        if not 0 <= label < len(choices):
+            raise ValueError(f"label index {label} out of range for {len(choices)} choices")
+        return label
+    text = str(label)
+    for candidates in (list(choices), [c.strip() for c in choices]):
+        if text in candidates or text.strip() in candidates:
+            return candidates.index(text if text in candidates else text.strip())
+    if text.strip().isdigit():
+        return resolve_label(int(text.strip()), choices)
+    raise ValueError(f"label {label!r} is neither a choice {list(choices)} nor an index")
+
+
+def _as_example(item: ChoiceExample | Mapping[str, Any]) -> ChoiceExample:
+    if isinstance(item, ChoiceExample):
+        return item
+    choices = [str(c) for c in item["choices"]]
+    return ChoiceExample(str(item["prompt"]), choices, resolve_label(item["label"], choices))
+
+
+def choice_predictions(
+    lls: Sequence[float], example: ChoiceExample, n_tokens: Sequence[int], normalize: Normalize
+) -> int:
+    """Index of the best choice (first on ties) under the chosen length normalisation."""
+    if normalize == "token":
+        scores = [ll / n for ll, n in zip(lls, n_tokens)]
+    elif normalize == "char":
+        scores = [ll / max(len(choice), 1) for ll, choice in zip(lls, example.choices)]
+    else:
+        scores = list(lls)
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+_NORM_METRIC = {"none": "accuracy", "token": "accuracy_norm_token", "char": "accuracy_norm_char"}
+
+
+def multiple_choice(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[ChoiceExample | Mapping[str, Any]],
+    normalize: Normalize = "none",
+    target_delimiter: str = " ",
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> TaskResult:
+    """Accuracy of picking the choice with the highest log p(delimiter + choice | prompt).
+
+    ``normalize``: "none" sums log-probs (metric "accuracy"); "token" divides by the choice's token
+    count ("accuracy_norm_token"); "char" divides by the choice's length in characters, as lm-eval's
+    ``acc_norm`` ("accuracy_norm_char"). All (prompt, choice) pairs go into one length-sorted pool.
+    """
+    items = [_as_example(e) for e in examples]
+    if not items:
+        raise ValueError("no multiple-choice examples to evaluate")
+    pairs = [encode_pair(tokenizer, ex.prompt, target_delimiter + choice) for ex in items for choice in ex.choices]
+    lls = continuation_logprobs(model, pairs, batch_size, max_length)
+    correct, offset = 0, 0
+    for ex in items:
+        span = slice(offset, offset + len(ex.choices))
+        n_tokens = [len(cont) for _, cont in pairs[span]]
+        correct += int(choice_predictions(lls[span], ex, n_tokens, normalize) == ex.label)
+        offset += len(ex.choices)
+    return TaskResult(correct / len(items), _NORM_METRIC[normalize], True, True, len(items))
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy generation
+
+
+def _pad_id(tokenizer: Any, model: nn.Module) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(model.config, "pad_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def greedy_generate(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations (decoded new tokens, special tokens skipped), in prompt order.
+
+    Prompts are left-padded with an attention mask so every row's last prompt token sits at the
+    same position; a fixed GenerationConfig makes decoding independent of the model's own defaults.
+    """
+    from transformers import GenerationConfig
+
+    encoded = [encode(tokenizer, p) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ValueError("an empty prompt with a tokenizer that adds no BOS cannot be generated from")
+    pad_id = _pad_id(tokenizer, model)
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    device = model_device(model)
+    outputs: list[str] = [""] * len(prompts)
+    with eval_mode(model):
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+            ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            new_tokens = generated[:, ids.shape[1] :]
+            for row, i in enumerate(batch):
+                outputs[i] = tokenizer.decode(new_tokens[row].tolist(), skip_special_tokens=True)
+    return outputs
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text up to the first occurrence of any stop string."""
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def is_match(prediction: str, target: str, match: MatchMode) -> bool:
+    """exact: equal after stripping whitespace; contains: the stripped target occurs in the prediction."""
+    if match == "exact":
+        return prediction.strip() == target.strip()
+    return target.strip() in prediction
+
+
+def generation(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    match: MatchMode = "exact",
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    stop: Sequence[str] = ("\n",),
+) -> TaskResult:
+    """Share of prompts whose greedy completion (cut at the first ``stop`` string) matches its target."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise ValueError("no generation examples to evaluate")
+    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    hits = sum(is_match(cut_at_stop(c, stop), t, match) for c, t in zip(completions, targets))
+    metric = "exact_match" if match == "exact" else "contains"
+    return TaskResult(hits / len(prompts), metric, True, True, len(prompts))
+
+
+def generate_samples(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16
+) -> dict[str, str]:
+    """Prompt -> greedy continuation, for the report's before/after samples."""
+    if not prompts:
+        return {}
+    return dict(zip(prompts, greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)))

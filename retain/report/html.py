@@ -1,0 +1,224 @@
+"""One self-contained HTML report: inline CSS and inline SVG, no script and no external URL.
+
+The page must open offline (on a cluster, from a CI artifact), so nothing is fetched: every figure is
+an inline ``<svg>``, and every string that came from data (names, prompts, generations) is escaped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from pathlib import Path
+
+from retain.report import plots
+from retain.report.schema import Results, StepRecord, StrategyRun, atomic_write_text
+from retain.report.summary import (
+    SUMMARY_HEADERS,
+    Series,
+    fmt_bytes,
+    fmt_num,
+    retention_series,
+    summary_cells,
+    sweep_series,
+    tradeoff_points,
+)
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #222; }
+h1 { margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
+.meta { color: #666; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; font-size: .9rem; }
+th, td { border: 1px solid #ddd; padding: .25rem .5rem; vertical-align: top; }
+th { background: #f4f4f4; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.figs { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
+.fig svg { max-width: 100%; height: auto; }
+pre { white-space: pre-wrap; margin: 0; font-size: .85rem; max-width: 40rem; }
+.muted { color: #888; font-size: .8rem; }
+"""
+
+
+def _e(text: object) -> str:
+    return escape(str(text), quote=True)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
+    """An HTML table of already-formatted cell text (escaped here); columns >= numeric_from align right."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td class="num">{_e(c)}</td>' if i >= numeric_from else f"<td>{_e(c)}</td>"
+            for i, c in enumerate(row)
+        ) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{_e(title)}</h2>{body}</section>" if body else ""
+
+
+def _fig(svg: str) -> str:
+    return f'<div class="fig">{svg}</div>'
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _title(results: Results) -> str:
+    return f"retain report — {results.scenario}" if results.scenario else "retain report"
+
+
+def _header(results: Results) -> str:
+    meta = (
+        f"base model <b>{_e(results.base_model)}</b>"
+        + (f" · scenario <b>{_e(results.scenario)}</b>" if results.scenario else "")
+        + f" · {len(results.runs)} strateg{'y' if len(results.runs) == 1 else 'ies'}"
+        + f" · created {_e(results.created)} · retain {_e(results.retain_version)}"
+        + f" · schema {_e(results.schema_version)}"
+    )
+    return f"<h1>{_e(_title(results))}</h1><p class=\"meta\">{meta}</p>"
+
+
+def _summary_section(results: Results) -> str:
+    table = _table(SUMMARY_HEADERS, (summary_cells(run) for run in results.runs))
+    note = (
+        '<p class="muted">retention = general score after / before (1.0 = unchanged). '
+        "BWT and forgetting need two or more tasks. KL from base in nats per token; "
+        "weight drift = ||θ−θ₀|| / ||θ₀||.</p>"
+    )
+    return _section("Summary", table + note)
+
+
+def _plots_section(results: Results, sweeps: Mapping[str, Sequence[Series]]) -> str:
+    figs = []
+    points = tradeoff_points(results)
+    if points:
+        figs.append(_fig(plots.tradeoff_scatter_svg(points)))
+    series = [s for s in retention_series(results) if any(y is not None for y in s[2])]
+    if series:
+        figs.append(_fig(plots.retention_plot_svg(series)))
+    for param, param_series in sweeps.items():
+        figs.append(_fig(plots.sweep_plot_svg(param_series, param)))
+    return _section("Learning vs forgetting", f'<div class="figs">{"".join(figs)}</div>' if figs else "")
+
+
+def _heatmaps_section(results: Results) -> str:
+    figs = [
+        _fig(plots.heatmap_svg(run.matrix, run.task_names, title=run.name))
+        for run in results.runs
+        if run.matrix and run.task_names
+    ]
+    if not figs:
+        return ""
+    intro = (
+        '<p class="muted">R[i][j]: primary score on task j after training through task i; '
+        "blank = not evaluated.</p>"
+    )
+    return _section("Accuracy matrices", intro + f'<div class="figs">{"".join(figs)}</div>')
+
+
+def _eval_columns(records: Sequence[StepRecord]) -> list[str]:
+    names: list[str] = []
+    for rec in records:
+        names.extend(n for n in rec.scores if n not in names)
+    return names
+
+
+def _eval_header(name: str, records: Sequence[StepRecord]) -> str:
+    score = next(r.scores[name] for r in records if name in r.scores)
+    arrow = "↑" if score.higher_is_better else "↓"
+    return f"{name} ({score.metric} {arrow})"
+
+
+def _record_row(rec: StepRecord, columns: Sequence[str]) -> list[str]:
+    drift = rec.drift
+    return [
+        str(rec.index),
+        rec.task or "base",
+        str(rec.global_step),
+        *[fmt_num(rec.scores[c].value) if c in rec.scores else fmt_num(None) for c in columns],
+        fmt_num(rec.train_loss),
+        fmt_num(drift.kl_from_base if drift else None),
+        fmt_num(drift.ppl_delta if drift else None),
+        fmt_num(drift.weight_rel_l2 if drift else None),
+        fmt_num(rec.seconds),
+        fmt_num(rec.seconds_per_step),
+        fmt_bytes(rec.peak_memory_bytes),
+    ]
+
+
+def _records_table(run: StrategyRun) -> str:
+    columns = _eval_columns(run.records)
+    headers = [
+        "#", "after task", "step",
+        *[_eval_header(c, run.records) for c in columns],
+        "train loss", "KL from base", "ppl Δ", "weight drift", "seconds", "s/step", "peak memory",
+    ]
+    return _table(headers, (_record_row(r, columns) for r in run.records), numeric_from=2)
+
+
+def _records_section(results: Results) -> str:
+    parts = [f"<h3>{_e(run.name)}</h3>{_records_table(run)}" for run in results.runs if run.records]
+    return _section("Scores at every step", "".join(parts))
+
+
+def _samples_table(run: StrategyRun) -> str:
+    before = run.records[0].samples
+    after = run.records[-1].samples if len(run.records) > 1 else {}
+    prompts = list(before) + [p for p in after if p not in before]
+    if not prompts:
+        return ""
+    last = run.records[-1].task or "last task"
+    head = f"<tr><th>prompt</th><th>base model</th><th>after {_e(last)}</th></tr>"
+    rows = "".join(
+        f"<tr><td><pre>{_e(p)}</pre></td><td><pre>{_e(before.get(p, '—'))}</pre></td>"
+        f"<td><pre>{_e(after.get(p, '—'))}</pre></td></tr>"
+        for p in prompts
+    )
+    return f"<h3>{_e(run.name)}</h3><table><thead>{head}</thead><tbody>{rows}</tbody></table>"
+
+
+def _samples_section(results: Results) -> str:
+    return _section("Sample generations", "".join(_samples_table(run) for run in results.runs if run.records))
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def render_html(results: Results, sweeps: Mapping[str, Sequence[Series]] | None = None) -> str:
+    """The whole report page as a string.
+
+    ``sweeps`` maps a swept parameter name to the series to plot against it; by default they are
+    found from run names of the form ``<strategy>@<param>=<value>`` (see ``summary.sweep_series``).
+    """
+    sweeps = sweep_series(results) if sweeps is None else sweeps
+    body = "".join(
+        [
+            _header(results),
+            _summary_section(results),
+            _plots_section(results, sweeps),
+            _heatmaps_section(results),
+            _records_section(results),
+            _samples_section(results),
+        ]
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(_title(results))}</title><style>{_CSS}</style></head>"
+        f"<body>{body}</body></html>\n"
+    )
+
+
+def write_report(
+    results: Results, out_path: str | os.PathLike[str], sweeps: Mapping[str, Sequence[Series]] | None = None
+) -> Path:
+    """Render and write the report atomically; returns the path written."""
+    target = Path(out_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, render_html(results, sweeps))
+    return target

@@ -1,0 +1,47 @@
+"""The summary table as markdown (for PR comments, READMEs) and as a rich table (for the terminal).
+
+Both use the same columns and number formatting as the HTML report (``summary.summary_cells``), so a
+number reads the same wherever it is seen.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from retain.report.schema import Results
+from retain.report.summary import SUMMARY_HEADERS, summary_cells
+
+
+def _md_cell(text: str) -> str:
+    """Escape what would break a markdown table row (pipes, line breaks)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def summary_table_markdown(results: Results) -> str:
+    """A GitHub-flavoured markdown table, one row per strategy run; '—' marks a missing value."""
+    lines = [
+        "| " + " | ".join(SUMMARY_HEADERS) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(SUMMARY_HEADERS) - 1)) + "|",
+    ]
+    for run in results.runs:
+        lines.append("| " + " | ".join(_md_cell(c) for c in summary_cells(run)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_rich_table(results: Results) -> Table:
+    """The summary as a rich Table (numbers right-aligned)."""
+    title = f"retain — {results.scenario or results.base_model}"
+    table = Table(title=title, show_lines=False)
+    for i, header in enumerate(SUMMARY_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i > 0)
+    for run in results.runs:
+        # Cells are plain text, not rich markup: a strategy named "[red]" must print as is.
+        table.add_row(*[Text(c) for c in summary_cells(run)])
+    return table
+
+
+def print_summary(results: Results, console: Console | None = None) -> None:
+    """Print the summary table to the terminal (or the given rich console)."""
+    (console or Console()).print(summary_rich_table(results))

@@ -1,0 +1,200 @@
+"""The results file (``results.json``): a versioned, documented pydantic schema.
+
+Field names are part of the public contract (reports, CI gates and other people's notebooks read
+them), so they only change with a new major ``SCHEMA_VERSION``. Minor versions may add optional
+fields; ``Results.load`` accepts any minor version of a known major and refuses the rest.
+
+Non-finite floats (an overflowing perplexity, a NaN metric) are written as the JSON strings
+"Infinity" / "-Infinity" / "NaN", so the file stays strict JSON and still round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = "1.0"
+
+
+def _major(version: str) -> str:
+    return str(version).split(".", 1)[0]
+
+
+def _package_version() -> str:
+    """Installed version of retain, without importing it (the package root pulls in torch)."""
+    try:
+        return metadata.version("retain")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class SchemaModel(BaseModel):
+    """Base of every results model.
+
+    Unknown keys are ignored so that a file from a newer minor version (which may only add optional
+    fields) still loads; non-finite floats are written as strings to keep the file strict JSON.
+    """
+
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="strings")
+
+
+class Score(SchemaModel):
+    """One evaluation result of one model state on one eval."""
+
+    value: float = Field(description="The measured value, as the metric defines it (not inverted).")
+    metric: str = Field(
+        description='What was measured: "next_token_accuracy", "loss", "perplexity", "accuracy", ...'
+    )
+    higher_is_better: bool = Field(description="Direction of improvement for this metric.")
+    bounded: bool = Field(
+        description="True when the value lies in [0, 1]; only bounded scores enter the matrix R."
+    )
+    role: Literal["general", "task"] = Field(
+        description='"general": a general-ability suite to preserve; "task": a training task\'s eval.'
+    )
+    train_task: str | None = Field(
+        None, description="Name of the training task this eval measures (None for general evals)."
+    )
+    n: int = Field(0, ge=0, description="How many examples or tokens the value was computed over.")
+
+
+class Drift(SchemaModel):
+    """How far the model moved from the base model, independent of any task score."""
+
+    kl_from_base: float | None = Field(
+        None, description="Mean per-token KL(base || model) on the probe prompts, in nats."
+    )
+    ppl_delta: float | None = Field(
+        None, description="Perplexity on general text minus the base model's perplexity on it."
+    )
+    weight_rel_l2: float | None = Field(
+        None, description="Relative weight distance ||theta - theta_0|| / ||theta_0||."
+    )
+
+
+class StepRecord(SchemaModel):
+    """Everything measured at one model state: the base model or the model after one task."""
+
+    index: int = Field(ge=0, description="0 = base model; i = after training task i (1-indexed).")
+    task: str | None = Field(None, description="Training task just finished; None for the base model.")
+    global_step: int = Field(0, ge=0, description="Optimizer steps taken since the start of the run.")
+    scores: dict[str, Score] = Field(
+        default_factory=dict, description="Scores keyed by eval name, in evaluation order."
+    )
+    drift: Drift | None = Field(None, description="Distance from the base model (None for the base).")
+    train_loss: float | None = Field(None, description="Mean training loss over this task.")
+    seconds: float = Field(0.0, ge=0, description="Wall-clock training time of this task, seconds.")
+    seconds_per_step: float | None = Field(None, description="Mean wall-clock seconds per optimizer step.")
+    peak_memory_bytes: int | None = Field(None, description="Peak accelerator memory while training.")
+    samples: dict[str, str] = Field(
+        default_factory=dict, description="Probe prompt -> greedy continuation generated at this state."
+    )
+
+
+class Summary(SchemaModel):
+    """Headline numbers of one strategy run; None where a value was not measured or is undefined."""
+
+    new_task_score: float | None = Field(None, description="Last task's primary score after the last step.")
+    new_task_score_before: float | None = Field(
+        None, description="Last task's primary score on the base model."
+    )
+    general_before: float | None = Field(None, description="Mean bounded general score of the base model.")
+    general_after: float | None = Field(None, description="Mean bounded general score after the last step.")
+    general_retention: float | None = Field(None, description="general_after / general_before.")
+    acc: float | None = Field(None, description="ACC: mean of the last row of R.")
+    bwt: float | None = Field(None, description="BWT (paper form, divided by T-1); None for T < 2.")
+    fwt: float | None = Field(None, description="FWT (paper form, divided by T-1); None for T < 2.")
+    forgetting: float | None = Field(
+        None, description="Chaudhry 2018 average forgetting F_T; None for T < 2."
+    )
+    kl_from_base: float | None = Field(None, description="Drift of the last record: KL(base || model).")
+    ppl_delta: float | None = Field(None, description="Drift of the last record: perplexity delta.")
+    weight_rel_l2: float | None = Field(None, description="Drift of the last record: relative L2.")
+    seconds_per_step: float | None = Field(None, description="Mean seconds/step over the trained tasks.")
+    peak_memory_bytes: int | None = Field(None, description="Largest peak memory over the trained tasks.")
+    trainable_params: int | None = Field(None, description="Number of parameters the strategy trained.")
+
+
+class StrategyRun(SchemaModel):
+    """One strategy (or hybrid) trained through the whole task sequence."""
+
+    name: str = Field(description='Strategy name as configured, e.g. "full", "lora+ewc".')
+    config: dict[str, Any] = Field(default_factory=dict, description="The exact config used.")
+    task_names: list[str] = Field(description="Training tasks in order; column j of R is task_names[j].")
+    records: list[StepRecord] = Field(description="Record 0 = base model, then one per trained task.")
+    matrix: list[list[float | None]] = Field(
+        default_factory=list, description="R, (T+1) x T: R[i][j] = task j's primary score after task i."
+    )
+    summary: Summary = Field(default_factory=Summary, description="Headline numbers.")
+
+
+class Results(SchemaModel):
+    """The whole results file: one or more strategy runs on the same scenario and base model."""
+
+    schema_version: str = Field(SCHEMA_VERSION, description="Version of this schema, MAJOR.MINOR.")
+    retain_version: str = Field(default_factory=_package_version, description="retain version used.")
+    created: str = Field(default_factory=_now_iso, description="Creation time, ISO 8601 (UTC).")
+    scenario: str | None = Field(None, description="Scenario (task sequence) name, if a built-in one.")
+    base_model: str = Field(description="Base model: local path or hub id.")
+    runs: list[StrategyRun] = Field(default_factory=list, description="One entry per strategy run.")
+
+    def to_json(self) -> str:
+        """Pretty JSON text of the file."""
+        return self.model_dump_json(indent=2)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (temp file in the same folder, then os.replace): never a half file."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, self.to_json())
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Results":
+        """Read a results file, refusing an unknown major schema version with a message naming it."""
+        source = Path(path)
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: not a JSON results file ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object at the top level")
+        version = str(data.get("schema_version", "<missing>"))
+        if _major(version) != _major(SCHEMA_VERSION):
+            raise ValueError(
+                f"{source}: results schema_version {version!r} is not supported by this retain "
+                f"(reads {_major(SCHEMA_VERSION)}.x); use a matching retain version to read it"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(f"{source}: invalid results file:\n{exc}") from exc
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write text to path via a temp file and os.replace, so readers never see a partial file."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,112 @@
+"""Strategies registered by name; every module in this package is discovered, so a new method is
+one new file with one ``@register_strategy`` line and no edit anywhere else."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from pydantic import ValidationError
+
+from retain.config import ConfigError, closest_name
+
+if TYPE_CHECKING:
+    from retain.config import StrategySpec
+    from retain.strategies.base import Strategy
+
+_REGISTRY: dict[str, type["Strategy"]] = {}
+_INFRASTRUCTURE = {"base", "registry", "compose"}
+_discovered = False
+
+S = TypeVar("S", bound=type["Strategy"])
+
+
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator: make a strategy available by ``name`` in configs and on the CLI."""
+
+    def decorate(cls: S) -> S:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"strategy '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import retain.strategies as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def available_strategies() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_strategy_class(name: str) -> type["Strategy"]:
+    _discover()
+    if name not in _REGISTRY:
+        hint = closest_name(name, list(_REGISTRY))
+        extra = f" Did you mean '{hint}'?" if hint else ""
+        raise ConfigError(f"unknown strategy '{name}'.{extra} Available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_strategy(name: str, params: dict[str, Any], where: str = "strategies") -> "Strategy":
+    cls = get_strategy_class(name)
+    try:
+        config = cls.Config.model_validate(params)
+    except ValidationError as err:
+        problems = []
+        valid = list(cls.Config.model_fields)
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                hint = closest_name(str(e["loc"][-1]), valid)
+                problems.append(
+                    f"unknown key '{where}.{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+                    + f"; valid keys for '{name}': {', '.join(valid) or '(none)'}"
+                )
+            else:
+                problems.append(f"'{where}.{key}': {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(f"strategy '{name}':\n  " + "\n  ".join(problems)) from None
+    return cls(config)
+
+
+def build_strategies(specs: list["StrategySpec"]) -> list["Strategy"]:
+    strategies = [build_strategy(s.name, s.params, f"strategies[{i}]") for i, s in enumerate(specs)]
+    check_compatible(strategies)
+    return strategies
+
+
+def check_compatible(strategies: list["Strategy"]) -> None:
+    """Refuse duplicates and pairs that both wrap the model without declaring they fit together."""
+    names = [s.name for s in strategies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"strategy listed twice: {', '.join(dupes)}. List each strategy once.")
+    wrappers = [s for s in strategies if s.wraps_model]
+    for i, a in enumerate(wrappers):
+        for b in wrappers[i + 1 :]:
+            if b.name not in a.compatible_with and a.name not in b.compatible_with:
+                raise ConfigError(
+                    f"strategies '{a.name}' and '{b.name}' both decide which parameters train or wrap the "
+                    f"model, and neither declares it works with the other. Keep one of them "
+                    f"(e.g. '{a.name}+<regularizer>' or '{b.name}+<regularizer>')."
+                )
+
+
+def validate_strategy_specs(specs: list["StrategySpec"], source: str) -> None:
+    try:
+        build_strategies(specs)
+    except ConfigError as err:
+        raise ConfigError(f"invalid config in {source}: {err}") from None

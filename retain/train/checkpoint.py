@@ -1,0 +1,280 @@
+"""Atomic checkpoints for exact resume.
+
+A checkpoint is a directory written under a temporary name and renamed into place, so a run killed at
+any moment leaves either the previous checkpoint or the new one, never half of one. Weights and
+strategy tensors are safetensors (no pickle for weights); optimizer/scheduler states use
+``torch.save`` and are read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_VERSION = 1
+_PREFIX = "step-"
+
+
+@dataclass
+class Position:
+    """Where the run stands: the next optimizer step to take is ``step_in_task`` of task ``task_index``."""
+
+    task_index: int
+    step_in_task: int
+    global_step: int
+    task_started: bool  # before_task already ran for task_index (its effects live in strategy state)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir() if path.is_dir() else []:
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested state <-> (tensors, json)
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested structure into a flat tensor dict (for safetensors) and a JSON skeleton."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            return {"__dict__": [[str(k), walk(v, f"{path}/{k}")] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
+            return {"__tuple__": items} if isinstance(node, tuple) else items
+        if isinstance(node, (np.integer, np.floating)):
+            return node.item()
+        return node
+
+    return tensors, walk(state, prefix)
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_nested(state: Any, directory: Path, stem: str) -> None:
+    tensors, skeleton = flatten_state(state)
+    save_file(tensors, str(directory / f"{stem}.safetensors"))
+    (directory / f"{stem}.json").write_text(json.dumps(skeleton))
+
+
+def load_nested(directory: Path, stem: str) -> Any:
+    tensors = load_file(str(directory / f"{stem}.safetensors"))
+    return unflatten_state(json.loads((directory / f"{stem}.json").read_text()), tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "python": _listify(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *[_plain(x) for x in np_state[2:]]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    random.setstate(_tupleify(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, (np.integer, np.floating)) else value
+
+
+def _listify(value: Any) -> Any:
+    return [_listify(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupleify(value: Any) -> Any:
+    return tuple(_tupleify(v) for v in value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Model weights
+
+
+def weights_to_save(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    """Trainable parameters (or every parameter and persistent buffer), tied weights once."""
+    out = {n: p for n, p in model.named_parameters() if full or p.requires_grad}
+    if full:
+        persistent = {n: b for n, b in model.named_buffers() if n in model.state_dict()}
+        out.update(persistent)
+    return {n: t.detach().to("cpu").contiguous().clone() for n, t in out.items()}
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise RuntimeError(
+            f"checkpoint has weights this model lacks (e.g. {unknown[:3]}); was it written by another config?"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / find / load
+
+
+def checkpoint_dir(run_dir: Path, global_step: int, task_index: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{_PREFIX}{global_step:08d}-task{task_index:02d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    position: Position,
+    model: nn.Module,
+    full_weights: bool,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    strategy_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep: int = 1,
+) -> Path:
+    """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed."""
+    final = checkpoint_dir(run_dir, position.global_step, position.task_index)
+    with atomic_dir(final) as tmp:
+        save_file(weights_to_save(model, full_weights), str(tmp / "weights.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_nested(rng_state(), tmp, "rng")
+        save_nested(strategy_state, tmp, "strategies")
+        meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights}
+        meta["extra"] = extra or {}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _prune(Path(run_dir) / "checkpoints", keep)
+    return final
+
+
+def _prune(directory: Path, keep: int) -> None:
+    for stale in sorted(directory.glob(f"{_PREFIX}*"))[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for leftover in directory.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; temporary directories of a killed save are ignored."""
+    directory = Path(run_dir) / "checkpoints"
+    candidates = sorted(p for p in directory.glob(f"{_PREFIX}*") if (p / "meta.json").is_file())
+    return candidates[-1] if candidates else None
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    position: Position
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+    rng: dict[str, Any]
+    strategies: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise RuntimeError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+    optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
+    scheduler = torch.load(path / "scheduler.pt", weights_only=True) if (path / "scheduler.pt").exists() else None
+    return LoadedCheckpoint(
+        path=path,
+        position=Position(**meta["position"]),
+        weights=load_file(str(path / "weights.safetensors")),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rng=load_nested(path, "rng"),
+        strategies=load_nested(path, "strategies"),
+        extra=meta.get("extra", {}),
+    )
