@@ -110,6 +110,11 @@ class RunConfig(StrictModel):
     model: ModelConfig
     tasks: list[TaskConfig] = Field(min_length=1)
     strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="full")])
+    general_data: DataConfig | None = Field(
+        None,
+        description="Text representative of what the model must keep (replay pool, distillation anchors, "
+        "Fisher calibration). Keep it disjoint from the text you evaluate on.",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

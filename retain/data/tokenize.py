@@ -100,22 +100,28 @@ def _prefix_cuts(tokenizer: Any, pieces: list[tuple[str, bool]], full: list[int]
     return cuts + [len(full)]
 
 
-def encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], special: bool) -> Masked:
-    """Token ids of ``text`` and, per token, whether it lies in one of the character ``spans``."""
-    pieces = _pieces(text, spans)
-    full = encode(tokenizer, text, special)
-    cuts = _prefix_cuts(tokenizer, pieces, full, special)
-    if cuts is not None:
-        mask: list[bool] = []
-        for (_, labelled), start, end in zip(pieces, [0, *cuts], cuts):
-            mask += [labelled] * (end - start)
-        return full, mask
-    ids, mask = [], []
+def _encode_pieces(tokenizer: Any, pieces: list[tuple[str, bool]], special: bool) -> Masked:
+    """Fallback: each piece tokenized on its own (special tokens only on the first) and concatenated."""
+    ids: list[int] = []
+    mask: list[bool] = []
     for k, (piece, labelled) in enumerate(pieces):
         piece_ids = encode(tokenizer, piece, special and k == 0)
         ids += piece_ids
         mask += [labelled] * len(piece_ids)
     return ids, mask
+
+
+def encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], special: bool) -> Masked:
+    """Token ids of ``text`` and, per token, whether it lies in one of the character ``spans``."""
+    pieces = _pieces(text, spans)
+    full = encode(tokenizer, text, special)
+    cuts = _prefix_cuts(tokenizer, pieces, full, special)
+    if cuts is None:
+        return _encode_pieces(tokenizer, pieces, special)
+    mask: list[bool] = []
+    for (_, labelled), start, end in zip(pieces, [0, *cuts], cuts):
+        mask += [labelled] * (end - start)
+    return full, mask
 
 
 def _eos_id(tokenizer: Any, add_eos: bool) -> int | None:

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from retain.config import StrictModel
+from retain.config import ConfigError, StrictModel
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from retain.config import RunConfig
+    from retain.config import DataConfig, RunConfig
     from retain.data import Example, TaskData
 
 logger = logging.getLogger("retain")
@@ -77,6 +77,7 @@ class StrategyContext:
     step_in_task: int = 0
     resuming: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    _loaded: dict[str, list["Example"]] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +91,25 @@ class StrategyContext:
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def load_examples(self, data: "DataConfig") -> list["Example"]:
+        """Tokenized training examples of a data config, loaded once per run and shared by strategies."""
+        from retain.data import build_task_data
+
+        key = data.model_dump_json()
+        if key not in self._loaded:
+            self._loaded[key] = build_task_data(data, self.tokenizer, seed=self.config.train.seed).train
+        return self._loaded[key]
+
+    def general_examples(self, own: "DataConfig | None", who: str) -> list["Example"]:
+        """The strategy's own data if it names one, else the run's ``general_data``; a clear error if neither."""
+        data = own or self.config.general_data
+        if data is None:
+            raise ConfigError(
+                f"strategy '{who}' needs text to anchor on: set its 'data' key or the run's 'general_data' "
+                "(e.g. general_data: {path: general.jsonl}); keep it disjoint from evaluation text."
+            )
+        return self.load_examples(data)
 
     def log(self, name: str, value: float) -> None:
         """Report a scalar (e.g. tokens masked) into the run log at the next logging step."""
