@@ -17,8 +17,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=180)
 err_console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and tables are the output; silence the libraries' per-file bars and notices."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+@app.callback()
+def _root() -> None:
+    """Fine-tune causal LMs on new skills without catastrophic forgetting, and measure what they still know."""
+    _quiet_libraries()
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.lr=3e-4 (repeatable).")
 
@@ -88,6 +112,117 @@ def demo(
 
     try:
         run_bench("synthetic", strategies.split(","), out=out, steps=steps, console=console)
+        console.print("Open the report in a browser; `retain bench stories-contracts` runs the same comparison on real data.")
+    except ConfigError as err:
+        _fail(str(err))
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="Model directory, hub id, or adapter directory."),
+    suite: Path = typer.Option(..., "--suite", help="Suite YAML listing the evaluations."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
+    batch_size: int = typer.Option(16, help="Evaluation batch size."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Score one model or adapter directory on a suite, with no training."""
+    import json
+
+    from rich.table import Table
+
+    from retain.eval.suite import evaluate_suite, load_suite
+    from retain.models.loading import load_any
+
+    try:
+        suite_config = load_suite(suite, list(set_ or []))
+        loaded, tokenizer = load_any(model)
+    except ConfigError as err:
+        _fail(str(err))
+    scores = evaluate_suite(loaded, tokenizer, suite_config, batch_size)
+    table = Table(title=f"{model} on {suite}")
+    for column in ("eval", "metric", "value", "better", "role", "n"):
+        table.add_column(column)
+    for key, score in scores.items():
+        better = "higher" if score.higher_is_better else "lower"
+        table.add_row(key, score.metric, f"{score.value:.4f}", better, score.role, str(score.n))
+    console.print(table)
+    if out is not None:
+        from retain.train.checkpoint import atomic_write_text
+
+        payload = {k: json.loads(v.model_dump_json()) for k, v in scores.items()}
+        atomic_write_text(out, json.dumps({"model": model, "suite": str(suite), "scores": payload}, indent=2))
+        console.print(f"scores: {out}")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="results.json written by train, bench or demo."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: report.html beside results)."),
+) -> None:
+    """Write a self-contained HTML report and print the markdown summary."""
+    from retain.report.html import write_report
+    from retain.report.markdown import summary_table_markdown
+    from retain.report.schema import Results
+
+    try:
+        loaded = Results.load(results)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    target = out or results.with_name("report.html")
+    write_report(loaded, target)
+    typer.echo(summary_table_markdown(loaded))
+    console.print(f"report: {target}")
+
+
+@app.command()
+def gate(
+    results: Path = typer.Argument(..., help="results.json to check."),
+    max_forgetting: Optional[float] = typer.Option(None, help="Upper bound on forgetting (general drop for one task)."),
+    min_new_task: Optional[float] = typer.Option(None, help="Lower bound on the new task's score."),
+    min_general_retention: Optional[float] = typer.Option(None, help="Lower bound on general retention."),
+    max_kl: Optional[float] = typer.Option(None, help="Upper bound on KL(base || model) on the probes."),
+    strategy: Optional[str] = typer.Option(None, help="Check only this strategy run."),
+) -> None:
+    """Exit 1 naming each violated bound, so a pipeline can refuse a model that forgot too much."""
+    from retain.report.gate import check_gate
+    from retain.report.schema import Results
+
+    try:
+        loaded = Results.load(results)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    violations = check_gate(
+        loaded, max_forgetting=max_forgetting, min_new_task=min_new_task,
+        min_general_retention=min_general_retention, max_kl=max_kl, strategy=strategy,
+    )
+    if violations:
+        for violation in violations:
+            err_console.print(f"[bold red]FAIL[/] {violation}")
+        raise typer.Exit(1)
+    console.print("[green]PASS[/] every bound holds")
+
+
+@app.command()
+def bench(
+    scenario: str = typer.Argument("stories-contracts", help="Scenario: stories-contracts or synthetic."),
+    strategies: str = typer.Option("full,lora", help="Comma-separated items; hybrids with '+', params with '@s.p=v'."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps per task (default: the scenario's)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Output folder: results.json, report.html, runs/."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with strategies: {name: {param: v}} and train: {...}."),
+    set_: Optional[List[str]] = SetOption,
+    quick: bool = typer.Option(False, "--quick", help="Tiny budget and eval (about a minute), for smoke tests."),
+    seed: int = typer.Option(0, help="Seed shared by every strategy."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with stories260k, legalbench-cuad, ..."),
+    shakespeare: bool = typer.Option(False, "--shakespeare", help="Add Shakespeare as a second task."),
+) -> None:
+    """Train several strategies from the same base with the same seed and budget; compare them."""
+    from retain.scenarios.bench import run_bench
+
+    try:
+        run_bench(
+            scenario, strategies.split(","), out=out, steps=steps, sets=list(set_ or []), config_file=config,
+            quick=quick, seed=seed, data_dir=data_dir, with_shakespeare=shakespeare, console=console,
+        )
     except ConfigError as err:
         _fail(str(err))
 

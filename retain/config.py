@@ -210,7 +210,20 @@ def parse_override(item: str) -> tuple[list[str | int], Any]:
         parts.append(int(token) if token.isdigit() else token)
     if not parts:
         raise ConfigError(f"--set '{item}': empty key")
-    return parts, yaml.safe_load(raw) if raw != "" else ""
+    return parts, parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """YAML scalars, plus ``1e-4``-style floats that YAML 1.1 would leave as strings."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

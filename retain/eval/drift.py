@@ -7,6 +7,7 @@ each is computed once and kept on CPU, so the base model itself does not need to
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -147,11 +148,17 @@ def _lora_layer_weights(module: nn.Module, prefix: str) -> dict[str, torch.Tenso
     return out
 
 
-def _collect_weights(module: nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> None:
+@functools.lru_cache(maxsize=1)
+def _peft_layer_types() -> tuple[type, type, type]:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
+    return LoraLayer, BaseTunerLayer, ModulesToSaveWrapper
+
+
+def _collect_weights(module: nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    LoraLayer, BaseTunerLayer, ModulesToSaveWrapper = _peft_layer_types()
     if isinstance(module, LoraLayer):
         out.update(_lora_layer_weights(module, prefix))
         return

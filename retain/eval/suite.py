@@ -275,7 +275,7 @@ def _texts(records: list[dict[str, Any]], task: EvalTaskConfig) -> list[str]:
     """Plain text per record; prompt + completion for prompt/completion data."""
     data = task.data
     assert data is not None
-    if data.text_field in records[0]:
+    if data.text_field in records[0] or data.prompt_field not in records[0]:
         return [str(_field(r, data.text_field, task)) for r in records]
     return [str(_field(r, data.prompt_field, task)) + str(_field(r, data.completion_field, task)) for r in records]
 
@@ -290,12 +290,6 @@ def _choice_examples(records: list[dict[str, Any]], task: EvalTaskConfig) -> lis
             raise ConfigError(f"eval '{task.name}': {err}") from None
         examples.append(T.ChoiceExample(_prompt(record, task), choices, label))
     return examples
-
-
-def _context_limit(model: nn.Module, task: EvalTaskConfig) -> int | None:
-    if task.max_length is not None:
-        return task.max_length
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,8 +321,7 @@ def _run_task(model: nn.Module, tokenizer: Any, task: EvalTaskConfig, batch_size
     records = T.subsample(records, task.max_examples, task.seed)
     if task.type == "multiple_choice":
         examples = _choice_examples(records, task)
-        limit = _context_limit(model, task)
-        return {task.name: T.multiple_choice(model, tokenizer, examples, task.normalize, task.target_delimiter, batch_size, limit)}
+        return {task.name: T.multiple_choice(model, tokenizer, examples, task.normalize, task.target_delimiter, batch_size, task.max_length)}
     prompts = [_prompt(r, task) for r in records]
     targets = [str(_field(r, task.target_field, task)) for r in records]
     result = T.generation(model, tokenizer, prompts, targets, task.match, task.max_new_tokens, batch_size, task.stop)

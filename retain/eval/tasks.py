@@ -9,6 +9,8 @@ Shared conventions, so numbers are comparable across runs and with lm-eval:
 * Batches are formed after sorting by length (longest first, ties by input order), so padding is
   minimal and results do not depend on the data order. Scoring passes right-pad and pass no attention
   mask: in a causal LM, padding after the last real token cannot change the logits of real tokens.
+  (Continuations scored on a shared context's KV cache mask that cache's padding slots explicitly.)
+* ``batch_size`` is the number of sequences per forward pass, which bounds memory.
 * Logits are taken from the *end* of the model's output, so PEFT prompt tuning (which prepends
   virtual tokens) works unchanged. Inputs go to the device of the input embeddings.
 * Results are :class:`TaskResult` values whose fields match ``retain.report.schema.Score`` minus the
@@ -75,6 +77,12 @@ def model_device(model: nn.Module) -> torch.device:
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         return embeddings.weight.device
     return next(model.parameters()).device
+
+
+def model_max_length(model: nn.Module) -> int | None:
+    """The model's context size from its config (``max_position_embeddings``), if it states one."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -285,33 +293,37 @@ def continuation_logprobs(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int = 16,
     max_length: int | None = None,
+    share_context: bool = True,
 ) -> list[float]:
     """Sum of log p(continuation tokens | context) for each (context_ids, continuation_ids) pair.
 
     Over-long pairs are cut from the left to ``max_length + 1`` tokens (the model sees
-    ``max_length``), as lm-eval does. Pairs whose input is a prefix of another pair's share a
-    forward pass, and only the positions that are scored go through the LM head when the model
-    supports ``logits_to_keep``.
+    ``max_length``), as lm-eval does. Two ways to avoid recomputing shared text:
+
+    * ``share_context`` (when several pairs share a context and the model supports it): each
+      distinct context is run once, its KV cache is copied to every continuation, and only the
+      continuations are run on top: k choices cost one context pass instead of k.
+    * otherwise, pairs whose input is a prefix of another pair's share that pair's forward pass.
     """
     inputs, starts, targets = _scoring_layout(pairs, max_length)
-    owners = _prefix_owners(inputs)
-    served: dict[int, list[int]] = {}
-    for i, owner in enumerate(owners):
-        served.setdefault(owner, []).append(i)
-    rows = sorted(served)
     totals = torch.zeros(len(pairs), dtype=torch.float64)
-    device = model_device(model)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (inp, start) in enumerate(zip(inputs, starts)):
+        groups.setdefault(inp[: start + 1], []).append(i)
+    remaining = list(range(len(pairs)))
     with eval_mode(model):
-        for batch in length_sorted_batches([len(inputs[r]) for r in rows], batch_size):
-            batch_rows = [rows[b] for b in batch]
-            _score_batch(model, device, inputs, starts, targets, batch_rows, served, totals)
+        if share_context and len(groups) < len(pairs) and supports_context_cache(model):
+            remaining = _score_shared_contexts(model, groups, targets, batch_size, totals)
+        if remaining:
+            _score_by_prefix_owner(model, inputs, starts, targets, remaining, batch_size, totals)
     return totals.tolist()
 
 
 def _scoring_layout(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int | None
 ) -> tuple[list[tuple[int, ...]], list[int], list[list[int]]]:
-    """Model inputs, the first scored position in each input, and the tokens scored there."""
+    """Model inputs, the position in each input whose logits predict the first continuation token
+    (the last context token), and the continuation tokens."""
     inputs, starts, targets = [], [], []
     for context, continuation in pairs:
         if not context or not continuation:
@@ -327,32 +339,175 @@ def _scoring_layout(
     return inputs, starts, targets
 
 
-def _score_batch(
+def _gather_into(
+    totals: torch.Tensor, logprobs: torch.Tensor, rows: list[int], positions: list[int], tokens: list[int], pairs: list[int]
+) -> None:
+    """totals[pairs[j]] += logprobs[rows[j], positions[j], tokens[j]] for every j, in one gather."""
+    if not rows:
+        return
+    on = logprobs.device
+    picked = logprobs[torch.tensor(rows, device=on), torch.tensor(positions, device=on), torch.tensor(tokens, device=on)]
+    totals.index_add_(0, torch.tensor(pairs), picked.double().cpu())
+
+
+# --- path 1: one forward pass per longest input; prefixes ride along --------------------------
+
+
+def _score_by_prefix_owner(
     model: nn.Module,
-    device: torch.device,
     inputs: Sequence[tuple[int, ...]],
     starts: Sequence[int],
     targets: Sequence[Sequence[int]],
-    batch_rows: Sequence[int],
-    served: Mapping[int, Sequence[int]],
+    subset: Sequence[int],
+    batch_size: int,
     totals: torch.Tensor,
 ) -> None:
-    """One forward pass over ``batch_rows``; adds each served pair's log-likelihood to ``totals``."""
-    ids, _ = right_pad([inputs[r] for r in batch_rows], device)
-    width = ids.shape[1]
-    keep = width - min(starts[i] for r in batch_rows for i in served[r])
-    logprobs = forward_logits(model, ids, keep).float().log_softmax(dim=-1)
-    row_idx, pos_idx, tok_idx, pair_idx = [], [], [], []
-    for row, owner in enumerate(batch_rows):
-        for i in served[owner]:
-            n = len(targets[i])
-            row_idx += [row] * n
-            pos_idx += range(starts[i] - (width - keep), starts[i] - (width - keep) + n)
-            tok_idx += targets[i]
-            pair_idx += [i] * n
-    on = logprobs.device
-    picked = logprobs[torch.tensor(row_idx, device=on), torch.tensor(pos_idx, device=on), torch.tensor(tok_idx, device=on)]
-    totals.index_add_(0, torch.tensor(pair_idx), picked.double().cpu())
+    local = _prefix_owners([inputs[i] for i in subset])
+    served: dict[int, list[int]] = {}
+    for k, owner in enumerate(local):
+        served.setdefault(subset[owner], []).append(subset[k])
+    rows = sorted(served)
+    device = model_device(model)
+    for batch in length_sorted_batches([len(inputs[r]) for r in rows], batch_size):
+        owners = [rows[b] for b in batch]
+        ids, _ = right_pad([inputs[r] for r in owners], device)
+        width = ids.shape[1]
+        keep = width - min(starts[i] for r in owners for i in served[r])
+        logprobs = forward_logits(model, ids, keep).float().log_softmax(dim=-1)
+        layout: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+        for row, owner in enumerate(owners):
+            for i in served[owner]:
+                n, first = len(targets[i]), starts[i] - (width - keep)
+                for part, values in zip(layout, ([row] * n, range(first, first + n), targets[i], [i] * n)):
+                    part.extend(values)
+        _gather_into(totals, logprobs, *layout)
+
+
+# --- path 2: each distinct context once, continuations on its copied KV cache ---------------
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """Name of the forward argument taking a KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
+    try:
+        params = inspect.signature(_unwrapped(model).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "position_ids" not in params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def supports_context_cache(model: nn.Module) -> bool:
+    """Whether continuations can run on a copied context cache: a decoder-only model taking a KV
+    cache and ``position_ids``, and no PEFT prompt learning (it re-prepends virtual tokens on every
+    call). Cache types that are not plain attention are rejected later, at run time."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    if getattr(getattr(_unwrapped(model), "config", None), "is_encoder_decoder", False):
+        return False
+    return _cache_argument(model) is not None
+
+
+def _plain_attention_cache(cache: Any) -> bool:
+    """Right-padded contexts leave junk slots in the cache that an attention mask hides; that is only
+    sound for full-attention layers (not sliding windows, which drop old slots, or recurrent state)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _score_shared_contexts(
+    model: nn.Module,
+    groups: Mapping[tuple[int, ...], list[int]],
+    targets: Sequence[Sequence[int]],
+    batch_size: int,
+    totals: torch.Tensor,
+) -> list[int]:
+    """Score every pair via its context's cache; returns the pairs left for the plain path (all of
+    them if the model's cache is not plain attention)."""
+    device = model_device(model)
+    for n_batch, keys in enumerate(_context_batches(groups, batch_size)):
+        ids, lengths = right_pad(keys, device)
+        cache = _score_first_tokens(model, ids, lengths, [groups[k] for k in keys], targets, totals)
+        if n_batch == 0 and not _plain_attention_cache(cache):
+            totals.zero_()
+            return [i for members in groups.values() for i in members]
+        _score_rest_on_cache(model, cache, lengths, [groups[k] for k in keys], targets, totals)
+    return []
+
+
+def _context_batches(groups: Mapping[tuple[int, ...], list[int]], batch_size: int) -> list[list[tuple[int, ...]]]:
+    """Contexts, longest first, grouped so that a batch's continuations number at most
+    ``batch_size`` (one context per batch if it alone has more): each continuation row holds a
+    copy of its context's cache, so this bounds memory like ``batch_size`` sequences."""
+    ordered = sorted(groups, key=lambda c: (-len(c), groups[c][0]))
+    batches: list[list[tuple[int, ...]]] = []
+    rows = 0
+    for context in ordered:
+        if batches and rows + len(groups[context]) <= batch_size:
+            batches[-1].append(context)
+            rows += len(groups[context])
+        else:
+            batches.append([context])
+            rows = len(groups[context])
+    return batches
+
+
+def _score_first_tokens(
+    model: nn.Module,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    members: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    totals: torch.Tensor,
+) -> Any:
+    """Run the contexts once; add log p(first continuation token); return the KV cache."""
+    last = lengths - 1
+    kwargs: dict[str, Any] = {"use_cache": True}
+    column = last
+    if supports_logits_to_keep(model):  # LM head only at each row's last context position
+        keep = torch.unique(last)
+        kwargs["logits_to_keep"] = keep
+        column = torch.searchsorted(keep, last)
+    out = model(input_ids=ids, **kwargs)
+    logprobs = out.logits[torch.arange(len(members), device=ids.device), column].float().log_softmax(dim=-1)
+    rows = [g for g, group in enumerate(members) for _ in group]
+    pairs = [i for group in members for i in group]
+    _gather_into(totals, logprobs[:, None, :], rows, [0] * len(rows), [targets[i][0] for i in pairs], pairs)
+    return out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
+
+
+def _score_rest_on_cache(
+    model: nn.Module,
+    cache: Any,
+    lengths: torch.Tensor,
+    members: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    totals: torch.Tensor,
+) -> None:
+    """Feed continuation[:-1] of every multi-token pair on a copy of its context's cache."""
+    rows = [(g, i) for g, group in enumerate(members) for i in group if len(targets[i]) > 1]
+    if not rows:
+        return
+    device = lengths.device
+    source = torch.tensor([g for g, _ in rows], device=device)
+    cache.reorder_cache(source)  # one cache row per continuation (index_select, repeats allowed)
+    ids, _ = right_pad([targets[i][:-1] for _, i in rows], device)
+    width, cached = ids.shape[1], cache.get_seq_length()
+    ctx_len = lengths[source]
+    seen = torch.arange(cached, device=device)[None, :] < ctx_len[:, None]  # hide right-padding slots
+    mask = torch.cat([seen, torch.ones(len(rows), width, dtype=torch.bool, device=device)], dim=1).long()
+    positions = ctx_len[:, None] + torch.arange(width, device=device)[None, :]
+    cache_kwarg = {_cache_argument(model) or "past_key_values": cache}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwarg)
+    logprobs = out.logits.float().log_softmax(dim=-1)
+    layout: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    for row, (_, i) in enumerate(rows):
+        rest = targets[i][1:]
+        for part, values in zip(layout, ([row] * len(rest), range(len(rest)), rest, [i] * len(rest))):
+            part.extend(values)
+    _gather_into(totals, logprobs, *layout)
 
 
 @dataclass(frozen=True)
@@ -415,6 +570,8 @@ def multiple_choice(
 ) -> TaskResult:
     """Accuracy of picking the choice with the highest log p(delimiter + choice | prompt).
 
+    Inputs longer than ``max_length`` (default: the model's context size) lose their oldest tokens.
+
     ``normalize``: "none" sums log-probs (metric "accuracy"); "token" divides by the choice's token
     count ("accuracy_norm_token"); "char" divides by the choice's length in characters, as lm-eval's
     ``acc_norm`` ("accuracy_norm_char"). All (prompt, choice) pairs go into one length-sorted pool.
@@ -422,6 +579,7 @@ def multiple_choice(
     items = [_as_example(e) for e in examples]
     if not items:
         raise ValueError("no multiple-choice examples to evaluate")
+    max_length = max_length or model_max_length(model)
     pairs = [encode_pair(tokenizer, ex.prompt, target_delimiter + choice) for ex in items for choice in ex.choices]
     lls = continuation_logprobs(model, pairs, batch_size, max_length)
     correct, offset = 0, 0
@@ -469,7 +627,8 @@ def greedy_generate(
     if any(not ids for ids in encoded):
         raise ValueError("an empty prompt with a tokenizer that adds no BOS cannot be generated from")
     pad_id = _pad_id(tokenizer, model)
-    eos = tokenizer.eos_token_id
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # may list several
+    eos = tokenizer.eos_token_id if eos is None else eos
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
     device = model_device(model)
     outputs: list[str] = [""] * len(prompts)

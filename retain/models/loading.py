@@ -10,17 +10,9 @@ import torch
 from torch import nn
 
 from retain.config import ConfigError, ModelConfig
+from retain.data.collate import ensure_pad_token
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-def ensure_pad_token(tokenizer: Any) -> Any:
-    """Batching needs a pad id; padded positions are masked by attention_mask and -100 labels anyway."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if tokenizer.pad_token is None:
-        raise ConfigError("the tokenizer has no pad, eos or unk token; add one (tokenizer.add_special_tokens)")
-    return tokenizer
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:

@@ -33,7 +33,8 @@ log = logging.getLogger("retain")
 class RunObserver(Protocol):
     """Evaluation hooks of a run (see ``retain.eval.runner``)."""
 
-    def on_start(self, model: nn.Module, ctx: StrategyContext) -> None: ...
+    def on_start(self, model: nn.Module, ctx: StrategyContext) -> None:
+        """The base model, before strategies wrap it; called on resume too (records persist)."""
 
     def on_step(self, model: nn.Module, ctx: StrategyContext, task: TaskInfo) -> None: ...
 
@@ -144,7 +145,8 @@ def finetune(
     """
     from accelerate import Accelerator
 
-    from retain.models.loading import ensure_pad_token, load_model
+    from retain.data import ensure_pad_token
+    from retain.models.loading import load_model
 
     run_dir = Path(config.output.dir)
     loaded = _prepare_run_dir(config, run_dir, resume)
@@ -175,6 +177,8 @@ def finetune(
         cache_dir=default_cache_dir(),
         collate=lambda examples: collate(examples, pad_id),
     )
+    if observer is not None:
+        observer.on_start(model, ctx)  # the untouched base model, before any strategy wraps it
     model = hybrid.setup(model, ctx)
     model = accelerator.prepare(model)
     ctx.model = model
@@ -190,8 +194,6 @@ def finetune(
         ctx.global_step = loaded.position.global_step
         ckpt.set_rng_state(loaded.rng)
         console_print(console, f"resuming from {loaded.path} (task {start_task}, step {start_step})")
-    elif observer is not None:
-        observer.on_start(model, ctx)
 
     full_weights = hybrid.modifies_frozen_weights or not _is_peft(accelerator.unwrap_model(model))
     all_stats: list[TaskStats] = []

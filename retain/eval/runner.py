@@ -1,0 +1,156 @@
+"""Evaluation attached to a training run: the base model once, then after every task.
+
+The observer scores every eval of the suite (every earlier task's and the general ones) at each model
+state, measures drift from the base model, keeps before/after generations, and persists its records
+next to the checkpoints so a resumed run keeps the rows it already measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from retain.eval.cache import cached_scores, model_fingerprint
+from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference, snapshot_weights, weight_rel_l2
+from retain.eval.suite import SuiteConfig, evaluate_suite, load_suite, suite_hash
+from retain.eval.tasks import generate_samples
+from retain.report.schema import Drift, Results, Score, StepRecord, StrategyRun
+from retain.report.summary import build_run
+from retain.train.checkpoint import atomic_write_text
+
+
+def perplexity_delta(base: dict[str, Score], scores: dict[str, Score]) -> float | None:
+    """Perplexity change on the first general perplexity eval (positive: the model got worse)."""
+    for key, score in base.items():
+        if score.role == "general" and score.metric == "perplexity" and key in scores:
+            return scores[key].value - score.value
+    return None
+
+
+class SuiteObserver:
+    """A ``RunObserver`` (see ``retain.train.run``) that produces the rows of results.json."""
+
+    def __init__(
+        self,
+        suite: SuiteConfig,
+        *,
+        name: str,
+        run_dir: Path,
+        config: dict[str, Any] | None = None,
+        batch_size: int = 16,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.suite = suite
+        self.name = name
+        self.run_dir = Path(run_dir)
+        self.config = config or {}
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.records: dict[int, StepRecord] = {}
+        self.reference: ProbeReference | None = None
+        self.base_weights: dict[str, Any] = {}
+        self.base_scores: dict[str, Score] = {}
+        self.task_names: list[str] = []
+        self.trainable_params: int | None = None
+        self._load_records()
+
+    @classmethod
+    def from_config(cls, run_config: Any) -> "SuiteObserver":
+        suite = load_suite(run_config.eval.suite)
+        return cls(
+            suite,
+            name="+".join(s.name for s in run_config.strategies),
+            run_dir=Path(run_config.output.dir),
+            config=run_config.model_dump(mode="json"),
+            batch_size=run_config.eval.batch_size,
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+
+    @property
+    def records_path(self) -> Path:
+        return self.run_dir / "eval_records.json"
+
+    def _load_records(self) -> None:
+        if self.records_path.is_file():
+            for row in json.loads(self.records_path.read_text()):
+                record = StepRecord.model_validate(row)
+                self.records[record.index] = record
+
+    def _save_records(self) -> None:
+        rows = [json.loads(r.model_dump_json()) for r in sorted(self.records.values(), key=lambda r: r.index)]
+        atomic_write_text(self.records_path, json.dumps(rows, indent=1))
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def on_start(self, model: nn.Module, ctx: Any) -> None:
+        """Called with the untouched base model, before any strategy wraps it (also on resume)."""
+        self.task_names = [t.name for t in ctx.tasks]
+        tokenizer = ctx.tokenizer
+        fingerprint = model_fingerprint(model, tokenizer)
+        self.base_scores = cached_scores(
+            self.cache_dir,
+            fingerprint,
+            suite_hash(self.suite),
+            lambda: evaluate_suite(model, tokenizer, self.suite, self.batch_size),
+        )
+        if self.suite.probe_prompts:
+            self.reference = compute_probe_reference(
+                model, tokenizer, self.suite.probe_prompts, self.suite.probe_max_length, self.suite.probe_top_k
+            )
+        self.base_weights = snapshot_weights(model)
+        if 0 not in self.records:
+            samples = generate_samples(model, tokenizer, self.suite.sample_prompts, self.suite.sample_max_new_tokens)
+            self.records[0] = StepRecord(index=0, scores=self.base_scores, samples=samples)
+            self._save_records()
+
+    def on_step(self, model: nn.Module, ctx: Any, task: Any) -> None:
+        """Mid-task scores go to the trackers and ``step_evals.jsonl`` (the matrix uses task ends)."""
+        unwrapped = ctx.unwrapped_model
+        scores = evaluate_suite(unwrapped, ctx.tokenizer, self.suite, self.batch_size)
+        row = {"task": task.name, "global_step": ctx.global_step, **{k: s.value for k, s in scores.items()}}
+        ctx.accelerator.log({f"eval/{k}": s.value for k, s in scores.items()}, step=ctx.global_step)
+        with open(self.run_dir / "step_evals.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        unwrapped.train()
+
+    def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> None:
+        unwrapped = ctx.unwrapped_model
+        tokenizer = ctx.tokenizer
+        scores = evaluate_suite(unwrapped, tokenizer, self.suite, self.batch_size)
+        drift = Drift(
+            kl_from_base=kl_from_reference(self.reference, unwrapped) if self.reference is not None else None,
+            ppl_delta=perplexity_delta(self.base_scores, scores),
+            weight_rel_l2=weight_rel_l2(self.base_weights, unwrapped) if self.base_weights else None,
+        )
+        samples = generate_samples(unwrapped, tokenizer, self.suite.sample_prompts, self.suite.sample_max_new_tokens)
+        self.trainable_params = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+        self.records[task.index + 1] = StepRecord(
+            index=task.index + 1,
+            task=task.name,
+            global_step=ctx.global_step,
+            scores=scores,
+            drift=drift,
+            train_loss=stats.last_loss,
+            seconds=stats.seconds,
+            seconds_per_step=stats.seconds_per_step,
+            peak_memory_bytes=getattr(stats, "peak_memory", None),
+            samples=samples,
+        )
+        self._save_records()
+        unwrapped.train()
+
+    # -- results ----------------------------------------------------------------------------
+
+    def strategy_run(self) -> StrategyRun:
+        return build_run(self.name, self.task_names, list(self.records.values()), self.config, self.trainable_params)
+
+    def write_results(self, outcome: Any = None, scenario: str | None = None) -> Path:
+        base_model = str(self.config.get("model", {}).get("name_or_path", ""))
+        results = Results(scenario=scenario, base_model=base_model, runs=[self.strategy_run()])
+        path = self.run_dir / "results.json"
+        results.save(path)
+        return path

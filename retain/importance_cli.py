@@ -1,0 +1,121 @@
+"""``retain importance compute``: weight statistics computed once, reused by ewc / ewc-lora / importance runs.
+
+    retain importance compute --model M --data general.jsonl --method ewc --out F.safetensors
+
+Then point a strategy at it: ``strategies: [full, {name: ewc, file: F.safetensors}]``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from retain.config import ConfigError
+
+importance_app = typer.Typer(
+    help="Compute EWC Fisher or element-wise importance once and save it for later runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@importance_app.callback()
+def importance_group() -> None:
+    """Weight statistics (EWC Fisher, element-wise importance) saved to reuse across runs."""
+
+
+@importance_app.command()
+def compute(
+    model: str = typer.Option(..., "--model", help="Model directory or hub id (the statistics are tied to its weights)."),
+    data: Path = typer.Option(..., "--data", help="General text (jsonl/txt/csv/...) representative of what must be kept."),
+    method: str = typer.Option("ewc", "--method", help="ewc (diagonal Fisher) or importance (SI path integral)."),
+    out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
+    estimator: str = typer.Option("sampled", "--estimator", help="ewc: sampled | empirical | empirical_batch."),
+    samples: int = typer.Option(1, "--samples", help="ewc sampled: label draws per example."),
+    max_examples: int = typer.Option(128, "--max-examples", help="Examples used (seeded subset)."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per example."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Batch size."),
+    lr: float = typer.Option(1e-4, "--lr", help="importance: SGD learning rate of the pass."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="importance: SGD steps (default one pass)."),
+    xi: float = typer.Option(1e-3, "--xi", help="importance: SI damping."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subset and of sampled labels."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype at load time."),
+) -> None:
+    """Compute statistics of every weight of MODEL over DATA and write them (no text) to OUT."""
+    try:
+        path, seconds, count = compute_importance(
+            model=model, data=data, method=method, out=out, estimator=estimator, samples=samples,
+            max_examples=max_examples, max_length=max_length, batch_size=batch_size, lr=lr, steps=steps,
+            xi=xi, seed=seed, dtype=dtype,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2)
+    console.print(f"[green]wrote[/] {path} ({method}, {count} examples/steps, {seconds:.1f}s)")
+
+
+def compute_importance(
+    *,
+    model: str,
+    data: Path,
+    method: str,
+    out: Path,
+    estimator: str = "sampled",
+    samples: int = 1,
+    max_examples: int = 128,
+    max_length: int = 256,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    steps: int | None = None,
+    xi: float = 1e-3,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> tuple[Path, float, int]:
+    """The library form of the command: returns (path, seconds, examples or steps)."""
+    from accelerate import Accelerator
+
+    from retain.config import DataConfig, ModelConfig
+    from retain.data import build_task_data, collate
+    from retain.fisher import diagonal_fisher, path_integral_importance, select_examples
+    from retain.importance_file import save_importance
+    from retain.models.loading import load_model
+
+    if method not in ("ewc", "importance"):
+        raise ConfigError(f"--method must be ewc or importance, got '{method}'")
+    accelerator = Accelerator()
+    network, tokenizer = load_model(ModelConfig(name_or_path=model, dtype=dtype))  # type: ignore[arg-type]
+    network.to(accelerator.device)
+    for parameter in network.parameters():
+        parameter.requires_grad_(True)
+    examples = build_task_data(DataConfig(path=str(data), max_length=max_length), tokenizer, seed=seed).train
+    examples = select_examples(examples, max_examples, seed)
+    pad_id = tokenizer.pad_token_id
+    params = {n: p for n, p in network.named_parameters()}
+    start = time.perf_counter()
+    if method == "ewc":
+        stats, count = diagonal_fisher(
+            network, params, examples, lambda items: collate(items, pad_id), estimator=estimator,  # type: ignore[arg-type]
+            samples=samples, seed=seed, batch_size=batch_size, accelerator=accelerator,
+        )
+        extra = {"max_length": max_length}
+    else:
+        stats, count = path_integral_importance(
+            network, params, examples, lambda items: collate(items, pad_id), lr=lr, batch_size=batch_size,
+            steps=steps, xi=xi, accelerator=accelerator,
+        )
+        estimator, samples = "si_general_pass", 0
+        extra = {"lr": lr, "steps": count, "xi": xi, "batch_size": batch_size, "max_length": max_length}
+    seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        save_importance(
+            out, stats, model=network, method=method, estimator=estimator, samples=samples, examples=examples, extra=extra
+        )
+    accelerator.wait_for_everyone()
+    return Path(out), seconds, count

@@ -1,0 +1,155 @@
+"""Quadratic weight penalties and the statistics behind them, as pure tensor functions.
+
+Every regularizer in ``l2``, ``ewc``, ``ewc-lora`` and ``importance`` is a weighted quadratic
+distance to anchor weights, ``sum_i w_i (theta_i - theta*_i)^2``; they differ only in the weights
+``w`` (none, a diagonal Fisher, a Synaptic-Intelligence importance) and in what ``theta`` is (a
+weight, or a LoRA update ``Delta W = s B A``). The strategies multiply by ``lambda / 2``.
+
+Parameters are passed as ``{name: tensor}`` dicts so the same functions serve full weights,
+adapter weights and ``Delta W`` matrices.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Mapping
+
+import torch
+from torch import Tensor
+
+LayerBalance = Literal["penalty_share", "task_share", "uniform"]
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+
+
+def quadratic_penalty(
+    params: Mapping[str, Tensor], anchors: Mapping[str, Tensor], weights: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """``sum_i w_i (theta_i - anchor_i)^2`` over every named tensor (``w = 1`` when ``weights`` is None).
+
+    Anchors and weights may be stored in another dtype (e.g. bfloat16); they are cast to the
+    parameter's dtype so the penalty's gradient has the parameter's precision.
+    """
+    total: Tensor | None = None
+    for name, value in params.items():
+        diff = value - anchors[name].to(value.dtype)
+        term = diff.pow(2) if weights is None else weights[name].to(value.dtype) * diff.pow(2)
+        term = term.sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("quadratic_penalty needs at least one parameter")
+    return total
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: its transformer block (``block.3``), or embeddings / head / final."""
+    match = _BLOCK.search(name)
+    if match:
+        return f"block.{int(match.group(1))}"
+    if "lm_head" in name:
+        return "head"
+    if any(key in name for key in ("embed", "wte", "wpe")):
+        return "embeddings"
+    return "final"
+
+
+def penalty_per_layer(
+    params: Mapping[str, Tensor], anchors: Mapping[str, Tensor], weights: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """``quadratic_penalty`` split by ``layer_of``: one differentiable sum per layer."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for name, value in params.items():
+        groups.setdefault(layer_of(name), {})[name] = value
+    return {layer: quadratic_penalty(group, anchors, weights) for layer, group in groups.items()}
+
+
+def layer_coefficients(
+    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "penalty_share"
+) -> dict[str, Tensor]:
+    """Per-layer multipliers (detached: they steer, they are not optimized) of each layer's penalty term.
+
+    ``layer_terms`` are the already-scaled penalty terms ``lambda/2 * R_l``; ``task_loss`` is the
+    current task loss L.
+
+    - ``penalty_share``: ``c_l = T_l / (T_l + L)``: each layer's term is weighted by its share of
+      the pair (its penalty, the task loss), so a layer that drifted far relative to what the task
+      still needs is held harder, and one that barely moved leaves the task loss in charge.
+    - ``task_share``: ``c_l = L / (T_l + L)``: caps each layer's weighted term below ``min(T_l, L)``.
+    - ``uniform``: ``c_l = 1`` (plain element-wise penalty, no layer balancing).
+    """
+    if balance == "uniform":
+        return {layer: torch.ones((), device=term.device) for layer, term in layer_terms.items()}
+    loss = task_loss.detach().float().clamp_min(0.0)
+    out = {}
+    for layer, term in layer_terms.items():
+        t = term.detach().float().clamp_min(0.0)
+        denominator = (t + loss).clamp_min(torch.finfo(torch.float32).tiny)
+        out[layer] = (t if balance == "penalty_share" else loss) / denominator
+    return out
+
+
+def balanced_penalty(
+    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "penalty_share"
+) -> Tensor:
+    """``sum_l c_l * T_l`` with ``c_l`` from ``layer_coefficients``."""
+    coefficients = layer_coefficients(layer_terms, task_loss, balance)
+    return sum(coefficients[layer].to(term.dtype) * term for layer, term in layer_terms.items())  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def add_squared_(accumulator: dict[str, Tensor], grads: Mapping[str, Tensor], scale: float = 1.0) -> None:
+    """``acc += scale * g^2`` in place (per-example Fisher accumulation)."""
+    for name, grad in grads.items():
+        accumulator[name].add_(grad.detach().to(accumulator[name].dtype).pow(2), alpha=scale)
+
+
+def online_update(previous: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], gamma: float) -> dict[str, Tensor]:
+    """Online EWC / EWC-LoRA accumulation ``F = gamma * F_prev + F_new`` (``F_new`` alone when there is no F_prev)."""
+    if previous is None:
+        return {name: value.clone() for name, value in new.items()}
+    return {name: gamma * previous[name].to(value.dtype) + value for name, value in new.items()}
+
+
+def si_path_step_(omega: dict[str, Tensor], grads: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> None:
+    """Synaptic-Intelligence path integral, one step: ``omega -= g * delta_theta`` in place.
+
+    With ``g`` the loss gradient and ``delta_theta`` the step the optimizer took, ``-g * delta``
+    is each weight's first-order contribution to the decrease of the loss.
+    """
+    for name, grad in grads.items():
+        omega[name].sub_(grad.to(omega[name].dtype) * deltas[name].to(omega[name].dtype))
+
+
+def si_importance(
+    omega: Mapping[str, Tensor], total_change: Mapping[str, Tensor], xi: float = 1e-3, clamp: bool = True
+) -> dict[str, Tensor]:
+    """``Omega = omega / (Delta^2 + xi)`` (Zenke et al. 2017), ``Delta`` the weights' total change.
+
+    A negative ``omega`` (a weight whose moves, to first order, raised the loss) would reward
+    moving it away; ``clamp`` sets those to zero.
+    """
+    out = {}
+    for name, value in omega.items():
+        importance = value / (total_change[name].to(value.dtype).pow(2) + xi)
+        out[name] = importance.clamp_min(0.0) if clamp else importance
+    return out
+
+
+def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """The update a LoRA adapter adds to its matrix, ``Delta W = scaling * B @ A``, shape (out, in)."""
+    return scaling * (lora_b @ lora_a)
+
+
+def linear_per_example_grad_sq(inputs: Tensor, output_grads: Tensor) -> Tensor:
+    """``sum_n (G_n)^2`` with ``G_n = sum_t delta_{n,t} x_{n,t}^T`` the per-example gradient of a
+    linear map's weight (shape out x in), from its inputs ``x`` (N, T, in) and the loss gradient
+    at its outputs ``delta`` (N, T, out).
+
+    Exact per example (not the square of a batch gradient) because each example's loss depends only
+    on its own activations; positions without a loss (padding) have ``delta = 0``.
+    """
+    per_example = torch.einsum("nto,nti->noi", output_grads.float(), inputs.float())
+    return per_example.pow(2).sum(dim=0)

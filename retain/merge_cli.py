@@ -1,0 +1,176 @@
+"""``retain merge``: WiSE-FT interpolation of a fine-tuned model (or LoRA adapter) with its base, an alpha
+sweep against an eval suite, and TIES/DARE merging of several adapters. Library code: ``retain.merge``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from retain.config import ConfigError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_suite_of(tuned: str) -> Path | None:
+    """The eval suite of the run a model directory came from (``runs/x/final`` -> ``runs/x/config.yaml``)."""
+    import yaml
+
+    here = Path(tuned).resolve()
+    for folder in (here.parent, here.parent.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            suite = ((yaml.safe_load(config.read_text()) or {}).get("eval") or {}).get("suite")
+            return Path(suite) if suite else None
+    return None
+
+
+def _load(base: str, tuned: list[str], method: str, weights: list[float] | None, density: float, seed: int):
+    """(working model, tokenizer, set_alpha(alpha) -> model, save(model, dir)) for full models or adapters."""
+    from retain.merge import AdapterScaler, FullInterpolator, merge_adapters
+    from retain.models.loading import is_adapter_dir, load_model, load_tokenizer
+    from retain.config import ModelConfig
+
+    adapters = [is_adapter_dir(t) for t in tuned]
+    base_model, tokenizer = load_model(ModelConfig(name_or_path=base))
+    source = tuned[0] if (Path(tuned[0]) / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(source)
+    if all(adapters):
+        from peft import PeftModel
+
+        if len(tuned) == 1:
+            if method not in ("auto", "wise-ft"):
+                _fail(f"--method {method} merges several adapters; with one adapter use --method wise-ft")
+            model = PeftModel.from_pretrained(base_model, tuned[0], adapter_name="default")
+        else:
+            model = PeftModel.from_pretrained(base_model, tuned[0], adapter_name="tuned0")
+            for i, path in enumerate(tuned[1:], start=1):
+                model.load_adapter(path, adapter_name=f"tuned{i}")
+            names = [f"tuned{i}" for i in range(len(tuned))]
+            merge_adapters(model, names, "ties_svd" if method == "auto" else method, weights, density, seed, name="default")
+        scaler = AdapterScaler(model, "default")
+
+        def save(m: Any, out: Path) -> None:
+            m.peft_config["default"].base_model_name_or_path = base
+            m.save_pretrained(out, safe_serialization=True)
+
+        return scaler.model.to(_device()), tokenizer, scaler.at, save
+    if any(adapters):
+        _fail("give either LoRA adapter directories or one full model directory, not a mix")
+    if len(tuned) > 1:
+        _fail("several tuned models can be merged only as LoRA adapters; interpolate full models one at a time")
+    if method not in ("auto", "wise-ft"):
+        _fail(f"--method {method} merges LoRA adapters; '{tuned[0]}' is a full model (use --method wise-ft)")
+    tuned_model, _ = load_model(ModelConfig(name_or_path=tuned[0]))
+    interpolator = FullInterpolator(base_model, tuned_model)
+    interpolator.model.to(_device())
+
+    def save_full(m: Any, out: Path) -> None:
+        m.save_pretrained(out, safe_serialization=True)
+
+    return interpolator.model, tokenizer, interpolator.at, save_full
+
+
+def _write(model: Any, tokenizer: Any, save: Callable[[Any, Path], None], out: Path) -> None:
+    from retain.train.checkpoint import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        save(model, tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _print_sweep(result: Any) -> None:
+    from retain.report.summary import fmt_num
+
+    table = Table(title="WiSE-FT sweep")
+    for header in ("alpha", "new task", "general", "forgetting (1 - retention)"):
+        table.add_column(header, justify="right")
+    for p in result.points:
+        mark = " ◀" if result.best_alpha is not None and p.alpha == result.best_alpha else ""
+        table.add_row(f"{p.alpha:g}{mark}", fmt_num(p.new_task), fmt_num(p.general), fmt_num(p.forgetting))
+    console.print(table)
+
+
+def merge_command(
+    base: str = typer.Argument(..., help="Base model: local directory or hub id."),
+    tuned: List[str] = typer.Argument(..., help="Fine-tuned model directory, or LoRA adapter directories (several are merged)."),
+    alpha: str = typer.Option(
+        "0.5", "--alpha", help='Share of the fine-tuning update to keep: a number in [0, 1], "sweep" (0, 0.1, ..., 1) or a list "0,0.3,0.6,1".'
+    ),
+    out: Path = typer.Option(..., "--out", help="Output: the model directory, or for a sweep a folder with results.json, report.html and model/."),
+    max_forgetting: Optional[float] = typer.Option(
+        None, "--max-forgetting", help="Sweep: keep the largest alpha whose general drop (1 - retention) is at most this, e.g. 0.05."
+    ),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="Eval suite YAML for a sweep; default: the tuned run's eval.suite."),
+    method: str = typer.Option(
+        "auto", "--method", help="wise-ft (one model or adapter); for several adapters ties_svd (default), ties, dare_ties(_svd), dare_linear(_svd), magnitude_prune(_svd), linear, cat."
+    ),
+    density: float = typer.Option(0.5, "--density", help="TIES/DARE: share of update entries kept."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Several adapters: comma-separated weights (default 1 each)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Eval batch size for a sweep."),
+    seed: int = typer.Option(0, "--seed", help="Seed of DARE's random drops."),
+) -> None:
+    """Interpolate a fine-tuned model with its base (WiSE-FT), sweep alpha against forgetting, or merge adapters."""
+    from retain.merge import MERGE_METHODS, alpha_sweep, parse_alphas, sweep_results
+
+    if method not in ("auto", "wise-ft", *MERGE_METHODS):
+        _fail(f"unknown --method '{method}'; choose wise-ft or one of {', '.join(MERGE_METHODS)}")
+    try:
+        alphas = parse_alphas(alpha)
+        single = None if alphas is not None else float(alpha)
+        parsed_weights = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        _fail(f"--alpha '{alpha}' (or --weights) is not a number, 'sweep' or a comma-separated list")
+    if single is not None and single < 0:
+        _fail(f"--alpha must be >= 0, got {single}")
+    if alphas is None and max_forgetting is not None:
+        _fail("--max-forgetting picks an alpha from a sweep: pass --alpha sweep")
+    try:
+        model, tokenizer, at, save = _load(base, list(tuned), method, parsed_weights, density, seed)
+    except (ConfigError, ValueError, OSError) as err:
+        _fail(str(err))
+
+    if alphas is None:
+        _write(at(single), tokenizer, save, out)
+        console.print(f"[green]written[/]: alpha {single:g} model in {out}")
+        return
+
+    from retain.eval.suite import evaluate_suite, load_suite
+
+    suite_path = suite or run_suite_of(tuned[0])
+    if suite_path is None:
+        _fail("--alpha sweep needs an eval suite: pass --suite suite.yaml (the tuned run has no eval.suite)")
+    try:
+        suite_config = load_suite(suite_path)
+        result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size), max_forgetting)
+    except (ConfigError, ValueError, OSError) as err:
+        _fail(str(err))
+    from retain.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
+    results.save(out / "results.json")
+    write_report(results, out / "report.html")
+    _print_sweep(result)
+    console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
+    if max_forgetting is None:
+        return
+    if result.best_alpha is None:
+        _fail(f"no alpha keeps forgetting within {max_forgetting:g} (or the suite has no bounded general score)", code=1)
+    _write(at(result.best_alpha), tokenizer, save, out / "model")
+    console.print(f"[green]largest alpha within forgetting {max_forgetting:g}[/]: {result.best_alpha:g}; model in {out / 'model'}")

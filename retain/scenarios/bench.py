@@ -1,0 +1,170 @@
+"""Compare strategies on one scenario: same base model, seed, data order and step budget for each.
+
+Strategy items: ``full``, ``lora+lwf+stm`` (a hybrid), and per-item parameters after ``@``:
+``full+ewc@ewc.lambda_=100`` (``strategy.param=value``, or ``param=value`` for every strategy of the
+item that has that parameter). Settings shared by all items come from a YAML file (``--config``:
+``strategies: {ewc: {lambda_: 100}}`` and ``train: {...}``) or ``--set strategies.ewc.lambda_=100`` /
+``--set train.lr=1e-3``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from retain.config import ConfigError, load_config_dict, parse_override, parse_value
+from retain.report.schema import Results, StrategyRun
+from retain.scenarios.base import Scenario, get_scenario
+from retain.strategies.registry import get_strategy_class
+
+
+def parse_item(item: str) -> list[dict[str, Any]]:
+    """``'full+ewc@ewc.lambda_=100'`` -> ``[{'name': 'full'}, {'name': 'ewc', 'lambda_': 100}]``."""
+    head, *assignments = item.strip().split("@")
+    specs: list[dict[str, Any]] = [{"name": n.strip()} for n in head.split("+") if n.strip()]
+    if not specs:
+        raise ConfigError(f"strategy item '{item}' names no strategy")
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"strategy item '{item}': '@{assignment}' should be @strategy.param=value")
+        key, raw = assignment.split("=", 1)
+        value = parse_value(raw)
+        strategy, _, param = key.rpartition(".")
+        targets = [s for s in specs if s["name"] == strategy] if strategy else [
+            s for s in specs if param in get_strategy_class(s["name"]).Config.model_fields
+        ]
+        if not targets:
+            raise ConfigError(f"strategy item '{item}': no strategy in it takes '{key}'")
+        for spec in targets:
+            spec[param] = value
+    return specs
+
+
+def _split_sets(sets: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``strategies.<name>.<param>=v`` go to every run using that strategy; the rest are config overrides."""
+    per_strategy: dict[str, dict[str, Any]] = {}
+    others = []
+    for item in sets:
+        parts, value = parse_override(item)
+        if parts[0] == "strategies" and len(parts) == 3 and isinstance(parts[1], str):
+            per_strategy.setdefault(parts[1], {})[str(parts[2])] = value
+        else:
+            others.append(item)
+    return per_strategy, others
+
+
+def run_directory_name(item: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", item)
+
+
+def build_run_config(
+    scenario: Scenario,
+    item: str,
+    out: Path,
+    *,
+    steps: int | None,
+    seed: int,
+    shared: dict[str, dict[str, Any]],
+    train_overrides: dict[str, Any],
+    overrides: list[str],
+    progress: bool,
+) -> Any:
+    specs = [{**shared.get(s["name"], {}), **s} for s in parse_item(item)]
+    train = {**scenario.train, **train_overrides, "seed": seed, "progress": progress}
+    if steps is not None:
+        train["steps_per_task"] = steps
+    data = {
+        "model": {"name_or_path": scenario.base_model},
+        "tasks": [t.model_dump(mode="json") for t in scenario.tasks],
+        "strategies": specs,
+        "general_data": scenario.general_data.model_dump(mode="json") if scenario.general_data else None,
+        "train": train,
+        "checkpoint": {"every": 0},
+        "output": {"dir": str(out / "runs" / run_directory_name(item)), "save_per_task": False},
+    }
+    return load_config_dict(data, overrides, source=f"bench item '{item}'")
+
+
+def run_bench(
+    scenario: str | Scenario,
+    strategies: list[str],
+    *,
+    out: Path,
+    steps: int | None = None,
+    sets: list[str] | None = None,
+    config_file: Path | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    data_dir: Path | None = None,
+    with_shakespeare: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+) -> Results:
+    """Train every strategy item from the same base; write out/results.json and out/report.html."""
+    from retain.eval.runner import SuiteObserver
+    from retain.report.html import write_report
+    from retain.report.markdown import print_summary
+    from retain.train import finetune
+
+    console = console or Console()
+    if isinstance(scenario, str):
+        scenario = get_scenario(scenario, data_dir=data_dir, quick=quick, with_shakespeare=with_shakespeare)
+    file_settings = yaml.safe_load(Path(config_file).read_text()) if config_file else {}
+    shared, overrides = _split_sets(list(sets or []))
+    for name, params in (file_settings.get("strategies") or {}).items():
+        shared[name] = {**params, **shared.get(name, {})}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = [s.strip() for s in strategies if s.strip()]
+    configs = {
+        item: build_run_config(
+            scenario, item, out, steps=steps, seed=seed, shared=shared,
+            train_overrides=file_settings.get("train") or {}, overrides=overrides, progress=progress,
+        )
+        for item in items
+    }  # every item validated before the first one trains
+    runs: list[StrategyRun] = []
+    results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
+    for item, config in configs.items():
+        console.print(f"[bold]{scenario.name}[/]: training [cyan]{item}[/] for {config.train.steps_per_task} steps/task")
+        run_dir = Path(config.output.dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        observer = SuiteObserver(
+            scenario.suite, name=item, run_dir=run_dir, config=config.model_dump(mode="json"),
+            batch_size=config.eval.batch_size,
+        )
+        finetune(config, observer=observer, console=console)
+        runs.append(observer.strategy_run())
+        results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
+        results.save(out / "results.json")
+    write_report(results, out / "report.html")
+    print_summary(results, console)
+    print_score_changes(results, console)
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
+    return results
+
+
+def print_score_changes(results: Results, console: Console) -> None:
+    """Every score of the base model and after the last task, per strategy (losses included)."""
+    if not results.runs:
+        return
+    base = results.runs[0].records[0].scores
+    table = Table(title="scores: base -> after the last task")
+    table.add_column("eval")
+    table.add_column("base", justify="right")
+    for run in results.runs:
+        table.add_column(run.name, justify="right")
+    for key, score in base.items():
+        arrow = "↑" if score.higher_is_better else "↓"
+        row = [f"{key} ({score.metric} {arrow})", f"{score.value:.4g}"]
+        for run in results.runs:
+            last = run.records[-1].scores.get(key)
+            row.append("—" if last is None else f"{last.value:.4g}")
+        table.add_row(*row)
+    console.print(table)

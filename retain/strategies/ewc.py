@@ -1,0 +1,198 @@
+"""EWC (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018): a diagonal-Fisher quadratic penalty.
+
+    L = L_task + lambda/2 * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
+
+over the trainable weights (all of them with ``full``, the adapters with ``lora``). Where the
+Fisher comes from (``source``):
+
+- ``general``: the run's ``general_data`` (or this strategy's ``data``), at the weights before the
+  first task. The base model's general knowledge is treated as "task 0". Or read from ``file``
+  (``retain importance compute --method ewc``) instead of computing it.
+- ``previous_task``: each finished task's training data, at the weights it ended with.
+- ``both``; ``auto`` (default) is ``both`` when general text or a file is configured, else
+  ``previous_task``.
+
+``mode: separate`` keeps one (anchor, Fisher) pair per source above; ``online`` keeps one pair,
+``F = gamma * F_prev + F_new`` anchored at the latest weights. The Fisher is per example
+(``retain.fisher``: ``sampled`` by default, ``empirical``, or ``empirical_batch`` = square of
+batch-mean gradients). State: 2 x trainable parameters per pair (anchor in the weights' dtype,
+Fisher in ``state_dtype``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import AliasChoices, Field
+from torch import Tensor, nn
+
+from retain.config import ConfigError, DataConfig
+from retain.fisher import Estimator, diagonal_fisher, select_examples, trainable_parameters
+from retain.losses.quadratic import online_update, quadratic_penalty
+from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.registry import register_strategy
+
+Source = Literal["auto", "general", "previous_task", "both"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class CalibrationConfig(StrategyConfig):
+    """Where statistics come from and how they are estimated (shared by ewc and ewc-lora)."""
+
+    source: Source = Field(
+        "auto",
+        description="general | previous_task | both; auto = both when general text or a file is set, else previous_task.",
+    )
+    data: DataConfig | None = Field(None, description="Calibration text; default: the run's general_data.")
+    file: str | None = Field(None, description="Importance file with the general statistics (replaces computing them).")
+    estimator: Estimator = Field("sampled", description="sampled | empirical (per example) | empirical_batch.")
+    samples: int = Field(1, gt=0, description="Label draws per example for the sampled estimator.")
+    max_examples: int = Field(128, gt=0, description="Examples per Fisher estimate (seeded subset).")
+    batch_size: int = Field(8, gt=0, description="Batch size of the estimate (per-example results do not depend on it).")
+    state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored statistics.")
+    seed: int = Field(0, description="Seed of the example subset and of sampled labels.")
+
+
+class EwcConfig(CalibrationConfig):
+    lambda_: float = Field(
+        100.0, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength."
+    )
+    mode: Literal["separate", "online"] = Field("separate", description="One penalty per source, or online EWC.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Online decay of the previous Fisher.")
+
+
+def resolve_source(config: CalibrationConfig, ctx: StrategyContext, who: str) -> str:
+    """``general`` / ``previous_task`` / ``both``, refusing a general source with no text to compute it on."""
+    has_general = config.data is not None or config.file is not None or ctx.config.general_data is not None
+    source = ("both" if has_general else "previous_task") if config.source == "auto" else config.source
+    if source in ("general", "both") and not has_general:
+        raise ConfigError(
+            f"strategy '{who}': source '{source}' needs general text: set the run's general_data "
+            f"(e.g. general_data: {{path: general.jsonl}}), '{who}.data', or '{who}.file'; "
+            f"or use {who}.source=previous_task."
+        )
+    return source
+
+
+def detached_copy(params: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    return {n: p.detach().clone() if dtype is None else p.detach().to(dtype).clone() for n, p in params.items()}
+
+
+def on_device(tensors: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Move stored tensors next to the live parameters (state is loaded on the CPU)."""
+    return {n: t if t.device == like[n].device else t.to(like[n].device) for n, t in tensors.items()}
+
+
+def check_same_parameters(stored: dict[str, Tensor], live: dict[str, Tensor], who: str) -> None:
+    if set(stored) != set(live):
+        extra = sorted(set(live) - set(stored))[:3]
+        gone = sorted(set(stored) - set(live))[:3]
+        raise RuntimeError(
+            f"{who}: the trainable weights changed since the statistics were computed "
+            f"(new: {extra}, missing: {gone}); list the strategies in the same order on resume."
+        )
+
+
+@register_strategy("ewc")
+class Ewc(Strategy):
+    Config = EwcConfig
+
+    def __init__(self, config: EwcConfig | None = None) -> None:
+        super().__init__(config)
+        self.penalties: list[dict[str, Any]] = []
+        self.general_done = False
+        self._source: str | None = None
+        self._params: dict[str, nn.Parameter] | None = None
+
+    # hooks ------------------------------------------------------------------------------
+
+    def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        self._source = resolve_source(self.config, ctx, self.name)
+        return model
+
+    def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        params = self._live(ctx)
+        if self._source in ("general", "both") and not self.general_done:
+            fisher = self._general_fisher(params, ctx)
+            self._add("general", detached_copy(params), fisher)
+            self.general_done = True
+
+    def extra_losses(self, outputs: Any, batch: dict[str, Tensor], ctx: StrategyContext) -> dict[str, Tensor]:
+        if not self.penalties or self.config.lambda_ == 0:
+            return {}
+        params = self._live(ctx)
+        total = sum(quadratic_penalty(params, p["anchor"], p["fisher"]) for p in self.penalties)
+        return {"penalty": 0.5 * self.config.lambda_ * total}
+
+    def after_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        if self._source not in ("previous_task", "both") or task.index == len(ctx.tasks) - 1:
+            return  # after the last task no later training would use the Fisher
+        params = self._live(ctx)
+        examples = select_examples(task.train_examples, self.config.max_examples, self.config.seed + task.index + 1)
+        fisher = self._estimate(params, examples, ctx, seed=self.config.seed + task.index + 1)
+        self._add(f"task:{task.name}", detached_copy(params), fisher)
+
+    # state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"general_done": self.general_done, "penalties": self.penalties}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
+        self.general_done = bool(state.get("general_done", False))
+        self.penalties = [
+            {"label": p["label"], "anchor": dict(p["anchor"]), "fisher": dict(p["fisher"])}
+            for p in state.get("penalties", [])
+        ]
+        self._params = None
+
+    # internals --------------------------------------------------------------------------
+
+    def _live(self, ctx: StrategyContext) -> dict[str, nn.Parameter]:
+        if self._params is None:
+            self._params = trainable_parameters(ctx.unwrapped_model)
+            for penalty in self.penalties:
+                check_same_parameters(penalty["fisher"], self._params, self.name)
+                penalty["anchor"] = on_device(penalty["anchor"], self._params)
+                penalty["fisher"] = on_device(penalty["fisher"], self._params)
+        return self._params
+
+    def _general_fisher(self, params: dict[str, nn.Parameter], ctx: StrategyContext) -> dict[str, Tensor]:
+        if self.config.file is not None:
+            from retain.importance_file import load_importance, statistics_for
+
+            loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("ewc",))
+            stats = statistics_for(loaded, list(params), self.config.file)
+            dtype = _DTYPES[self.config.state_dtype]
+            return {n: stats[n].to(params[n].device, dtype) for n in params}
+        examples = select_examples(
+            ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
+        )
+        return self._estimate(params, examples, ctx, seed=self.config.seed)
+
+    def _estimate(self, params: dict[str, nn.Parameter], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
+        start = time.perf_counter()
+        fisher, count = diagonal_fisher(
+            ctx.unwrapped_model,
+            params,
+            examples,
+            ctx.collate,
+            estimator=self.config.estimator,
+            samples=self.config.samples,
+            seed=seed,
+            batch_size=self.config.batch_size,
+            accelerator=ctx.accelerator,
+        )
+        ctx.log(f"{self.name}/fisher_seconds", time.perf_counter() - start)
+        ctx.log(f"{self.name}/fisher_examples", count)
+        dtype = _DTYPES[self.config.state_dtype]
+        return {n: f.to(dtype) for n, f in fisher.items()}
+
+    def _add(self, label: str, anchor: dict[str, Tensor], fisher: dict[str, Tensor]) -> None:
+        if self.config.mode == "separate" or not self.penalties:
+            self.penalties.append({"label": label, "anchor": anchor, "fisher": fisher})
+            return
+        previous = self.penalties[0]
+        merged = online_update(previous["fisher"], fisher, self.config.gamma)
+        self.penalties = [{"label": "online", "anchor": anchor, "fisher": {n: merged[n].to(fisher[n].dtype) for n in merged}}]

@@ -1,0 +1,221 @@
+"""EWC on LoRA (Zheng et al., ICLR 2026, arXiv 2602.17559): penalize the full update of each adapted matrix.
+
+Listed with ``lora`` (``strategies: [lora, ewc-lora]``). For each adapted matrix with update
+``Delta W = s B A``::
+
+    L = L_task + lambda/2 * sum Omega * (Delta W)^2,     Omega = gamma * Omega + F after each source
+
+with ``F`` the per-example diagonal Fisher of ``Delta W`` (equal to the base weight's Fisher),
+captured by hooks on the adapted layers (``retain.fisher.lora_delta_fisher``). After every task the
+adapter is merged exactly into the base weight (``W += s B A``, in float32) and a fresh adapter
+starts (A: kaiming-uniform as peft initializes it, from a generator seeded by (seed, task);
+B: zeros), so the next task's ``Delta W`` is measured from the merged weights. The authors' code
+adds A and B across tasks, which creates cross terms; this merges the product instead.
+
+Sources as in ``ewc`` (``general`` statistics at the base weights count as the first accumulation;
+an ``ewc`` importance file can supply them, its Fisher of W being the Fisher of Delta W).
+State: one Omega per adapted matrix (Delta W-sized, ``state_dtype``).
+
+``variant: adapter`` is the older "EWC + LoRA": online EWC on the adapter weights themselves, one
+adapter kept for the whole run (no merge); it is the same as ``[lora, ewc]`` with ``mode: online``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import AliasChoices, Field
+from torch import Tensor, nn
+
+from retain.config import ConfigError
+from retain.fisher import lora_delta_fisher, lora_layers, select_examples
+from retain.losses.quadratic import lora_delta, online_update
+from retain.strategies.base import Strategy, StrategyContext, TaskInfo
+from retain.strategies.ewc import _DTYPES, CalibrationConfig, Ewc, EwcConfig, resolve_source
+from retain.strategies.registry import register_strategy
+
+
+class EwcLoraConfig(CalibrationConfig):
+    lambda_: float = Field(
+        1e7, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength (authors: 1e7)."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="Decay of the accumulated Omega (authors: 1).")
+    variant: Literal["delta_w", "adapter"] = Field(
+        "delta_w", description="delta_w: penalize s*B*A and merge after each task; adapter: EWC on A and B."
+    )
+
+
+def _adapter_name(module: nn.Module) -> str:
+    names = list(module.lora_A.keys())
+    if len(names) != 1:
+        raise ConfigError(f"ewc-lora expects one LoRA adapter per layer, found {names}")
+    return names[0]
+
+
+def layer_delta(module: nn.Module) -> Tensor:
+    """``Delta W`` of a peft LoRA linear layer in (out, in) layout, differentiable."""
+    adapter = _adapter_name(module)
+    return lora_delta(module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter])
+
+
+@torch.no_grad()
+def merge_and_reset(layers: dict[str, nn.Module], generator: torch.Generator) -> None:
+    """``W += s B A`` exactly (float32), then A re-initialized (kaiming-uniform, a=sqrt(5)) and B zeroed.
+
+    Layers are visited in sorted name order so the seeded generator gives the same adapters on every
+    process and on resume.
+    """
+    for name in sorted(layers):
+        module = layers[name]
+        adapter = _adapter_name(module)
+        base = module.get_base_layer().weight
+        delta = layer_delta(module).float()
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        base.copy_((base.float() + delta).to(base.dtype))
+        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        fresh = torch.empty(lora_a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        lora_a.copy_(fresh.to(lora_a.device, lora_a.dtype))
+        lora_b.zero_()
+
+
+@register_strategy("ewc-lora")
+class EwcLora(Strategy):
+    Config = EwcLoraConfig
+    modifies_frozen_weights = True
+
+    def __init__(self, config: EwcLoraConfig | None = None) -> None:
+        super().__init__(config)
+        self.omega: dict[str, Tensor] | None = None
+        self.general_done = False
+        self.merges = 0
+        self._source: str | None = None
+        self._layers: dict[str, nn.Module] | None = None
+        self._adapter_ewc: Ewc | None = None
+        if self.config.variant == "adapter":
+            keys = set(CalibrationConfig.model_fields)
+            fields = {k: getattr(self.config, k) for k in keys}
+            self._adapter_ewc = Ewc(EwcConfig(**fields, lambda_=self.config.lambda_, mode="online", gamma=self.config.gamma))
+            self._adapter_ewc.name = self.name
+
+    # hooks ------------------------------------------------------------------------------
+
+    def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        if "lora" not in [spec.name for spec in ctx.config.strategies]:
+            raise ConfigError("ewc-lora penalizes LoRA updates: list it with lora, e.g. strategies: [lora, ewc-lora]")
+        self._source = resolve_source(self.config, ctx, self.name)
+        if self._adapter_ewc is not None:
+            return self._adapter_ewc.setup(model, ctx)
+        return model
+
+    def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        if self._adapter_ewc is not None:
+            return self._adapter_ewc.before_task(task, ctx)
+        layers = self._live(ctx)
+        if self._source in ("general", "both") and not self.general_done:
+            self._accumulate(self._general_fisher(layers, ctx))
+            self.general_done = True
+
+    def extra_losses(self, outputs: Any, batch: dict[str, Tensor], ctx: StrategyContext) -> dict[str, Tensor]:
+        if self._adapter_ewc is not None:
+            return self._adapter_ewc.extra_losses(outputs, batch, ctx)
+        if self.omega is None or self.config.lambda_ == 0:
+            return {}
+        layers = self._live(ctx)
+        total = None
+        for name, module in layers.items():
+            delta = layer_delta(module)
+            term = (self.omega[name].to(delta.dtype) * delta.pow(2)).sum()
+            total = term if total is None else total + term
+        return {"penalty": 0.5 * self.config.lambda_ * total}
+
+    def after_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        if self._adapter_ewc is not None:
+            return self._adapter_ewc.after_task(task, ctx)
+        layers = self._live(ctx)
+        if self._source in ("previous_task", "both") and task.index < len(ctx.tasks) - 1:
+            seed = self.config.seed + task.index + 1
+            examples = select_examples(task.train_examples, self.config.max_examples, seed)
+            self._accumulate(self._estimate(layers, examples, ctx, seed))
+        merge_and_reset(layers, torch.Generator().manual_seed(self.config.seed * 1_000_003 + task.index))
+        self.merges += 1
+
+    # state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._adapter_ewc is not None:
+            return {"adapter": self._adapter_ewc.state_dict()}
+        state: dict[str, Any] = {"general_done": self.general_done, "merges": self.merges}
+        if self.omega is not None:
+            state["omega"] = self.omega
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
+        if self._adapter_ewc is not None:
+            return self._adapter_ewc.load_state_dict(state.get("adapter", {}), ctx)
+        self.general_done = bool(state.get("general_done", False))
+        self.merges = int(state.get("merges", 0))
+        self.omega = dict(state["omega"]) if "omega" in state else None
+        self._layers = None
+
+    # internals --------------------------------------------------------------------------
+
+    def _live(self, ctx: StrategyContext) -> dict[str, nn.Module]:
+        if self._layers is None:
+            try:
+                layers = lora_layers(ctx.unwrapped_model)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if not layers:
+                raise ConfigError("ewc-lora found no LoRA layers: list lora before it, e.g. strategies: [lora, ewc-lora]")
+            self._layers = layers
+            if self.omega is not None:
+                if set(self.omega) != set(layers):
+                    raise RuntimeError("ewc-lora: the adapted layers changed since Omega was computed")
+                self.omega = {n: t.to(layers[n].get_base_layer().weight.device) for n, t in self.omega.items()}
+        return self._layers
+
+    def _accumulate(self, fisher: dict[str, Tensor]) -> None:
+        dtype = _DTYPES[self.config.state_dtype]
+        merged = online_update(self.omega, fisher, self.config.gamma)
+        self.omega = {n: t.to(dtype) for n, t in merged.items()}
+
+    def _general_fisher(self, layers: dict[str, nn.Module], ctx: StrategyContext) -> dict[str, Tensor]:
+        if self.config.file is not None:
+            from retain.importance_file import canonical_name, load_importance, statistics_for
+
+            loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("ewc",))
+            weights = {name: f"{canonical_name(name)}.weight" for name in layers}
+            stats = statistics_for(loaded, list(weights.values()), self.config.file)
+            out = {}
+            for name, module in layers.items():
+                value = stats[weights[name]].float()
+                out[name] = (value.T if getattr(module, "fan_in_fan_out", False) else value).to(
+                    module.get_base_layer().weight.device
+                )
+            return out
+        examples = select_examples(
+            ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
+        )
+        return self._estimate(layers, examples, ctx, self.config.seed)
+
+    def _estimate(self, layers: dict[str, nn.Module], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
+        start = time.perf_counter()
+        fisher, count = lora_delta_fisher(
+            ctx.unwrapped_model,
+            layers,
+            examples,
+            ctx.collate,
+            estimator=self.config.estimator,
+            samples=self.config.samples,
+            seed=seed,
+            batch_size=self.config.batch_size,
+            accelerator=ctx.accelerator,
+        )
+        ctx.log(f"{self.name}/fisher_seconds", time.perf_counter() - start)
+        ctx.log(f"{self.name}/fisher_examples", count)
+        return fisher

@@ -1,0 +1,197 @@
+"""Functionally Invariant Paths (Raghavan & Thomson, Nat. Mach. Intell. 2024, arXiv 2205.00334).
+
+The paper treats weight space as a Riemannian manifold whose metric measures how much the outputs
+move, and walks the path that learns the new task while the outputs on old inputs stay put, in
+small steps (||d|| <= eps). The authors' code turns this into a loss, implemented here for LLMs:
+
+    L = L_task + weight * mean_tokens BD(p_theta(.|x), p_anchor(.|x)),  x from a fixed pool
+    BD(p, q) = -log sum_c sqrt(p(c) q(c))            (Bhattacharyya distance, per token)
+
+Anchor (``anchor``): ``start`` (the authors' code): the model at the start of the task. ``path``
+(the paper's geometry): re-anchor to the current point every ``reanchor_every`` steps, so each
+segment of the path is kept functionally close to the previous point. ``max_step_norm`` bounds the
+L2 norm of every optimizer update (over all trainable weights): a longer update is scaled back onto
+the ball, as in the paper's constrained step.
+
+Pool (``pool``): ``general`` text (the strategy's ``data`` or the run's ``general_data``) or
+``past`` tasks' training sequences; on the first task ``past`` falls back to general text if any is
+configured, else the term is off for that task. ``pool_size`` sequences are drawn once per task
+(seeded), then visited ``pool_batch`` at a time in seeded epoch order.
+
+Memory: the anchor is a snapshot of the *trainable* weights only, evaluated with
+``torch.func.functional_call`` on the training model: with LoRA that is the adapters (a few MB),
+with full fine-tuning one copy of the weights, the "frozen copy" of the method.
+Cost: one extra student forward+backward and one anchor forward on the pool batch per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.func import functional_call
+
+from retain.config import DataConfig
+from retain.losses.distill import bhattacharyya_distance
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.registry import register_strategy
+from retain.teacher import align_to_inputs, reference_forward
+
+logger = logging.getLogger("retain")
+
+
+class FipConfig(StrategyConfig):
+    weight: float = Field(1.0, ge=0.0, description="Weight of the Bhattacharyya term (authors: 1).")
+    pool: Literal["general", "past"] = Field("general", description="Where the anchor sequences come from.")
+    data: DataConfig | None = Field(None, description="General pool text; default the run's general_data.")
+    pool_size: int = Field(64, gt=0, description="Sequences in the fixed pool, drawn once per task.")
+    pool_batch: int = Field(4, gt=0, description="Pool sequences per micro-batch.")
+    anchor: Literal["start", "path"] = Field("start", description="Anchor at the task start, or re-anchor along the path.")
+    reanchor_every: int = Field(10, gt=0, description="Steps between re-anchors (anchor=path).")
+    max_step_norm: float | None = Field(None, gt=0.0, description="Bound on each update's L2 norm (null: none).")
+    eps_add: float = Field(0.0, ge=0.0, description="Added inside the square root (authors' stabiliser); 0: exact.")
+    seed: int = Field(0, description="Seed of the pool's choice and order.")
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(parameters: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in parameters.items()}
+
+
+def project_update(parameters: dict[str, nn.Parameter], previous: dict[str, torch.Tensor], max_norm: float) -> float:
+    """Scale the update theta - previous onto the ball of radius ``max_norm``; returns its norm before."""
+    with torch.no_grad():
+        squares = [((p - previous[name]).float() ** 2).sum() for name, p in parameters.items()]
+        norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        if norm > max_norm:
+            scale = max_norm / norm
+            for name, p in parameters.items():
+                p.copy_(previous[name] + (p - previous[name]) * scale)
+    return norm
+
+
+@register_strategy("fip")
+class FunctionallyInvariantPaths(Strategy):
+    Config = FipConfig
+
+    def __init__(self, config: FipConfig | None = None) -> None:
+        super().__init__(config)
+        self._pool_source: str = "none"
+        self._pool_task: int | None = None
+        self._pool_indices: list[int] = []
+        self._pool: list = []
+        self._cursor = 0
+        self._anchor: dict[str, torch.Tensor] | None = None
+        self._anchor_step = 0  # step_in_task at which the current anchor was taken
+        self._reanchors = 0
+        self._previous: dict[str, torch.Tensor] | None = None
+        self._last_step_norm = 0.0
+
+    # ------------------------------------------------------------------ pool
+
+    def _candidates(self, task: TaskInfo, ctx: StrategyContext) -> tuple[str, list]:
+        """(source name, sequences the pool is drawn from) for ``task``."""
+        if self.config.pool == "past" and task.index > 0:
+            return "past", [e for t in ctx.tasks[: task.index] for e in t.train_examples]
+        if self.config.pool == "past" and self.config.data is None and ctx.config.general_data is None:
+            logger.warning("fip: first task and no general data: nothing to keep yet, the term is off for '%s'", task.name)
+            return "none", []
+        return "general", ctx.general_examples(self.config.data, "fip")
+
+    def _use_pool(self, task: TaskInfo, ctx: StrategyContext, indices: list[int] | None) -> None:
+        """Fix the task's pool: ``indices`` into its candidates, or a fresh seeded draw when None."""
+        source, candidates = self._candidates(task, ctx)
+        if indices is None:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + task.index)
+            indices = sorted(torch.randperm(len(candidates), generator=generator)[: self.config.pool_size].tolist())
+        self._pool_source, self._pool_task, self._pool_indices = source, task.index, indices
+        self._pool = [candidates[i] for i in indices]
+
+    def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        self._use_pool(task, ctx, None)
+        self._cursor = 0
+        self._anchor = None  # taken at the first step, after every strategy's before_task has run
+        self._reanchors = 0
+        ctx.log("fip/pool_size", len(self._pool))
+
+    # ------------------------------------------------------------------ anchor
+
+    def _take_anchor(self, model: nn.Module, ctx: StrategyContext) -> None:
+        self._anchor = snapshot(trainable_parameters(model))
+        self._anchor_step = ctx.step_in_task
+
+    def _anchor_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        assert self._anchor is not None
+        with reference_forward(model):
+            logits = functional_call(
+                model, self._anchor, args=(),
+                kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False,
+            ).logits
+        return align_to_inputs(logits, batch["input_ids"].shape[1])
+
+    # ------------------------------------------------------------------ hooks
+
+    def extra_losses(self, outputs: Any, batch: Batch, ctx: StrategyContext) -> dict[str, torch.Tensor]:
+        if not self._pool or self.config.weight == 0.0:
+            return {}
+        model = ctx.unwrapped_model
+        if self._anchor is None:
+            self._take_anchor(model, ctx)
+        from retain.train.loop import sample_indices
+
+        picks = sample_indices(len(self._pool), self.config.seed, self._cursor, self.config.pool_batch)
+        self._cursor += self.config.pool_batch
+        pool_batch = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in picks]).items()}
+        student = ctx.model(input_ids=pool_batch["input_ids"], attention_mask=pool_batch["attention_mask"]).logits
+        student = align_to_inputs(student, pool_batch["input_ids"].shape[1])
+        anchor = self._anchor_logits(model, pool_batch)
+        distance = bhattacharyya_distance(student, anchor, pool_batch["attention_mask"], self.config.eps_add)
+        return {"bhattacharyya": self.config.weight * distance}
+
+    def after_backward(self, model: nn.Module, ctx: StrategyContext) -> None:
+        if self.config.max_step_norm is not None:
+            self._previous = snapshot(trainable_parameters(ctx.unwrapped_model))
+
+    def after_step(self, model: nn.Module, ctx: StrategyContext) -> None:
+        unwrapped = ctx.unwrapped_model
+        if self.config.max_step_norm is not None and self._previous is not None:
+            self._last_step_norm = project_update(trainable_parameters(unwrapped), self._previous, self.config.max_step_norm)
+            self._previous = None
+            ctx.log("fip/step_norm_before_bound", self._last_step_norm)
+        steps_done = ctx.step_in_task + 1
+        if self.config.anchor == "path" and self._pool and steps_done % self.config.reanchor_every == 0:
+            self._anchor = snapshot(trainable_parameters(unwrapped))
+            self._anchor_step = steps_done
+            self._reanchors += 1
+            ctx.log("fip/reanchors", self._reanchors)
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pool_source": self._pool_source,
+            "pool_task": -1 if self._pool_task is None else self._pool_task,
+            "pool_indices": list(self._pool_indices),
+            "cursor": self._cursor,
+            "anchor": self._anchor if self._anchor is not None else {},
+            "has_anchor": self._anchor is not None,
+            "anchor_step": self._anchor_step,
+            "reanchors": self._reanchors,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
+        self._cursor = int(state.get("cursor", 0))
+        self._anchor_step = int(state.get("anchor_step", 0))
+        self._reanchors = int(state.get("reanchors", 0))
+        self._anchor = None
+        if state.get("has_anchor"):
+            self._anchor = {name: t.to(ctx.device) for name, t in state["anchor"].items()}
+        task_index = int(state.get("pool_task", -1))
+        if task_index >= 0:  # resumed mid-task (before_task will not run): the same pool again
+            self._use_pool(ctx.tasks[task_index], ctx, [int(i) for i in state.get("pool_indices", [])])

@@ -1,0 +1,267 @@
+"""Learning without Forgetting for LLMs (Li & Hoiem 2016): distil the original model into the one
+being fine-tuned, on anchor inputs, so the fine-tune keeps the original's next-token distributions.
+
+    L = L_task + alpha * T^2 * KL(p_teacher^T || p_student^T)   (mean over anchor tokens)
+
+Anchors (``anchor``): ``task``, the current batch itself (the original LwF: new-task inputs; the
+student's logits come free from the task forward, so only the teacher runs), or ``general``, batches
+from a text pool (the strategy's ``data`` or the run's ``general_data``), which costs one more
+student forward and backward per step but pulls toward the original where it matters for retention.
+
+Teacher (``teacher``), always the model as it was before any fine-tuning:
+- ``adapters_off``: with LoRA or prompt tuning, the training model itself under
+  ``model.disable_adapter()``: no copy in memory. (If another strategy merges adapters into the base
+  weights, the teacher becomes the merged model, i.e. the model at the start of the current task.)
+- ``copy``: a frozen deep copy (full fine-tuning).
+- ``cached_topk``: the teacher's top-k probabilities at temperature T (plus the mass of all other
+  tokens as one bucket) over every anchor example, computed before training and cached on disk,
+  for when teacher and student do not both fit; k = vocabulary size is exact.
+- ``auto``: ``adapters_off`` when the model is PEFT-wrapped, else ``copy``.
+
+With prompt tuning the student's logits carry extra virtual-token positions at the front; they are
+dropped so teacher and student are compared on the same input positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from retain.config import ConfigError, DataConfig
+from retain.losses.distill import kl_with_temperature, kl_with_temperature_topk, topk_teacher
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.registry import get_strategy_class, register_strategy
+from retain.teacher import (
+    TokenTable,
+    align_to_inputs,
+    base_fingerprint,
+    batch_rows,
+    cache_file,
+    cached_table,
+    compute_table,
+    example_key,
+    examples_hash,
+    frozen_copy,
+    is_peft_model,
+    reference_forward,
+)
+
+logger = logging.getLogger("retain")
+
+
+class LwfConfig(StrategyConfig):
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the distillation term.")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of teacher and student.")
+    anchor: Literal["task", "general"] = Field(
+        "task", description="Distil on the task's own batches, or on batches of a general text pool."
+    )
+    data: DataConfig | None = Field(None, description="General anchor text (anchor=general); default general_data.")
+    anchor_batch_size: int = Field(4, gt=0, description="Anchor sequences per micro-batch (anchor=general).")
+    pool_size: int | None = Field(None, gt=0, description="Use at most this many general anchor examples (seeded).")
+    teacher: Literal["auto", "adapters_off", "copy", "cached_topk"] = Field(
+        "auto", description="Where the original model's outputs come from (see the module docstring)."
+    )
+    top_k: int = Field(32, gt=0, description="Teacher tokens kept per position (teacher=cached_topk).")
+    cache_batch_size: int = Field(16, gt=0, description="Batch size of the top-k precompute pass.")
+    seed: int = Field(0, description="Seed of the anchor pool's subset and order.")
+
+    @model_validator(mode="after")
+    def _general_only_keys(self) -> "LwfConfig":
+        if self.anchor == "task" and (self.data is not None or self.pool_size is not None):
+            raise ValueError("'data' and 'pool_size' choose general anchors: set anchor: general to use them")
+        return self
+
+
+def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
+    """``size`` of ``range(n)`` chosen by ``seed``, in ascending order (all of them when size is None)."""
+    if size is None or size >= n:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=generator)[:size].tolist())
+
+
+def gather_topk(table: TokenTable, indices: list[int | None], seq_len: int, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's cached teacher, ``(batch, seq, k)`` / ``(batch, seq)``, and ``known``: positions that have one.
+
+    ``indices[b]`` is row b's example in ``table`` (None: unknown, e.g. a replayed row, not distilled);
+    ``rows[b]`` are the batch positions of its real tokens. Unknown positions hold finite fillers.
+    """
+    k = table.tensors["log_q"].shape[-1]
+    out = {
+        "log_q": torch.zeros(len(indices), seq_len, k),
+        "indices": torch.zeros(len(indices), seq_len, k, dtype=torch.int64),
+        "log_rest": torch.zeros(len(indices), seq_len),
+        "known": torch.zeros(len(indices), seq_len),
+    }
+    for b, (index, positions) in enumerate(zip(indices, rows)):
+        if index is None or int(table.lengths[index]) != len(positions):
+            continue
+        for name in ("log_q", "indices", "log_rest"):
+            out[name][b, positions] = table.example(index, name).to(out[name].dtype)
+        out["known"][b, positions] = 1.0
+    return out
+
+
+@register_strategy("lwf")
+class LearningWithoutForgetting(Strategy):
+    Config = LwfConfig
+
+    def __init__(self, config: LwfConfig | None = None) -> None:
+        super().__init__(config)
+        self._source: str | None = None  # resolved teacher source
+        self._teacher_copy: nn.Module | None = None
+        self._pool: list = []
+        self._cursor = 0  # anchor examples drawn so far (general anchors): the only state that evolves
+        self._fingerprint: str | None = None
+        self._table: TokenTable | None = None  # cached top-k for the current task (or the pool)
+        self._table_name: str | None = None
+        self._table_keys: dict[bytes, int] = {}
+
+    # ------------------------------------------------------------------ teacher
+
+    def _prepare(self, ctx: StrategyContext) -> None:
+        """Pin down the teacher while the model still holds its original weights.
+
+        Called in the first ``before_task`` of a fresh run, and in ``load_state_dict`` on resume
+        (which runs before the checkpoint's weights are loaded), so both see the original model.
+        """
+        model = ctx.unwrapped_model
+        source = self.config.teacher
+        if source == "auto":
+            source = "adapters_off" if is_peft_model(model) else "copy"
+        if source == "adapters_off":
+            if not is_peft_model(model):
+                raise ConfigError(
+                    "lwf.teacher=adapters_off needs a PEFT-wrapped model (add 'lora' or 'prompt-tuning' to the "
+                    "strategies), or use teacher: copy / cached_topk."
+                )
+            merging = [s.name for s in ctx.config.strategies if get_strategy_class(s.name).modifies_frozen_weights]
+            if merging:
+                logger.warning(
+                    "lwf: %s changes the base weights, so the adapters-off teacher is the merged model "
+                    "(the model at the start of each task), not the original.", ", ".join(merging),
+                )
+        if source == "copy":
+            self._teacher_copy = frozen_copy(model)
+        if self.config.anchor == "general":
+            examples = ctx.general_examples(self.config.data, "lwf")
+            self._pool = [examples[i] for i in seeded_subset(len(examples), self.config.pool_size, self.config.seed)]
+            if not self._pool:
+                raise ConfigError("lwf: the general anchor data has no examples")
+        if source == "cached_topk":
+            self._fingerprint = base_fingerprint(model)
+            for name, examples in self._anchor_sets(ctx).items():
+                self._topk_table(ctx, name, examples, compute_if_missing=True)
+        self._source = source
+
+    def _anchor_sets(self, ctx: StrategyContext) -> dict[str, list]:
+        if self.config.anchor == "general":
+            return {"pool": self._pool}
+        return {f"task{t.index}": t.train_examples for t in ctx.tasks}
+
+    def _topk_table(self, ctx: StrategyContext, name: str, examples: list, compute_if_missing: bool) -> TokenTable:
+        data_hash = examples_hash(examples)
+        k, t = self.config.top_k, self.config.temperature
+        path = cache_file(ctx.cache_dir, "lwf", self._fingerprint or "", data_hash, f"-top{k}-T{t:g}")
+        metadata = {"kind": "lwf-topk", "fingerprint": self._fingerprint or "", "data_hash": data_hash,
+                    "top_k": str(k), "temperature": repr(t)}
+        if not compute_if_missing:
+            table = TokenTable.load(path, metadata)
+            if table is None:
+                raise RuntimeError(
+                    f"lwf: the cached teacher outputs {path} disappeared during the run; resume the run "
+                    "(they are recomputed from the original model) or start it again."
+                )
+            return table
+
+        def compute() -> TokenTable:
+            def per_token(logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+                log_q, indices, log_rest = topk_teacher(logits, k, t)
+                return {"log_q": log_q, "indices": indices.to(torch.int32), "log_rest": log_rest}
+
+            return compute_table(ctx.unwrapped_model, examples, ctx.collate, per_token,
+                                 batch_size=self.config.cache_batch_size, device=ctx.device, adapters_off=True)
+
+        table, hit = cached_table(path, metadata, compute)
+        logger.info("lwf: teacher top-%d for %s %s (%s)", k, name, "reused" if hit else "cached", path)
+        return table
+
+    def _use_table(self, ctx: StrategyContext, name: str, examples: list) -> TokenTable:
+        if self._table_name != name:
+            self._table = self._topk_table(ctx, name, examples, compute_if_missing=False)
+            self._table_keys = {example_key(e.input_ids): i for i, e in enumerate(examples)}
+            self._table_name = name
+        assert self._table is not None
+        return self._table
+
+    def _teacher_logits(self, ctx: StrategyContext, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        module = ctx.unwrapped_model if self._source == "adapters_off" else self._teacher_copy
+        assert module is not None
+        with reference_forward(module, adapters_off=is_peft_model(module)):
+            logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
+        return align_to_inputs(logits, input_ids.shape[1])
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        if self._source is None:
+            self._prepare(ctx)
+        if self._teacher_copy is not None:
+            self._teacher_copy.to(ctx.device)
+
+    def _next_anchor_batch(self, ctx: StrategyContext) -> tuple[Batch, list[int]]:
+        from retain.train.loop import sample_indices
+
+        indices = sample_indices(len(self._pool), self.config.seed, self._cursor, self.config.anchor_batch_size)
+        self._cursor += self.config.anchor_batch_size
+        batch = ctx.collate([self._pool[i] for i in indices])
+        return {k: v.to(ctx.device) for k, v in batch.items()}, indices
+
+    def extra_losses(self, outputs: Any, batch: Batch, ctx: StrategyContext) -> dict[str, torch.Tensor]:
+        if self.config.alpha == 0.0:
+            return {}
+        if self.config.anchor == "task":
+            anchors, pool_indices = batch, None
+            student = align_to_inputs(outputs.logits, batch["input_ids"].shape[1])
+        else:
+            anchors, pool_indices = self._next_anchor_batch(ctx)
+            logits = ctx.model(input_ids=anchors["input_ids"], attention_mask=anchors["attention_mask"]).logits
+            student = align_to_inputs(logits, anchors["input_ids"].shape[1])
+        mask = anchors["attention_mask"]
+        t = self.config.temperature
+        if self._source == "cached_topk":
+            cached = {k: v.to(student.device) for k, v in self._cached_teacher(ctx, anchors, pool_indices).items()}
+            kl = kl_with_temperature_topk(
+                student, cached["log_q"], cached["indices"], cached["log_rest"], mask * cached["known"], t
+            )
+        else:
+            teacher = self._teacher_logits(ctx, anchors["input_ids"], anchors["attention_mask"])
+            kl = kl_with_temperature(student, teacher, mask, t)
+        return {"kl": self.config.alpha * kl}
+
+    def _cached_teacher(
+        self, ctx: StrategyContext, anchors: Batch, pool_indices: list[int] | None
+    ) -> dict[str, torch.Tensor]:
+        rows = batch_rows(anchors["input_ids"], anchors["attention_mask"])
+        if pool_indices is not None:
+            table = self._use_table(ctx, "pool", self._pool)
+            indices: list[int | None] = list(pool_indices)
+        else:
+            task = ctx.task
+            assert task is not None
+            table = self._use_table(ctx, f"task{task.index}", task.train_examples)
+            indices = [self._table_keys.get(key) for key, _ in rows]
+        return gather_topk(table, indices, anchors["input_ids"].shape[1], [positions for _, positions in rows])
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self._cursor}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
+        self._cursor = int(state.get("cursor", 0))
+        self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model

@@ -1,0 +1,252 @@
+"""Synthetic replay: rehearse examples the base model wrote itself, for data that may not be kept
+(GDPR, HIPAA, licences). Self-Synthesized Rehearsal, Huang et al., ACL 2024 (code DeepLearnXMU/SSR).
+
+Before the first task, the base model (adapters disabled when the run wraps it with peft) generates one
+set per source (see :mod:`retain.synthetic` for the pipeline):
+- each task listed under ``tasks`` from its ``description`` and ``demonstrations`` (texts or
+  ``{prompt, completion}`` pairs that the user supplies), or, with ``demonstrations_from_data: N``, from
+  N examples of the task's own training data chosen by seed: those N are the only real examples kept;
+- a general set from ``prompts`` (continuations of general prompts).
+Sets are written to ``output_dir`` (default ``<run_dir>/synthetic``) as ``<source>.jsonl`` with a
+``manifest.json`` naming the description, demonstrations and sampling settings behind each; a later run
+can reuse them with ``reuse_dir``.
+
+The general set is rehearsed from the first step; a task's set from the task after it (the same
+schedule as replaying that task's real data). With ``relabel: true`` the latest model re-answers every
+active prompt/completion set after each task (SSR's refinement step).
+
+Mixing into batches is replay's (ratio, replace/append, cut to the batch width); the sets, the buffer's
+generator and the ratio counters are in ``state_dict``, so a resumed run neither regenerates nor
+rehearses different rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from retain.config import ConfigError, StrictModel
+from retain.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.registry import register_strategy
+from retain.train.checkpoint import atomic_write_text
+from retain.synthetic import (
+    SamplingSettings,
+    example_as_demonstration,
+    load_jsonl,
+    records_to_examples,
+    relabel,
+    save_jsonl,
+    synthesize,
+)
+
+GENERAL_SOURCE = "@general"
+
+
+class PromptCompletion(StrictModel):
+    prompt: str
+    completion: str
+
+
+class TaskSeed(StrictModel):
+    """What the model is shown to write examples of one task."""
+
+    description: str = Field("", description="What the task is, in words; placed before the demonstrations.")
+    demonstrations: list[str] | list[PromptCompletion] = Field(
+        default_factory=list, description="A few example texts, or {prompt, completion} pairs (SSR uses 2)."
+    )
+
+
+class SyntheticReplayConfig(StrategyConfig):
+    tasks: dict[str, TaskSeed] = Field(default_factory=dict, description="Task name -> description + demonstrations.")
+    prompts: list[str] = Field(default_factory=list, description="General prompts whose continuations form a general set.")
+    demonstrations_from_data: int = Field(
+        0, ge=0, description="For tasks not under `tasks`: use this many of their training examples as demonstrations."
+    )
+    per_source: int = Field(200, gt=0, description="Examples kept per set (SSR: 200 per task).")
+    candidates: int | None = Field(None, gt=0, description="Candidates generated per set; default 2 x per_source.")
+    max_new_tokens: int = Field(64, gt=0)
+    completion_max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(0.6, gt=0, le=1)
+    repetition_penalty: float = Field(1.2, gt=0)
+    separator: str = Field("\n\n", min_length=1, description="Between demonstrations; a generation ends at it.")
+    dedup_threshold: float = Field(0.8, gt=0, le=1, description="Drop a candidate this similar (shingle Jaccard) to a kept one; 1 disables.")
+    select: Literal["kmeans", "first"] = Field("kmeans", description="kmeans: diverse subset on mean hidden states.")
+    relabel: bool = Field(False, description="After each task, the latest model re-answers synthetic prompts.")
+    ratio: float = Field(0.05, gt=0.0, lt=1.0, description="Share of all trained rows that are synthetic.")
+    mode: Literal["replace", "append"] = "replace"
+    max_length: int | None = Field(None, gt=1, description="Cut rehearsed rows to this; default: the batch's width.")
+    example_max_length: int = Field(256, gt=1, description="Tokens per synthetic example when tokenized.")
+    output_dir: str | None = Field(None, description="Where the JSONL sets go; default <run_dir>/synthetic.")
+    reuse_dir: str | None = Field(None, description="Load <source>.jsonl sets found here instead of generating them.")
+    batch_size: int = Field(16, gt=0, description="Generation batch size.")
+    seed: int | None = Field(None, description="Sampling seed; default train.seed.")
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> "SyntheticReplayConfig":
+        if not self.tasks and not self.prompts and not self.demonstrations_from_data:
+            raise ValueError(
+                "nothing to synthesize from: set `prompts` (general), `tasks: {<task>: {description, "
+                "demonstrations}}`, or `demonstrations_from_data: 2`"
+            )
+        return self
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens,
+            completion_max_new_tokens=self.completion_max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            separator=self.separator,
+            batch_size=self.batch_size,
+        )
+
+
+@register_strategy("synthetic-replay")
+class SyntheticReplay(Strategy):
+    Config = SyntheticReplayConfig
+
+    def setup(self, model, ctx: StrategyContext):
+        names = [t.name for t in ctx.tasks]
+        unknown = sorted(set(self.config.tasks) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"synthetic-replay.tasks names {unknown}, which are not tasks of this run ({', '.join(names)})"
+            )
+        self.seed = self.config.seed if self.config.seed is not None else ctx.config.train.seed
+        self.sources = ([GENERAL_SOURCE] if self.config.prompts else []) + [
+            n for n in names if n in self.config.tasks or self.config.demonstrations_from_data
+        ]
+        self.buffer = ReplayBuffer(self.config.per_source * max(1, len(self.sources)), seed=self.seed + 130363)
+        self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
+        self.sets: dict[str, list[dict[str, str]]] = {}
+        self.manifest: dict[str, dict[str, Any]] = {}
+        self.generated = False
+        return model
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def out_dir(self, ctx: StrategyContext) -> Path:
+        return Path(self.config.output_dir) if self.config.output_dir else Path(ctx.run_dir) / "synthetic"
+
+    def _seed_material(self, source: str, ctx: StrategyContext) -> dict[str, Any]:
+        """Description, demonstrations and prompts for one source."""
+        if source == GENERAL_SOURCE:
+            return {"description": "", "demonstrations": [], "prompts": list(self.config.prompts)}
+        if source in self.config.tasks:
+            seed = self.config.tasks[source]
+            demos = [d.model_dump() if isinstance(d, PromptCompletion) else d for d in seed.demonstrations]
+            if not demos and not seed.description:
+                raise ConfigError(f"synthetic-replay.tasks.{source}: give a description or demonstrations")
+            if not demos:
+                raise ConfigError(
+                    f"synthetic-replay.tasks.{source}: add demonstrations (the model imitates them; a description "
+                    "alone rarely gives examples of the task)"
+                )
+            return {"description": seed.description, "demonstrations": demos, "prompts": []}
+        task = next(t for t in ctx.tasks if t.name == source)
+        order = torch.randperm(len(task.train_examples), generator=torch.Generator().manual_seed(self.seed + task.index))
+        picked = [task.train_examples[i] for i in order[: self.config.demonstrations_from_data].tolist()]
+        demos = [example_as_demonstration(e, ctx.tokenizer) for e in picked]
+        return {"description": "", "demonstrations": demos, "prompts": []}
+
+    def _generate_all(self, ctx: StrategyContext) -> None:
+        """Every set, from the model as it is before any training (the base model)."""
+        model = ctx.unwrapped_model
+        disable = getattr(model, "disable_adapter", None)
+        settings = self.config.sampling()
+        reuse = Path(self.config.reuse_dir) if self.config.reuse_dir else None
+        with disable() if callable(disable) else contextlib.nullcontext():
+            for i, source in enumerate(self.sources):
+                material = self._seed_material(source, ctx)
+                if reuse is not None and (reuse / f"{source}.jsonl").is_file():
+                    records = load_jsonl(reuse / f"{source}.jsonl")[: self.config.per_source]
+                else:
+                    records = synthesize(
+                        model,
+                        ctx.tokenizer,
+                        self.config.per_source,
+                        settings,
+                        candidates=self.config.candidates,
+                        description=material["description"],
+                        demonstrations=material["demonstrations"],
+                        prompts=material["prompts"],
+                        dedup_threshold=self.config.dedup_threshold,
+                        select=self.config.select,
+                        seed=self.seed + 7 * i,
+                    )
+                if not records:
+                    raise RuntimeError(
+                        f"synthetic-replay: the model generated no usable example for '{source}'; raise "
+                        "max_new_tokens or candidates, or check the prompts"
+                    )
+                self.sets[source] = records
+                self.manifest[source] = {**material, "n": len(records)}
+        self.manifest["@settings"] = {k: v for k, v in self.config.model_dump().items() if k not in ("tasks", "prompts")}
+        self.generated = True
+        self._save(ctx)
+
+    def _save(self, ctx: StrategyContext) -> None:
+        if not ctx.accelerator.is_main_process:
+            return
+        directory = self.out_dir(ctx)
+        for source, records in self.sets.items():
+            save_jsonl(records, directory / f"{source}.jsonl")
+        atomic_write_text(directory / "manifest.json", json.dumps(self.manifest, indent=2, ensure_ascii=False))
+
+    def _activate(self, source: str, ctx: StrategyContext) -> None:
+        examples = records_to_examples(self.sets[source], ctx.tokenizer, self.config.example_max_length)
+        if source in self.buffer.sources:
+            self.buffer.replace_source(source, examples)
+        else:
+            self.buffer.extend(source, examples)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        if not self.generated:
+            self._generate_all(ctx)
+            if GENERAL_SOURCE in self.sets:
+                self._activate(GENERAL_SOURCE, ctx)
+
+    def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
+        mixed, _ = mix_from_buffer(batch, self.buffer, self.schedule, ctx.tokenizer.pad_token_id, self.config.max_length)
+        if len(self.buffer):
+            ctx.log("synthetic-replay/realised_ratio", self.schedule.realised)
+        return mixed
+
+    def after_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
+        if task.name in self.sets:
+            self._activate(task.name, ctx)
+        if self.config.relabel:
+            active = [s for s in self.buffer.sources if any("prompt" in r for r in self.sets[s])]
+            for source in active:
+                self.sets[source] = relabel(ctx.unwrapped_model, ctx.tokenizer, self.sets[source], self.config.sampling())
+                self._activate(source, ctx)
+            if active:
+                self._save(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generated": self.generated,
+            "sets": self.sets,
+            "manifest": self.manifest,
+            "buffer": self.buffer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
+        if not state:
+            return
+        self.generated = bool(state["generated"])
+        self.sets = {k: [dict(r) for r in v] for k, v in state["sets"].items()}
+        self.manifest = dict(state["manifest"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.schedule.load_state_dict(state["schedule"])

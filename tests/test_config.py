@@ -1,0 +1,70 @@
+"""Config loading: unknown keys named with the closest valid one, --set overrides, YAML errors with a line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from retain.config import ConfigError, apply_overrides, load_config, load_config_dict, parse_override
+
+BASE = {
+    "model": {"name_or_path": "some/model"},
+    "tasks": [{"name": "contracts", "data": {"path": "train.jsonl"}}],
+}
+
+
+def test_defaults_and_strategy_shorthands():
+    config = load_config_dict({**BASE, "strategies": "lora"})
+    assert [s.name for s in config.strategies] == ["lora"]
+    assert config.train.steps_per_task == 100
+    assert [s.name for s in load_config_dict(BASE).strategies] == ["full"]
+
+
+def test_unknown_key_named_with_closest_valid_name():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rat'.*") as err:
+        load_config_dict({**BASE, "train": {"learning_rat": 1e-3}})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'; did you mean 'lr'"):
+        load_config_dict({**BASE, "train": {"lrr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"unknown key 'tasks\[0\].data.max_len'; did you mean 'max_length'"):
+        load_config_dict({**BASE, "tasks": [{"name": "a", "data": {"path": "x", "max_len": 4}}]})
+    assert "valid keys here" in str(err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"'train.batch_size'"):
+        load_config_dict({**BASE, "train": {"batch_size": "many"}})
+    with pytest.raises(ConfigError, match="missing required key 'model'"):
+        load_config_dict({"tasks": BASE["tasks"]})
+
+
+def test_overrides_parse_values_and_paths():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("strategies[0].r=16") == (["strategies", 0, "r"], 16)
+    assert parse_override("output.merge=true") == (["output", "merge"], True)
+    data = apply_overrides({"strategies": [{"name": "lora"}]}, ["strategies.0.r=4", "train.seed=3"])
+    assert data == {"strategies": [{"name": "lora", "r": 4}], "train": {"seed": 3}}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.lr")
+
+
+def test_override_applies_to_shorthand_strategy_and_is_validated():
+    config = load_config_dict({**BASE, "strategies": ["lora"]}, ["strategies[0].r=4"])
+    assert config.strategies[0].params == {"r": 4}
+    with pytest.raises(ConfigError, match=r"strategies\[0\].rank"):
+        load_config_dict({**BASE, "strategies": ["lora"]}, ["strategies[0].rank=4"])
+
+
+def test_yaml_error_names_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name_or_path: x\ntasks: [\n  - bad\n")
+    with pytest.raises(ConfigError, match=r"run.yaml line \d+"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_duplicate_task_names_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "tasks": BASE["tasks"] * 2}))
+    with pytest.raises(ConfigError, match="task names must be unique"):
+        load_config(path)

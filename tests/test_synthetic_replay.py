@@ -1,0 +1,203 @@
+"""Synthetic replay: generation is seeded and isolated, near-duplicates go, k-means picks diverse examples,
+the saved sets hold no real training text beyond the demonstrations, and a LoRA run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retain.config import DataConfig, load_config_dict
+from retain.data import IGNORE_INDEX, load_records
+from retain.synthetic import (
+    SamplingSettings,
+    diverse_subset,
+    drop_near_duplicates,
+    example_as_demonstration,
+    generate_candidates,
+    icl_prompt,
+    jaccard,
+    kmeans,
+    load_jsonl,
+    records_to_examples,
+    relabel,
+    shingles,
+)
+from retain.train import finetune
+from retain.train.checkpoint import latest_checkpoint, load_checkpoint
+
+from conftest import SENTENCES
+from resume_utils import assert_kill_resume_matches
+
+FAST = SamplingSettings(max_new_tokens=10, completion_max_new_tokens=4, batch_size=8)
+
+
+def test_shingle_jaccard_by_hand():
+    assert shingles("abcdef", 5) == {"abcde", "bcdef"}
+    assert shingles("Ab  c", 5) == {"ab c"}  # normalised, shorter than n
+    assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
+
+
+def test_near_duplicates_are_dropped_and_the_first_kept():
+    texts = [
+        "the cat sat on the mat today",
+        "The cat sat on the mat today!",  # same text up to case and punctuation
+        "a completely different sentence here",
+        "the cat sat on the mat today",
+        "the dog ran in the park at noon",
+    ]
+    assert drop_near_duplicates(texts, threshold=0.8) == [0, 2, 4]
+    assert drop_near_duplicates(texts, threshold=1.0) == [0, 1, 2, 4]
+
+
+def test_kmeans_picks_one_example_per_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(8, 2, generator=generator) for c in centres])
+    _, assign = kmeans(points, 3, seed=1)
+    assert sorted(torch.bincount(assign).tolist()) == [8, 8, 8]
+    chosen = diverse_subset(points, 3, seed=1)
+    assert sorted(i // 8 for i in chosen) == [0, 1, 2]
+    assert diverse_subset(points, 30) == list(range(24))
+
+
+def test_icl_prompt_layout():
+    assert icl_prompt("Say hi.", ["hi there", " hello "], "\n\n") == "Say hi.\n\nhi there\n\nhello\n\n"
+    assert icl_prompt("", ["x"], "|") == "x|"
+    with pytest.raises(ValueError):
+        icl_prompt("", [], "|")
+
+
+def test_generation_is_seeded_and_leaves_the_run_rng_alone(llama, tokenizer):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = generate_candidates(llama, tokenizer, 6, FAST, prompts=["the cat", "a dog"], seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = generate_candidates(llama, tokenizer, 6, FAST, prompts=["the cat", "a dog"], seed=5)
+    other = generate_candidates(llama, tokenizer, 6, FAST, prompts=["the cat", "a dog"], seed=6)
+    assert first == again and first != other
+    assert all(r["text"].startswith(("the cat", "a dog")) for r in first)
+    pairs = generate_candidates(
+        llama, tokenizer, 4, FAST, description="Add.", demonstrations=[{"prompt": "1+1=", "completion": " 2"}] * 2, seed=0
+    )
+    assert pairs and all(set(r) == {"prompt", "completion"} for r in pairs)
+    with pytest.raises(ValueError, match="not a mix"):
+        generate_candidates(llama, tokenizer, 2, FAST, demonstrations=["text", {"prompt": "a", "completion": "b"}])
+
+
+def test_records_become_examples_with_prompt_masked(tokenizer):
+    examples = records_to_examples([{"text": "abc"}, {"prompt": "q:", "completion": " a"}], tokenizer, 32)
+    text, pair = examples
+    assert tokenizer.decode(text.input_ids, skip_special_tokens=True) == "abc" and IGNORE_INDEX not in text.labels
+    masked = sum(label == IGNORE_INDEX for label in pair.labels)
+    assert masked == len(tokenizer("q:")["input_ids"]) and pair.labels[-1] == tokenizer.eos_token_id
+    assert example_as_demonstration(pair, tokenizer) == {"prompt": "q:", "completion": " a"}
+    assert example_as_demonstration(text, tokenizer) == "abc"
+
+
+def _config(tiny_model_dir, text_file, pc_file, out, synthetic: dict):
+    return load_config_dict(
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "tasks": [
+                {"name": "stories", "data": {"path": str(text_file), "max_length": 64, "pack": False}},
+                {"name": "sums", "data": {"path": str(pc_file), "max_length": 32}},
+            ],
+            "strategies": [{"name": "lora", "r": 4}, {"name": "synthetic-replay", **synthetic}],
+            "train": {"steps_per_task": 3, "batch_size": 4, "lr": 1e-2, "progress": False},
+            "output": {"dir": str(out)},
+        }
+    )
+
+
+SYNTHETIC = {
+    "tasks": {"stories": {"description": "Short sentences.", "demonstrations": ["the cat sat on the mat. #0"]}},
+    "demonstrations_from_data": 1,
+    "prompts": ["the", "a"],
+    "per_source": 4,
+    "max_new_tokens": 12,
+    "completion_max_new_tokens": 4,
+    "ratio": 0.25,
+    "relabel": True,
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tiny_model_dir, tmp_path_factory):
+    """One two-task LoRA run with synthetic replay, shared by the tests below (generation is the slow part)."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    text_file, pc_file = folder / "stories.jsonl", folder / "sums.jsonl"
+    text_file.write_text("".join(json.dumps({"text": SENTENCES[i % len(SENTENCES)] + f" #{i}"}) + "\n" for i in range(40)))
+    pc_file.write_text(
+        "".join(json.dumps({"prompt": f"q{i}: add {i} {i + 1} =", "completion": f" {2 * i + 1}"}) + "\n" for i in range(40))
+    )
+    outcome = finetune(_config(tiny_model_dir, text_file, pc_file, folder / "run", SYNTHETIC))
+    return outcome, folder / "run", text_file, pc_file
+
+
+def test_saved_sets_hold_no_training_text_beyond_the_demonstrations(synthetic_run, tokenizer):
+    _, run_dir, text_file, pc_file = synthetic_run
+    folder = run_dir / "synthetic"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    demos = {"stories": ["the cat sat on the mat. #0"], "sums": manifest["sums"]["demonstrations"]}
+    assert len(demos["sums"]) == 1 and set(demos["sums"][0]) == {"prompt", "completion"}
+
+    training = {
+        "stories": [r["text"] for r in load_records(DataConfig(path=str(text_file)))],
+        "sums": [r["prompt"] + r["completion"] for r in load_records(DataConfig(path=str(pc_file)))],
+    }
+    allowed = {"the cat sat on the mat. #0", demos["sums"][0]["prompt"] + demos["sums"][0]["completion"]}
+    rows = []
+    for source in ("@general", "stories", "sums"):
+        records = load_jsonl(folder / f"{source}.jsonl")
+        assert 0 < len(records) <= 4
+        rows += [r.get("text", "") + r.get("prompt", "") + r.get("completion", "") for r in records]
+    leaked = [t for texts in training.values() for t in texts if t not in allowed and any(t in row for row in rows)]
+    assert not leaked, f"training text found in the synthetic sets: {leaked[:3]}"
+
+    # what the run keeps in its checkpointed state is the synthetic data, not training examples
+    state = load_checkpoint(latest_checkpoint(run_dir)).strategies["synthetic-replay"]
+    kept = set()
+    for entry in state["buffer"]["reservoirs"]:
+        lengths = entry["lengths"].tolist()
+        kept |= {tuple(ids.tolist()) for ids in entry["input_ids"].split(lengths)}
+    assert [e["name"] for e in state["buffer"]["reservoirs"]] == ["@general", "stories", "sums"]
+    assert len(kept) >= 3
+    real = {tuple(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]) for texts in training.values() for t in texts}
+    assert not kept & real
+
+
+def test_relabelled_completions_are_the_latest_models_answers(synthetic_run, tokenizer):
+    outcome, run_dir, _, _ = synthetic_run
+    records = load_jsonl(run_dir / "synthetic" / "sums.jsonl")
+    settings = SamplingSettings(max_new_tokens=12, completion_max_new_tokens=4, batch_size=16)
+    assert relabel(outcome.model, tokenizer, records, settings) == records
+
+
+def test_saved_sets_can_be_reused_without_generating(synthetic_run, tiny_model_dir, tmp_path, monkeypatch):
+    _, first, text_file, pc_file = synthetic_run
+    import retain.strategies.synthetic_replay as module
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("sets should have been loaded from reuse_dir")
+
+    monkeypatch.setattr(module, "synthesize", no_generation)
+    config = {**SYNTHETIC, "relabel": False, "reuse_dir": str(first / "synthetic")}
+    finetune(_config(tiny_model_dir, text_file, pc_file, tmp_path / "second", config))
+    for source in ("@general", "stories", "sums"):
+        assert load_jsonl(tmp_path / "second" / "synthetic" / f"{source}.jsonl") == load_jsonl(first / "synthetic" / f"{source}.jsonl")
+
+
+def test_unknown_task_name_is_refused(tiny_model_dir, text_file, pc_file, tmp_path):
+    from retain.config import ConfigError
+
+    config = _config(tiny_model_dir, text_file, pc_file, tmp_path / "run", {"tasks": {"stroies": {"demonstrations": ["x"]}}})
+    with pytest.raises(ConfigError, match="stroies"):
+        finetune(config)
+
+
+@pytest.mark.slow
+def test_lora_plus_synthetic_replay_resumes_exactly_after_a_kill(tiny_model_dir, text_file, tmp_path):
+    synthetic = {"name": "synthetic-replay", "prompts": ["the cat", "a dog"], "per_source": 6, "max_new_tokens": 12, "ratio": 0.25}
+    assert_kill_resume_matches(tmp_path, tiny_model_dir, text_file, [{"name": "lora", "r": 4}, synthetic])
