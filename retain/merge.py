@@ -252,7 +252,11 @@ def alpha_sweep(
     max_forgetting: float | None = None,
 ) -> SweepResult:
     """Evaluate every alpha (0 is added: it is the reference) and pick the largest one whose forgetting
-    ``1 - general(alpha) / general(0)`` is at most ``max_forgetting``."""
+    ``1 - general(alpha) / general(0)`` is at most ``max_forgetting``.
+
+    Forgetting is None where the suite has no bounded general score (nothing to bound), and 0 where the
+    base model's general score is 0.
+    """
     grid = sorted({0.0, *(float(a) for a in alphas)})
     if any(a < 0 for a in grid):
         raise ValueError(f"alphas must be >= 0, got {grid}")
@@ -262,8 +266,10 @@ def alpha_sweep(
     for point in points:
         point.general = general_score(StepRecord(index=0, scores=point.scores))
         point.new_task = _new_task_score(point.scores, tasks)
-        if reference not in (None, 0.0) and point.general is not None and not math.isnan(point.general):
-            point.forgetting = 1.0 - point.general / reference
+        if reference is None or point.general is None or math.isnan(point.general):
+            continue
+        # a base scoring 0 on a bounded score has nothing to lose: no alpha forgets
+        point.forgetting = 1.0 - point.general / reference if reference > 0 else 0.0
     best = None
     if max_forgetting is not None:
         fitting = [p.alpha for p in points if p.forgetting is not None and p.forgetting <= max_forgetting]

@@ -150,18 +150,10 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def current_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of the model as it is now, adapters included."""
-    try:
-        from retain.eval.cache import model_fingerprint
-    except ImportError:  # pragma: no cover - the evaluation package ships with retain
-        model_fingerprint = None
-    if model_fingerprint is not None:
-        return model_fingerprint(model)
-    digest = hashlib.sha256(b"retain-current-function-v1")
-    for name, tensor in model.state_dict().items():
-        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(memoryview(tensor.detach().contiguous().reshape(-1).to("cpu").view(torch.uint8).numpy()))
-    return digest.hexdigest()
+    """Fingerprint of the model as it is now, adapters included (the evaluation cache's)."""
+    from retain.eval.cache import model_fingerprint
+
+    return model_fingerprint(model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_lwf_general_anchors_reduce_drift_from_the_base(tmp_path, tokenizer, pc_
         model = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
         reference = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
         ctx = make_ctx(tmp_path / f"a{alpha}", model, tokenizer, [pc_file], general=text_file)
-        train(model, build_strategy("lwf", {"anchor": "general", "alpha": alpha, "temperature": 1.0}), ctx, ctx.tasks[0], 12)
+        train(model, build_strategy("lwf", {"anchor": "general", "alpha": alpha, "temperature": 1.0}), ctx, ctx.tasks[0], 8)
         probe = ctx.collate(ctx.general_examples(None, "test")[:8])
         with torch.no_grad():
             ref, new = reference(**probe).logits, model(**probe).logits
@@ -233,7 +233,7 @@ def test_fip_term_is_zero_at_the_anchor_and_keeps_the_pool_closer(tmp_path, toke
         model = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
         ctx = make_ctx(tmp_path / f"w{weight}", model, tokenizer, [pc_file], general=text_file)
         fip = build_strategy("fip", {"weight": weight, "pool_size": 16, "pool_batch": 4})
-        history = train(model, fip, ctx, ctx.tasks[0], 12)
+        history = train(model, fip, ctx, ctx.tasks[0], 8)
         probe = {k: v for k, v in ctx.collate(fip._pool).items()}
         with torch.no_grad():
             from retain.losses.distill import bhattacharyya_distance

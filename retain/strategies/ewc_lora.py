@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from retain.config import ConfigError
 from retain.fisher import lora_delta_fisher, lora_layers, select_examples
-from retain.losses.quadratic import lora_delta, online_update
+from retain.losses.quadratic import lora_delta, online_update, weighted_square
 from retain.strategies.base import Strategy, StrategyContext, TaskInfo
 from retain.strategies.ewc import _DTYPES, CalibrationConfig, Ewc, EwcConfig, resolve_source
 from retain.strategies.registry import register_strategy
@@ -128,8 +128,7 @@ class EwcLora(Strategy):
         layers = self._live(ctx)
         total = None
         for name, module in layers.items():
-            delta = layer_delta(module)
-            term = (self.omega[name].to(delta.dtype) * delta.pow(2)).sum()
+            term = weighted_square(layer_delta(module), None, self.omega[name])
             total = term if total is None else total + term
         return {"penalty": 0.5 * self.config.lambda_ * total}
 
