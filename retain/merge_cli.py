@@ -27,17 +27,24 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_suite_of(tuned: str) -> Path | None:
-    """The eval suite of the run a model directory came from (``runs/x/final`` -> ``runs/x/config.yaml``)."""
-    import yaml
-
+def run_dir_of(tuned: str) -> Path | None:
+    """The run folder a model directory came from (``runs/x/final`` or ``runs/x/tasks/00-t`` -> ``runs/x``)."""
     here = Path(tuned).resolve()
     for folder in (here.parent, here.parent.parent):
-        config = folder / "config.yaml"
-        if config.is_file():
-            suite = ((yaml.safe_load(config.read_text()) or {}).get("eval") or {}).get("suite")
-            return Path(suite) if suite else None
+        if (folder / "config.yaml").is_file():
+            return folder
     return None
+
+
+def run_suite_of(tuned: str) -> Path | None:
+    """The eval suite named by the tuned run's config (``eval.suite``), if any."""
+    import yaml
+
+    run_dir = run_dir_of(tuned)
+    if run_dir is None:
+        return None
+    suite = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("eval") or {}).get("suite")
+    return Path(suite) if suite else None
 
 
 def _load(base: str, tuned: list[str], method: str, weights: list[float] | None, density: float, seed: int):
@@ -94,6 +101,22 @@ def _write(model: Any, tokenizer: Any, save: Callable[[Any, Path], None], out: P
         tokenizer.save_pretrained(tmp)
 
 
+def _with_run_results(results: Any, tuned: str) -> Any:
+    """Put the tuned run's own results (``<run>/results.json``) in front of the sweep, so one report shows
+    the training run and its learning-vs-forgetting curve over alpha."""
+    from retain.report.schema import Results
+
+    run_dir = run_dir_of(tuned)
+    if run_dir is None or not (run_dir / "results.json").is_file():
+        return results
+    try:
+        earlier = Results.load(run_dir / "results.json")
+    except ValueError as err:
+        err_console.print(f"[yellow]warning:[/] {err}; the report shows the sweep only")
+        return results
+    return results.model_copy(update={"runs": [*earlier.runs, *results.runs]})
+
+
 def _print_sweep(result: Any) -> None:
     from retain.report.summary import fmt_num
 
@@ -112,7 +135,9 @@ def merge_command(
     alpha: str = typer.Option(
         "0.5", "--alpha", help='Share of the fine-tuning update to keep: a number in [0, 1], "sweep" (0, 0.1, ..., 1) or a list "0,0.3,0.6,1".'
     ),
-    out: Path = typer.Option(..., "--out", help="Output: the model directory, or for a sweep a folder with results.json, report.html and model/."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output: the model directory; for a sweep, a folder with results.json and report.html (the tuned run's results plus one run per alpha) and model/ (the chosen alpha)."
+    ),
     max_forgetting: Optional[float] = typer.Option(
         None, "--max-forgetting", help="Sweep: keep the largest alpha whose general drop (1 - retention) is at most this, e.g. 0.05."
     ),
@@ -164,6 +189,7 @@ def merge_command(
 
     out.mkdir(parents=True, exist_ok=True)
     results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
+    results = _with_run_results(results, tuned[0])
     results.save(out / "results.json")
     write_report(results, out / "report.html")
     _print_sweep(result)

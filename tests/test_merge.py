@@ -232,11 +232,17 @@ def test_merge_command_scales_an_adapter_and_sweeps_with_a_suite(pair, cli, tmp_
         "  - {name: general_text, type: next_token_accuracy, data: {path: general.jsonl, max_length: 16}}\n"
         "  - {name: new_skill, type: next_token_accuracy, role: task, train_task: skill, data: {path: general.jsonl, max_length: 16}}\n"
     )
-    result = cli(folder / "base", tmp_path / "adapter", "--alpha", "0,0.5,1", "--suite", suite, "--max-forgetting", "1.0", "--out", tmp_path / "sweep")
+    # the adapter as a run's final model: the run's suite and results are found from its folder
+    run_dir = tmp_path / "run"
+    adapter.save_pretrained(run_dir / "final")
+    (run_dir / "config.yaml").write_text(f"eval: {{suite: {suite}}}\n")
+    earlier = sweep_results(alpha_sweep([1.0], fake_eval), "base", "x")
+    earlier.model_copy(update={"runs": [earlier.runs[-1].model_copy(update={"name": "lora"})]}).save(run_dir / "results.json")
+    result = cli(folder / "base", run_dir / "final", "--alpha", "0,0.5,1", "--max-forgetting", "1.0", "--out", tmp_path / "sweep")
     assert result.exit_code == 0, result.output
     results = Results.load(tmp_path / "sweep" / "results.json")
-    assert [r.name for r in results.runs] == ["wise-ft@alpha=0", "wise-ft@alpha=0.5", "wise-ft@alpha=1"]
-    first = results.runs[0].summary
+    assert [r.name for r in results.runs] == ["lora", "wise-ft@alpha=0", "wise-ft@alpha=0.5", "wise-ft@alpha=1"]
+    first = results.runs[1].summary
     assert first.general_before == first.general_after  # alpha 0 is the base model
     assert (tmp_path / "sweep" / "report.html").is_file() and (tmp_path / "sweep" / "model" / "adapter_config.json").is_file()
     assert "largest alpha within forgetting 1: 1" in result.output
