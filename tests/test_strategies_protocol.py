@@ -81,6 +81,11 @@ def test_every_hook_called_in_order(recorder, tiny_model_dir, text_file, tmp_pat
     assert calls[15] == "before_task:t2"
     assert calls[-1] == "after_task:t2"
     assert calls.count("after_step") == 6
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert rows and all("loss/test-recorder/zero" in row and "loss" in row for row in rows)
+    assert rows[0]["loss/test-recorder/zero"] == pytest.approx(0.25)
 
 
 def test_named_loss_terms_are_prefixed_and_summed(recorder, tiny_model_dir, text_file, tmp_path):

@@ -7,6 +7,7 @@ and checkpoints. Orchestration across tasks (resume, evaluation, outputs) lives 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -162,12 +163,20 @@ def train_task(
                 **ctx.metrics,
             }
             accelerator.log({f"{task.name}/{k}": v for k, v in metrics.items()}, step=ctx.global_step)
+            if accelerator.is_main_process:
+                _append_log(ctx.run_dir / "train_log.jsonl", {"task": task.name, "step": step + 1, "global_step": ctx.global_step, **metrics})
             if progress is not None:
                 progress.update(step + 1, metrics)
             stats.tokens += window_tokens
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         on_step_end(step + 1)
     return stats
+
+
+def _append_log(path: Any, row: dict[str, Any]) -> None:
+    """One JSON line per logging step: every named loss term, lr, tokens/s, strategy metrics."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 class _null:
