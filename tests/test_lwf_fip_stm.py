@@ -11,7 +11,7 @@ import torch
 from conftest import run_config
 from resume_utils import assert_kill_resume_matches
 from retain.config import ConfigError
-from retain.data import build_task_data, collate
+from retain.data import Example, build_task_data, collate
 from retain.losses.distill import IGNORE_INDEX, kl_with_temperature, next_token_cross_entropy
 from retain.models.tiny import tiny_model
 from retain.strategies import StrategyContext, TaskInfo, build_strategy
@@ -366,7 +366,7 @@ def test_stm_masks_exactly_the_surprising_completion_tokens(tmp_path, tokenizer,
         total += int((eligible & (ce_one.exp() > threshold)).sum())
     assert ctx.metrics["stm/masked_tokens"] == total
 
-    stranger = ctx.collate([type(ctx.tasks[0].train_examples[0])(input_ids=[1, 5, 6, 7], labels=[1, 5, 6, 7])])
+    stranger = ctx.collate([Example(input_ids=[1, 5, 6, 7], labels=[1, 5, 6, 7])])
     assert torch.equal(stm.transform_batch(stranger, ctx)["labels"], stranger["labels"])  # e.g. a replayed row
 
 

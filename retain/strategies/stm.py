@@ -127,6 +127,7 @@ class SelectiveTokenMasking(Strategy):
         else:
             self._precompute(task, ctx, current_fingerprint(ctx.unwrapped_model), adapters_off=False)
         self._report(task, ctx)
+        self._lookup_for(task, ctx)  # index the task's examples now, not inside the first training step
 
     def _precompute(self, task: TaskInfo, ctx: StrategyContext, fingerprint: str, adapters_off: bool) -> None:
         examples = task.train_examples
