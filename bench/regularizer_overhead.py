@@ -1,10 +1,10 @@
 """Cost of the weight-importance regularizers (l2, ewc, ewc-lora, importance), measured side by side.
 
-Three measurements, each in alternating rounds so machine noise hits every variant alike:
+Three measurements, each alternating A and B so machine noise hits both alike:
 
-1. Step time: seconds per optimizer step of ``full+X`` over ``full`` and ``lora+X`` over ``lora``
-   (the loop's own per-step timing; the one-off Fisher / importance pass before training is not a
-   step and is reported in 2). Target <= 1.10.
+1. Step time: seconds per optimizer step with the regularizer's hooks over the same step without
+   them, on one model, alternating step by step (the one-off Fisher / importance pass before
+   training is not a step and is reported in 2). Target <= 1.10.
 2. Statistics time: ``importance``'s general pass (SGD steps on batches) against ``ewc``'s
    sampled per-example Fisher on the same examples. Target >= 10x faster.
 3. State memory: bytes of each strategy's checkpointed state, and as a fraction of the bytes of
@@ -12,7 +12,7 @@ Three measurements, each in alternating rounds so machine noise hits every varia
 
 Model: stories260K (Hugging Face import) with TinyStories text when ``--data-dir`` (default
 ``../shared/data``) holds it, else a random tiny Llama on synthetic text. Threads are set to 1 (a
-shared 2-core machine; more intra-op threads made tiny models slower, not faster).
+shared 2-core machine; more intra-op threads made tiny models slower, not faster; ``--threads``).
 Run: ``python bench/regularizer_overhead.py [--steps 30 --rounds 3 --examples 64]``.
 """
 
@@ -37,24 +37,19 @@ sys.path.insert(0, str(ROOT))
 from retain.config import DataConfig, load_config_dict  # noqa: E402
 from retain.data import build_task_data, collate  # noqa: E402
 from retain.fisher import diagonal_fisher, path_integral_importance, select_examples  # noqa: E402
-from retain.train import finetune  # noqa: E402
-from retain.train.checkpoint import latest_checkpoint, load_nested  # noqa: E402
 
 LORA = {"name": "lora", "r": 8}
+FEW = {"max_examples": 32}  # the one-off statistics pass is timed in part 2, not here
 VARIANTS: dict[str, list[Any]] = {
-    "full": ["full"],
     "full+l2": ["full", "l2"],
-    "full+ewc": ["full", {"name": "ewc", "source": "general"}],
-    "full+ewc(online,2 tasks)": ["full", {"name": "ewc", "mode": "online"}],
-    "full+importance": ["full", {"name": "importance", "source": "general"}],
-    "full+importance(training)": ["full", {"name": "importance", "source": "general+training"}],
-    "lora": [LORA],
+    "full+ewc": ["full", {"name": "ewc", "source": "general", **FEW}],
+    "full+importance": ["full", {"name": "importance", "source": "general", **FEW}],
+    "full+importance(training)": ["full", {"name": "importance", "source": "general+training", **FEW}],
     "lora+l2": [LORA, "l2"],
-    "lora+ewc": [LORA, {"name": "ewc", "source": "general"}],
-    "lora+ewc-lora": [LORA, {"name": "ewc-lora", "source": "general"}],
-    "lora+importance": [LORA, {"name": "importance", "source": "general"}],
+    "lora+ewc": [LORA, {"name": "ewc", "source": "general", **FEW}],
+    "lora+ewc-lora": [LORA, {"name": "ewc-lora", "source": "general", **FEW}],
+    "lora+importance": [LORA, {"name": "importance", "source": "general", **FEW}],
 }
-BASELINE = {name: ("lora" if name.startswith("lora") else "full") for name in VARIANTS}
 
 
 def prepare(data_dir: Path, work: Path) -> tuple[str, Path, Path]:
@@ -82,23 +77,67 @@ def prepare(data_dir: Path, work: Path) -> tuple[str, Path, Path]:
     return model_dir, task, general
 
 
-def run(model_dir: str, task: Path, general: Path, out: Path, strategies: list[Any], steps: int, two_tasks: bool) -> tuple[float, dict]:
-    tasks = [{"name": "a", "data": {"path": str(task), "max_length": 256}}]
-    if two_tasks:
-        tasks.append({"name": "b", "data": {"path": str(general), "max_length": 256}})
+def interleaved_steps(model_dir: str, task: Path, general: Path, work: Path, strategies: list[Any], steps: int) -> tuple[float, float, int, int]:
+    """Median step seconds without and with the regularizer's hooks, alternating step by step on one model.
+
+    The wrapper (full / lora) is set up once; even steps run the plain loop body, odd steps the same
+    body with every strategy hook the loop calls (transform_batch, extra_losses, after_backward,
+    after_step). Alternating single steps cancels the drift of a shared machine's load.
+    Returns (plain s/step, regularized s/step, state bytes, trainable bytes).
+    """
+    from accelerate import Accelerator
+
+    from retain.models.loading import load_model
+    from retain.strategies import Hybrid, StrategyContext, TaskInfo, build_strategies
+    from retain.train.loop import build_optimizer, sample_indices
+
     config = load_config_dict({
         "model": {"name_or_path": model_dir},
-        "tasks": tasks,
+        "tasks": [{"name": "a", "data": {"path": str(task), "max_length": 256}}],
         "strategies": strategies,
         "general_data": {"path": str(general), "max_length": 256},
-        "train": {"steps_per_task": steps, "batch_size": 8, "lr": 1e-3, "progress": False, "log_every": 1000},
-        "output": {"dir": str(out), "save_per_task": False},
+        "train": {"steps_per_task": steps, "batch_size": 8, "lr": 1e-3, "progress": False},
+        "output": {"dir": str(work / "unused")},
     })
-    outcome = finetune(config)
-    seconds = sum(s.seconds for s in outcome.task_stats) / sum(s.steps for s in outcome.task_stats)
-    state = load_nested(latest_checkpoint(out), "strategies")
-    trainable = sum(p.numel() * p.element_size() for p in outcome.model.parameters() if p.requires_grad)
-    return seconds, {"state": state, "trainable_bytes": trainable}
+    model, tokenizer = load_model(config.model)
+    data = build_task_data(config.tasks[0].data, tokenizer, seed=0)
+    task = TaskInfo(index=0, name="a", steps=2 * steps, data=data)
+    accelerator = Accelerator(cpu=True)
+    ctx = StrategyContext(
+        config=config, accelerator=accelerator, tokenizer=tokenizer, model=model, tasks=[task], run_dir=work,
+        cache_dir=work, collate=lambda items: collate(items, tokenizer.pad_token_id), task=task,
+    )
+    hybrid = Hybrid(build_strategies(config.strategies))
+    model = hybrid.setup(model, ctx)
+    ctx.model = model
+    hybrid.before_task(task, ctx)
+    optimizer = build_optimizer(model, config.train)
+    model.train()
+    plain: list[float] = []
+    regularized: list[float] = []
+    for step in range(2 * steps):
+        with_hooks = step % 2 == 1
+        batch = ctx.collate([data.train[i] for i in sample_indices(len(data.train), 0, step * 8, 8)])
+        start = time.perf_counter()
+        if with_hooks:
+            batch = hybrid.transform_batch(batch, ctx)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        loss = outputs.loss
+        if with_hooks:
+            terms = hybrid.extra_losses(outputs, batch, ctx)
+            loss = loss + sum(terms.values()) if terms else loss
+        loss.backward()
+        if with_hooks:
+            hybrid.after_backward(model, ctx)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if with_hooks:
+            hybrid.after_step(model, ctx)
+        (regularized if with_hooks else plain).append(time.perf_counter() - start)
+    state = hybrid.strategies[-1].state_dict()
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return statistics.median(plain), statistics.median(regularized), tensor_bytes(state), trainable
 
 
 def tensor_bytes(node: Any) -> int:
@@ -111,32 +150,25 @@ def tensor_bytes(node: Any) -> int:
     return 0
 
 
-def step_times(model_dir: str, task: Path, general: Path, work: Path, steps: int, rounds: int) -> None:
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    memory: dict[str, tuple[int, int]] = {}
-    for round_index in range(rounds):
-        for name, strategies in VARIANTS.items():
-            out = work / f"run-{round_index}-{len(times[name])}-{name.replace('+', '_')}"
-            seconds, info = run(model_dir, task, general, out, strategies, steps, two_tasks="2 tasks" in name)
-            times[name].append(seconds)
-            regularizer = [s if isinstance(s, str) else s["name"] for s in strategies][-1]
-            if regularizer not in ("full", "lora"):
-                memory[name] = (tensor_bytes(info["state"].get(regularizer, {})), info["trainable_bytes"])
-    print(f"\n1. step time (median of {rounds} alternating rounds, {steps} steps each, batch 8 x 256 tokens)")
-    print(f"{'variant':28s} {'s/step':>8s} {'ratio':>7s}  (vs its unregularized counterpart; target <= 1.10)")
-    for name in VARIANTS:
-        median = statistics.median(times[name])
-        ratio = median / statistics.median(times[BASELINE[name]])
-        print(f"{name:28s} {median:8.4f} {ratio:7.3f}")
-    print("\n3. state memory (checkpointed strategy state)")
+def step_times(model_dir: str, task: Path, general: Path, work: Path, steps: int) -> None:
+    print(f"\n1. step time ({steps} plain and {steps} regularized steps alternating on one model, batch 8 x 256 tokens;")
+    print("   medians; the one-off statistics pass before training is part 2, not a step). Target <= 1.10.")
+    print(f"{'variant':28s} {'plain s/step':>12s} {'with hooks':>10s} {'ratio':>7s}")
+    memory = {}
+    for name, strategies in VARIANTS.items():
+        plain, regularized, state, trainable = interleaved_steps(model_dir, task, general, work, strategies, steps)
+        print(f"{name:28s} {plain:12.4f} {regularized:10.4f} {regularized / plain:7.3f}")
+        memory[name] = (state, trainable)
+    print("\n3. state memory (the strategy's state_dict: what it keeps between steps and checkpoints)")
     print(f"{'variant':28s} {'bytes':>12s} {'trainable bytes':>16s} {'fraction':>9s}")
     for name, (state, trainable) in memory.items():
         print(f"{name:28s} {state:12d} {trainable:16d} {state / trainable:9.2f}")
-    print("   importance(training) also holds, during each step, a gradient copy and a weight copy (2x trainable).")
+    print("   importance(training) also holds, within each step, a gradient copy and a weight copy (2x trainable).")
+    print("   ewc mode=separate keeps one (anchor, Fisher) pair per source: 2x trainable each.")
 
 
 def statistics_time(model_dir: str, general: Path, examples_count: int, rounds: int) -> None:
-    from retain.models.loading import load_model, load_tokenizer
+    from retain.models.loading import load_model
     from retain.config import ModelConfig
 
     model, tokenizer = load_model(ModelConfig(name_or_path=model_dir))
@@ -151,8 +183,9 @@ def statistics_time(model_dir: str, general: Path, examples_count: int, rounds: 
         "ewc empirical_batch (batch 8)": lambda: diagonal_fisher(model, params, examples, batch, estimator="empirical_batch", batch_size=8),
     }
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, compute in methods.items():
+    for round_index in range(rounds):
+        for name in (list(methods) if round_index % 2 == 0 else list(reversed(methods))):
+            compute = methods[name]
             start = time.perf_counter()
             compute()
             seconds[name].append(time.perf_counter() - start)
@@ -170,15 +203,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a shared machine).")
+    parser.add_argument("--only", choices=["statistics", "steps"], default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir, task, general = prepare(args.data_dir, work)
-        statistics_time(model_dir, general, args.examples, args.rounds)
-        step_times(model_dir, task, general, work, args.steps, args.rounds)
+        if args.only in (None, "statistics"):
+            statistics_time(model_dir, general, args.examples, args.rounds)
+        if args.only in (None, "steps"):
+            step_times(model_dir, task, general, work, args.steps)
 
 
 if __name__ == "__main__":

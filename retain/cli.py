@@ -227,6 +227,15 @@ def bench(
         _fail(str(err))
 
 
+def _mount_subcommands() -> None:
+    from retain.importance_cli import importance_app
+
+    app.add_typer(importance_app, name="importance", help="Compute importance statistics (Fisher, SI) once and reuse them.")
+
+
+_mount_subcommands()
+
+
 def main() -> None:  # pragma: no cover - entry point
     try:
         app()

@@ -12,7 +12,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file

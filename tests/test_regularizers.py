@@ -26,7 +26,6 @@ from retain.fisher import (
     path_integral_importance,
     per_example_nll,
     sampled_labels,
-    select_examples,
 )
 from retain.losses.quadratic import (
     add_squared_,

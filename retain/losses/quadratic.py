@@ -90,17 +90,19 @@ def penalty_per_layer(
 
 
 def layer_coefficients(
-    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "penalty_share"
+    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "task_share"
 ) -> dict[str, Tensor]:
     """Per-layer multipliers (detached: they steer, they are not optimized) of each layer's penalty term.
 
     ``layer_terms`` are the already-scaled penalty terms ``lambda/2 * R_l``; ``task_loss`` is the
     current task loss L.
 
-    - ``penalty_share``: ``c_l = T_l / (T_l + L)``: each layer's term is weighted by its share of
-      the pair (its penalty, the task loss), so a layer that drifted far relative to what the task
-      still needs is held harder, and one that barely moved leaves the task loss in charge.
-    - ``task_share``: ``c_l = L / (T_l + L)``: caps each layer's weighted term below ``min(T_l, L)``.
+    - ``task_share`` (default): ``c_l = L / (T_l + L)``: each layer's weighted term ``c_l T_l`` stays
+      below both ``T_l`` and ``L``, so no layer's penalty can drown the task loss, while a layer that
+      barely moved is penalized in full.
+    - ``penalty_share``: ``c_l = T_l / (T_l + L)``: each layer's term weighted by its share of the
+      pair (its penalty, the task loss): a layer that drifted far is held harder, one that barely
+      moved hardly at all.
     - ``uniform``: ``c_l = 1`` (plain element-wise penalty, no layer balancing).
     """
     if balance == "uniform":
@@ -112,14 +114,6 @@ def layer_coefficients(
         denominator = (t + loss).clamp_min(torch.finfo(torch.float32).tiny)
         out[layer] = (t if balance == "penalty_share" else loss) / denominator
     return out
-
-
-def balanced_penalty(
-    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "penalty_share"
-) -> Tensor:
-    """``sum_l c_l * T_l`` with ``c_l`` from ``layer_coefficients``."""
-    coefficients = layer_coefficients(layer_terms, task_loss, balance)
-    return sum(coefficients[layer].to(term.dtype) * term for layer, term in layer_terms.items())  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,10 @@ class CalibrationConfig(StrategyConfig):
 
 class EwcConfig(CalibrationConfig):
     lambda_: float = Field(
-        100.0, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength."
+        1e4,
+        ge=0,
+        validation_alias=AliasChoices("lambda_", "lambda"),
+        description="Penalty strength (no author default for LLMs; 1e4 from the stories-contracts sweep).",
     )
     mode: Literal["separate", "online"] = Field("separate", description="One penalty per source, or online EWC.")
     gamma: float = Field(1.0, ge=0, le=1, description="Online decay of the previous Fisher.")

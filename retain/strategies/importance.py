@@ -16,8 +16,10 @@
 
 Layer coefficients ``c_l`` (``layer_balance``, see ``retain.losses.quadratic.layer_coefficients``)
 weigh each transformer block's penalty against the current task loss; recomputed every step,
-detached. Choices where the paper was not available to check (named in the README): the default
-``penalty_share`` form ``c_l = T_l / (T_l + L_task)``; Omega normalized to mean 1 (``normalize``) so
+detached. Choices where the paper's formula could not be checked here (named in the README): the
+default ``task_share`` form ``c_l = L_task / (T_l + L_task)`` (each layer's weighted term stays below
+both its own penalty and the task loss; on stories-contracts it learned more than ``penalty_share``
+at the same retention, and matched ``uniform``); Omega normalized to mean 1 (``normalize``) so
 lambda means the same across models and learning rates; negative omega clamped to 0; the general
 pass uses plain SGD at the run's learning rate.
 State: anchor + Omega (2 x trainable); during training with ``training``: + omega, and for one
@@ -43,13 +45,13 @@ from retain.strategies.registry import register_strategy
 
 class ImportanceConfig(StrategyConfig):
     lambda_: float = Field(
-        1.0, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength."
+        3.0, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength (Omega has mean 1)."
     )
     xi: float = Field(1e-3, gt=0, description="SI damping in Omega = omega / (Delta^2 + xi).")
     source: Literal["auto", "general", "training", "general+training"] = Field(
         "auto", description="general pass, training by-product, or both; auto = general if general text/file, else training."
     )
-    layer_balance: LayerBalance = Field("penalty_share", description="penalty_share | task_share | uniform.")
+    layer_balance: LayerBalance = Field("task_share", description="task_share | penalty_share | uniform.")
     normalize: bool = Field(True, description="Scale Omega to mean 1 over all weights.")
     data: DataConfig | None = Field(None, description="General text for the pass; default: the run's general_data.")
     file: str | None = Field(None, description="Importance file (method importance) replacing the general pass.")

@@ -72,11 +72,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def save_model_dir(model: nn.Module, tokenizer: Any, out_dir: Path, *, merge: bool = False) -> Path:
-    """A directory ``from_pretrained`` loads: the full model, or a peft adapter (+ ``merged/`` with merge)."""
+def save_model_dir(
+    model: nn.Module, tokenizer: Any, out_dir: Path, *, merge: bool = False, as_full_model: bool = False
+) -> Path:
+    """A directory ``from_pretrained`` loads: the full model, or a peft adapter (+ ``merged/`` with merge).
+
+    ``as_full_model`` saves adapters folded into the weights as the main directory: needed when a
+    strategy merged earlier tasks' adapters into the base weights, so the adapter alone is not the model.
+    """
     from peft import PeftModel
 
     with ckpt.atomic_dir(Path(out_dir)) as tmp:
+        if as_full_model and isinstance(model, PeftModel):
+            merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            return Path(out_dir)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if merge and isinstance(model, PeftModel):
@@ -249,7 +259,10 @@ def finetune(
         all_stats.append(stats)
         unwrapped = accelerator.unwrap_model(model)
         if config.output.save_per_task and accelerator.is_main_process:
-            save_model_dir(unwrapped, tokenizer, run_dir / "tasks" / f"{task.index:02d}-{task.name}")
+            save_model_dir(
+                unwrapped, tokenizer, run_dir / "tasks" / f"{task.index:02d}-{task.name}",
+                as_full_model=hybrid.modifies_frozen_weights,
+            )
         if observer is not None:
             observer.on_task_end(model, ctx, task, stats)
         # The task is complete: the next position is the start of the next task, before its setup.
@@ -258,7 +271,9 @@ def finetune(
     unwrapped = accelerator.unwrap_model(model)
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
-        save_model_dir(unwrapped, tokenizer, final_dir, merge=config.output.merge)
+        save_model_dir(
+            unwrapped, tokenizer, final_dir, merge=config.output.merge, as_full_model=hybrid.modifies_frozen_weights
+        )
     accelerator.end_training()
     return RunOutcome(run_dir, final_dir, unwrapped, tokenizer, all_stats, observer)
 
