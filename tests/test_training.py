@@ -171,3 +171,15 @@ def test_stories260k_learns_contract_clauses(strategy, data_dir, tmp_path):
             key = name if name in tuned else name.replace("weight", "base_layer.weight")
             assert torch.equal(tuned[key], value), f"LoRA changed base weight {name}"
     assert math.isfinite(after)
+
+
+def test_merging_strategy_saves_the_full_model(tiny_model_dir, text_file, tmp_path):
+    """ewc-lora folds each task's adapter into the weights, so the output is the merged model, not an adapter."""
+    config = run_config(str(tiny_model_dir), text_file, tmp_path / "run", ["lora", {"name": "ewc-lora", "lambda_": 10.0}], steps=4)
+    config.tasks.append(config.tasks[0].model_copy(update={"name": "t2"}))
+    outcome = finetune(config)
+    assert not (outcome.final_dir / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(outcome.final_dir)
+    tokenizer = char_tokenizer()
+    texts = ["the cat sat on the mat."]
+    assert _loss(reloaded, tokenizer, texts) == pytest.approx(_loss(outcome.model, tokenizer, texts), abs=1e-5)
