@@ -6,9 +6,16 @@ import json
 import os
 from pathlib import Path
 
-import pytest
+# Tiny models gain nothing from a second thread, and two OpenMP threads on a shared 2-core machine
+# can stall for milliseconds per op; subprocesses (kill/resume tests) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from retain.models.tiny import char_tokenizer, tiny_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from retain.models.tiny import char_tokenizer, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
