@@ -229,6 +229,9 @@ def bench(
 
 def _mount_subcommands() -> None:
     from retain.importance_cli import importance_app
+    from retain.merge_cli import merge_command
+
+    app.command("merge")(merge_command)
 
     app.add_typer(importance_app, name="importance", help="Compute importance statistics (Fisher, SI) once and reuse them.")
 

@@ -135,6 +135,12 @@ def generate(
     )
     device = _device(model)
     encoded = [_encode(tokenizer, p) for p in prompts]
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int):
+        room = context - config.max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens {config.max_new_tokens} leaves no room in the model's {context}-token context")
+        encoded = [ids[-room:] for ids in encoded]  # keep the end of long prompts: it holds the latest demonstration
     outputs: list[str] = []
     with inference(model), seeded_rng(seed, device):
         for start in range(0, len(encoded), settings.batch_size):
@@ -169,18 +175,19 @@ def generate_candidates(
     prompts: Sequence[str] = (),
     seed: int = 0,
 ) -> list[Record]:
-    """``n`` candidate records (empty generations dropped), from demonstrations or general prompts."""
-    if demonstrations:
+    """``n`` candidate records (empty generations dropped): from a description and/or demonstrations
+    (in context), else from general prompts."""
+    if demonstrations or description.strip():
         pairs = [_is_pair(d) for d in demonstrations]
         if any(pairs) and not all(pairs):
             raise ValueError("demonstrations must be all texts or all {prompt, completion} pairs, not a mix")
-        if all(pairs):
+        if pairs and all(pairs):
             return _pair_candidates(model, tokenizer, n, settings, description, demonstrations, seed)
         context = icl_prompt(description, [str(d) for d in demonstrations], settings.separator)
         texts = [t.strip() for t in generate(model, tokenizer, [context] * n, settings, seed=seed)]
         return [{"text": t} for t in texts if t]
     if not prompts:
-        raise ValueError("generate_candidates needs demonstrations or general prompts")
+        raise ValueError("generate_candidates needs a description, demonstrations or general prompts")
     chosen = [prompts[i % len(prompts)] for i in range(n)]
     continuations = generate(model, tokenizer, chosen, settings, seed=seed)
     return [{"text": p + c.rstrip()} for p, c in zip(chosen, continuations) if c.strip()]

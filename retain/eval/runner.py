@@ -127,7 +127,7 @@ class SuiteObserver:
             weight_rel_l2=weight_rel_l2(self.base_weights, unwrapped) if self.base_weights else None,
         )
         samples = generate_samples(unwrapped, tokenizer, self.suite.sample_prompts, self.suite.sample_max_new_tokens)
-        self.trainable_params = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+        self.trainable_params = stats.trainable_params or self.trainable_params  # counted before after_task froze any
         self.records[task.index + 1] = StepRecord(
             index=task.index + 1,
             task=task.name,

@@ -49,6 +49,12 @@ class OLoraConfig(LoraConfig):
         return self
 
 
+def _untouched_rng(model: nn.Module):
+    """Run a block without advancing the global RNG streams (CPU and the model's CUDA device)."""
+    device = next(model.parameters()).device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, peft LoRA layer) pairs of the model, in module order."""
     from peft.tuners.lora import LoraLayer
@@ -101,7 +107,7 @@ class OLora(Strategy):
     def _rebuild_history(self, peft_model: nn.Module, rank: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Replace HISTORY by an adapter of ``rank`` holding exactly ``tensors`` (layer name -> (A, B))."""
         active = [HISTORY, CURRENT] if CURRENT in peft_model.peft_config else [HISTORY]
-        with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten: leave the run's RNG alone
+        with _untouched_rng(peft_model):  # the fresh init is overwritten: leave the run's RNG alone
             peft_model.delete_adapter(HISTORY)
             peft_model.add_adapter(HISTORY, self._peft_config(rank))
         peft_model.base_model.set_adapter(active)
@@ -178,7 +184,7 @@ class OLora(Strategy):
             tensors = {name: (v["A"], v["B"]) for name, v in state["history"].items()}
             self._rebuild_history(peft_model, rank, tensors)
         if state["has_current"]:
-            with torch.random.fork_rng(devices=[]):
+            with _untouched_rng(peft_model):  # its values come from the checkpoint's weights
                 self._add_current(peft_model)
         self._set_trainable(peft_model)
         self._collect_pairs()

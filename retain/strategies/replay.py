@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
+from torch import nn
 
 from retain.config import DataConfig
 from retain.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
@@ -57,7 +58,7 @@ class ReplayConfig(StrategyConfig):
 class Replay(Strategy):
     Config = ReplayConfig
 
-    def setup(self, model, ctx: StrategyContext):
+    def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         seed = self.config.seed if self.config.seed is not None else ctx.config.train.seed
         self.buffer = ReplayBuffer(self.config.buffer_size, seed=seed + 104729)
         self.schedule = RatioSchedule(self.config.ratio, self.config.mode)

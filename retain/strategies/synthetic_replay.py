@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from retain.config import ConfigError, StrictModel
 from retain.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
@@ -113,7 +114,7 @@ class SyntheticReplayConfig(StrategyConfig):
 class SyntheticReplay(Strategy):
     Config = SyntheticReplayConfig
 
-    def setup(self, model, ctx: StrategyContext):
+    def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
         unknown = sorted(set(self.config.tasks) - set(names))
         if unknown:
@@ -143,13 +144,8 @@ class SyntheticReplay(Strategy):
         if source in self.config.tasks:
             seed = self.config.tasks[source]
             demos = [d.model_dump() if isinstance(d, PromptCompletion) else d for d in seed.demonstrations]
-            if not demos and not seed.description:
-                raise ConfigError(f"synthetic-replay.tasks.{source}: give a description or demonstrations")
-            if not demos:
-                raise ConfigError(
-                    f"synthetic-replay.tasks.{source}: add demonstrations (the model imitates them; a description "
-                    "alone rarely gives examples of the task)"
-                )
+            if not demos and not seed.description.strip():
+                raise ConfigError(f"synthetic-replay.tasks.{source}: give a description or demonstrations (or both)")
             return {"description": seed.description, "demonstrations": demos, "prompts": []}
         task = next(t for t in ctx.tasks if t.name == source)
         order = torch.randperm(len(task.train_examples), generator=torch.Generator().manual_seed(self.seed + task.index))

@@ -75,6 +75,7 @@ class TaskStats:
     tokens: int = 0
     last_loss: float | None = None
     loss_terms: dict[str, float] = field(default_factory=dict)
+    trainable_params: int = 0
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -103,7 +104,7 @@ def train_task(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = train.batch_size * train.grad_accum * world
     data_seed = train.seed + 7919 * task.index
-    stats = TaskStats()
+    stats = TaskStats(trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
     model.train()
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
 
