@@ -10,7 +10,7 @@ import torch
 
 from retain.config import DataConfig, load_config_dict
 from retain.data import IGNORE_INDEX, load_records
-from retain.synthetic import (
+from retain.synthetic_generation import (
     SamplingSettings,
     diverse_subset,
     drop_near_duplicates,

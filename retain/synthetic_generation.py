@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from retain.data import IGNORE_INDEX, Example
+from retain.eval.tasks import eval_mode, model_device
 
 Record = dict[str, str]
 Demonstration = str | Mapping[str, str]
@@ -66,21 +67,6 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """eval() + no_grad, restoring every module's training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -133,7 +119,7 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
         **sampling,
     )
-    device = _device(model)
+    device = model_device(model)
     encoded = [_encode(tokenizer, p) for p in prompts]
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(context, int):
@@ -142,7 +128,7 @@ def generate(
             raise ValueError(f"max_new_tokens {config.max_new_tokens} leaves no room in the model's {context}-token context")
         encoded = [ids[-room:] for ids in encoded]  # keep the end of long prompts: it holds the latest demonstration
     outputs: list[str] = []
-    with inference(model), seeded_rng(seed, device):
+    with eval_mode(model), seeded_rng(seed, device):
         for start in range(0, len(encoded), settings.batch_size):
             ids, mask = _left_pad(encoded[start : start + settings.batch_size], pad_id, device)
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
@@ -279,11 +265,11 @@ def drop_near_duplicates(texts: Sequence[str], threshold: float = 0.8, n: int = 
 
 def mean_hidden_states(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """[N, hidden] mean of the last layer's hidden states over each text's tokens (float32, on CPU)."""
-    device = _device(model)
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [_encode(tokenizer, t) for t in texts]
     out = []
-    with inference(model):
+    with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             width = max(len(r) for r in chunk)
