@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console() if sys.stdout.isatty() else Console(width=180)
+console = Console() if sys.stdout.isatty() else Console(width=220)
 err_console = Console(stderr=True)
 
 
@@ -105,9 +105,13 @@ def import_llama2c_command(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where results.json and report.html go."),
     steps: int = typer.Option(150, help="Fine-tuning steps per strategy."),
-    strategies: str = typer.Option("full,lora", help="Comma-separated strategies; hybrids with '+'."),
+    strategies: str = typer.Option(
+        "full,lora,full+replay@replay.ratio=0.25,full+lwf@lwf.anchor=general",
+        help="Comma-separated strategies; hybrids with '+', parameters with '@strategy.param=value'.",
+    ),
 ) -> None:
-    """Offline demo: pretrain a tiny model on synthetic general skills, fine-tune on a specialist skill, show forgetting."""
+    """Offline demo: pretrain a tiny model on synthetic general skills, fine-tune on a specialist skill,
+    and compare how much each strategy forgets."""
     from retain.scenarios.bench import run_bench
 
     try:

@@ -35,7 +35,7 @@ def summary_rich_table(results: Results) -> Table:
     title = f"retain — {results.scenario or results.base_model}"
     table = Table(title=title, show_lines=False)
     for i, header in enumerate(SUMMARY_HEADERS):
-        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i > 0)
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold" if i == 0 else "ellipsis")
     for run in results.runs:
         # Cells are plain text, not rich markup: a strategy named "[red]" must print as is.
         table.add_row(*[Text(c) for c in summary_cells(run)])
