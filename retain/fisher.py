@@ -24,6 +24,8 @@ floating-point summation order.
 
 from __future__ import annotations
 
+import time
+
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
@@ -368,3 +370,31 @@ def path_integral_importance(
             for n, p in params.items():
                 p.copy_(start[n])
     return si_importance(omega, change, xi), taken
+
+
+def estimate_logged(
+    estimate: Callable[..., tuple[dict[str, Tensor], int]],
+    targets: Mapping[str, Any],
+    examples: Sequence[Any],
+    ctx: Any,
+    who: str,
+    config: Any,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Run a Fisher estimator (``diagonal_fisher`` or ``lora_delta_fisher``) with a strategy's settings,
+    logging its cost (seconds, examples) into the run log."""
+    start = time.perf_counter()
+    fisher, count = estimate(
+        ctx.unwrapped_model,
+        targets,
+        examples,
+        ctx.collate,
+        estimator=config.estimator,
+        samples=config.samples,
+        seed=seed,
+        batch_size=config.batch_size,
+        accelerator=ctx.accelerator,
+    )
+    ctx.log(f"{who}/fisher_seconds", time.perf_counter() - start)
+    ctx.log(f"{who}/fisher_examples", count)
+    return fisher

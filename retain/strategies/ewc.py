@@ -21,7 +21,6 @@ Fisher in ``state_dtype``).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import torch
@@ -29,7 +28,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
 from retain.config import ConfigError, DataConfig
-from retain.fisher import Estimator, diagonal_fisher, select_examples, trainable_parameters
+from retain.fisher import Estimator, diagonal_fisher, estimate_logged, select_examples, trainable_parameters
 from retain.losses.quadratic import online_update, quadratic_penalty
 from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
@@ -175,20 +174,7 @@ class Ewc(Strategy):
         return self._estimate(params, examples, ctx, seed=self.config.seed)
 
     def _estimate(self, params: dict[str, nn.Parameter], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
-        start = time.perf_counter()
-        fisher, count = diagonal_fisher(
-            ctx.unwrapped_model,
-            params,
-            examples,
-            ctx.collate,
-            estimator=self.config.estimator,
-            samples=self.config.samples,
-            seed=seed,
-            batch_size=self.config.batch_size,
-            accelerator=ctx.accelerator,
-        )
-        ctx.log(f"{self.name}/fisher_seconds", time.perf_counter() - start)
-        ctx.log(f"{self.name}/fisher_examples", count)
+        fisher = estimate_logged(diagonal_fisher, params, examples, ctx, self.name, self.config, seed)
         dtype = _DTYPES[self.config.state_dtype]
         return {n: f.to(dtype) for n, f in fisher.items()}
 

@@ -27,7 +27,6 @@ adapter kept for the whole run (no merge); it is the same as ``[lora, ewc]`` wit
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Literal
 
 import torch
@@ -35,7 +34,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
 from retain.config import ConfigError
-from retain.fisher import lora_delta_fisher, lora_layers, select_examples
+from retain.fisher import estimate_logged, lora_delta_fisher, lora_layers, select_examples
 from retain.losses.quadratic import lora_delta, online_update, weighted_square
 from retain.strategies.base import Strategy, StrategyContext, TaskInfo
 from retain.strategies.ewc import _DTYPES, CalibrationConfig, Ewc, EwcConfig, resolve_source
@@ -207,18 +206,4 @@ class EwcLora(Strategy):
         return self._estimate(layers, examples, ctx, self.config.seed)
 
     def _estimate(self, layers: dict[str, nn.Module], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
-        start = time.perf_counter()
-        fisher, count = lora_delta_fisher(
-            ctx.unwrapped_model,
-            layers,
-            examples,
-            ctx.collate,
-            estimator=self.config.estimator,
-            samples=self.config.samples,
-            seed=seed,
-            batch_size=self.config.batch_size,
-            accelerator=ctx.accelerator,
-        )
-        ctx.log(f"{self.name}/fisher_seconds", time.perf_counter() - start)
-        ctx.log(f"{self.name}/fisher_examples", count)
-        return fisher
+        return estimate_logged(lora_delta_fisher, layers, examples, ctx, self.name, self.config, seed)
