@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'retain[lm-eval]')")
 
@@ -27,15 +26,6 @@ QUESTIONS = [
     ("The contract may not be", ["assigned", "written", "red"], 0),
     ("His red ball", ["was", "is in the garden", "jumps"], 1),
 ]
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TASK_YAML = """task: retain_tiny_mc
 dataset_path: json
