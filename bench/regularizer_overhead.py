@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from retain.config import DataConfig, load_config_dict  # noqa: E402
 from retain.data import build_task_data, collate  # noqa: E402
-from retain.fisher import diagonal_fisher, path_integral_importance, select_examples  # noqa: E402
+from retain.stats.fisher import diagonal_fisher, path_integral_importance, select_examples  # noqa: E402
 
 LORA = {"name": "lora", "r": 8}
 FEW = {"max_examples": 32}  # the one-off statistics pass is timed in part 2, not here
@@ -168,8 +168,8 @@ def step_times(model_dir: str, task: Path, general: Path, work: Path, steps: int
 
 
 def statistics_time(model_dir: str, general: Path, examples_count: int, rounds: int) -> None:
-    from retain.models.loading import load_model
     from retain.config import ModelConfig
+    from retain.models.loading import load_model
 
     model, tokenizer = load_model(ModelConfig(name_or_path=model_dir))
     examples = select_examples(build_task_data(DataConfig(path=str(general), max_length=256), tokenizer, seed=0).train, examples_count, 0)

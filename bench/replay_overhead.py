@@ -99,7 +99,7 @@ def bench_step_times(steps: int, repeats: int) -> None:
 def bench_synthetic(data_dir: Path) -> None:
     from retain.models.llama2c import ensure_stories260k
     from retain.models.loading import load_any
-    from retain.synthetic_generation import SamplingSettings, generate_candidates, synthesize
+    from retain.strategies.synthetic_replay.generation import SamplingSettings, generate_candidates, synthesize
 
     with tempfile.TemporaryDirectory() as cache:
         model_dir = ensure_stories260k(data_dir, cache)

@@ -14,9 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from retain.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, with the key path and what to do in the message."""
+__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_dict"]  # ConfigError re-exported for old imports
 
 
 class StrictModel(BaseModel):
@@ -270,13 +270,9 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, s
     if overrides:
         data = apply_overrides(data, overrides)
     try:
-        config = RunConfig.model_validate(data)
+        return RunConfig.model_validate(data)
     except ValidationError as err:
         raise format_validation_error(err, RunConfig, source) from None
-    from retain.strategies.registry import validate_strategy_specs
-
-    validate_strategy_specs(config.strategies, source)
-    return config
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -43,7 +43,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def kill_after_first_checkpoint(config: Path, run_dir: Path) -> None:
-    cmd = [sys.executable, "-m", "retain.cli", "train", str(config)]
+    cmd = [sys.executable, "-m", "retain", "train", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -64,7 +64,7 @@ def assert_kill_resume_matches(tmp_path: Path, model_dir: Path, data: Path, stra
     killed = write_config(tmp_path / "killed.yaml", model_dir, data, killed_dir, strategies, steps, **extra)
     kill_after_first_checkpoint(killed, killed_dir)
     resumed = subprocess.run(
-        [sys.executable, "-m", "retain.cli", "train", str(killed), "--resume"], capture_output=True, text=True
+        [sys.executable, "-m", "retain", "train", str(killed), "--resume"], capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from retain.cli import app
-from retain.config import ConfigError
-from retain.report.schema import Results
+from retain.errors import ConfigError
+from retain.results.schema import Results
 from retain.scenarios.bench import parse_item
 
 runner = CliRunner()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from retain.config import ConfigError, apply_overrides, load_config, load_config_dict, parse_override
+from retain.config import apply_overrides, load_config, load_config_dict, parse_override
+from retain.errors import ConfigError
+from retain.strategies.registry import validate_run_config
 
 BASE = {
     "model": {"name_or_path": "some/model"},
@@ -50,8 +52,9 @@ def test_overrides_parse_values_and_paths():
 def test_override_applies_to_shorthand_strategy_and_is_validated():
     config = load_config_dict({**BASE, "strategies": ["lora"]}, ["strategies[0].r=4"])
     assert config.strategies[0].params == {"r": 4}
+    config = load_config_dict({**BASE, "strategies": ["lora"]}, ["strategies[0].rank=4"])  # structure is valid
     with pytest.raises(ConfigError, match=r"strategies\[0\].rank"):
-        load_config_dict({**BASE, "strategies": ["lora"]}, ["strategies[0].rank=4"])
+        validate_run_config(config)  # the strategy's own keys are checked against its Config
 
 
 def test_yaml_error_names_file_and_line(tmp_path):

@@ -14,9 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_eval_fixtures import SENTENCES, tiny_model, tiny_tokenizer  # noqa: E402
 
-from retain.config import ConfigError  # noqa: E402
-from retain.eval import cache, drift, suite as S, tasks as T  # noqa: E402
-from retain.report.schema import Score  # noqa: E402
+from retain.errors import ConfigError  # noqa: E402
+from retain.eval import cache, drift  # noqa: E402
+from retain.eval import suite as S
+from retain.eval import tasks as T
+from retain.results.schema import Score  # noqa: E402
 
 TEXTS = SENTENCES * 3
 

@@ -31,8 +31,10 @@ def _statistics(accelerator) -> dict[str, torch.Tensor]:
     """Every statistic this package sums across processes, on a tiny Llama (+ LoRA for Delta W)."""
     from peft import LoraConfig, get_peft_model
 
-    from retain.fisher import diagonal_fisher, lora_delta_fisher, lora_layers, path_integral_importance
+    from retain.models.adapters import lora_layers
     from retain.models.tiny import char_tokenizer, tiny_model
+    from retain.stats.fisher import diagonal_fisher, lora_delta_fisher
+    from retain.stats.path_integral import path_integral_importance
 
     tok = char_tokenizer()
     examples = _examples(tok)

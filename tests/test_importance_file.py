@@ -8,16 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from retain.cli.importance import importance_app
 from retain.config import load_config_dict
-from retain.importance_cli import importance_app
-from retain.importance_file import (
-    ImportanceFileError,
-    base_fingerprint,
-    canonical_name,
-    load_importance,
-    save_importance,
-)
+from retain.models.adapters import canonical_name
+from retain.models.fingerprint import base_fingerprint
 from retain.models.tiny import char_tokenizer, tiny_model
+from retain.stats.files import ImportanceFileError, load_importance, save_importance
 from retain.train import finetune
 
 SECRET = "zebra quartz"  # training text that must never appear in a file

@@ -13,7 +13,8 @@ pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'retai
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_eval_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
-from retain.eval import suite as S, tasks as T  # noqa: E402
+from retain.eval import suite as S  # noqa: E402
+from retain.eval import tasks as T
 from retain.eval.lm_eval_bridge import run_lm_eval  # noqa: E402
 
 QUESTIONS = [

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_config
 from resume_utils import assert_kill_resume_matches
-from retain.config import ConfigError
+
 from retain.data import Example, build_task_data, collate
+from retain.errors import ConfigError
 from retain.losses.distill import IGNORE_INDEX, kl_with_temperature, next_token_cross_entropy
+from retain.models.fingerprint import base_fingerprint
 from retain.models.tiny import tiny_model
 from retain.strategies import StrategyContext, TaskInfo, build_strategy
-from retain.teacher import base_fingerprint
-
 
 # --------------------------------------------------------------------------------------------
 # helpers: hooks driven by hand, as the loop does, on a tiny model

@@ -10,20 +10,18 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from retain.merge import (
+from retain.cli.merge import merge_command
+from retain.eval.sweep import alpha_sweep, parse_alphas, sweep_results
+from retain.models.merging import (
     AdapterScaler,
     FullInterpolator,
-    alpha_sweep,
     interpolate,
     interpolate_state_dicts,
     merge_adapters,
-    parse_alphas,
-    sweep_results,
     wise_ft,
 )
-from retain.merge_cli import merge_command
 from retain.models.tiny import tiny_model
-from retain.report.schema import Results, Score
+from retain.results.schema import Results, Score
 
 IDS = torch.randint(4, 60, (3, 12), generator=torch.Generator().manual_seed(0))
 
@@ -178,7 +176,7 @@ def test_sweep_picks_the_largest_alpha_within_the_budget():
 
 def test_sweep_results_feed_the_report(tmp_path):
     from retain.report import write_report
-    from retain.report.summary import sweep_series
+    from retain.results.summary import sweep_series
 
     results = sweep_results(alpha_sweep([0.5, 1.0], fake_eval, 0.2), "base-model", "runs/x/final")
     assert [r.name for r in results.runs] == ["wise-ft@alpha=0", "wise-ft@alpha=0.5", "wise-ft@alpha=1"]

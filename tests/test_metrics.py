@@ -1,11 +1,11 @@
-"""Hand-computed checks of the continual-learning metrics (retain.eval.metrics)."""
+"""Hand-computed checks of the continual-learning metrics (retain.results.metrics)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from retain.eval import metrics as m
+from retain.results import metrics as m
 
 # Rows: 0 = base, i = after training task i. Columns: task 1, task 2, task 3 (0-indexed in code).
 R3 = [

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_o_lora import resumed_matches_reference, two_task_config
 
 from retain.config import load_config_dict
 from retain.strategies.registry import build_strategy
 from retain.train import finetune
-
-from test_o_lora import resumed_matches_reference, two_task_config
 
 M = 3  # virtual tokens per task
 

@@ -14,38 +14,34 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from resume_utils import assert_kill_resume_matches, kill_after_first_checkpoint, write_config
 from torch import nn
 
-from retain.config import ConfigError, DataConfig, load_config_dict
+from retain.config import DataConfig, load_config_dict
 from retain.data import build_task_data, collate
-from retain.fisher import (
-    diagonal_fisher,
+from retain.errors import ConfigError
+from retain.losses.quadratic import (
+    layer_coefficients,
+    layer_of,
+    penalty_per_layer,
+    quadratic_penalty,
+    weighted_square,
+)
+from retain.models.adapters import lora_layers
+from retain.models.tiny import char_tokenizer, tiny_model
+from retain.stats.fisher import diagonal_fisher, lora_delta_fisher, online_update
+from retain.stats.path_integral import path_integral_importance, si_importance, si_path_step_
+from retain.stats.per_example import (
+    add_squared_,
     example_generator,
-    lora_delta_fisher,
-    lora_layers,
-    path_integral_importance,
+    linear_per_example_grad_sq,
     per_example_nll,
     sampled_labels,
 )
-from retain.losses.quadratic import (
-    add_squared_,
-    layer_coefficients,
-    layer_of,
-    linear_per_example_grad_sq,
-    online_update,
-    penalty_per_layer,
-    quadratic_penalty,
-    si_importance,
-    si_path_step_,
-    weighted_square,
-)
-from retain.models.tiny import char_tokenizer, tiny_model
 from retain.strategies.ewc import Ewc, EwcConfig
 from retain.strategies.ewc_lora import EwcLora, layer_delta, merge_and_reset
 from retain.strategies.registry import available_strategies, build_strategy
 from retain.train import finetune
-
-from resume_utils import assert_kill_resume_matches, kill_after_first_checkpoint, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -497,7 +493,7 @@ def test_sigkill_then_resume_matches_for_ewc_lora(tiny_model_dir, files, tmp_pat
     finetune(load_config(reference))
     killed = write_config(tmp_path / "killed.yaml", tiny_model_dir, files["task"], tmp_path / "killed", strategies, 60, **extra)
     kill_after_first_checkpoint(killed, tmp_path / "killed")
-    resumed = subprocess.run([sys.executable, "-m", "retain.cli", "train", str(killed), "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, "-m", "retain", "train", str(killed), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = load_file(str(latest_checkpoint(tmp_path / "ref") / "weights.safetensors"))
     got = load_file(str(latest_checkpoint(tmp_path / "killed") / "weights.safetensors"))

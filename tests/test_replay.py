@@ -8,16 +8,15 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from conftest import run_config
+from resume_utils import assert_kill_resume_matches
 
 from retain.data import IGNORE_INDEX, Example
-from retain.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer, mix_rows
+from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer, mix_rows
 from retain.strategies import Strategy, register_strategy
 from retain.strategies.registry import _REGISTRY, available_strategies
 from retain.train import finetune
 from retain.train.checkpoint import load_nested, save_nested
-
-from conftest import run_config
-from resume_utils import assert_kill_resume_matches
 
 
 def _ex(tag: int, length: int = 3) -> Example:
@@ -178,7 +177,7 @@ def test_general_pool_is_replayed_from_the_first_task(recorder, tiny_model_dir, 
 
 
 def test_replay_needs_a_source_when_asked_for_general(tiny_model_dir, text_file, tmp_path):
-    from retain.config import ConfigError
+    from retain.errors import ConfigError
 
     config = run_config(str(tiny_model_dir), text_file, tmp_path / "run", ["full", {"name": "replay", "source": "general"}], steps=2)
     with pytest.raises(ConfigError, match="general_data"):

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from retain.report import gate, html, markdown, plots, summary
-from retain.report.schema import SCHEMA_VERSION, Drift, Results, Score, StepRecord
+from retain.report import gate, html, markdown, plots
+from retain.results import summary
+from retain.results.schema import SCHEMA_VERSION, Drift, Results, Score, StepRecord
 
 TASKS = ["stories", "contracts"]
 

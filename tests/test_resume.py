@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from resume_utils import assert_kill_resume_matches, final_weights, write_config
 from safetensors.torch import load_file
 
-from retain.config import ConfigError, load_config
+from retain.config import load_config
+from retain.errors import StateError
 from retain.train import finetune
-
-from resume_utils import assert_kill_resume_matches, final_weights, write_config
 
 
 @pytest.mark.parametrize("strategies", [["full"], [{"name": "lora", "r": 4, "dropout": 0.1}]], ids=["full", "lora"])
@@ -23,12 +23,12 @@ def test_sigkill_then_resume_matches_uninterrupted(strategies, tiny_model_dir, t
 def test_existing_run_dir_needs_resume_flag(tiny_model_dir, text_file, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, text_file, tmp_path / "run", ["full"], 4)
     finetune(load_config(cfg))
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(StateError, match="--resume"):
         finetune(load_config(cfg))
 
 
 def test_resume_refuses_a_changed_config(tiny_model_dir, text_file, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, text_file, tmp_path / "run", ["full"], 4)
     finetune(load_config(cfg))
-    with pytest.raises(ConfigError, match="config differs"):
+    with pytest.raises(StateError, match="config differs"):
         finetune(load_config(cfg, ["train.lr=0.5"]), resume=True)

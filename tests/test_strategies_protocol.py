@@ -6,13 +6,12 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from conftest import run_config
 
-from retain.config import ConfigError
+from retain.errors import ConfigError
 from retain.strategies import Hybrid, Strategy, StrategyConfig, build_strategies, register_strategy
 from retain.strategies.registry import _REGISTRY, available_strategies, build_strategy
 from retain.train import finetune
-
-from conftest import run_config
 
 
 class RecorderConfig(StrategyConfig):

@@ -7,10 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import SENTENCES
+from resume_utils import assert_kill_resume_matches
 
 from retain.config import DataConfig, load_config_dict
 from retain.data import IGNORE_INDEX, load_records
-from retain.synthetic_generation import (
+from retain.strategies.synthetic_replay.generation import (
     SamplingSettings,
     diverse_subset,
     drop_near_duplicates,
@@ -26,9 +28,6 @@ from retain.synthetic_generation import (
 )
 from retain.train import finetune
 from retain.train.checkpoint import latest_checkpoint, load_checkpoint
-
-from conftest import SENTENCES
-from resume_utils import assert_kill_resume_matches
 
 FAST = SamplingSettings(max_new_tokens=10, completion_max_new_tokens=4, batch_size=8)
 
@@ -190,7 +189,7 @@ def test_saved_sets_can_be_reused_without_generating(synthetic_run, tiny_model_d
 
 
 def test_unknown_task_name_is_refused(tiny_model_dir, text_file, pc_file, tmp_path):
-    from retain.config import ConfigError
+    from retain.errors import ConfigError
 
     config = _config(tiny_model_dir, text_file, pc_file, tmp_path / "run", {"tasks": {"stroies": {"demonstrations": ["x"]}}})
     with pytest.raises(ConfigError, match="stroies"):

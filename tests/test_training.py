@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
+from conftest import run_config
 from transformers import AutoModelForCausalLM
 
 from retain.config import load_config_dict
 from retain.models.tiny import char_tokenizer, tiny_model
+from retain.strategies import Strategy, available_strategies, register_strategy
 from retain.train import NonFiniteLossError, finetune
 from retain.train.checkpoint import latest_checkpoint
-
-from conftest import run_config
 
 
 def _loss(model, tokenizer, texts) -> float:
@@ -91,8 +91,17 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, text_file,
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+class _ExplodeAtStep(Strategy):
+    """Adds an infinite loss term from the third step on: a divergence that does not depend on numerics."""
+
+    def extra_losses(self, outputs, batch, ctx):
+        return {"boom": torch.tensor(float("inf"))} if ctx.step_in_task >= 2 else {}
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tiny_model_dir, text_file, tmp_path):
-    config = run_config(str(tiny_model_dir), text_file, tmp_path / "run", ["full"], steps=30, lr=1e6, max_grad_norm=None)
+    if "test-explode" not in available_strategies():
+        register_strategy("test-explode")(_ExplodeAtStep)
+    config = run_config(str(tiny_model_dir), text_file, tmp_path / "run", ["full", "test-explode"], steps=30)
     config.checkpoint.every = 1
     with pytest.raises(NonFiniteLossError, match="loss became (nan|inf).*--resume"):
         finetune(config)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from retain.config import DataConfig
+from retain.errors import DataError
+
+__all__ = ["DataError", "Record", "detect_format", "load_records"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
-
-
-class DataError(ValueError):
-    """A data problem; the message names the file (and line/field where relevant) and what to do."""
 
 
 class Record(dict):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retain.eval.tasks import encode, eval_mode, forward_logits, length_sorted_batches, model_device, right_pad
+from retain.eval.tasks import encode, forward_logits, length_sorted_batches, right_pad
+from retain.models.runtime import eval_mode, model_device
 
 # --------------------------------------------------------------------------------------------
 # Output drift: KL(base || model) on probe prompts

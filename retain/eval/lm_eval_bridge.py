@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from retain.eval.tasks import TaskResult, eval_mode
+from retain.eval.tasks import TaskResult
+from retain.models.runtime import eval_mode
 
 if TYPE_CHECKING:
     from retain.eval.suite import EvalTaskConfig

@@ -13,13 +13,20 @@ from typing import Any
 
 from torch import nn
 
-from retain.eval.cache import cached_scores, model_fingerprint
-from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference, snapshot_weights, weight_rel_l2
+from retain.eval.cache import cached_scores
+from retain.eval.drift import (
+    ProbeReference,
+    compute_probe_reference,
+    kl_from_reference,
+    snapshot_weights,
+    weight_rel_l2,
+)
 from retain.eval.suite import SuiteConfig, evaluate_suite, load_suite, suite_hash
 from retain.eval.tasks import generate_samples
-from retain.report.schema import Drift, Results, Score, StepRecord, StrategyRun
-from retain.report.summary import build_run
-from retain.train.checkpoint import atomic_write_text
+from retain.io import atomic_write_text
+from retain.models.fingerprint import model_fingerprint
+from retain.results.schema import Drift, Results, Score, StepRecord, StrategyRun
+from retain.results.summary import build_run
 
 
 def perplexity_delta(base: dict[str, Score], scores: dict[str, Score]) -> float | None:

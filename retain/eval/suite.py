@@ -28,7 +28,6 @@ Example suite file (relative ``data.path`` values resolve against the suite file
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -39,9 +38,12 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
-from retain.config import ConfigError, DataConfig, StrictModel, apply_overrides, format_validation_error
+from retain.config import DataConfig, StrictModel, apply_overrides, format_validation_error
+from retain.data.sampling import seeded_subset
+from retain.errors import ConfigError
 from retain.eval import tasks as T
-from retain.report.schema import Score
+from retain.io import content_hash
+from retain.results.schema import Score
 
 #: Bump when a scoring rule changes, so cached scores of the old rule are not reused.
 EVAL_VERSION = 1
@@ -186,28 +188,6 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> SuiteCon
 # Hashing
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _content_hash(path: str) -> str | None:
-    """sha256 of a file, or of a folder's (relative name, file hash) list; None if not local."""
-    p = Path(path)
-    if p.is_file():
-        stat = p.stat()
-        return _file_sha256(str(p), stat.st_mtime_ns, stat.st_size)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
-        listing = [(str(f.relative_to(p)), _content_hash(str(f))) for f in files]
-        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    return None
-
-
 def _lm_eval_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -223,11 +203,11 @@ def suite_hash(suite: SuiteConfig) -> str:
     dumped = suite.model_dump(mode="json")
     for task in dumped["tasks"]:
         if task.get("data"):
-            content = _content_hash(task["data"]["path"])
+            content = content_hash(task["data"]["path"])
             if content is not None:
                 task["data"]["path"] = f"sha256:{content}"
         if task.get("include_path"):
-            task["include_path"] = f"sha256:{_content_hash(task['include_path'])}"
+            task["include_path"] = f"sha256:{content_hash(task['include_path'])}"
         if task["type"] == "lm_eval":
             task["lm_eval_version"] = _lm_eval_version()
     payload = json.dumps({"eval_version": EVAL_VERSION, "suite": dumped}, sort_keys=True)
@@ -318,7 +298,7 @@ def _run_task(model: nn.Module, tokenizer: Any, task: EvalTaskConfig, batch_size
             return {task.name: T.next_token_accuracy(*args)}
         nll, ppl = T.loss(*args)
         return {task.name: nll, f"{task.name}.perplexity": ppl}
-    records = T.subsample(records, task.max_examples, task.seed)
+    records = seeded_subset(records, task.max_examples, task.seed)
     if task.type == "multiple_choice":
         examples = _choice_examples(records, task)
         return {task.name: T.multiple_choice(model, tokenizer, examples, task.normalize, task.target_delimiter, batch_size, task.max_length)}

@@ -13,23 +13,24 @@ Shared conventions, so numbers are comparable across runs and with lm-eval:
 * ``batch_size`` is the number of sequences per forward pass, which bounds memory.
 * Logits are taken from the *end* of the model's output, so PEFT prompt tuning (which prepends
   virtual tokens) works unchanged. Inputs go to the device of the input embeddings.
-* Results are :class:`TaskResult` values whose fields match ``retain.report.schema.Score`` minus the
+* Results are :class:`TaskResult` values whose fields match ``retain.results.schema.Score`` minus the
   suite-level ``role``/``train_task``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from retain.data.sampling import seeded_subset
+from retain.models.runtime import eval_mode, model_device
 
 T = TypeVar("T")
 Normalize = Literal["none", "token", "char"]
@@ -55,28 +56,6 @@ class TaskResult:
 
 # --------------------------------------------------------------------------------------------
 # Small shared helpers
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` + no_grad, restoring each module's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where inputs must go: the input embeddings' device (first parameter's as a fallback)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
 
 
 def model_max_length(model: nn.Module) -> int | None:
@@ -124,14 +103,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def subsample(items: Sequence[T], k: int | None, seed: int = 0) -> list[T]:
-    """At most ``k`` items chosen by ``seed``, kept in their original order."""
-    if k is None or k >= len(items):
-        return list(items)
-    chosen = sorted(random.Random(seed).sample(range(len(items)), k))
-    return [items[i] for i in chosen]
 
 
 def encode(tokenizer: Any, text: str, special: bool | None = None) -> list[int]:
@@ -210,7 +181,7 @@ def loss(
 
     ``max_windows`` keeps a seeded subsample of the windows (cheap evals of long corpora).
     """
-    windows = subsample(text_windows(tokenizer, texts, max_length), max_windows, seed)
+    windows = seeded_subset(text_windows(tokenizer, texts, max_length), max_windows, seed)
     stats = window_stats(model, windows, batch_size)
     mean_nll = stats.nll_sum / stats.n_tokens
     return (
@@ -229,7 +200,7 @@ def next_token_accuracy(
     seed: int = 0,
 ) -> TaskResult:
     """Share of positions whose argmax prediction is the actual next token (same windows as ``loss``)."""
-    windows = subsample(text_windows(tokenizer, texts, max_length), max_windows, seed)
+    windows = seeded_subset(text_windows(tokenizer, texts, max_length), max_windows, seed)
     stats = window_stats(model, windows, batch_size)
     return TaskResult(stats.correct / stats.n_tokens, "next_token_accuracy", True, True, stats.n_tokens)
 

@@ -1,4 +1,4 @@
-"""Quadratic weight penalties and the statistics behind them, as pure tensor functions.
+"""Quadratic weight penalties as pure tensor functions (the statistics that weigh them: ``retain.stats``).
 
 Every regularizer in ``l2``, ``ewc``, ``ewc-lora`` and ``importance`` is a weighted quadratic
 distance to anchor weights, ``sum_i w_i (theta_i - theta*_i)^2``; they differ only in the weights
@@ -116,60 +116,6 @@ def layer_coefficients(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def add_squared_(accumulator: dict[str, Tensor], grads: Mapping[str, Tensor], scale: float = 1.0) -> None:
-    """``acc += scale * g^2`` in place (per-example Fisher accumulation)."""
-    for name, grad in grads.items():
-        accumulator[name].add_(grad.detach().to(accumulator[name].dtype).pow(2), alpha=scale)
-
-
-def online_update(previous: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], gamma: float) -> dict[str, Tensor]:
-    """Online EWC / EWC-LoRA accumulation ``F = gamma * F_prev + F_new`` (``F_new`` alone when there is no F_prev)."""
-    if previous is None:
-        return {name: value.clone() for name, value in new.items()}
-    return {name: gamma * previous[name].to(value.dtype) + value for name, value in new.items()}
-
-
-def si_path_step_(omega: dict[str, Tensor], grads: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> None:
-    """Synaptic-Intelligence path integral, one step: ``omega -= g * delta_theta`` in place.
-
-    With ``g`` the loss gradient and ``delta_theta`` the step the optimizer took, ``-g * delta``
-    is each weight's first-order contribution to the decrease of the loss.
-    """
-    for name, grad in grads.items():
-        omega[name].sub_(grad.to(omega[name].dtype) * deltas[name].to(omega[name].dtype))
-
-
-def si_importance(
-    omega: Mapping[str, Tensor], total_change: Mapping[str, Tensor], xi: float = 1e-3, clamp: bool = True
-) -> dict[str, Tensor]:
-    """``Omega = omega / (Delta^2 + xi)`` (Zenke et al. 2017), ``Delta`` the weights' total change.
-
-    A negative ``omega`` (a weight whose moves, to first order, raised the loss) would reward
-    moving it away; ``clamp`` sets those to zero.
-    """
-    out = {}
-    for name, value in omega.items():
-        importance = value / (total_change[name].to(value.dtype).pow(2) + xi)
-        out[name] = importance.clamp_min(0.0) if clamp else importance
-    return out
-
-
 def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     """The update a LoRA adapter adds to its matrix, ``Delta W = scaling * B @ A``, shape (out, in)."""
     return scaling * (lora_b @ lora_a)
-
-
-def linear_per_example_grad_sq(inputs: Tensor, output_grads: Tensor) -> Tensor:
-    """``sum_n (G_n)^2`` with ``G_n = sum_t delta_{n,t} x_{n,t}^T`` the per-example gradient of a
-    linear map's weight (shape out x in), from its inputs ``x`` (N, T, in) and the loss gradient
-    at its outputs ``delta`` (N, T, out).
-
-    Exact per example (not the square of a batch gradient) because each example's loss depends only
-    on its own activations; positions without a loss (padding) have ``delta = 0``.
-    """
-    per_example = torch.einsum("nto,nti->noi", output_grads.float(), inputs.float())
-    return per_example.pow(2).sum(dim=0)

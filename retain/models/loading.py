@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from retain.config import ConfigError, ModelConfig
+from retain.config import ModelConfig
 from retain.data.collate import ensure_pad_token
+from retain.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 

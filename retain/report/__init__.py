@@ -1,4 +1,4 @@
-"""Results schema, summaries, reports (HTML, markdown) and the CI gate.
+"""Reports of results: self-contained HTML with plots, markdown tables, and the CI gate.
 
 Light imports only here; ``retain.report.html`` and ``retain.report.plots`` load matplotlib and are
 imported on first use of ``render_html`` / ``write_report``.
@@ -9,33 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from retain.report.gate import check_gate
-from retain.report.schema import (
-    SCHEMA_VERSION,
-    Drift,
-    Results,
-    Score,
-    StepRecord,
-    StrategyRun,
-    Summary,
-)
-from retain.report.summary import build_matrix, build_run, general_score, summarize
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Drift",
-    "Results",
-    "Score",
-    "StepRecord",
-    "StrategyRun",
-    "Summary",
-    "build_matrix",
-    "build_run",
-    "check_gate",
-    "general_score",
-    "render_html",
-    "summarize",
-    "write_report",
-]
+__all__ = ["check_gate", "render_html", "write_report"]
 
 
 def __getattr__(name: str) -> Any:

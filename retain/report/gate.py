@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from retain.report.schema import Results, StrategyRun
-from retain.report.summary import fmt_num
+from retain.results.schema import Results, StrategyRun
+from retain.results.summary import fmt_num
 
 
 def _measured_forgetting(run: StrategyRun) -> tuple[str, float | None]:

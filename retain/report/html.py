@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from pathlib import Path
 
+from retain.io import atomic_write_text
 from retain.report import plots
-from retain.report.schema import Results, StepRecord, StrategyRun, atomic_write_text
-from retain.report.summary import (
+from retain.results.schema import Results, StepRecord, StrategyRun
+from retain.results.summary import (
     SUMMARY_HEADERS,
     Series,
     fmt_bytes,

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from retain.report.schema import Results
-from retain.report.summary import SUMMARY_HEADERS, summary_cells
+from retain.results.schema import Results
+from retain.results.summary import SUMMARY_HEADERS, summary_cells
 
 
 def _md_cell(text: str) -> str:

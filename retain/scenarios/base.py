@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from retain.config import ConfigError, DataConfig, TaskConfig
+from retain.config import DataConfig, TaskConfig
+from retain.errors import ConfigError
 from retain.eval.suite import SuiteConfig
 
 

@@ -18,10 +18,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from retain.config import ConfigError, load_config_dict, parse_override, parse_value
-from retain.report.schema import Results, StrategyRun
+from retain.config import load_config_dict, parse_override, parse_value
+from retain.errors import ConfigError
+from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
-from retain.strategies.registry import get_strategy_class
+from retain.strategies.registry import get_strategy_class, validate_run_config
 
 
 def parse_item(item: str) -> list[dict[str, Any]]:
@@ -88,7 +89,10 @@ def build_run_config(
         "checkpoint": {"every": 0},
         "output": {"dir": str(out / "runs" / run_directory_name(item)), "save_per_task": False},
     }
-    return load_config_dict(data, overrides, source=f"bench item '{item}'")
+    source = f"bench item '{item}'"
+    config = load_config_dict(data, overrides, source=source)
+    validate_run_config(config, source)
+    return config
 
 
 def run_bench(

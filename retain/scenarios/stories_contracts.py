@@ -19,7 +19,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from retain.config import ConfigError, DataConfig, TaskConfig
+from retain.config import DataConfig, TaskConfig
+from retain.errors import ConfigError
 from retain.eval.suite import EvalTaskConfig, SuiteConfig
 from retain.scenarios.base import Scenario, default_data_dir
 
@@ -105,8 +106,8 @@ def build_stories_contracts(
     with_shakespeare: bool = False,
     **_: object,
 ) -> Scenario:
+    from retain.io import default_cache_dir
     from retain.models.llama2c import ensure_stories260k
-    from retain.train.run import default_cache_dir
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if data_dir is None or not (data_dir / "stories260k").is_dir():

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from retain.config import DataConfig, TaskConfig, load_config_dict
 from retain.eval.suite import EvalTaskConfig, SuiteConfig
+from retain.io import atomic_dir
 from retain.models.tiny import char_tokenizer, tiny_model
 from retain.scenarios.base import Scenario
-from retain.train.checkpoint import atomic_dir
 
 SCENARIO_VERSION = 2
 DIGITS, LOWER, UPPER = "0123456789", "abcdefghij", "ABCDEFGHIJ"
@@ -123,7 +123,7 @@ def pretrain_base(root: Path, data: Path, steps: int = 300, seed: int = 0) -> Pa
 
 
 def build_synthetic(cache_dir: Path | None = None, quick: bool = False, pretrain_steps: int = 300, **_: object) -> Scenario:
-    from retain.train.run import default_cache_dir
+    from retain.io import default_cache_dir
 
     root = Path(cache_dir or default_cache_dir()) / "demo" / f"v{SCENARIO_VERSION}"
     paths = write_data(root / "data")

@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from retain.config import ConfigError, StrictModel
+from retain.config import DataConfig, RunConfig, StrictModel
+from retain.data import Example, TaskData, build_task_data
+from retain.errors import ConfigError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from retain.config import DataConfig, RunConfig
-    from retain.data import Example, TaskData
 
 logger = logging.getLogger("retain")
 
@@ -94,8 +93,6 @@ class StrategyContext:
 
     def load_examples(self, data: "DataConfig") -> list["Example"]:
         """Tokenized training examples of a data config, loaded once per run and shared by strategies."""
-        from retain.data import build_task_data
-
         key = data.model_dump_json()
         if key not in self._loaded:
             self._loaded[key] = build_task_data(data, self.tokenizer, seed=self.config.train.seed).train

@@ -14,7 +14,7 @@ Fisher comes from (``source``):
 
 ``mode: separate`` keeps one (anchor, Fisher) pair per source above; ``online`` keeps one pair,
 ``F = gamma * F_prev + F_new`` anchored at the latest weights. The Fisher is per example
-(``retain.fisher``: ``sampled`` by default, ``empirical``, or ``empirical_batch`` = square of
+(``retain.stats.fisher``: ``sampled`` by default, ``empirical``, or ``empirical_batch`` = square of
 batch-mean gradients). State: 2 x trainable parameters per pair (anchor in the weights' dtype,
 Fisher in ``state_dtype``).
 """
@@ -23,35 +23,25 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
-from retain.config import ConfigError, DataConfig
-from retain.fisher import Estimator, diagonal_fisher, estimate_logged, select_examples, trainable_parameters
-from retain.losses.quadratic import online_update, quadratic_penalty
-from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.data.sampling import seeded_subset
+from retain.losses.quadratic import quadratic_penalty
+from retain.models.runtime import trainable_parameters
+from retain.stats.files import load_importance, statistics_for
+from retain.stats.fisher import diagonal_fisher, online_update
+from retain.strategies._shared.calibration import (
+    DTYPES,
+    CalibrationConfig,
+    check_same_parameters,
+    detached_copy,
+    estimate_logged,
+    on_device,
+    resolve_source,
+)
+from retain.strategies.base import Strategy, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
-
-Source = Literal["auto", "general", "previous_task", "both"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class CalibrationConfig(StrategyConfig):
-    """Where statistics come from and how they are estimated (shared by ewc and ewc-lora)."""
-
-    source: Source = Field(
-        "auto",
-        description="general | previous_task | both; auto = both when general text or a file is set, else previous_task.",
-    )
-    data: DataConfig | None = Field(None, description="Calibration text; default: the run's general_data.")
-    file: str | None = Field(None, description="Importance file with the general statistics (replaces computing them).")
-    estimator: Estimator = Field("sampled", description="sampled | empirical (per example) | empirical_batch.")
-    samples: int = Field(1, gt=0, description="Label draws per example for the sampled estimator.")
-    max_examples: int = Field(128, gt=0, description="Examples per Fisher estimate (seeded subset).")
-    batch_size: int = Field(8, gt=0, description="Batch size of the estimate (per-example results do not depend on it).")
-    state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored statistics.")
-    seed: int = Field(0, description="Seed of the example subset and of sampled labels.")
 
 
 class EwcConfig(CalibrationConfig):
@@ -63,38 +53,6 @@ class EwcConfig(CalibrationConfig):
     )
     mode: Literal["separate", "online"] = Field("separate", description="One penalty per source, or online EWC.")
     gamma: float = Field(1.0, ge=0, le=1, description="Online decay of the previous Fisher.")
-
-
-def resolve_source(config: CalibrationConfig, ctx: StrategyContext, who: str) -> str:
-    """``general`` / ``previous_task`` / ``both``, refusing a general source with no text to compute it on."""
-    has_general = config.data is not None or config.file is not None or ctx.config.general_data is not None
-    source = ("both" if has_general else "previous_task") if config.source == "auto" else config.source
-    if source in ("general", "both") and not has_general:
-        raise ConfigError(
-            f"strategy '{who}': source '{source}' needs general text: set the run's general_data "
-            f"(e.g. general_data: {{path: general.jsonl}}), '{who}.data', or '{who}.file'; "
-            f"or use {who}.source=previous_task."
-        )
-    return source
-
-
-def detached_copy(params: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    return {n: p.detach().clone() if dtype is None else p.detach().to(dtype).clone() for n, p in params.items()}
-
-
-def on_device(tensors: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Move stored tensors next to the live parameters (state is loaded on the CPU)."""
-    return {n: t if t.device == like[n].device else t.to(like[n].device) for n, t in tensors.items()}
-
-
-def check_same_parameters(stored: dict[str, Tensor], live: dict[str, Tensor], who: str) -> None:
-    if set(stored) != set(live):
-        extra = sorted(set(live) - set(stored))[:3]
-        gone = sorted(set(stored) - set(live))[:3]
-        raise RuntimeError(
-            f"{who}: the trainable weights changed since the statistics were computed "
-            f"(new: {extra}, missing: {gone}); list the strategies in the same order on resume."
-        )
 
 
 @register_strategy("ewc")
@@ -132,7 +90,7 @@ class Ewc(Strategy):
         if self._source not in ("previous_task", "both") or task.index == len(ctx.tasks) - 1:
             return  # after the last task no later training would use the Fisher
         params = self._live(ctx)
-        examples = select_examples(task.train_examples, self.config.max_examples, self.config.seed + task.index + 1)
+        examples = seeded_subset(task.train_examples, self.config.max_examples, self.config.seed + task.index + 1)
         fisher = self._estimate(params, examples, ctx, seed=self.config.seed + task.index + 1)
         self._add(f"task:{task.name}", detached_copy(params), fisher)
 
@@ -162,20 +120,18 @@ class Ewc(Strategy):
 
     def _general_fisher(self, params: dict[str, nn.Parameter], ctx: StrategyContext) -> dict[str, Tensor]:
         if self.config.file is not None:
-            from retain.importance_file import load_importance, statistics_for
-
             loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("ewc",))
             stats = statistics_for(loaded, list(params), self.config.file)
-            dtype = _DTYPES[self.config.state_dtype]
+            dtype = DTYPES[self.config.state_dtype]
             return {n: stats[n].to(params[n].device, dtype) for n in params}
-        examples = select_examples(
+        examples = seeded_subset(
             ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
         )
         return self._estimate(params, examples, ctx, seed=self.config.seed)
 
     def _estimate(self, params: dict[str, nn.Parameter], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
         fisher = estimate_logged(diagonal_fisher, params, examples, ctx, self.name, self.config, seed)
-        dtype = _DTYPES[self.config.state_dtype]
+        dtype = DTYPES[self.config.state_dtype]
         return {n: f.to(dtype) for n, f in fisher.items()}
 
     def _add(self, label: str, anchor: dict[str, Tensor], fisher: dict[str, Tensor]) -> None:

@@ -6,7 +6,7 @@ Listed with ``lora`` (``strategies: [lora, ewc-lora]``). For each adapted matrix
     L = L_task + lambda/2 * sum Omega * (Delta W)^2,     Omega = gamma * Omega + F after each source
 
 with ``F`` the per-example diagonal Fisher of ``Delta W`` (equal to the base weight's Fisher),
-captured by hooks on the adapted layers (``retain.fisher.lora_delta_fisher``). After every task the
+captured by hooks on the adapted layers (``retain.stats.fisher.lora_delta_fisher``). After every task the
 adapter is merged exactly into the base weight (``W += s B A``, in float32) and a fresh adapter
 starts (A: kaiming-uniform as peft initializes it, from a generator seeded by (seed, task);
 B: zeros), so the next task's ``Delta W`` is measured from the merged weights. The authors' code
@@ -33,11 +33,15 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
-from retain.config import ConfigError
-from retain.fisher import estimate_logged, lora_delta_fisher, lora_layers, select_examples
-from retain.losses.quadratic import lora_delta, online_update, weighted_square
+from retain.data.sampling import seeded_generator, seeded_subset
+from retain.errors import ConfigError
+from retain.losses.quadratic import lora_delta, weighted_square
+from retain.models.adapters import canonical_name, linear_lora_layers
+from retain.stats.files import load_importance, statistics_for
+from retain.stats.fisher import lora_delta_fisher, online_update
+from retain.strategies._shared.calibration import DTYPES, CalibrationConfig, estimate_logged, resolve_source
 from retain.strategies.base import Strategy, StrategyContext, TaskInfo
-from retain.strategies.ewc import _DTYPES, CalibrationConfig, Ewc, EwcConfig, resolve_source
+from retain.strategies.ewc import Ewc, EwcConfig
 from retain.strategies.registry import register_strategy
 
 
@@ -141,9 +145,9 @@ class EwcLora(Strategy):
         layers = self._live(ctx)
         if self._source in ("previous_task", "both") and task.index < len(ctx.tasks) - 1:
             seed = self.config.seed + task.index + 1
-            examples = select_examples(task.train_examples, self.config.max_examples, seed)
+            examples = seeded_subset(task.train_examples, self.config.max_examples, seed)
             self._accumulate(self._estimate(layers, examples, ctx, seed))
-        merge_and_reset(layers, torch.Generator().manual_seed(self.config.seed * 1_000_003 + task.index))
+        merge_and_reset(layers, seeded_generator(self.config.seed, task.index))
         self.merges += 1
 
     # state ------------------------------------------------------------------------------
@@ -168,10 +172,7 @@ class EwcLora(Strategy):
 
     def _live(self, ctx: StrategyContext) -> dict[str, nn.Module]:
         if self._layers is None:
-            try:
-                layers = lora_layers(ctx.unwrapped_model)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+            layers = linear_lora_layers(ctx.unwrapped_model, self.name)
             if not layers:
                 raise ConfigError("ewc-lora found no LoRA layers: list lora before it, e.g. strategies: [lora, ewc-lora]")
             self._layers = layers
@@ -182,14 +183,12 @@ class EwcLora(Strategy):
         return self._layers
 
     def _accumulate(self, fisher: dict[str, Tensor]) -> None:
-        dtype = _DTYPES[self.config.state_dtype]
+        dtype = DTYPES[self.config.state_dtype]
         merged = online_update(self.omega, fisher, self.config.gamma)
         self.omega = {n: t.to(dtype) for n, t in merged.items()}
 
     def _general_fisher(self, layers: dict[str, nn.Module], ctx: StrategyContext) -> dict[str, Tensor]:
         if self.config.file is not None:
-            from retain.importance_file import canonical_name, load_importance, statistics_for
-
             loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("ewc",))
             weights = {name: f"{canonical_name(name)}.weight" for name in layers}
             stats = statistics_for(loaded, list(weights.values()), self.config.file)
@@ -200,7 +199,7 @@ class EwcLora(Strategy):
                     module.get_base_layer().weight.device
                 )
             return out
-        examples = select_examples(
+        examples = seeded_subset(
             ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
         )
         return self._estimate(layers, examples, ctx, self.config.seed)

@@ -35,10 +35,11 @@ from torch import nn
 from torch.func import functional_call
 
 from retain.config import DataConfig
+from retain.data.sampling import sample_indices, seeded_generator
 from retain.losses.distill import bhattacharyya_distance
+from retain.models.runtime import align_to_inputs, reference_forward, trainable_parameters
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
-from retain.teacher import align_to_inputs, reference_forward
 
 logger = logging.getLogger("retain")
 
@@ -54,10 +55,6 @@ class FipConfig(StrategyConfig):
     max_step_norm: float | None = Field(None, gt=0.0, description="Bound on each update's L2 norm (null: none).")
     eps_add: float = Field(0.0, ge=0.0, description="Added inside the square root (authors' stabiliser); 0: exact.")
     seed: int = Field(0, description="Seed of the pool's choice and order.")
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def snapshot(parameters: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -108,7 +105,7 @@ class FunctionallyInvariantPaths(Strategy):
         """Fix the task's pool: ``indices`` into its candidates, or a fresh seeded draw when None."""
         source, candidates = self._candidates(task, ctx)
         if indices is None:
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + task.index)
+            generator = seeded_generator(self.config.seed, task.index)
             indices = sorted(torch.randperm(len(candidates), generator=generator)[: self.config.pool_size].tolist())
         self._pool_source, self._pool_task, self._pool_indices = source, task.index, indices
         self._pool = [candidates[i] for i in indices]
@@ -143,8 +140,6 @@ class FunctionallyInvariantPaths(Strategy):
         model = ctx.unwrapped_model
         if self._anchor is None:
             self._take_anchor(model, ctx)
-        from retain.train.loop import sample_indices
-
         picks = sample_indices(len(self._pool), self.config.seed, self._cursor, self.config.pool_batch)
         self._cursor += self.config.pool_batch
         pool_batch = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in picks]).items()}

@@ -11,7 +11,7 @@ import fnmatch
 from pydantic import Field, model_validator
 from torch import nn
 
-from retain.config import ConfigError
+from retain.errors import ConfigError
 from retain.strategies.base import Strategy, StrategyConfig, StrategyContext
 from retain.strategies.registry import register_strategy
 

@@ -35,11 +35,15 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
-from retain.config import ConfigError, DataConfig
-from retain.fisher import path_integral_importance, select_examples, trainable_parameters
-from retain.losses.quadratic import LayerBalance, layer_coefficients, layer_of, penalty_per_layer, si_importance
+from retain.config import DataConfig
+from retain.data.sampling import seeded_subset
+from retain.errors import ConfigError
+from retain.losses.quadratic import LayerBalance, layer_coefficients, layer_of, penalty_per_layer
+from retain.models.runtime import trainable_parameters
+from retain.stats.files import load_importance, statistics_for
+from retain.stats.path_integral import path_integral_importance, si_importance
+from retain.strategies._shared.calibration import DTYPES, check_same_parameters, detached_copy, on_device
 from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
-from retain.strategies.ewc import _DTYPES, check_same_parameters, detached_copy, on_device
 from retain.strategies.registry import register_strategy
 
 
@@ -208,19 +212,17 @@ class Importance(Strategy):
         return self._params
 
     def _set_omega(self, omega: dict[str, Tensor]) -> None:
-        dtype = _DTYPES[self.config.state_dtype]
+        dtype = DTYPES[self.config.state_dtype]
         self.omega_raw = {n: t.to(dtype) for n, t in omega.items()}
         weights = normalized(self.omega_raw) if self.config.normalize else self.omega_raw
         self._weights = {n: t.to(dtype) for n, t in weights.items()}
 
     def _general_importance(self, params: dict[str, nn.Parameter], ctx: StrategyContext) -> dict[str, Tensor]:
         if self.config.file is not None:
-            from retain.importance_file import load_importance, statistics_for
-
             loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("importance",))
             stats = statistics_for(loaded, list(params), self.config.file)
             return {n: stats[n].to(params[n].device, torch.float32) for n in params}
-        examples = select_examples(
+        examples = seeded_subset(
             ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
         )
         start = time.perf_counter()

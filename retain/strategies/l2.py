@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
-from retain.fisher import trainable_parameters
 from retain.losses.quadratic import quadratic_penalty
+from retain.models.runtime import trainable_parameters
+from retain.strategies._shared.calibration import check_same_parameters, detached_copy, on_device
 from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
-from retain.strategies.ewc import check_same_parameters, detached_copy, on_device
 from retain.strategies.registry import register_strategy
 
 

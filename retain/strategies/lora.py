@@ -27,7 +27,8 @@ class LoraConfig(StrategyConfig):
 
 
 def peft_lora_config(config: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig, TaskType
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType
 
     return PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM,

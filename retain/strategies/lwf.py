@@ -31,24 +31,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from retain.config import ConfigError, DataConfig
+from retain.config import DataConfig
+from retain.data.identity import batch_rows, example_key, examples_hash
+from retain.data.sampling import sample_indices, subset_indices
+from retain.errors import ConfigError
 from retain.losses.distill import kl_with_temperature, kl_with_temperature_topk, topk_teacher
+from retain.models.adapters import is_peft_model
+from retain.models.fingerprint import base_fingerprint
+from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward
+from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import get_strategy_class, register_strategy
-from retain.teacher import (
-    TokenTable,
-    align_to_inputs,
-    base_fingerprint,
-    batch_rows,
-    cache_file,
-    cached_table,
-    compute_table,
-    example_key,
-    examples_hash,
-    frozen_copy,
-    is_peft_model,
-    reference_forward,
-)
 
 logger = logging.getLogger("retain")
 
@@ -74,14 +67,6 @@ class LwfConfig(StrategyConfig):
         if self.anchor == "task" and (self.data is not None or self.pool_size is not None):
             raise ValueError("'data' and 'pool_size' choose general anchors: set anchor: general to use them")
         return self
-
-
-def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
-    """``size`` of ``range(n)`` chosen by ``seed``, in ascending order (all of them when size is None)."""
-    if size is None or size >= n:
-        return list(range(n))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=generator)[:size].tolist())
 
 
 def gather_topk(table: TokenTable, indices: list[int | None], seq_len: int, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,7 +134,7 @@ class LearningWithoutForgetting(Strategy):
             self._teacher_copy = frozen_copy(model)
         if self.config.anchor == "general":
             examples = ctx.general_examples(self.config.data, "lwf")
-            self._pool = [examples[i] for i in seeded_subset(len(examples), self.config.pool_size, self.config.seed)]
+            self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, self.config.seed)]
             if not self._pool:
                 raise ConfigError("lwf: the general anchor data has no examples")
         if source == "cached_topk":
@@ -214,8 +199,6 @@ class LearningWithoutForgetting(Strategy):
             self._teacher_copy.to(ctx.device)
 
     def _next_anchor_batch(self, ctx: StrategyContext) -> tuple[Batch, list[int]]:
-        from retain.train.loop import sample_indices
-
         indices = sample_indices(len(self._pool), self.config.seed, self._cursor, self.config.anchor_batch_size)
         self._cursor += self.config.anchor_batch_size
         batch = ctx.collate([self._pool[i] for i in indices])

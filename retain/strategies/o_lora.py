@@ -28,8 +28,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from retain.config import ConfigError
+from retain.errors import ConfigError
 from retain.losses.subspace import l2_norm_penalty, orthogonality_penalty
+from retain.models.adapters import lora_layers
 from retain.strategies.base import Strategy, StrategyContext, TaskInfo
 from retain.strategies.lora import LoraConfig, peft_lora_config
 from retain.strategies.registry import register_strategy
@@ -55,13 +56,6 @@ def _untouched_rng(model: nn.Module):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, peft LoRA layer) pairs of the model, in module order."""
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
 @register_strategy("o-lora")
 class OLora(Strategy):
     Config = OLoraConfig
@@ -84,7 +78,7 @@ class OLora(Strategy):
         self.history_rank = 0  # rank of the frozen stack in HISTORY; 0 while the first task trains it
         self.has_current = False
         model = get_peft_model(model, self._peft_config(self.config.r), adapter_name=HISTORY)
-        if any(HISTORY in getattr(m, "lora_embedding_A", {}) for _, m in lora_layers(model)):
+        if any(HISTORY in getattr(m, "lora_embedding_A", {}) for _, m in lora_layers(model).items()):
             raise ConfigError("o-lora adapts linear layers only; remove embedding layers from target_modules")
         self.peft_model = model  # the object stays the same under accelerate's wrapper
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -93,7 +87,7 @@ class OLora(Strategy):
     def _set_trainable(self, peft_model: nn.Module) -> None:
         """Only the adapter being learned trains: HISTORY during the first task, CURRENT afterwards."""
         training = CURRENT if self.has_current else (HISTORY if self.history_rank == 0 else None)
-        for _, layer in lora_layers(peft_model):
+        for _, layer in lora_layers(peft_model).items():
             for name in list(layer.lora_A.keys()):
                 for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
                     p.requires_grad_(name == training)
@@ -112,7 +106,7 @@ class OLora(Strategy):
             peft_model.add_adapter(HISTORY, self._peft_config(rank))
         peft_model.base_model.set_adapter(active)
         with torch.no_grad():
-            for name, layer in lora_layers(peft_model):
+            for name, layer in lora_layers(peft_model).items():
                 a, b = tensors[name]
                 layer.lora_A[HISTORY].weight.copy_(a)
                 layer.lora_B[HISTORY].weight.copy_(b)
@@ -121,7 +115,7 @@ class OLora(Strategy):
     def _history_tensors(self, peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {
             name: (layer.lora_A[HISTORY].weight.detach().clone(), layer.lora_B[HISTORY].weight.detach().clone())
-            for name, layer in lora_layers(peft_model)
+            for name, layer in lora_layers(peft_model).items()
         }
 
     # ---- hooks ----------------------------------------------------------------------------------
@@ -130,7 +124,7 @@ class OLora(Strategy):
         """(A_past, A_new) per layer for the orthogonality term; empty while the first task trains."""
         self._pairs = [
             (layer.lora_A[HISTORY].weight, layer.lora_A[CURRENT].weight)
-            for _, layer in lora_layers(self.peft_model)
+            for _, layer in lora_layers(self.peft_model).items()
             if self.has_current
         ]
 
@@ -144,7 +138,7 @@ class OLora(Strategy):
             return {}
         terms = {"orthogonality": self.config.lambda1 * orthogonality_penalty(self._pairs)}
         if self.config.lambda2 > 0:
-            new = [p for _, layer in lora_layers(self.peft_model) for p in (layer.lora_A[CURRENT].weight, layer.lora_B[CURRENT].weight)]
+            new = [p for _, layer in lora_layers(self.peft_model).items() for p in (layer.lora_A[CURRENT].weight, layer.lora_B[CURRENT].weight)]
             terms["l2"] = self.config.lambda2 * l2_norm_penalty(new)
         return terms
 
@@ -157,7 +151,7 @@ class OLora(Strategy):
                     torch.cat([layer.lora_A[HISTORY].weight, layer.lora_A[CURRENT].weight], dim=0).detach(),
                     torch.cat([layer.lora_B[HISTORY].weight, layer.lora_B[CURRENT].weight], dim=1).detach(),
                 )
-                for name, layer in lora_layers(peft_model)
+                for name, layer in lora_layers(peft_model).items()
             }
             peft_model.base_model.set_adapter(HISTORY)
             peft_model.delete_adapter(CURRENT)

@@ -29,7 +29,8 @@ class PromptTuning(Strategy):
     wraps_model = True
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        from peft import PromptTuningConfig as PeftPromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+        from peft import PromptTuningConfig as PeftPromptTuningConfig
+        from peft import PromptTuningInit, TaskType, get_peft_model
 
         kwargs = {}
         if self.config.init == "text":

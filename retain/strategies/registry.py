@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pydantic import ValidationError
 
-from retain.config import ConfigError, closest_name
+from retain.config import closest_name
+from retain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from retain.config import StrategySpec
+    from retain.config import RunConfig, StrategySpec
     from retain.strategies.base import Strategy
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -105,8 +106,10 @@ def check_compatible(strategies: list["Strategy"]) -> None:
                 )
 
 
-def validate_strategy_specs(specs: list["StrategySpec"], source: str) -> None:
+def validate_run_config(config: "RunConfig", source: str = "the run config") -> list["Strategy"]:
+    """Build the run's strategies from its config (parameters, compatibility): every config mistake a
+    strategy can see is refused here, before a model is loaded."""
     try:
-        build_strategies(specs)
+        return build_strategies(config.strategies)
     except ConfigError as err:
-        raise ConfigError(f"invalid config in {source}: {err}") from None
+        raise ConfigError(f"invalid config in {source}: {err}", hint=err.hint) from None

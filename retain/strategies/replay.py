@@ -3,7 +3,7 @@
 Ibrahim et al. 2024 (continual pre-training) find even 1% replay helps, 5% suffices for weak shifts
 and 25-50% is needed for strong ones; the default is 5%.
 
-Where the rows come from: a bounded :class:`~retain.replay_buffer.ReplayBuffer`. After each task its
+Where the rows come from: a bounded :class:`~retain.data.replay_buffer.ReplayBuffer`. After each task its
 training examples are streamed into the buffer (reservoir sampling, so the buffer keeps a uniform sample
 however long the task); a general pool (this strategy's ``data``, or the run's ``general_data``) is
 streamed in before the first task. The buffer splits its capacity evenly across sources and draws rows
@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from retain.config import DataConfig
-from retain.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
+from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
 

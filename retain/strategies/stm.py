@@ -29,20 +29,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from retain.data.identity import batch_rows, example_key, examples_hash
+from retain.data.sampling import seeded_generator
 from retain.losses.distill import IGNORE_INDEX, next_token_cross_entropy, stm_drop_mask
+from retain.models.fingerprint import base_fingerprint, model_fingerprint
+from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
-from retain.teacher import (
-    TokenTable,
-    base_fingerprint,
-    batch_rows,
-    cache_file,
-    cached_table,
-    compute_table,
-    current_fingerprint,
-    example_key,
-    examples_hash,
-)
 
 logger = logging.getLogger("retain")
 
@@ -125,7 +118,7 @@ class SelectiveTokenMasking(Strategy):
                 for each in ctx.tasks:
                     self._precompute(each, ctx, fingerprint, adapters_off=True)
         else:
-            self._precompute(task, ctx, current_fingerprint(ctx.unwrapped_model), adapters_off=False)
+            self._precompute(task, ctx, model_fingerprint(ctx.unwrapped_model), adapters_off=False)
         self._report(task, ctx)
         self._lookup_for(task, ctx)  # index the task's examples now, not inside the first training step
 
@@ -142,7 +135,7 @@ class SelectiveTokenMasking(Strategy):
             table, hit = cached_table(cache_file(ctx.cache_dir, "stm", fingerprint, data_hash), metadata, compute)
         else:
             table, hit = compute(), False
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + task.index)
+        generator = seeded_generator(self.config.seed, task.index)
         masks, keep_position, keep_ce = drop_masks(examples, table, self.config, generator)
         self._keep_position[task.index], self._keep_ce[task.index] = keep_position, keep_ce
         self._drop[task.index] = torch.cat(masks).to(torch.uint8) if masks else torch.zeros(0, dtype=torch.uint8)

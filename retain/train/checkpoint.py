@@ -9,18 +9,19 @@ strategy tensors are safetensors (no pickle for weights); optimizer/scheduler st
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from retain.errors import StateError
+from retain.io import atomic_dir, remove_stale_temporaries
 
 CHECKPOINT_VERSION = 1
 _PREFIX = "step-"
@@ -34,58 +35,6 @@ class Position:
     step_in_task: int
     global_step: int
     task_started: bool  # before_task already ran for task_index (its effects live in strategy state)
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir() if path.is_dir() else []:
-        if child.is_file():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +139,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     own.update(dict(model.named_buffers()))
     unknown = sorted(set(weights) - set(own))
     if unknown:
-        raise RuntimeError(
+        raise StateError(
             f"checkpoint has weights this model lacks (e.g. {unknown[:3]}); was it written by another config?"
         )
     with torch.no_grad():
@@ -238,8 +187,7 @@ def save_checkpoint(
 def _prune(directory: Path, keep: int) -> None:
     for stale in sorted(directory.glob(f"{_PREFIX}*"))[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
-    for leftover in directory.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_stale_temporaries(directory)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -265,7 +213,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
-        raise RuntimeError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+        raise StateError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
     optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
     scheduler = torch.load(path / "scheduler.pt", weights_only=True) if (path / "scheduler.pt").exists() else None
     return LoadedCheckpoint(

@@ -12,19 +12,18 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from retain.data.sampling import sample_indices
+from retain.errors import ConfigError, DivergenceError
 from retain.strategies.base import StrategyContext, TaskInfo
 from retain.strategies.compose import Hybrid
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+NonFiniteLossError = DivergenceError  # the name earlier releases exported
 
 
 def seed_everything(seed: int) -> None:
@@ -33,26 +32,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@lru_cache(maxsize=8)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(n, generator=generator).tolist())
-
-
-def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Example indices at global sample positions ``start .. start+count``: a fresh seeded permutation
-    per epoch, computed from the position alone, so a resumed run sees exactly the same data order."""
-    out = []
-    for position in range(start, start + count):
-        epoch, offset = divmod(position, n)
-        out.append(_epoch_permutation(n, seed, epoch)[offset])
-    return out
-
-
 def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
-        raise RuntimeError("no parameter is trainable: check the strategies (e.g. freeze.trainable matches nothing)")
+        raise ConfigError("no parameter is trainable: check the strategies (e.g. freeze.trainable matches nothing)")
     decay = [p for p in parameters if p.ndim >= 2]
     no_decay = [p for p in parameters if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -128,7 +111,7 @@ def train_task(
                     loss = outputs.loss + sum(terms.values()) if terms else outputs.loss
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise NonFiniteLossError(
+                    raise DivergenceError(
                         f"loss became {value} at task '{task.name}' step {step} "
                         f"(task loss {outputs.loss.item()}, terms {({k: v.item() for k, v in terms.items()})}). "
                         "Lower train.lr, keep train.max_grad_norm set, or check the data; the last good "

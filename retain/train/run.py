@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -21,8 +20,13 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from retain.config import ConfigError, RunConfig
-from retain.strategies import Hybrid, StrategyContext, TaskInfo, build_strategies
+from retain.config import RunConfig, load_config
+from retain.errors import StateError
+from retain.io import atomic_write_text, default_cache_dir
+from retain.models.adapters import is_peft_model
+from retain.models.export import save_model_dir
+from retain.strategies import Hybrid, StrategyContext, TaskInfo
+from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
 from retain.train.loop import TaskStats, build_optimizer, build_scheduler, seed_everything, train_task
 from retain.train.progress import TaskProgress
@@ -51,10 +55,6 @@ class RunOutcome:
     observer: Any = None
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RETAIN_CACHE_DIR", Path.home() / ".cache" / "retain"))
-
-
 def config_fingerprint(config: RunConfig) -> str:
     """Hash of everything that changes the trained weights (not logging or progress options)."""
     data = config.model_dump(mode="json")
@@ -72,41 +72,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def save_model_dir(
-    model: nn.Module, tokenizer: Any, out_dir: Path, *, merge: bool = False, as_full_model: bool = False
-) -> Path:
-    """A directory ``from_pretrained`` loads: the full model, or a peft adapter (+ ``merged/`` with merge).
-
-    ``as_full_model`` saves adapters folded into the weights as the main directory: needed when a
-    strategy merged earlier tasks' adapters into the base weights, so the adapter alone is not the model.
-    """
-    from peft import PeftModel
-
-    with ckpt.atomic_dir(Path(out_dir)) as tmp:
-        if as_full_model and isinstance(model, PeftModel):
-            merged_copy(model).save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            return Path(out_dir)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if merge and isinstance(model, PeftModel):
-            merged_model = merged_copy(model)
-            merged_model.save_pretrained(tmp / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "merged")
-    return Path(out_dir)
-
-
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain model with the adapters folded in; the training model is left untouched."""
-    import copy
-
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return model
-    if not hasattr(model.base_model, "merge_and_unload"):
-        raise ConfigError(f"output.merge: {model.peft_type} adapters cannot be merged into the weights")
-    return copy.deepcopy(model).merge_and_unload()
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run YAML validated completely: keys and values, then every strategy's parameters and needs."""
+    config = load_config(path, overrides)
+    validate_run_config(config, str(path))
+    return config
 
 
 def _load_tasks(config: RunConfig, tokenizer: Any) -> list[TaskInfo]:
@@ -123,19 +93,19 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> ckpt.Loa
     fingerprint = config_fingerprint(config)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not resume:
-        raise ConfigError(
+        raise StateError(
             f"{run_dir} already holds checkpoints of a run. Pass --resume to continue it, or choose another "
             "output.dir (e.g. --set output.dir=runs/new)."
         )
     recorded = run_dir / "fingerprint.txt"
     if latest is not None and recorded.exists() and recorded.read_text().strip() != fingerprint:
-        raise ConfigError(
+        raise StateError(
             f"{run_dir}: the config differs from the one this run was started with (see {run_dir}/config.yaml); "
             "resume with the same config, or start a new output.dir."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    ckpt.atomic_write_text(recorded, fingerprint)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(recorded, fingerprint)
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
@@ -158,6 +128,7 @@ def finetune(
     from retain.data import ensure_pad_token
     from retain.models.loading import load_model
 
+    hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
     run_dir = Path(config.output.dir)
     loaded = _prepare_run_dir(config, run_dir, resume)
     accelerator = Accelerator(
@@ -172,7 +143,6 @@ def finetune(
         model, tokenizer = load_model(config.model)
     tokenizer = ensure_pad_token(tokenizer)
     tasks = _load_tasks(config, tokenizer)
-    hybrid = Hybrid(build_strategies(config.strategies))
 
     from retain.data import collate
 
@@ -205,7 +175,7 @@ def finetune(
         ckpt.set_rng_state(loaded.rng)
         console_print(console, f"resuming from {loaded.path} (task {start_task}, step {start_step})")
 
-    full_weights = hybrid.modifies_frozen_weights or not _is_peft(accelerator.unwrap_model(model))
+    full_weights = hybrid.modifies_frozen_weights or not is_peft_model(accelerator.unwrap_model(model))
     all_stats: list[TaskStats] = []
     for task in tasks[start_task:]:
         ctx.task = task
@@ -276,12 +246,6 @@ def finetune(
         )
     accelerator.end_training()
     return RunOutcome(run_dir, final_dir, unwrapped, tokenizer, all_stats, observer)
-
-
-def _is_peft(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def _flat_hparams(config: RunConfig) -> dict[str, Any]:

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from retain.data import IGNORE_INDEX, Example
-from retain.eval.tasks import eval_mode, model_device
+from retain.io import atomic_write_text
+from retain.models.runtime import eval_mode, model_device
 
 Record = dict[str, str]
 Demonstration = str | Mapping[str, str]
@@ -406,12 +407,7 @@ def example_as_demonstration(example: Example, tokenizer: Any) -> Demonstration:
 
 def save_jsonl(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write one JSON object per line, atomically (a temp file renamed into place)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records))
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[Record]:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from retain.config import ConfigError
+from retain.cli.app import command, console
+from retain.errors import ConfigError
 
 importance_app = typer.Typer(
     help="Compute EWC Fisher or element-wise importance once and save it for later runs.",
@@ -22,9 +22,6 @@ importance_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
 
 @importance_app.callback()
 def importance_group() -> None:
@@ -32,6 +29,7 @@ def importance_group() -> None:
 
 
 @importance_app.command()
+@command
 def compute(
     model: str = typer.Option(..., "--model", help="Model directory or hub id (the statistics are tied to its weights)."),
     data: Path = typer.Option(..., "--data", help="General text (jsonl/txt/csv/...) representative of what must be kept."),
@@ -49,15 +47,11 @@ def compute(
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype at load time."),
 ) -> None:
     """Compute statistics of every weight of MODEL over DATA and write them (no text) to OUT."""
-    try:
-        path, seconds, count = compute_importance(
-            model=model, data=data, method=method, out=out, estimator=estimator, samples=samples,
-            max_examples=max_examples, max_length=max_length, batch_size=batch_size, lr=lr, steps=steps,
-            xi=xi, seed=seed, dtype=dtype,
-        )
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(2)
+    path, seconds, count = compute_importance(
+        model=model, data=data, method=method, out=out, estimator=estimator, samples=samples,
+        max_examples=max_examples, max_length=max_length, batch_size=batch_size, lr=lr, steps=steps,
+        xi=xi, seed=seed, dtype=dtype,
+    )
     console.print(f"[green]wrote[/] {path} ({method}, {count} examples/steps, {seconds:.1f}s)")
 
 
@@ -83,9 +77,11 @@ def compute_importance(
 
     from retain.config import DataConfig, ModelConfig
     from retain.data import build_task_data, collate
-    from retain.fisher import diagonal_fisher, path_integral_importance, select_examples
-    from retain.importance_file import save_importance
+    from retain.data.sampling import seeded_subset
     from retain.models.loading import load_model
+    from retain.stats.files import save_importance
+    from retain.stats.fisher import diagonal_fisher
+    from retain.stats.path_integral import path_integral_importance
 
     if method not in ("ewc", "importance"):
         raise ConfigError(f"--method must be ewc or importance, got '{method}'")
@@ -95,7 +91,7 @@ def compute_importance(
     for parameter in network.parameters():
         parameter.requires_grad_(True)
     examples = build_task_data(DataConfig(path=str(data), max_length=max_length), tokenizer, seed=seed).train
-    examples = select_examples(examples, max_examples, seed)
+    examples = seeded_subset(examples, max_examples, seed)
     pad_id = tokenizer.pad_token_id
     params = {n: p for n, p in network.named_parameters()}
     start = time.perf_counter()

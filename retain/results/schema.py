@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retain.errors import DataError
+from retain.io import atomic_write_text
 
 SCHEMA_VERSION = "1.0"
 
@@ -156,7 +158,6 @@ class Results(SchemaModel):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (temp file in the same folder, then os.replace): never a half file."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, self.to_json())
         return target
 
@@ -164,37 +165,23 @@ class Results(SchemaModel):
     def load(cls, path: str | os.PathLike[str]) -> "Results":
         """Read a results file, refusing an unknown major schema version with a message naming it."""
         source = Path(path)
+        if not source.is_file():
+            raise DataError(f"results file not found: {source}", hint="pass the results.json a train, bench or demo run wrote")
         try:
             data = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: not a JSON results file ({exc})") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{source}: not a JSON results file ({exc})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object at the top level")
+            raise DataError(f"{source}: expected a JSON object at the top level")
         version = str(data.get("schema_version", "<missing>"))
         if _major(version) != _major(SCHEMA_VERSION):
-            raise ValueError(
+            raise DataError(
                 f"{source}: results schema_version {version!r} is not supported by this retain "
                 f"(reads {_major(SCHEMA_VERSION)}.x); use a matching retain version to read it"
             )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ValueError(f"{source}: invalid results file:\n{exc}") from exc
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write text to path via a temp file and os.replace, so readers never see a partial file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DataError(f"{source}: invalid results file: '{where}': {first['msg']} ({exc.error_count()} problem(s))") from None

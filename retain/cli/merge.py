@@ -1,5 +1,5 @@
 """``retain merge``: WiSE-FT interpolation of a fine-tuned model (or LoRA adapter) with its base, an alpha
-sweep against an eval suite, and TIES/DARE merging of several adapters. Library code: ``retain.merge``."""
+sweep against an eval suite, and TIES/DARE merging of several adapters. Library code: ``retain.models.merging``."""
 
 from __future__ import annotations
 
@@ -7,18 +7,10 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from retain.config import ConfigError
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+from retain.cli.app import console, err_console
+from retain.cli.app import fail as _fail
 
 
 def _device():
@@ -49,9 +41,9 @@ def run_suite_of(tuned: str) -> Path | None:
 
 def _load(base: str, tuned: list[str], method: str, weights: list[float] | None, density: float, seed: int):
     """(working model, tokenizer, set_alpha(alpha) -> model, save(model, dir)) for full models or adapters."""
-    from retain.merge import AdapterScaler, FullInterpolator, merge_adapters
-    from retain.models.loading import is_adapter_dir, load_model, load_tokenizer
     from retain.config import ModelConfig
+    from retain.models.loading import is_adapter_dir, load_model, load_tokenizer
+    from retain.models.merging import AdapterScaler, FullInterpolator, merge_adapters
 
     adapters = [is_adapter_dir(t) for t in tuned]
     base_model, tokenizer = load_model(ModelConfig(name_or_path=base))
@@ -94,7 +86,7 @@ def _load(base: str, tuned: list[str], method: str, weights: list[float] | None,
 
 
 def _write(model: Any, tokenizer: Any, save: Callable[[Any, Path], None], out: Path) -> None:
-    from retain.train.checkpoint import atomic_dir
+    from retain.io import atomic_dir
 
     with atomic_dir(out) as tmp:
         save(model, tmp)
@@ -104,7 +96,7 @@ def _write(model: Any, tokenizer: Any, save: Callable[[Any, Path], None], out: P
 def _with_run_results(results: Any, tuned: str) -> Any:
     """Put the tuned run's own results (``<run>/results.json``) in front of the sweep, so one report shows
     the training run and its learning-vs-forgetting curve over alpha."""
-    from retain.report.schema import Results
+    from retain.results.schema import Results
 
     run_dir = run_dir_of(tuned)
     if run_dir is None or not (run_dir / "results.json").is_file():
@@ -118,7 +110,7 @@ def _with_run_results(results: Any, tuned: str) -> Any:
 
 
 def _print_sweep(result: Any) -> None:
-    from retain.report.summary import fmt_num
+    from retain.results.summary import fmt_num
 
     table = Table(title="WiSE-FT sweep")
     for header in ("alpha", "new task", "general", "forgetting (1 - retention)"):
@@ -151,7 +143,8 @@ def merge_command(
     seed: int = typer.Option(0, "--seed", help="Seed of DARE's random drops."),
 ) -> None:
     """Interpolate a fine-tuned model with its base (WiSE-FT), sweep alpha against forgetting, or merge adapters."""
-    from retain.merge import MERGE_METHODS, alpha_sweep, parse_alphas, sweep_results
+    from retain.eval.sweep import alpha_sweep, parse_alphas, sweep_results
+    from retain.models.merging import MERGE_METHODS
 
     if method not in ("auto", "wise-ft", *MERGE_METHODS):
         _fail(f"unknown --method '{method}'; choose wise-ft or one of {', '.join(MERGE_METHODS)}")
@@ -167,7 +160,7 @@ def merge_command(
         _fail("--max-forgetting picks an alpha from a sweep: pass --alpha sweep")
     try:
         model, tokenizer, at, save = _load(base, list(tuned), method, parsed_weights, density, seed)
-    except (ConfigError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:
         _fail(str(err))
 
     if alphas is None:
@@ -183,7 +176,7 @@ def merge_command(
     try:
         suite_config = load_suite(suite_path)
         result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size), max_forgetting)
-    except (ConfigError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:
         _fail(str(err))
     from retain.report import write_report
 

@@ -2,7 +2,7 @@
 (GDPR, HIPAA, licences). Self-Synthesized Rehearsal, Huang et al., ACL 2024 (code DeepLearnXMU/SSR).
 
 Before the first task, the base model (adapters disabled when the run wraps it with peft) generates one
-set per source (see :mod:`retain.synthetic_generation` for the pipeline):
+set per source (see :mod:`retain.strategies.synthetic_replay.generation` for the pipeline):
 - each task listed under ``tasks`` from its ``description`` and ``demonstrations`` (texts or
   ``{prompt, completion}`` pairs that the user supplies), or, with ``demonstrations_from_data: N``, from
   N examples of the task's own training data chosen by seed: those N are the only real examples kept;
@@ -31,12 +31,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from retain.config import ConfigError, StrictModel
-from retain.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
+from retain.config import StrictModel
+from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
+from retain.errors import ConfigError
+from retain.io import atomic_write_text
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
-from retain.train.checkpoint import atomic_write_text
-from retain.synthetic_generation import (
+from retain.strategies.synthetic_replay.generation import (
     SamplingSettings,
     example_as_demonstration,
     load_jsonl,

@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from retain.eval import metrics
-from retain.report.schema import Results, Score, StepRecord, StrategyRun, Summary
+from retain.results import metrics
+from retain.results.schema import Results, Score, StepRecord, StrategyRun, Summary
 
 Series = tuple[str, list[float], list[float | None]]
 """A plotted line: (label, xs, ys); a None y is a gap."""

@@ -7,13 +7,12 @@ and a hash of the token ids used. It holds no text: only per-weight numbers and 
 The fingerprint covers the model's configuration and the names, dtypes, shapes and bytes of its
 *base* weights, under canonical names (peft's ``base_model.model.`` prefix and ``.base_layer``
 removed, adapter weights skipped), so it is the same for a plain model and for that model wrapped
-with fresh LoRA adapters. That is why it is not ``retain.eval.cache.model_fingerprint``, which
+with fresh LoRA adapters. That is ``retain.models.fingerprint.base_fingerprint``, not ``model_fingerprint``, which
 (correctly, for evaluation caching) also hashes adapters and their configuration.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,63 +23,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from retain.config import ConfigError
+from retain.data.identity import examples_hash
+from retain.errors import ConfigError
+from retain.io import atomic_file
+from retain.models.adapters import canonical_name, is_adapter_parameter
+from retain.models.fingerprint import base_fingerprint
 
 FORMAT = "retain-importance"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the fingerprint is retain.models.fingerprint.base_fingerprint
 METHODS = ("ewc", "importance")
-_ADAPTER_MARKERS = ("lora_", "prompt_encoder", "modules_to_save", "original_module")
 
 
 class ImportanceFileError(ConfigError):
     """An importance file that cannot be used here (another model, another method, unreadable)."""
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's name in the plain model: without peft's wrapper prefix and ``base_layer`` hop."""
-    for prefix in ("base_model.model.", "module."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.replace(".base_layer.", ".")
-
-
-def is_adapter_parameter(name: str) -> bool:
-    return any(marker in name for marker in _ADAPTER_MARKERS)
-
-
-def base_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """The base model's parameters under canonical names (adapters skipped)."""
-    return {canonical_name(n): p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
-
-
-def _config_json(model: nn.Module) -> str:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    parts: dict[str, Any] = {"class": type(base).__name__}
-    if config is not None and hasattr(config, "to_dict"):
-        parts["config"] = {
-            k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
-        }
-    return json.dumps(parts, sort_keys=True, default=str)
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """sha256 over the configuration and every base weight (name, dtype, shape, raw bytes)."""
-    digest = hashlib.sha256(b"retain-importance-fingerprint-v1")
-    digest.update(_config_json(model).encode())
-    for name, tensor in sorted(base_parameters(model).items()):
-        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        flat = tensor.detach().contiguous().reshape(-1).to("cpu")
-        digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def examples_hash(examples: Sequence[Any]) -> str:
-    """sha256 of the token ids and loss masks of the examples used (identifies the data, holds no text)."""
-    digest = hashlib.sha256(b"retain-examples-v1")
-    for example in examples:
-        digest.update(json.dumps([list(example.input_ids), list(example.labels)]).encode())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -116,7 +71,6 @@ def save_importance(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got '{method}'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {canonical_name(n): t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
     metadata = {
         "format": FORMAT,
@@ -126,12 +80,11 @@ def save_importance(
         "estimator": estimator,
         "samples": str(samples),
         "examples": str(len(examples)),
-        "data_hash": examples_hash(examples),
+        "data_hash": examples_hash(examples, with_labels=True),
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(data, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file(data, str(tmp), metadata=metadata)
     return path
 
 

@@ -1,0 +1,43 @@
+"""``retain eval``: score one model, hub id or adapter directory on a suite, with no training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from retain.cli.app import SetOption, app, command, console
+
+
+@app.command("eval")
+@command
+def eval_command(
+    model: str = typer.Argument(..., help="Model directory, hub id, or adapter directory."),
+    suite: Path = typer.Option(..., "--suite", help="Suite YAML listing the evaluations."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
+    batch_size: int = typer.Option(16, help="Evaluation batch size."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Score one model or adapter directory on a suite, with no training."""
+    from rich.table import Table
+
+    from retain.eval.suite import evaluate_suite, load_suite
+    from retain.io import atomic_write_text
+    from retain.models.loading import load_any
+
+    suite_config = load_suite(suite, list(set_ or []))
+    loaded, tokenizer = load_any(model)
+    scores = evaluate_suite(loaded, tokenizer, suite_config, batch_size)
+    table = Table(title=f"{model} on {suite}")
+    for column in ("eval", "metric", "value", "better", "role", "n"):
+        table.add_column(column)
+    for key, score in scores.items():
+        better = "higher" if score.higher_is_better else "lower"
+        table.add_row(key, score.metric, f"{score.value:.4f}", better, score.role, str(score.n))
+    console.print(table)
+    if out is not None:
+        payload = {k: json.loads(v.model_dump_json()) for k, v in scores.items()}
+        atomic_write_text(out, json.dumps({"model": model, "suite": str(suite), "scores": payload}, indent=2))
+        console.print(f"scores: {out}")

@@ -1,0 +1,55 @@
+"""``retain report`` and ``retain gate``: read a results.json, show it, or refuse a model on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from retain.cli.app import app, command, console, err_console
+from retain.errors import EXIT_GATE
+
+
+@app.command()
+@command
+def report(
+    results: Path = typer.Argument(..., help="results.json written by train, bench or demo."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: report.html beside results)."),
+) -> None:
+    """Write a self-contained HTML report and print the markdown summary."""
+    from retain.report.html import write_report
+    from retain.report.markdown import summary_table_markdown
+    from retain.results.schema import Results
+
+    loaded = Results.load(results)
+    target = out or results.with_name("report.html")
+    write_report(loaded, target)
+    typer.echo(summary_table_markdown(loaded))
+    console.print(f"report: {target}")
+
+
+@app.command()
+@command
+def gate(
+    results: Path = typer.Argument(..., help="results.json to check."),
+    max_forgetting: Optional[float] = typer.Option(None, help="Upper bound on forgetting (general drop for one task)."),
+    min_new_task: Optional[float] = typer.Option(None, help="Lower bound on the new task's score."),
+    min_general_retention: Optional[float] = typer.Option(None, help="Lower bound on general retention."),
+    max_kl: Optional[float] = typer.Option(None, help="Upper bound on KL(base || model) on the probes."),
+    strategy: Optional[str] = typer.Option(None, help="Check only this strategy run."),
+) -> None:
+    """Exit 1 naming each violated bound, so a pipeline can refuse a model that forgot too much."""
+    from retain.report.gate import check_gate
+    from retain.results.schema import Results
+
+    loaded = Results.load(results)
+    violations = check_gate(
+        loaded, max_forgetting=max_forgetting, min_new_task=min_new_task,
+        min_general_retention=min_general_retention, max_kl=max_kl, strategy=strategy,
+    )
+    if violations:
+        for violation in violations:
+            err_console.print(f"[bold red]FAIL[/] {violation}")
+        raise typer.Exit(EXIT_GATE)
+    console.print("[green]PASS[/] every bound holds")

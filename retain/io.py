@@ -1,0 +1,176 @@
+"""Files that are never half-written, folders that are never half-replaced, and content hashes.
+
+Every write in retain goes through :func:`atomic_file` / :func:`atomic_write_text` /
+:func:`atomic_dir`: the content is written under a unique temporary name beside the target (so two
+writers never collide and a killed process leaves the previous version intact), flushed to disk and
+renamed into place. ``OSError`` becomes :class:`~retain.errors.OutputError` naming the target path
+and the cause (disk full, permission, not a folder).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from retain.errors import OutputError, output_error
+
+
+def default_cache_dir() -> Path:
+    """``$RETAIN_CACHE_DIR`` or ``~/.cache/retain``: base-model imports, eval scores, statistics."""
+    return Path(os.environ.get("RETAIN_CACHE_DIR") or Path.home() / ".cache" / "retain").expanduser()
+
+
+@contextmanager
+def output_errors(path: str | os.PathLike[str], action: str = "write") -> Iterator[None]:
+    """Turn an ``OSError`` raised inside the block into an ``OutputError`` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        raise output_error(path, err, action) from err
+
+
+def _make_parent(path: Path) -> None:
+    with output_errors(path.parent, "create the folder"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # pragma: no cover - mkdir raises first on most systems
+            raise NotADirectoryError(20, "Not a directory", str(path.parent))
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (and its regular files) to disk; a no-op where folders cannot be opened."""
+    if path.is_dir():
+        for child in path.iterdir():
+            if child.is_file():
+                fsync_file(child)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a unique temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    The file gets the mode a plain ``open()`` would give it (or the mode of the file it replaces).
+    """
+    target = Path(path)
+    _make_parent(target)
+    with output_errors(target):
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with output_errors(target):
+            os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+            fsync_file(tmp)
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_file(path) as tmp:
+        with output_errors(path):
+            tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: object, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False))
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    A folder already at ``final`` is moved aside first and deleted after the rename, so at every
+    moment either the old or the new folder is complete. On failure the temporary folder is removed
+    and ``final`` is untouched.
+    """
+    final = Path(final)
+    _make_parent(final)
+    with output_errors(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        with output_errors(final):
+            fsync_dir(tmp)
+            if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+                os.replace(final, old / final.name)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what killed writers left behind in ``folder`` (``.tmp-*`` / ``.old-*`` names)."""
+    for pattern in (".tmp-*", ".old-*"):
+        for leftover in folder.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Content hashes
+
+
+@functools.lru_cache(maxsize=512)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (memoized by path, modification time and size)."""
+    stat = os.stat(path)
+    return _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def content_hash(path: str | os.PathLike[str]) -> str | None:
+    """sha256 of a file, or of a folder's sorted (relative name, file hash) list; None if not local.
+
+    Hidden files and folders are skipped, so caches and editor files do not change the hash.
+    """
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+        listing = [(str(f.relative_to(p)), file_sha256(f)) for f in files]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return None

@@ -1,0 +1,201 @@
+"""Diagonal Fisher information of weights (EWC) and of LoRA updates (EWC-LoRA).
+
+Estimators (see ``retain.stats.per_example`` for what an example and a sampled label are):
+
+- ``empirical``: ``F = 1/N sum_n g_n^2``, ``g_n`` the gradient of example n's loss on its own tokens.
+  Computed **per example**: a loop of one forward/backward per example (batch of one, no padding).
+  ``torch.func.vmap`` was not used: it fails on GPT-2 (data-dependent control flow) and falls back to
+  slow per-sample SDPA kernels on others, while the loop works for any model, wrapped or not, with the
+  memory of one gradient.
+- ``sampled``: as above, with the labels drawn from the model itself, ``samples`` draws per example,
+  averaged.
+- ``empirical_batch``: the square of batch-mean gradients, ``1/B sum_b (mean_{n in b} g_n)^2`` (what
+  Avalanche computes). Cheaper, a different quantity; only used when asked for by name.
+
+With several processes each process takes every ``world``-th example, and sums and counts are added
+across processes before dividing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from retain.models.runtime import eval_mode, model_device
+from retain.stats.per_example import (
+    Collate,
+    batches,
+    example_generator,
+    forward_logits,
+    has_label_tokens,
+    linear_per_example_grad_sq,
+    per_example_nll,
+    sampled_labels,
+    sum_across_processes,
+    to_device,
+    world_of,
+)
+
+Estimator = Literal["empirical", "sampled", "empirical_batch"]
+
+
+def _losses_for(
+    logits: Tensor, labels: Tensor, estimator: Estimator, samples: int, generators: Sequence[torch.Generator]
+) -> list[Tensor]:
+    """Per-row losses, one tensor (B,) per label draw: the data's labels, or ``samples`` sampled draws."""
+    if estimator == "sampled":
+        return [per_example_nll(logits, sampled_labels(logits, labels, generators)) for _ in range(samples)]
+    return [per_example_nll(logits, labels)]
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    examples: Sequence[Any],
+    collate: Collate,
+    *,
+    estimator: Estimator = "sampled",
+    samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    accelerator: Any | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """Diagonal Fisher (float32, on the parameters' device) of ``params`` over ``examples``.
+
+    Returns (Fisher, number of examples or batches it averages). ``.grad`` is not touched
+    (``torch.autograd.grad``), so it is safe between training steps. Pass the unwrapped model.
+    """
+    if estimator not in ("empirical", "sampled", "empirical_batch"):
+        raise ValueError(f"unknown Fisher estimator '{estimator}'; choose empirical, sampled or empirical_batch")
+    names = list(params)
+    tensors = [params[n] for n in names]
+    device = model_device(model)
+    world, rank = world_of(accelerator)
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def add_grads(loss: Tensor, scale: float, retain: bool) -> dict[str, Tensor]:
+        grads = torch.autograd.grad(loss, tensors, retain_graph=retain, allow_unused=True)
+        return {n: (g if g is not None else torch.zeros_like(p)) * scale for n, g, p in zip(names, grads, tensors)}
+
+    with eval_mode(model, no_grad=False):
+        if estimator == "empirical_batch":
+            for batch_examples in batches([e for e in examples if has_label_tokens(e)], batch_size):
+                mine = batch_examples[rank::world]
+                grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+                if mine:
+                    batch = to_device(collate(mine), device)
+                    loss = per_example_nll(forward_logits(model, batch), batch["labels"]).sum() / len(batch_examples)
+                    grads = {n: g.float() for n, g in add_grads(loss, 1.0, False).items()}
+                grads = sum_across_processes(grads, accelerator)  # the mean gradient of the whole batch
+                for n in names:
+                    total[n].add_(grads[n].pow(2))
+                count += 1
+        else:
+            for index in range(rank, len(examples), world):
+                example = examples[index]
+                if not has_label_tokens(example):
+                    continue
+                batch = to_device(collate([example]), device)
+                logits = forward_logits(model, batch)
+                generators = [example_generator(seed, index, device)] if estimator == "sampled" else []
+                losses = _losses_for(logits, batch["labels"], estimator, samples, generators)
+                for i, loss in enumerate(losses):
+                    grads = add_grads(loss.sum(), 1.0, retain=i < len(losses) - 1)
+                    for n in names:
+                        total[n].add_(grads[n].float().pow(2), alpha=1.0 / len(losses))
+                count += 1
+    total = sum_across_processes(total, accelerator)
+    count = sum_across_processes({"count": count}, accelerator)["count"]
+    n = max(int(round(count.item())), 1)
+    return {name: value / n for name, value in total.items()}, n
+
+
+def lora_delta_fisher(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    examples: Sequence[Any],
+    collate: Collate,
+    *,
+    estimator: Estimator = "sampled",
+    samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    accelerator: Any | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """Per-example diagonal Fisher of ``Delta W`` (shape out x in) of each LoRA layer.
+
+    The gradient of a loss with respect to a layer's ``Delta W`` equals the gradient with respect to
+    its base weight: ``sum_t delta_t x_t^T`` from the layer's input ``x`` and output gradient
+    ``delta``. Forward hooks catch both, so one backward per batch yields every example's gradient
+    exactly (``linear_per_example_grad_sq``); ``empirical_batch`` squares the batch's mean instead.
+    """
+    device = model_device(model)
+    world, rank = world_of(accelerator)
+    total: dict[str, Tensor] = {}
+    count = torch.zeros(1, dtype=torch.float32, device=device)
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            captured[name] = (args[0].detach(), output)
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    for name, module in layers.items():
+        weight = module.get_base_layer().weight
+        shape = weight.shape[::-1] if getattr(module, "fan_in_fan_out", False) else weight.shape
+        total[name] = torch.zeros(tuple(shape), dtype=torch.float32, device=weight.device)
+    names = list(layers)
+    try:
+        with eval_mode(model, no_grad=False):
+            scored = [(i, e) for i, e in enumerate(examples) if has_label_tokens(e)]
+            for batch_items in batches(scored, batch_size):
+                mine = batch_items[rank::world] if estimator == "empirical_batch" else None
+                local = mine if mine is not None else [item for item in batch_items if item[0] % world == rank]
+                stats = {n: torch.zeros_like(total[n]) for n in names}
+                if local:
+                    captured.clear()
+                    batch = to_device(collate([e for _, e in local]), device)
+                    logits = forward_logits(model, batch)
+                    generators = [example_generator(seed, i, device) for i, _ in local] if estimator == "sampled" else []
+                    losses = _losses_for(logits, batch["labels"], estimator, samples, generators)
+                    outputs = [captured[n][1] for n in names]
+                    for k, loss in enumerate(losses):
+                        grads = torch.autograd.grad(loss.sum(), outputs, retain_graph=k < len(losses) - 1)
+                        for n, grad in zip(names, grads):
+                            x = captured[n][0]
+                            if estimator == "empirical_batch":
+                                stats[n].add_(torch.einsum("nto,nti->oi", grad.float(), x.float()) / len(batch_items))
+                            else:
+                                stats[n].add_(linear_per_example_grad_sq(x, grad), alpha=1.0 / len(losses))
+                if estimator == "empirical_batch":
+                    stats = sum_across_processes(stats, accelerator)
+                    for n in names:
+                        total[n].add_(stats[n].pow(2))
+                    count += 1 if rank == 0 else 0
+                else:
+                    for n in names:
+                        total[n].add_(stats[n])
+                    count += len(local)
+    finally:
+        for handle in handles:
+            handle.remove()
+        captured.clear()
+    if estimator != "empirical_batch":
+        total = sum_across_processes(total, accelerator)
+    count = sum_across_processes({"count": count}, accelerator)["count"]
+    n = max(int(round(count.item())), 1)
+    return {name: value / n for name, value in total.items()}, n
+
+
+
+def online_update(previous: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], gamma: float) -> dict[str, Tensor]:
+    """Online EWC / EWC-LoRA accumulation ``F = gamma * F_prev + F_new`` (``F_new`` alone when there is no F_prev)."""
+    if previous is None:
+        return {name: value.clone() for name, value in new.items()}
+    return {name: gamma * previous[name].to(value.dtype) + value for name, value in new.items()}
+

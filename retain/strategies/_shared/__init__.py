@@ -1,0 +1,1 @@
+"""Helpers several strategies share (private: not strategies, not registered)."""

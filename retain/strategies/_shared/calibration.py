@@ -1,0 +1,101 @@
+"""What the weight-statistics strategies share: where statistics come from, how they are stored,
+and how stored tensors are matched to the live trainable weights (``ewc``, ``ewc-lora``, ``l2``,
+``importance``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from retain.config import DataConfig
+from retain.errors import ConfigError, StateError
+from retain.stats.fisher import Estimator
+from retain.strategies.base import StrategyConfig, StrategyContext
+
+Source = Literal["auto", "general", "previous_task", "both"]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class CalibrationConfig(StrategyConfig):
+    """Where statistics come from and how they are estimated (shared by ewc and ewc-lora)."""
+
+    source: Source = Field(
+        "auto",
+        description="general | previous_task | both; auto = both when general text or a file is set, else previous_task.",
+    )
+    data: DataConfig | None = Field(None, description="Calibration text; default: the run's general_data.")
+    file: str | None = Field(None, description="Importance file with the general statistics (replaces computing them).")
+    estimator: Estimator = Field("sampled", description="sampled | empirical (per example) | empirical_batch.")
+    samples: int = Field(1, gt=0, description="Label draws per example for the sampled estimator.")
+    max_examples: int = Field(128, gt=0, description="Examples per Fisher estimate (seeded subset).")
+    batch_size: int = Field(8, gt=0, description="Batch size of the estimate (per-example results do not depend on it).")
+    state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored statistics.")
+    seed: int = Field(0, description="Seed of the example subset and of sampled labels.")
+
+
+def resolve_source(config: CalibrationConfig, ctx: StrategyContext, who: str) -> str:
+    """``general`` / ``previous_task`` / ``both``, refusing a general source with no text to compute it on."""
+    has_general = config.data is not None or config.file is not None or ctx.config.general_data is not None
+    source = ("both" if has_general else "previous_task") if config.source == "auto" else config.source
+    if source in ("general", "both") and not has_general:
+        raise ConfigError(
+            f"strategy '{who}': source '{source}' needs general text: set the run's general_data "
+            f"(e.g. general_data: {{path: general.jsonl}}), '{who}.data', or '{who}.file'; "
+            f"or use {who}.source=previous_task."
+        )
+    return source
+
+
+def detached_copy(params: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    return {n: p.detach().clone() if dtype is None else p.detach().to(dtype).clone() for n, p in params.items()}
+
+
+def on_device(tensors: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Move stored tensors next to the live parameters (state is loaded on the CPU)."""
+    return {n: t if t.device == like[n].device else t.to(like[n].device) for n, t in tensors.items()}
+
+
+def check_same_parameters(stored: dict[str, Tensor], live: dict[str, Tensor], who: str) -> None:
+    if set(stored) != set(live):
+        extra = sorted(set(live) - set(stored))[:3]
+        gone = sorted(set(stored) - set(live))[:3]
+        raise StateError(
+            f"{who}: the trainable weights changed since the statistics were computed "
+            f"(new: {extra}, missing: {gone}); list the strategies in the same order on resume."
+        )
+
+
+
+def estimate_logged(
+    estimate: Callable[..., tuple[dict[str, Tensor], int]],
+    targets: Mapping[str, Any],
+    examples: Sequence[Any],
+    ctx: Any,
+    who: str,
+    config: Any,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Run a Fisher estimator (``diagonal_fisher`` or ``lora_delta_fisher``) with a strategy's settings,
+    logging its cost (seconds, examples) into the run log."""
+    start = time.perf_counter()
+    fisher, count = estimate(
+        ctx.unwrapped_model,
+        targets,
+        examples,
+        ctx.collate,
+        estimator=config.estimator,
+        samples=config.samples,
+        seed=seed,
+        batch_size=config.batch_size,
+        accelerator=ctx.accelerator,
+    )
+    ctx.log(f"{who}/fisher_seconds", time.perf_counter() - start)
+    ctx.log(f"{who}/fisher_examples", count)
+    return fisher
+
