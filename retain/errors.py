@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 EXIT_OK = 0
@@ -44,8 +45,12 @@ class DataError(RetainError, ValueError):
     """A data problem: the message names the file (and line/field where relevant) and the fix."""
 
 
-class ModelError(RetainError):
-    """A model or adapter that cannot be loaded or used as asked (wrong base, unknown id, ...)."""
+class ModelError(RetainError, ValueError):
+    """A model or adapter that cannot be loaded or used as asked (wrong base, unknown id, ...).
+
+    Also a ``ValueError``, like ``ConfigError`` and ``DataError``: these cases raised ``ValueError``
+    before the hierarchy existed, and callers that catch it keep working.
+    """
 
 
 class StateError(RetainError):
@@ -77,18 +82,75 @@ _CAUSES = {
     errno.EROFS: "read-only file system",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
     errno.EISDIR: "the path is a folder, not a file",
+    errno.EEXIST: "a file (not a folder) is in the way",
     errno.ENAMETOOLONG: "the name is too long",
 }
 
+#: Errors of the machine, never of retain's code: full disk, quotas, limits, permissions.
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
-def output_error(path: str | os.PathLike[str], err: OSError, action: str = "write") -> OutputError:
+# safetensors (Rust) reports "... I/O error: File too large (os error 27)"; Python "[Errno 28] ...".
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+# torch.save's C++ writer reports a short write without an errno.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: itself, or one that a library wrapped into another type.
+
+    safetensors and torch raise their own exception types for a failed write (disk full, a file-size
+    limit); without this they would look like bugs in retain rather than a full disk.
+    """
+    if isinstance(err, RetainError):
+        return None
+    if isinstance(err, OSError):
+        return err
+    if not isinstance(err, Exception):
+        return None
+    text = str(err)
+    match = _ERRNO_IN_TEXT.search(text)
+    if match:
+        number = int(match.group(1) or match.group(2))
+        return OSError(number, os.strerror(number))
+    if isinstance(err, RuntimeError) and any(marker in text for marker in _TORCH_WRITE_FAILURES):
+        return OSError(errno.EIO, "the write stopped part-way (disk full or a file-size limit?)")
+    return None
+
+
+def _shown_location(path: str | os.PathLike[str] | None, filename: object) -> str | None:
+    """Where exactly the error happened, when that says more than ``path``; never a temporary name
+    (``.name.xyz.tmp``, ``.tmp-name-xyz/``) that the atomic writers use and delete again."""
+    if not filename or (path is not None and str(filename) == str(path)):
+        return None
+    if any(part.startswith((".tmp-", ".old-")) or (part.startswith(".") and part.endswith(".tmp")) for part in Path(str(filename)).parts):
+        return None
+    return str(filename)
+
+
+def output_error(path: str | os.PathLike[str] | None, err: OSError, action: str = "write") -> OutputError:
     """An ``OutputError`` naming ``path`` and the cause of ``err`` in words a user can act on."""
     cause = _CAUSES.get(err.errno or -1) or (err.strerror or type(err).__name__)
-    where = err.filename if err.filename and str(err.filename) != str(path) else None
+    where = _shown_location(path, err.filename)
     detail = f" (at {where})" if where else ""
     hint = None
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        hint = "free space (or raise the limit), then rerun with --resume: the last complete checkpoint is kept"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        hint = "free space (or raise the limit), then rerun; a training run continues with --resume from its last complete checkpoint"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "choose a folder you can write to (e.g. --set output.dir=runs/new)"
-    return OutputError(f"cannot {action} {Path(path)}: {cause}{detail}", hint=hint)
+        hint = "choose a folder you can write to (for retain train: --set output.dir=runs/new)"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "choose another output path, or move the file that is in the way"
+    target = f" {Path(path)}" if path is not None else ""
+    return OutputError(f"cannot {action}{target}: {cause}{detail}", hint=hint)
+
+
+def environment_error(err: BaseException) -> OutputError | None:
+    """An ``OutputError`` for an error of the machine (disk full, limit, permission) that escaped
+    without one, or None when ``err`` is something else (then it is a bug)."""
+    os_err = os_error_of(err)
+    if os_err is None or os_err.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    action = "write" if os_err.errno in _WRITE_ONLY_ERRNOS else "access"
+    return output_error(os_err.filename, os_err, action)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from retain.errors import OutputError, output_error
+from retain.errors import OutputError, RetainError, os_error_of, output_error
 
 
 def default_cache_dir() -> Path:
@@ -29,20 +29,56 @@ def default_cache_dir() -> Path:
 
 @contextmanager
 def output_errors(path: str | os.PathLike[str], action: str = "write") -> Iterator[None]:
-    """Turn an ``OSError`` raised inside the block into an ``OutputError`` naming ``path``."""
+    """Turn a failed write inside the block into an ``OutputError`` naming ``path``.
+
+    Besides ``OSError`` this catches what safetensors and torch raise for a full disk or a file-size
+    limit (see :func:`retain.errors.os_error_of`); every other exception passes unchanged.
+    """
     try:
         yield
-    except OutputError:
+    except RetainError:
         raise
-    except OSError as err:
-        raise output_error(path, err, action) from err
+    except Exception as err:
+        os_err = os_error_of(err)
+        if os_err is None:
+            raise
+        raise output_error(path, os_err, action) from err
+
+
+def _refuse_file_in_the_way(folder: Path, what: str) -> None:
+    """``mkdir`` on a path through a regular file fails with an opaque EEXIST/ENOTDIR; name the file."""
+    for candidate in (folder, *folder.parents):
+        if candidate.is_dir():
+            return
+        if candidate.exists():
+            raise OutputError(
+                f"cannot {what}: {candidate} is a file, not a folder",
+                hint="choose another output path, or move that file away",
+            )
+
+
+def ensure_dir(folder: str | os.PathLike[str], purpose: str = "create the folder") -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be written in it; an
+    ``OutputError`` names a file in the way, or the cause (permission, read-only, disk full).
+
+    Commands call it before loading a model, so a bad output path fails in a second, not after an
+    hour of training or evaluation.
+    """
+    folder = Path(folder)
+    _refuse_file_in_the_way(folder, f"{purpose} {folder}")
+    with output_errors(folder, purpose):
+        folder.mkdir(parents=True, exist_ok=True)
+    with output_errors(folder, "write in the folder"):
+        fd, probe = tempfile.mkstemp(prefix=".retain-probe-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    return folder
 
 
 def _make_parent(path: Path) -> None:
+    _refuse_file_in_the_way(path.parent, f"write {path}")
     with output_errors(path.parent, "create the folder"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.parent.is_dir():  # pragma: no cover - mkdir raises first on most systems
-            raise NotADirectoryError(20, "Not a directory", str(path.parent))
 
 
 def fsync_file(path: Path) -> None:
@@ -81,7 +117,8 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
+        with output_errors(target):  # the caller's own writes: a full disk names the target
+            yield tmp
         with output_errors(target):
             os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
             fsync_file(tmp)
@@ -116,7 +153,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     with output_errors(final):
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        yield tmp
+        with output_errors(final):  # save_pretrained & co. inside the block: a full disk names the folder
+            yield tmp
         with output_errors(final):
             fsync_dir(tmp)
             if final.exists():

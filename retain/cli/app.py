@@ -2,7 +2,9 @@
 
 Every command is wrapped by :func:`command`: a :class:`~retain.errors.RetainError` prints
 ``error: <what and where>`` and at most one hint line, then exits with the error's code; Ctrl-C exits
-130; any other exception is a bug in retain: one line says so and where the full traceback was written.
+130. An ``OSError`` of the machine (disk full, file-size limit, permission) that some write path left
+unwrapped is reported like an ``OutputError`` (exit 2). Any other exception is a bug in retain: one
+line says so and where the full traceback was written (exit 70).
 ``retain --debug ...`` (or ``RETAIN_DEBUG=1``) lets every exception through with its traceback.
 """
 
@@ -21,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from retain.errors import EXIT_INTERRUPTED, RetainError
+from retain.errors import EXIT_INTERRUPTED, RetainError, environment_error
 
 EXIT_BUG = 70  # EX_SOFTWARE: an internal error, not the user's
 
@@ -84,6 +86,9 @@ def command(function: F) -> F:
         except Exception as err:  # noqa: BLE001 - the one place that reports bugs
             if debug_enabled():
                 raise
+            machine = environment_error(err)  # a full disk that a write path did not wrap is still no bug
+            if machine is not None:
+                fail(str(machine), machine.exit_code, machine.hint)
             where = _write_traceback()
             saved = f"; full traceback in {where}" if where else ""
             fail(
