@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from retain.errors import OutputError
 from retain.models.llama2c import (
     Llama2cHeader,
     build_llama2c_tokenizer,
@@ -369,7 +370,7 @@ def test_tokenizer_built_in_memory_matches_saved(tokenizer: PreTrainedTokenizerB
 
 
 def test_refuses_to_overwrite_without_flag(model_dir: Path) -> None:
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         import_llama2c(CHECKPOINT, TOKENIZER, model_dir)
 
 

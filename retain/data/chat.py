@@ -39,7 +39,7 @@ class RenderedChat:
 
 def _message(raw: Any, where: str, field: str, index: int) -> dict[str, str]:
     """One message as ``{role, content}``; ShareGPT ``{from, value}`` messages are accepted too."""
-    if isinstance(raw, dict) and "role" not in raw and "from" in raw:
+    if isinstance(raw, dict) and "role" not in raw and isinstance(raw.get("from"), str):
         raw = {"role": _SHAREGPT_ROLES.get(raw["from"], raw["from"]), "content": raw.get("value")}
     if not isinstance(raw, dict) or not isinstance(raw.get("role"), str) or not isinstance(raw.get("content"), str):
         shown = repr(raw)[:80]

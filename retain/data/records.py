@@ -41,11 +41,18 @@ def record_where(record: dict[str, Any], index: int, source: str) -> str:
 # Per-format readers
 
 
+def _unreadable(path: Path, err: OSError) -> DataError:
+    """A data file that exists but cannot be read (permission, a folder named like a file, I/O)."""
+    return DataError(f"{path}: cannot read the file ({err.strerror or err}). Check its permissions.")
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err}). Re-save the file as UTF-8.") from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
 
 
 def _object_or_error(value: Any, where: str) -> dict[str, Any]:
@@ -116,6 +123,8 @@ def read_delimited(path: Path, delimiter: str) -> list[Record]:
             records = [Record.at(dict(row), f"{path}:{reader.line_num}") for row in reader]
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err}). Re-save the file as UTF-8.") from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
     except csv.Error as err:
         kind = "TSV" if delimiter == "\t" else "CSV"
         raise DataError(f"{path}: cannot parse as {kind}: {err}") from None

@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from retain.errors import DataError, ModelError, OutputError
+from retain.io import atomic_dir
 
 __all__ = [
     "Llama2cHeader",
@@ -170,9 +171,9 @@ def expected_checkpoint_bytes(header: Llama2cHeader) -> int:
 
 
 def _parse_header(path: Path, head: bytes) -> Llama2cHeader:
-    """Decode either header flavour; raises ValueError naming ``path`` when it cannot."""
+    """Decode either header flavour; raises ModelError naming ``path`` when it cannot."""
     if len(head) < _LEGACY_HEADER.size:
-        raise ValueError(
+        raise ModelError(
             f"{path}: file is {len(head)} bytes, too small for a llama2.c header "
             f"({_LEGACY_HEADER.size} bytes)"
         )
@@ -183,26 +184,26 @@ def _parse_header(path: Path, head: bytes) -> Llama2cHeader:
             dim, hidden, layers, heads, kv_heads, abs(vocab), seq_len, shared_classifier=vocab > 0
         )
     if len(head) < _VERSIONED_HEADER_BYTES:
-        raise ValueError(
+        raise ModelError(
             f"{path}: truncated header: llama2.c 'ak42' files need {_VERSIONED_HEADER_BYTES} "
             f"header bytes, file has {len(head)}"
         )
     _, version, *params, shared = _VERSIONED_PREFIX.unpack_from(head)
     if version != 1:
         hint = " (Q8_0 quantized); re-export it with llama2.c export.py --version 1" if version == 2 else ""
-        raise ValueError(f"{path}: unsupported llama2.c checkpoint version {version}{hint}")
+        raise ModelError(f"{path}: unsupported llama2.c checkpoint version {version}{hint}")
     return Llama2cHeader(*params, shared_classifier=bool(shared), version=1)
 
 
 def _check_size(path: Path, header: Llama2cHeader, actual: int) -> None:
     expected = expected_checkpoint_bytes(header)
     if actual < expected:
-        raise ValueError(
+        raise ModelError(
             f"{path}: truncated llama2.c checkpoint: header ({header}) implies {expected} bytes, "
             f"file has {actual} ({expected - actual} missing)"
         )
     if actual > expected:
-        raise ValueError(
+        raise ModelError(
             f"{path}: wrong size for a llama2.c checkpoint: header ({header}) implies {expected} "
             f"bytes, file has {actual} ({actual - expected} unexpected trailing bytes)"
         )
@@ -221,7 +222,7 @@ def read_llama2c_checkpoint(path: str | os.PathLike[str]) -> tuple[Llama2cHeader
         head = f.read(_VERSIONED_HEADER_BYTES)
     header = _parse_header(path, head)
     if problems := header.problems():
-        raise ValueError(f"{path}: invalid llama2.c header ({header}): {'; '.join(problems)}")
+        raise ModelError(f"{path}: invalid llama2.c header ({header}): {'; '.join(problems)}")
     _check_size(path, header, actual)
 
     layout = _tensor_layout(header)
@@ -328,27 +329,27 @@ def read_llama2c_vocab(tok_path: str | os.PathLike[str], vocab_size: int | None 
     path = Path(tok_path)
     data = path.read_bytes()
     if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes is too small for a llama2.c tokenizer")
+        raise ModelError(f"{path}: {len(data)} bytes is too small for a llama2.c tokenizer")
     (max_len,) = struct.unpack_from("<i", data)
     pieces: list[bytes] = []
     scores: list[float] = []
     offset = 4
     while offset < len(data) and (vocab_size is None or len(pieces) < vocab_size):
         if offset + 8 > len(data):
-            raise ValueError(f"{path}: truncated record header for token {len(pieces)} at byte {offset}")
+            raise ModelError(f"{path}: truncated record header for token {len(pieces)} at byte {offset}")
         score, length = struct.unpack_from("<fi", data, offset)
         offset += 8
         if length < 0 or offset + length > len(data):
-            raise ValueError(
+            raise ModelError(
                 f"{path}: token {len(pieces)} claims {length} bytes at byte {offset}, file has {len(data)}"
             )
         pieces.append(data[offset : offset + length])
         scores.append(score)
         offset += length
     if vocab_size is not None and len(pieces) < vocab_size:
-        raise ValueError(f"{path}: truncated tokenizer: expected {vocab_size} tokens, found {len(pieces)}")
+        raise ModelError(f"{path}: truncated tokenizer: expected {vocab_size} tokens, found {len(pieces)}")
     if offset != len(data):
-        raise ValueError(
+        raise ModelError(
             f"{path}: {len(data) - offset} unexpected trailing bytes after {len(pieces)} tokens "
             f"(wrong vocab_size={vocab_size}?)"
         )
@@ -358,11 +359,11 @@ def read_llama2c_vocab(tok_path: str | os.PathLike[str], vocab_size: int | None 
 def _hf_vocab(path: Path, vocab: Llama2cVocab) -> dict[str, int]:
     """Token string -> id, with special/byte names and literal spaces shown as U+2581."""
     if len(vocab.pieces) <= _FIRST_PIECE_ID:
-        raise ValueError(f"{path}: {len(vocab.pieces)} tokens; a llama2.c vocab needs more than {_FIRST_PIECE_ID}")
+        raise ModelError(f"{path}: {len(vocab.pieces)} tokens; a llama2.c vocab needs more than {_FIRST_PIECE_ID}")
     for byte in range(256):
         expected = f"<0x{byte:02X}>".encode()
         if vocab.pieces[_FIRST_BYTE_ID + byte] != expected:
-            raise ValueError(
+            raise ModelError(
                 f"{path}: token {_FIRST_BYTE_ID + byte} is {vocab.pieces[_FIRST_BYTE_ID + byte]!r}, "
                 f"expected byte-fallback piece {expected!r}"
             )
@@ -371,10 +372,10 @@ def _hf_vocab(path: Path, vocab: Llama2cVocab) -> dict[str, int]:
         try:
             names.append(piece.decode("utf-8").replace(" ", _SPACE))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: token {token_id} is not valid UTF-8: {piece!r}") from err
+            raise ModelError(f"{path}: token {token_id} is not valid UTF-8: {piece!r}") from err
     ids = {name: token_id for token_id, name in enumerate(names)}
     if len(ids) != len(names):
-        raise ValueError(f"{path}: duplicate pieces in the tokenizer vocabulary")
+        raise ModelError(f"{path}: duplicate pieces in the tokenizer vocabulary")
     return ids
 
 
@@ -470,23 +471,19 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a file, or a non-empty folder unless asked: an import must not eat a model."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+        raise OutputError(f"{out_dir} exists and is not a directory", hint="choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputError(
             f"{out_dir} already exists and is not empty; pass --overwrite (overwrite=True) to replace it"
         )
 
 
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move a finished ``staging`` directory to ``out_dir``, never leaving a half-written one."""
-    old: Path | None = None
-    if out_dir.is_dir():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _require_source(path: Path, what: str) -> None:
+    """A missing or unreadable source names the file, before anything is converted."""
+    if not path.is_file():
+        raise ModelError(f"llama2.c {what} not found: {path}", hint=f"pass the path of the llama2.c {what} (.bin)")
 
 
 def _provenance(checkpoint: Path, tokenizer: Path, dtype: torch.dtype) -> dict[str, object]:
@@ -517,6 +514,8 @@ def import_llama2c(
     so an interrupted import never leaves a partial model.
     """
     checkpoint, tokenizer, out_dir = Path(checkpoint), Path(tokenizer), Path(out_dir)
+    _require_source(checkpoint, "checkpoint")
+    _require_source(tokenizer, "tokenizer")
     _prepare_out_dir(out_dir, overwrite)
     header, weights = read_llama2c_checkpoint(checkpoint)
     hf_tokenizer = build_llama2c_tokenizer(tokenizer, header.vocab_size, model_max_length=header.seq_len)
@@ -524,16 +523,10 @@ def import_llama2c(
     model.generation_config = _generation_config()
     provenance = _provenance(checkpoint, tokenizer, dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         _save_tokenizer(hf_tokenizer, staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -557,7 +550,10 @@ def _stories260k_sources(data_dir: Path) -> tuple[Path, Path]:
         checkpoint, tokenizer = folder / "stories260K.bin", folder / "tok512.bin"
         if checkpoint.is_file() and tokenizer.is_file():
             return checkpoint, tokenizer
-    raise FileNotFoundError(f"stories260K.bin and tok512.bin not found in {data_dir} or {data_dir / 'stories260k'}")
+    raise DataError(
+        f"stories260K.bin and tok512.bin not found in {data_dir} or {data_dir / 'stories260k'}",
+        hint="pass --data-dir pointing at the folder that holds stories260k/",
+    )
 
 
 def read_provenance(model_dir: str | os.PathLike[str]) -> dict[str, object] | None:

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from retain.errors import ConfigError, ModelError
 from retain.models.adapters import lora_layers
 
 MERGE_METHODS = (
@@ -47,10 +48,10 @@ MERGE_METHODS = (
 def interpolate(base: torch.Tensor, tuned: torch.Tensor, alpha: float) -> torch.Tensor:
     """``(1 - alpha) * base + alpha * tuned``, exact at alpha 0 and 1; integer tensors must agree."""
     if base.shape != tuned.shape:
-        raise ValueError(f"cannot interpolate tensors of shapes {tuple(base.shape)} and {tuple(tuned.shape)}")
+        raise ModelError(f"cannot interpolate tensors of shapes {tuple(base.shape)} and {tuple(tuned.shape)}")
     if not tuned.is_floating_point():
         if not torch.equal(base, tuned.to(base.device)):
-            raise ValueError("integer tensors (buffers) differ between the models; they cannot be interpolated")
+            raise ModelError("integer tensors (buffers) differ between the models; they cannot be interpolated")
         return tuned.clone()
     if alpha == 0.0:
         return base.to(tuned.dtype).clone()
@@ -66,7 +67,7 @@ def interpolate_state_dicts(
     """Key-by-key WiSE-FT of two state dicts of the same architecture; a mismatch names the key."""
     missing, extra = sorted(set(tuned) - set(base)), sorted(set(base) - set(tuned))
     if missing or extra:
-        raise ValueError(
+        raise ModelError(
             "the models do not share an architecture: "
             + (f"only the tuned model has {missing[:3]} " if missing else "")
             + (f"only the base model has {extra[:3]}" if extra else "")
@@ -75,8 +76,8 @@ def interpolate_state_dicts(
     for key, value in tuned.items():
         try:
             out[key] = interpolate(base[key], value, alpha)
-        except ValueError as err:
-            raise ValueError(f"{key}: {err}") from None
+        except ModelError as err:
+            raise ModelError(f"{key}: {err}") from None
     return out
 
 
@@ -114,23 +115,23 @@ def check_scalable(model: nn.Module, adapter: str = "default") -> None:
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        raise ValueError("expected a peft model")
+        raise ModelError("expected a peft model")
     config = model.peft_config[adapter]
     kind = getattr(config.peft_type, "value", str(config.peft_type))
     if kind != "LORA":
-        raise ValueError(
+        raise ModelError(
             f"WiSE-FT of a {kind} adapter is not defined (there is no weight update to scale); use a LoRA adapter "
             "or a full fine-tuned model"
         )
     if getattr(config, "use_dora", False):
-        raise ValueError("WiSE-FT of DoRA adapters is not supported (the magnitude vector is not a linear update)")
+        raise ModelError("WiSE-FT of DoRA adapters is not supported (the magnitude vector is not a linear update)")
     if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
-        raise ValueError(
+        raise ModelError(
             "this adapter also trains biases or whole modules (bias / modules_to_save), which scaling B does not "
             "interpolate; merge it into a full model first (retain train --merge) and interpolate that"
         )
     if not _lora_layers(model, adapter):
-        raise ValueError(f"adapter '{adapter}' has no LoRA layer")
+        raise ModelError(f"adapter '{adapter}' has no LoRA layer")
 
 
 class AdapterScaler:
@@ -165,18 +166,18 @@ def merge_adapters(
     ``weights`` default to 1 each; ``density`` is the share of entries TIES/DARE keep.
     """
     if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method '{method}'; choose one of {', '.join(MERGE_METHODS)}")
+        raise ConfigError(f"unknown merge method '{method}'; choose one of {', '.join(MERGE_METHODS)}")
     if len(adapters) < 2:
-        raise ValueError("merging needs at least two adapters")
+        raise ConfigError("merging needs at least two adapters")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters")
+        raise ConfigError(f"{len(weights)} weights for {len(adapters)} adapters")
     for adapter in adapters:
         check_scalable(model, adapter)
     ranks = [model.peft_config[a].r for a in adapters]
     extra = {"svd_rank": sum(ranks)} if method.endswith("_svd") else {}
     if method not in ("linear", "cat") and not method.endswith("_svd") and len(set(ranks)) > 1:
-        raise ValueError(f"'{method}' needs adapters of one rank (got {ranks}); use '{method}_svd' or 'cat'")
+        raise ModelError(f"'{method}' needs adapters of one rank (got {ranks}); use '{method}_svd' or 'cat'")
     density_kw = {} if method in ("linear", "cat") else {"density": density}
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -171,6 +171,8 @@ class Results(SchemaModel):
             data = json.loads(source.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{source}: not a JSON results file ({exc})") from None
+        except OSError as exc:
+            raise DataError(f"{source}: cannot read the results file ({exc.strerror or exc})") from None
         if not isinstance(data, dict):
             raise DataError(f"{source}: expected a JSON object at the top level")
         version = str(data.get("schema_version", "<missing>"))
