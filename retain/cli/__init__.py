@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 
 from retain.cli import bench, convert, evaluate, results, train  # noqa: F401  (each registers its commands)
-from retain.cli.app import app, command
+from retain.cli.app import app
 from retain.cli.importance import importance_app
 from retain.cli.merge import merge_command
 
-app.command("merge")(command(merge_command))
+app.command("merge")(merge_command)
 app.add_typer(importance_app, name="importance", help="Compute importance statistics (Fisher, SI) once and reuse them.")
 
 __all__ = ["app", "main"]

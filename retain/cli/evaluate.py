@@ -24,10 +24,12 @@ def eval_command(
     from rich.table import Table
 
     from retain.eval.suite import evaluate_suite, load_suite
-    from retain.io import atomic_write_text
+    from retain.io import atomic_write_text, ensure_dir
     from retain.models.loading import load_any
 
     suite_config = load_suite(suite, list(set_ or []))
+    if out is not None:
+        ensure_dir(out.parent)  # a bad --out fails before the model loads, not after the evaluation
     loaded, tokenizer = load_any(model)
     scores = evaluate_suite(loaded, tokenizer, suite_config, batch_size)
     table = Table(title=f"{model} on {suite}")

@@ -15,6 +15,9 @@ import typer
 
 from retain.cli.app import command, console
 from retain.errors import ConfigError
+from retain.io import ensure_dir
+
+ESTIMATORS = ("sampled", "empirical", "empirical_batch")
 
 importance_app = typer.Typer(
     help="Compute EWC Fisher or element-wise importance once and save it for later runs.",
@@ -85,6 +88,9 @@ def compute_importance(
 
     if method not in ("ewc", "importance"):
         raise ConfigError(f"--method must be ewc or importance, got '{method}'")
+    if method == "ewc" and estimator not in ESTIMATORS:
+        raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got '{estimator}'")
+    ensure_dir(Path(out).parent)  # a bad --out fails before the model loads and the statistics are computed
     accelerator = Accelerator()
     network, tokenizer = load_model(ModelConfig(name_or_path=model, dtype=dtype))  # type: ignore[arg-type]
     network.to(accelerator.device)

@@ -9,8 +9,10 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.table import Table
 
-from retain.cli.app import console, err_console
+from retain.cli.app import command, console, err_console
 from retain.cli.app import fail as _fail
+from retain.errors import ConfigError, ModelError
+from retain.io import ensure_dir
 
 
 def _device():
@@ -35,31 +37,42 @@ def run_suite_of(tuned: str) -> Path | None:
     run_dir = run_dir_of(tuned)
     if run_dir is None:
         return None
-    suite = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("eval") or {}).get("suite")
+    config_path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        suite = ((config.get("eval") or {}) if isinstance(config, dict) else {}).get("suite")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as err:
+        raise ConfigError(
+            f"{config_path}: cannot read the tuned run's config to find its eval suite ({type(err).__name__})",
+            hint="pass --suite suite.yaml",
+        ) from None
     return Path(suite) if suite else None
 
 
 def _load(base: str, tuned: list[str], method: str, weights: list[float] | None, density: float, seed: int):
     """(working model, tokenizer, set_alpha(alpha) -> model, save(model, dir)) for full models or adapters."""
     from retain.config import ModelConfig
-    from retain.models.loading import is_adapter_dir, load_model, load_tokenizer
+    from retain.models.loading import apply_adapter, is_adapter_dir, load_model, load_tokenizer
     from retain.models.merging import AdapterScaler, FullInterpolator, merge_adapters
 
     adapters = [is_adapter_dir(t) for t in tuned]
+    if any(adapters) and not all(adapters):
+        _fail("give either LoRA adapter directories or one full model directory, not a mix")
+    if not any(adapters):
+        if len(tuned) > 1:
+            _fail("several tuned models can be merged only as LoRA adapters; interpolate full models one at a time")
+        if method not in ("auto", "wise-ft"):
+            _fail(f"--method {method} merges LoRA adapters; '{tuned[0]}' is a full model (use --method wise-ft)")
+    elif len(tuned) == 1 and method not in ("auto", "wise-ft"):
+        _fail(f"--method {method} merges several adapters; with one adapter use --method wise-ft")
     base_model, tokenizer = load_model(ModelConfig(name_or_path=base))
     source = tuned[0] if (Path(tuned[0]) / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(source)
     if all(adapters):
-        from peft import PeftModel
-
-        if len(tuned) == 1:
-            if method not in ("auto", "wise-ft"):
-                _fail(f"--method {method} merges several adapters; with one adapter use --method wise-ft")
-            model = PeftModel.from_pretrained(base_model, tuned[0], adapter_name="default")
-        else:
-            model = PeftModel.from_pretrained(base_model, tuned[0], adapter_name="tuned0")
+        model = apply_adapter(base_model, tuned[0], base, adapter_name="default" if len(tuned) == 1 else "tuned0")
+        if len(tuned) > 1:
             for i, path in enumerate(tuned[1:], start=1):
-                model.load_adapter(path, adapter_name=f"tuned{i}")
+                apply_adapter(model, path, base, adapter_name=f"tuned{i}")
             names = [f"tuned{i}" for i in range(len(tuned))]
             merge_adapters(model, names, "ties_svd" if method == "auto" else method, weights, density, seed, name="default")
         scaler = AdapterScaler(model, "default")
@@ -69,14 +82,11 @@ def _load(base: str, tuned: list[str], method: str, weights: list[float] | None,
             m.save_pretrained(out, safe_serialization=True)
 
         return scaler.model.to(_device()), tokenizer, scaler.at, save
-    if any(adapters):
-        _fail("give either LoRA adapter directories or one full model directory, not a mix")
-    if len(tuned) > 1:
-        _fail("several tuned models can be merged only as LoRA adapters; interpolate full models one at a time")
-    if method not in ("auto", "wise-ft"):
-        _fail(f"--method {method} merges LoRA adapters; '{tuned[0]}' is a full model (use --method wise-ft)")
     tuned_model, _ = load_model(ModelConfig(name_or_path=tuned[0]))
-    interpolator = FullInterpolator(base_model, tuned_model)
+    try:
+        interpolator = FullInterpolator(base_model, tuned_model)
+    except ModelError as err:
+        raise ModelError(f"cannot interpolate {tuned[0]} with the base model {base}: {err}", hint="pass the base model it was fine-tuned from") from None
     interpolator.model.to(_device())
 
     def save_full(m: Any, out: Path) -> None:
@@ -121,6 +131,7 @@ def _print_sweep(result: Any) -> None:
     console.print(table)
 
 
+@command
 def merge_command(
     base: str = typer.Argument(..., help="Base model: local directory or hub id."),
     tuned: List[str] = typer.Argument(..., help="Fine-tuned model directory, or LoRA adapter directories (several are merged)."),
@@ -158,29 +169,27 @@ def merge_command(
         _fail(f"--alpha must be >= 0, got {single}")
     if alphas is None and max_forgetting is not None:
         _fail("--max-forgetting picks an alpha from a sweep: pass --alpha sweep")
-    try:
-        model, tokenizer, at, save = _load(base, list(tuned), method, parsed_weights, density, seed)
-    except (ValueError, OSError) as err:
-        _fail(str(err))
+    suite_config = None
+    if alphas is not None:  # the suite and --out are checked before any model loads
+        from retain.eval.suite import load_suite
+
+        suite_path = suite or run_suite_of(tuned[0])
+        if suite_path is None:
+            _fail("--alpha sweep needs an eval suite: pass --suite suite.yaml (the tuned run has no eval.suite)")
+        suite_config = load_suite(suite_path)
+    ensure_dir(out if alphas is not None else out.parent)
+    model, tokenizer, at, save = _load(base, list(tuned), method, parsed_weights, density, seed)
 
     if alphas is None:
         _write(at(single), tokenizer, save, out)
         console.print(f"[green]written[/]: alpha {single:g} model in {out}")
         return
 
-    from retain.eval.suite import evaluate_suite, load_suite
+    from retain.eval.suite import evaluate_suite
 
-    suite_path = suite or run_suite_of(tuned[0])
-    if suite_path is None:
-        _fail("--alpha sweep needs an eval suite: pass --suite suite.yaml (the tuned run has no eval.suite)")
-    try:
-        suite_config = load_suite(suite_path)
-        result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size), max_forgetting)
-    except (ValueError, OSError) as err:
-        _fail(str(err))
+    result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size), max_forgetting)
     from retain.report import write_report
 
-    out.mkdir(parents=True, exist_ok=True)
     results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
     results = _with_run_results(results, tuned[0])
     results.save(out / "results.json")

@@ -9,6 +9,7 @@ import typer
 
 from retain.cli.app import app, command, console, err_console
 from retain.errors import EXIT_GATE
+from retain.io import ensure_dir
 
 
 @app.command()
@@ -24,6 +25,7 @@ def report(
 
     loaded = Results.load(results)
     target = out or results.with_name("report.html")
+    ensure_dir(target.parent)
     write_report(loaded, target)
     typer.echo(summary_table_markdown(loaded))
     console.print(f"report: {target}")

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from retain.cli.app import SetOption, app, command, console
+from retain.io import ensure_dir
 
 
 @app.command()
@@ -25,7 +26,8 @@ def train(
     overrides = list(set_ or [])
     if merge:
         overrides.append("output.merge=true")
-    run_config = load_run_config(config, overrides)
+    run_config = load_run_config(config, overrides)  # every config mistake, before any model loads
+    ensure_dir(run_config.output.dir, "create output.dir")  # a file in the way or no permission: fail now
     observer = None
     if run_config.eval.suite:
         from retain.eval.runner import SuiteObserver
