@@ -162,13 +162,14 @@ def read_only_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     monkeypatch.setattr(io, "open", open_)
 
 
-def full_disk(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    """Files under ``folder`` open, but every write to them fails with ENOSPC."""
+def full_disk(monkeypatch: pytest.MonkeyPatch, folder: Path, only: str | None = None) -> None:
+    """Files under ``folder`` (named ``only``, if given) open, but every write to them fails with ENOSPC."""
     real_open = builtins.open
 
     def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         handle = real_open(file, mode, *args, **kwargs)
-        return _FullDiskFile(handle) if _under(file, folder) and _writing(mode) else handle
+        hit = _under(file, folder) and _writing(mode) and (only is None or Path(os.fspath(file)).name == only)
+        return _FullDiskFile(handle) if hit else handle
 
     monkeypatch.setattr(builtins, "open", open_)
     monkeypatch.setattr(io, "open", open_)
@@ -203,6 +204,12 @@ def _read_only_run(c: Ctx) -> Args:
 def _full_disk_run(c: Ctx) -> Args:
     full_disk(c.monkeypatch, c.tmp / "full")
     return ["train", c.train_config(out=c.tmp / "full" / "run")]
+
+
+def _full_disk_while_training(c: Ctx) -> Args:
+    """The disk fills up after the run started: the first write that fails is a training-log line."""
+    full_disk(c.monkeypatch, c.tmp / "run", only="train_log.jsonl")
+    return ["train", c.train_config()]
 
 
 def _import_args(c: Ctx, checkpoint: bytes | None = b"\0" * 8, tokenizer: bytes | None = b"\0" * 8, out: str = "imported") -> Args:
@@ -252,6 +259,14 @@ ROWS: dict[str, Any] = {
     ),
     "train-output-read-only": Row(_read_only_run, ["{tmp}/locked/run", "permission denied"]),
     "train-disk-full": Row(_full_disk_run, ["{tmp}/full/run/config.yaml", "no space left"]),
+    "train-disk-full-while-training": pytest.param(
+        Row(_full_disk_while_training, ["{tmp}/run/train_log.jsonl", "no space left"]),
+        marks=pytest.mark.xfail(
+            reason="needs retain/train/loop.py:_append_log to wrap its open/write in retain.io.output_errors(path) "
+            "(raising OutputError); today the CLI's safety net reports 'cannot write: no space left' without the path",
+            strict=True,
+        ),
+    ),
     "train-file-size-limit": Row(
         lambda c: ["train", c.train_config()], ["{tmp}/run", "file too large"],
         subprocess={"fsize": 48 * 1024},
@@ -346,9 +361,18 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RETAIN_DEBUG", raising=False)
 
 
-@pytest.mark.parametrize("name", list(ROWS))
+def _params() -> list[Any]:
+    """One pytest param per row; a row wrapped in ``pytest.param`` keeps its marks (xfail)."""
+    return [
+        pytest.param(name, marks=row.marks, id=name) if hasattr(row, "marks") else pytest.param(name, id=name)
+        for name, row in ROWS.items()
+    ]
+
+
+@pytest.mark.parametrize("name", _params())
 def test_bad_input_gives_one_clean_error(name: str, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    row: Row = ROWS[name]
+    entry = ROWS[name]
+    row: Row = entry.values[0] if hasattr(entry, "values") else entry
     monkeypatch.chdir(tmp_path)  # an unexpected crash would write its traceback file here
     args = row.build(Ctx(tmp_path, models, monkeypatch))
     if row.subprocess:
