@@ -71,6 +71,15 @@ class Ctx:
             path.write_text(content, encoding="utf-8")
         return path
 
+    def folder(self, name: str) -> Path:
+        path = self.tmp / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def read_only(self, name: str) -> Path:
+        read_only_folder(self.monkeypatch, self.tmp / name)
+        return self.tmp / name
+
     @property
     def good_data(self) -> Path:
         return self.file("good.jsonl", "".join(json.dumps({"text": f"the cat sat on the mat {i}."}) + "\n" for i in range(12)))
@@ -197,8 +206,7 @@ def _train_on(name: str, content: str | bytes) -> Callable[[Ctx], Args]:
 
 
 def _read_only_run(c: Ctx) -> Args:
-    read_only_folder(c.monkeypatch, c.tmp / "locked")
-    return ["train", c.train_config(out=c.tmp / "locked" / "run")]
+    return ["train", c.train_config(out=c.read_only("locked") / "run")]
 
 
 def _full_disk_run(c: Ctx) -> Args:
@@ -239,7 +247,7 @@ ROWS: dict[str, Any] = {
     "train-csv-other-columns": Row(_train_on("cols.csv", "body,label\nhello,1\nworld,2\n"), ["{tmp}/cols.csv:2", "body, label", "data.text_field"]),
     "train-messages-not-a-list": Row(_train_on("chat.jsonl", '{"messages": "hi"}\n'), ["{tmp}/chat.jsonl:1", "'messages' must be a list"]),
     "train-fake-parquet": Row(_train_on("fake.parquet", "not parquet at all"), ["{tmp}/fake.parquet", "Parquet"]),
-    "train-empty-folder": Row(lambda c: ["train", c.train_config((c.tmp / "empty").mkdir() or c.tmp / "empty")], ["{tmp}/empty", "no data files"]),
+    "train-empty-folder": Row(lambda c: ["train", c.train_config(c.folder("empty"))], ["{tmp}/empty", "no data files"]),
     "train-data-not-found": Row(lambda c: ["train", c.train_config(c.tmp / "nope.jsonl")], ["{tmp}/nope.jsonl", "data.path"]),
     "train-suite-names-missing-file": Row(
         lambda c: ["train", c.train_config(suite=c.suite(c.tmp / "gone.jsonl"))], ["{tmp}/gone.jsonl"]
@@ -288,7 +296,7 @@ ROWS: dict[str, Any] = {
         ["adapter-on-other", "other-base", "shapes do not fit"],
     ),
     "eval-out-read-only": Row(
-        lambda c: (read_only_folder(c.monkeypatch, c.tmp / "locked"), ["eval", c.models["base"], "--suite", c.suite(c.good_data), "--out", c.tmp / "locked" / "s.json"])[1],
+        lambda c: ["eval", c.models["base"], "--suite", c.suite(c.good_data), "--out", c.read_only("locked") / "s.json"],
         ["{tmp}/locked", "permission denied"],
     ),
     "eval-out-under-a-file": Row(
@@ -327,7 +335,7 @@ ROWS: dict[str, Any] = {
     "import-checkpoint-too-small": Row(lambda c: _import_args(c, checkpoint=b"abc"), ["{tmp}/model.bin", "too small"]),
     "import-checkpoint-bad-header": Row(lambda c: _import_args(c, checkpoint=b"\0" * 64), ["{tmp}/model.bin", "invalid llama2.c header"]),
     "import-out-not-empty": Row(
-        lambda c: (c.file("imported/keep.txt", "mine"), _import_args(c))[1], ["{tmp}/imported", "--overwrite"]
+        lambda c: _import_args(c, out=c.file("imported/keep.txt", "mine").parent.name), ["{tmp}/imported", "--overwrite"]
     ),
     # ---- retain importance compute
     "importance-unknown-method": Row(lambda c: _importance(c, "--method", "fisher"), ["--method", "fisher"]),
