@@ -16,8 +16,11 @@ from _tiny_eval_fixtures import SENTENCES, tiny_model, tiny_tokenizer  # noqa: E
 
 from retain.errors import ConfigError  # noqa: E402
 from retain.eval import cache, drift  # noqa: E402
-from retain.eval import suite as S
-from retain.eval import tasks as T
+from retain.eval import suite as S  # noqa: E402
+from retain.eval.tasks import choice as MC  # noqa: E402
+from retain.eval.tasks import generate as G  # noqa: E402
+from retain.eval.tasks import loglikelihood as LL  # noqa: E402
+from retain.eval.tasks import text as TX  # noqa: E402
 from retain.results.schema import Score  # noqa: E402
 
 TEXTS = SENTENCES * 3
@@ -64,17 +67,17 @@ def manual_logprob(model, context, continuation):
 
 def test_text_windows_concatenate_with_bos_and_drop_tiny_tail(tok):
     ids = [i for t in TEXTS for i in tok(t)["input_ids"]]
-    windows = T.text_windows(tok, TEXTS, 16)
+    windows = TX.text_windows(tok, TEXTS, 16)
     assert [i for w in windows for i in w] == ids[: sum(map(len, windows))]
     assert all(len(w) == 16 for w in windows[:-1]) and len(windows[-1]) >= 2
     assert ids.count(tok.bos_token_id) == len(TEXTS)
 
 
 def test_loss_matches_model_cross_entropy_and_perplexity_is_exp(model, tok):
-    windows = T.text_windows(tok, TEXTS, 24)
+    windows = TX.text_windows(tok, TEXTS, 24)
     assert len(windows[-1]) < 24  # a partial last window exercises right padding
     nll, _, n = manual_window_stats(model, windows)
-    loss, ppl = T.loss(model, tok, TEXTS, max_length=24, batch_size=4)
+    loss, ppl = TX.loss(model, tok, TEXTS, max_length=24, batch_size=4)
     assert loss.n == ppl.n == n
     assert loss.value == pytest.approx(nll / n, rel=1e-5)
     assert ppl.value == pytest.approx(math.exp(loss.value), rel=1e-9)
@@ -83,22 +86,22 @@ def test_loss_matches_model_cross_entropy_and_perplexity_is_exp(model, tok):
 
 
 def test_next_token_accuracy_matches_manual_argmax(model, tok):
-    _, hits, n = manual_window_stats(model, T.text_windows(tok, TEXTS, 24))
-    acc = T.next_token_accuracy(model, tok, TEXTS, max_length=24, batch_size=3)
+    _, hits, n = manual_window_stats(model, TX.text_windows(tok, TEXTS, 24))
+    acc = TX.next_token_accuracy(model, tok, TEXTS, max_length=24, batch_size=3)
     assert acc.value == pytest.approx(hits / n) and acc.n == n and acc.bounded and acc.higher_is_better
 
 
 def test_batching_does_not_change_results(model, tok):
-    one = T.loss(model, tok, TEXTS, 20, batch_size=1)[0].value
-    many = T.loss(model, tok, TEXTS, 20, batch_size=7)[0].value
+    one = TX.loss(model, tok, TEXTS, 20, batch_size=1)[0].value
+    many = TX.loss(model, tok, TEXTS, 20, batch_size=7)[0].value
     assert many == pytest.approx(one, rel=1e-5)
-    a1 = T.next_token_accuracy(model, tok, TEXTS, 20, batch_size=1).value
-    assert T.next_token_accuracy(model, tok, TEXTS, 20, batch_size=5).value == a1
+    a1 = TX.next_token_accuracy(model, tok, TEXTS, 20, batch_size=1).value
+    assert TX.next_token_accuracy(model, tok, TEXTS, 20, batch_size=5).value == a1
 
 
 def test_max_windows_subsample_is_seeded(model, tok):
-    a = T.loss(model, tok, TEXTS, 16, max_windows=3, seed=1)[0]
-    b = T.loss(model, tok, TEXTS, 16, max_windows=3, seed=1)[0]
+    a = TX.loss(model, tok, TEXTS, 16, max_windows=3, seed=1)[0]
+    b = TX.loss(model, tok, TEXTS, 16, max_windows=3, seed=1)[0]
     assert a == b and a.n <= 3 * 15
 
 
@@ -106,7 +109,7 @@ def test_train_mode_restored_per_module(model, tok):
     model.train()
     model.model.layers[0].eval()  # a frozen part a strategy keeps in eval mode
     try:
-        T.loss(model, tok, SENTENCES[:2], 16)
+        TX.loss(model, tok, SENTENCES[:2], 16)
         assert model.training and model.model.layers[1].training and not model.model.layers[0].training
     finally:
         model.eval()
@@ -117,45 +120,45 @@ def test_train_mode_restored_per_module(model, tok):
 
 
 def test_encode_pair_joint_tokenization(tok):
-    ctx, cont = T.encode_pair(tok, "Answer:", " Yes")
+    ctx, cont = LL.encode_pair(tok, "Answer:", " Yes")
     assert ctx + cont == tok("Answer: Yes")["input_ids"]
     assert ctx == tok("Answer:")["input_ids"]
-    assert T.encode_pair(tok, "Answer: ", "Yes") == (ctx, cont)  # trailing space moves to the choice
-    bos_ctx, bos_cont = T.encode_pair(tok, "", "Yes")
+    assert LL.encode_pair(tok, "Answer: ", "Yes") == (ctx, cont)  # trailing space moves to the choice
+    bos_ctx, bos_cont = LL.encode_pair(tok, "", "Yes")
     assert bos_ctx == [tok.bos_token_id] and bos_cont == tok("Yes", add_special_tokens=False)["input_ids"]
 
 
 def test_continuation_logprobs_match_manual_with_shared_prefixes(model, tok):
     pairs = [
-        T.encode_pair(tok, "Tom liked to", " play"),
-        T.encode_pair(tok, "Tom liked to", " play"),  # duplicate
-        T.encode_pair(tok, "Tom liked to", " play in the garden"),  # extends the first
-        T.encode_pair(tok, "The contract may not", " be assigned"),
-        T.encode_pair(tok, "Once", " upon a time there was a little cat"),
+        LL.encode_pair(tok, "Tom liked to", " play"),
+        LL.encode_pair(tok, "Tom liked to", " play"),  # duplicate
+        LL.encode_pair(tok, "Tom liked to", " play in the garden"),  # extends the first
+        LL.encode_pair(tok, "The contract may not", " be assigned"),
+        LL.encode_pair(tok, "Once", " upon a time there was a little cat"),
     ]
-    pairs += [T.encode_pair(tok, "Tom liked to", c) for c in (" sleep", " run to the garden", " x")]  # shared context
+    pairs += [LL.encode_pair(tok, "Tom liked to", c) for c in (" sleep", " run to the garden", " x")]  # shared context
     expected = [manual_logprob(model, c, x) for c, x in pairs]
-    assert T.supports_context_cache(model)
+    assert LL.supports_context_cache(model)
     for bs in (1, 2, 16):
         for share in (True, False):
-            got = T.continuation_logprobs(model, pairs, batch_size=bs, share_context=share)
+            got = LL.continuation_logprobs(model, pairs, batch_size=bs, share_context=share)
             assert got == pytest.approx(expected, abs=1e-4), (bs, share)
 
 
 def test_continuation_logprobs_truncate_from_the_left_like_lm_eval(model, tok):
-    pairs = [T.encode_pair(tok, SENTENCES[0] + " " + SENTENCES[1], c) for c in (" Yes", " No")]
+    pairs = [LL.encode_pair(tok, SENTENCES[0] + " " + SENTENCES[1], c) for c in (" Yes", " No")]
     limit = 10
     expected = []
     for ctx, cont in pairs:
         full = (ctx + cont)[-(limit + 1):]
         expected.append(manual_logprob(model, full[: len(full) - len(cont)], cont))
     for share in (True, False):
-        assert T.continuation_logprobs(model, pairs, max_length=limit, share_context=share) == pytest.approx(expected, abs=1e-4)
+        assert LL.continuation_logprobs(model, pairs, max_length=limit, share_context=share) == pytest.approx(expected, abs=1e-4)
 
 
 def test_prefix_owners_cover_every_prefix():
     inputs = [(1, 2), (1, 2, 3), (1,), (2, 5), (1, 2, 3), (1, 4)]
-    owners = T._prefix_owners(inputs)
+    owners = LL._prefix_owners(inputs)
     for i, o in enumerate(owners):
         assert inputs[o][: len(inputs[i])] == inputs[i]
     assert {inputs[o] for o in owners} == {(1, 2, 3), (2, 5), (1, 4)}  # 3 forward passes for 6 inputs
@@ -163,7 +166,7 @@ def test_prefix_owners_cover_every_prefix():
 
 
 def _choice_lls(model, tok, prompt, choices):
-    pairs = [T.encode_pair(tok, prompt, " " + c) for c in choices]
+    pairs = [LL.encode_pair(tok, prompt, " " + c) for c in choices]
     return [manual_logprob(model, c, x) for c, x in pairs], [len(x) for _, x in pairs]
 
 
@@ -179,8 +182,8 @@ def test_multiple_choice_picks_highest_loglikelihood(model, tok):
         lls, _ = _choice_lls(model, tok, prompt, choices)
         best.append({"prompt": prompt, "choices": choices, "label": choices[lls.index(max(lls))]})  # label as string
         worst.append({"prompt": prompt, "choices": choices, "label": lls.index(min(lls))})  # label as index
-    assert T.multiple_choice(model, tok, best, batch_size=3).value == 1.0
-    result = T.multiple_choice(model, tok, worst, batch_size=1)
+    assert MC.multiple_choice(model, tok, best, batch_size=3).value == 1.0
+    result = MC.multiple_choice(model, tok, worst, batch_size=1)
     assert result.value == 0.0 and result.n == 4 and result.metric == "accuracy"
 
 
@@ -201,19 +204,19 @@ def test_length_normalisation_changes_the_pick_where_it_should(model, tok):
     assert found, "the random tiny model should produce a pair where per-token normalisation flips the pick"
     i, j = found
     example = [{"prompt": prompt, "choices": [candidates[i], candidates[j]], "label": 1}]
-    assert T.multiple_choice(model, tok, example).value == 0.0
-    normed = T.multiple_choice(model, tok, example, normalize="token")
+    assert MC.multiple_choice(model, tok, example).value == 0.0
+    normed = MC.multiple_choice(model, tok, example, normalize="token")
     assert normed.value == 1.0 and normed.metric == "accuracy_norm_token"
-    assert T.multiple_choice(model, tok, example, normalize="char").metric == "accuracy_norm_char"
+    assert MC.multiple_choice(model, tok, example, normalize="char").metric == "accuracy_norm_char"
 
 
 def test_resolve_label():
-    assert T.resolve_label("Yes", ["No", "Yes"]) == 1
-    assert T.resolve_label(" Yes ", ["No", "Yes"]) == 1
-    assert T.resolve_label(0, ["No", "Yes"]) == 0
-    assert T.resolve_label("1", ["a", "b"]) == 1
+    assert MC.resolve_label("Yes", ["No", "Yes"]) == 1
+    assert MC.resolve_label(" Yes ", ["No", "Yes"]) == 1
+    assert MC.resolve_label(0, ["No", "Yes"]) == 0
+    assert MC.resolve_label("1", ["a", "b"]) == 1
     with pytest.raises(ValueError):
-        T.resolve_label("Maybe", ["No", "Yes"])
+        MC.resolve_label("Maybe", ["No", "Yes"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,21 +225,21 @@ def test_resolve_label():
 
 def test_generation_exact_and_contains(model, tok):
     prompts = ["Once upon a time", "Tom liked", "The contract", "One day the sun was hot and Tom went"]
-    singles = [T.greedy_generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
-    assert T.greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=4) == singles  # left padding is exact
-    targets = [T.cut_at_stop(s, ["\n"]) for s in singles]
-    exact = T.generation(model, tok, prompts, targets, "exact", max_new_tokens=6, batch_size=3)
+    singles = [G.greedy_generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    assert G.greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=4) == singles  # left padding is exact
+    targets = [G.cut_at_stop(s, ["\n"]) for s in singles]
+    exact = G.generation(model, tok, prompts, targets, "exact", max_new_tokens=6, batch_size=3)
     assert exact.value == 1.0 and exact.metric == "exact_match" and exact.n == 4
     pieces = [t.strip()[:2] for t in targets]
-    assert T.generation(model, tok, prompts, pieces, "contains", max_new_tokens=6).value == 1.0
-    assert T.generation(model, tok, prompts, pieces, "exact", max_new_tokens=6).value < 1.0
-    assert T.generation(model, tok, prompts, ["zzz-not-there"] * 4, "contains", max_new_tokens=6).value == 0.0
+    assert G.generation(model, tok, prompts, pieces, "contains", max_new_tokens=6).value == 1.0
+    assert G.generation(model, tok, prompts, pieces, "exact", max_new_tokens=6).value < 1.0
+    assert G.generation(model, tok, prompts, ["zzz-not-there"] * 4, "contains", max_new_tokens=6).value == 0.0
 
 
 def test_generate_samples_keys_and_determinism(model, tok):
     prompts = ["Once upon a time", "The quick brown fox"]
-    a = T.generate_samples(model, tok, prompts, max_new_tokens=5)
-    assert list(a) == prompts and a == T.generate_samples(model, tok, prompts, max_new_tokens=5)
+    a = G.generate_samples(model, tok, prompts, max_new_tokens=5)
+    assert list(a) == prompts and a == G.generate_samples(model, tok, prompts, max_new_tokens=5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,8 +405,12 @@ def test_suite_unknown_key_names_file_and_key(tmp_path):
 def test_suite_semantic_errors_and_overrides(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("tasks:\n  - name: a\n    type: multiple_choice\n    role: task\n")
-    with pytest.raises(ConfigError, match="needs data"):
+    with pytest.raises(ConfigError, match=r"missing required key 'tasks\[0\].data'"):
         S.load_suite(path)
+    path.write_text("tasks:\n  - {name: a, type: loss, role: task, data: {path: a.txt}}\n")
+    with pytest.raises(ConfigError, match="role task needs train_task"):
+        S.load_suite(path)
+    (tmp_path / "a.txt").write_text("some text")
     path.write_text("tasks:\n  - {name: a, type: loss, data: {path: a.txt}}\n  - {name: a, type: loss, data: {path: a.txt}}\n")
     with pytest.raises(ConfigError, match="unique"):
         S.load_suite(path)
@@ -423,9 +430,8 @@ def test_suite_hash_follows_content_not_location(tmp_path):
     assert S.suite_hash(S.load_suite(second / "suite.yaml")) != h1
 
 
-@pytest.mark.skipif(not Path(__file__).resolve().parents[2].joinpath("shared/data/legalbench-cuad").is_dir(), reason="../shared/data not present")
-def test_cuad_tsv_loads_as_multiple_choice(model, tok):
-    root = Path(__file__).resolve().parents[2] / "shared/data/legalbench-cuad/cuad_anti_assignment"
+def test_cuad_tsv_loads_as_multiple_choice(model, tok, data_dir):
+    root = data_dir / "legalbench-cuad/cuad_anti_assignment"
     suite = S.load_suite_dict(
         {"tasks": [{"name": "cuad", "type": "multiple_choice", "data": {"path": str(root / "test.tsv")},
                     "prompt_template": "Clause: {text}\nAnswer:", "choices": ["No", "Yes"], "max_examples": 8}]}

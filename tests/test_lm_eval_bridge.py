@@ -13,9 +13,11 @@ pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'retai
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_eval_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
+from retain.errors import ConfigError  # noqa: E402
 from retain.eval import suite as S  # noqa: E402
-from retain.eval import tasks as T
-from retain.eval.lm_eval_bridge import run_lm_eval  # noqa: E402
+from retain.eval.tasks import choice as MC  # noqa: E402
+from retain.eval.tasks import loglikelihood as LL  # noqa: E402
+from retain.eval.tasks.lm_eval import run_lm_eval  # noqa: E402
 
 QUESTIONS = [
     ("Clause: the party shall notify the other party.\nAnswer:", ["No", "Yes"], 1),
@@ -61,8 +63,8 @@ def local_task(tmp_path, monkeypatch):
 def test_lm_eval_accuracy_equals_retain_multiple_choice(local_task):
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), seed=3)
-    examples = [T.ChoiceExample(p, c, l) for p, c, l in QUESTIONS]
-    ours = T.multiple_choice(model, tok, examples, batch_size=4)
+    examples = [MC.ChoiceExample(p, c, l) for p, c, l in QUESTIONS]
+    ours = MC.multiple_choice(model, tok, examples, batch_size=4)
 
     results = run_lm_eval(model, tok, ["retain_tiny_mc"], include_path=str(local_task), batch_size=4)
     assert results["retain_tiny_mc"]["acc"] == pytest.approx(ours.value)
@@ -84,7 +86,7 @@ def test_unknown_metric_is_reported(local_task):
         {"tasks": [{"name": "tiny", "type": "lm_eval", "lm_eval_tasks": ["retain_tiny_mc"],
                     "include_path": str(local_task), "lm_eval_metric": "f1", "limit": 2}]}
     )
-    with pytest.raises(ValueError, match="no metric 'f1'.*acc"):
+    with pytest.raises(ConfigError, match="no metric 'f1'.*acc"):
         S.evaluate_suite(model, tok, suite)
 
 
@@ -99,5 +101,14 @@ def test_per_choice_loglikelihoods_equal_hflm():
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
     instances = [Instance("loglikelihood", {}, args, i) for i, args in enumerate(requests)]
     theirs = [ll for ll, _ in lm.loglikelihood(instances, disable_tqdm=True)]
-    pairs = [T.encode_pair(tok, p, c) for p, c in requests]
-    assert T.continuation_logprobs(model, pairs, batch_size=5) == pytest.approx(theirs, abs=1e-4)
+    pairs = [LL.encode_pair(tok, p, c) for p, c in requests]
+    assert LL.continuation_logprobs(model, pairs, batch_size=5) == pytest.approx(theirs, abs=1e-4)
+
+
+def test_unknown_lm_eval_task_is_a_config_error(local_task):
+    tok = tiny_tokenizer()
+    suite = S.load_suite_dict(
+        {"tasks": [{"name": "tiny", "type": "lm_eval", "lm_eval_tasks": ["retain_tiny_mcq"], "include_path": str(local_task)}]}
+    )
+    with pytest.raises(ConfigError, match="eval 'tiny': lm-eval knows no task 'retain_tiny_mcq'.*did you mean 'retain_tiny_mc'"):
+        S.evaluate_suite(tiny_model(len(tok)), tok, suite)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retain.eval.tasks import encode, forward_logits, length_sorted_batches, right_pad
+from retain.eval.tasks.scoring import encode, forward_logits, length_sorted_batches, right_pad
 from retain.models.runtime import eval_mode, model_device
 
 # --------------------------------------------------------------------------------------------

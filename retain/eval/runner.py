@@ -22,7 +22,7 @@ from retain.eval.drift import (
     weight_rel_l2,
 )
 from retain.eval.suite import SuiteConfig, evaluate_suite, load_suite, suite_hash
-from retain.eval.tasks import generate_samples
+from retain.eval.tasks.generate import generate_samples
 from retain.io import atomic_write_text
 from retain.models.fingerprint import model_fingerprint
 from retain.results.schema import Drift, Results, Score, StepRecord, StrategyRun

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from retain.config import DataConfig, TaskConfig
 from retain.errors import ConfigError
-from retain.eval.suite import EvalTaskConfig, SuiteConfig
+from retain.eval.suite import SuiteConfig
+from retain.eval.tasks import LossEval, MultipleChoiceEval, NextTokenAccuracyEval
 from retain.scenarios.base import Scenario, default_data_dir
 
 SCENARIO_VERSION = 1
@@ -121,24 +122,24 @@ def build_stories_contracts(
     windows = 8 if quick else 48
     mc_examples = 24 if quick else 160
     tasks = [
-        EvalTaskConfig(name="stories_loss", type="loss", data=DataConfig(path=str(paths["stories_eval"]), max_length=256), max_examples=windows),
-        EvalTaskConfig(name="stories_next_token", type="next_token_accuracy", data=DataConfig(path=str(paths["stories_eval"]), max_length=256), max_examples=windows),
-        EvalTaskConfig(name="contracts_loss", type="loss", role="task", train_task="contracts",
-                       data=DataConfig(path=str(paths["contracts_heldout"]), max_length=256), max_examples=windows),
-        EvalTaskConfig(name="contracts_next_token", type="next_token_accuracy", role="task", train_task="contracts",
-                       data=DataConfig(path=str(paths["contracts_heldout"]), max_length=256), max_examples=windows),
-        EvalTaskConfig(name="contracts_yes_no", type="multiple_choice", role="task", train_task="contracts",
-                       data=DataConfig(path=str(paths["contracts_mc"])), choices=["No", "Yes"], prompt_field="prompt",
-                       max_examples=mc_examples, max_length=512),
+        LossEval(name="stories_loss", data=DataConfig(path=str(paths["stories_eval"]), max_length=256), max_examples=windows),
+        NextTokenAccuracyEval(name="stories_next_token", data=DataConfig(path=str(paths["stories_eval"]), max_length=256), max_examples=windows),
+        LossEval(name="contracts_loss", role="task", train_task="contracts",
+                 data=DataConfig(path=str(paths["contracts_heldout"]), max_length=256), max_examples=windows),
+        NextTokenAccuracyEval(name="contracts_next_token", role="task", train_task="contracts",
+                              data=DataConfig(path=str(paths["contracts_heldout"]), max_length=256), max_examples=windows),
+        MultipleChoiceEval(name="contracts_yes_no", role="task", train_task="contracts",
+                           data=DataConfig(path=str(paths["contracts_mc"])), choices=["No", "Yes"], prompt_field="prompt",
+                           max_examples=mc_examples, max_length=512),
     ]
     train_tasks = [TaskConfig(name="contracts", data=DataConfig(path=str(paths["contracts_train"]), max_length=256))]
     if with_shakespeare:
         train_tasks.append(TaskConfig(name="shakespeare", data=DataConfig(path=str(paths["shakespeare_train"]), max_length=256)))
         tasks += [
-            EvalTaskConfig(name="shakespeare_loss", type="loss", role="task", train_task="shakespeare",
-                           data=DataConfig(path=str(paths["shakespeare_heldout"]), max_length=256), max_examples=windows),
-            EvalTaskConfig(name="shakespeare_next_token", type="next_token_accuracy", role="task", train_task="shakespeare",
-                           data=DataConfig(path=str(paths["shakespeare_heldout"]), max_length=256), max_examples=windows),
+            LossEval(name="shakespeare_loss", role="task", train_task="shakespeare",
+                     data=DataConfig(path=str(paths["shakespeare_heldout"]), max_length=256), max_examples=windows),
+            NextTokenAccuracyEval(name="shakespeare_next_token", role="task", train_task="shakespeare",
+                                  data=DataConfig(path=str(paths["shakespeare_heldout"]), max_length=256), max_examples=windows),
         ]
     stories_eval = [json.loads(line)["text"] for line in paths["stories_eval"].read_text(encoding="utf-8").splitlines()[:8]]
     suite = SuiteConfig(tasks=tasks, sample_prompts=SAMPLE_PROMPTS, probe_prompts=stories_eval, sample_max_new_tokens=40)

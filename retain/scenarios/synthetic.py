@@ -19,7 +19,8 @@ import random
 from pathlib import Path
 
 from retain.config import DataConfig, TaskConfig, load_config_dict
-from retain.eval.suite import EvalTaskConfig, SuiteConfig
+from retain.eval.suite import SuiteConfig
+from retain.eval.tasks import GenerationEval, LossEval
 from retain.io import atomic_dir
 from retain.models.tiny import char_tokenizer, tiny_model
 from retain.scenarios.base import Scenario
@@ -131,14 +132,14 @@ def build_synthetic(cache_dir: Path | None = None, quick: bool = False, pretrain
     gen_eval = dict(max_new_tokens=6, stop=["\n"], prompt_field="prompt", target_field="target")
     suite = SuiteConfig(
         tasks=[
-            EvalTaskConfig(name="general_exact", type="generation", data=DataConfig(path=str(paths["general_eval"])), **gen_eval),
-            EvalTaskConfig(name="general_loss", type="loss", data=DataConfig(path=str(paths["general_eval_text"]), max_length=64)),
-            EvalTaskConfig(
-                name="specialist_exact", type="generation", role="task", train_task="specialist",
+            GenerationEval(name="general_exact", data=DataConfig(path=str(paths["general_eval"])), **gen_eval),
+            LossEval(name="general_loss", data=DataConfig(path=str(paths["general_eval_text"]), max_length=64)),
+            GenerationEval(
+                name="specialist_exact", role="task", train_task="specialist",
                 data=DataConfig(path=str(paths["specialist_eval"])), **gen_eval,
             ),
-            EvalTaskConfig(
-                name="specialist_loss", type="loss", role="task", train_task="specialist",
+            LossEval(
+                name="specialist_loss", role="task", train_task="specialist",
                 data=DataConfig(path=str(paths["specialist_eval_text"]), max_length=64),
             ),
         ],

@@ -1,0 +1,159 @@
+"""The eval type registry: each ``type:`` of a suite entry is one config class with its own fields.
+
+An eval type is a pydantic model (its fields are exactly the suite keys it accepts, so a key of
+another type is refused with its path) plus an ``evaluate`` method. Adding one::
+
+    @register_eval_type("my_type")
+    class MyEval(DataEval):                       # or EvalTaskConfig if it reads no data file
+        type: Literal["my_type"] = "my_type"
+        my_option: int = 3
+        def evaluate(self, model, tokenizer, batch_size=16, shared=None) -> dict[str, TaskResult]: ...
+
+in a new module of ``retain/eval/tasks/``; every module there is imported when the registry is first
+read, so nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Hashable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from retain.config import StrictModel, closest_name
+from retain.errors import ConfigError
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One measured value: the fields of ``retain.results.schema.Score`` that do not depend on the suite."""
+
+    value: float
+    metric: str
+    higher_is_better: bool
+    bounded: bool
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SharedWork:
+    """Work that several evals of one suite run can reuse (records of a file, window statistics).
+
+    Valid for one model state only, so ``evaluate_suite`` makes a new one per call: a loss and a
+    next-token-accuracy eval over the same windows then cost one forward pass over them, not two.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, compute: Callable[[], V]) -> V:
+        if key not in self._values:
+            self._values[key] = compute()
+        return self._values[key]
+
+
+class EvalTaskConfig(StrictModel):
+    """Fields every eval type has. Subclasses add their own fields and implement ``evaluate``."""
+
+    name: str = Field(description="Key of this eval's score(s) in results; unique within the suite.")
+    type: str = Field(description="Registered eval type (see retain.eval.tasks.eval_types()).")
+    role: Literal["general", "task"] = Field(
+        "general", description="general: ability to preserve; task: measures the training task train_task."
+    )
+    train_task: str | None = Field(None, description="Training task this eval measures (role: task).")
+
+    @model_validator(mode="after")
+    def _role_and_train_task(self) -> "EvalTaskConfig":
+        if self.role == "task" and not self.train_task:
+            raise ValueError(f"eval '{self.name}': role task needs train_task (the training task it measures)")
+        if self.role == "general" and self.train_task:
+            raise ValueError(f"eval '{self.name}': train_task is set, so set role: task too")
+        return self
+
+    def evaluate(
+        self, model: nn.Module, tokenizer: Any, batch_size: int = 16, shared: SharedWork | None = None
+    ) -> dict[str, TaskResult]:
+        """Result key -> result; the key is ``name`` unless the type documents more keys."""
+        raise NotImplementedError(f"eval type '{self.type}' does not implement evaluate")
+
+    # -- files: overridden by types that read local files --------------------------------------
+
+    def resolved(self, base: Path) -> "EvalTaskConfig":
+        """A copy whose relative file paths are made absolute against ``base`` (the suite's folder)."""
+        return self.model_copy(deep=True)
+
+    def input_files(self) -> dict[str, str]:
+        """Key path (e.g. ``data.path``) -> local file or folder this eval reads; all must exist."""
+        return {}
+
+    def hash_payload(self) -> dict[str, Any]:
+        """What identifies this eval's scores: its config with local files replaced by content hashes."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: dict[str, type[EvalTaskConfig]] = {}
+_discovered = False
+E = TypeVar("E", bound=type[EvalTaskConfig])
+
+
+def register_eval_type(name: str) -> Callable[[E], E]:
+    """Class decorator: make an eval type available as ``type: name`` in suites."""
+
+    def decorate(cls: E) -> E:
+        declared = get_args(cls.model_fields["type"].annotation)
+        if declared != (name,):
+            raise TypeError(f"{cls.__name__} registers type '{name}' but declares type: Literal{list(declared)}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"eval type '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _discover() -> None:
+    """Import every module of this package once, so each built-in type registers itself."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import retain.eval.tasks as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def eval_types() -> dict[str, type[EvalTaskConfig]]:
+    """Registered eval types by name, sorted."""
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_eval_type(name: str) -> type[EvalTaskConfig]:
+    types = eval_types()
+    if name not in types:
+        hint = closest_name(name, list(types))
+        extra = f" Did you mean '{hint}'?" if hint else ""
+        raise ConfigError(f"unknown eval type '{name}'.{extra} Registered types: {', '.join(types)}")
+    return types[name]
+
+
+def eval_task_union() -> Any:
+    """The pydantic type of one suite entry: the registered configs, chosen by their ``type`` key."""
+    classes = tuple(eval_types().values())
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007 (a runtime tuple)
