@@ -441,6 +441,102 @@ def test_stm_original_reference_scores_every_task_once_with_the_base(tmp_path, t
 
 
 # --------------------------------------------------------------------------------------------
+# seeds, loss hooks without side effects, metrics in the window they belong to
+
+
+def with_train_seed(ctx, seed: int):
+    ctx.config = ctx.config.model_copy(update={"train": ctx.config.train.model_copy(update={"seed": seed})})
+    return ctx
+
+
+def test_fip_pool_stm_ablation_and_lwf_anchors_follow_train_seed(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    """train.seed (bench --seed) moves each choice; a strategy's own seed overrides it."""
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
+    ctx.task = ctx.tasks[0]
+    student = tiny_model("llama", len(tokenizer), seed=1, hidden=32, layers=2, heads=4)
+    probe = batch_of(ctx, ctx.tasks[0], 0)
+
+    def choices(train_seed: int, own: int | None):
+        with_train_seed(ctx, train_seed)
+        own_seed = {} if own is None else {"seed": own}
+        fip = build_strategy("fip", {"pool_size": 6, **own_seed})
+        fip.before_task(ctx.tasks[0], ctx)
+        stm = build_strategy("stm", {"threshold": 100.0, "mode": "random", "cache": False, **own_seed})
+        stm.before_task(ctx.tasks[0], ctx)
+        lwf = build_strategy("lwf", {"anchor": "general", "pool_size": 6, "teacher": "copy", **own_seed})
+        lwf.before_task(ctx.tasks[0], ctx)  # the teacher: a copy of base_llama
+        lwf.transform_batch(probe, ctx)
+        ctx.model = student  # general anchors go through the training model
+        kl = lwf.extra_losses(None, probe, ctx)["kl"].item()
+        ctx.model = base_llama
+        return fip.state_dict()["pool_indices"], stm.state_dict()["drop"]["0"], kl
+
+    default, other, overridden = choices(0, None), choices(5, None), choices(0, 5)
+    assert default[0] != other[0] and not torch.equal(default[1], other[1]) and default[2] != other[2]
+    assert overridden[0] == other[0] and torch.equal(overridden[1], other[1]) and overridden[2] == other[2]
+
+
+def test_loss_hooks_change_no_state(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    """extra_losses evaluated twice gives the same terms and leaves state_dict() as it was."""
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
+    fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 2})
+    lwf = build_strategy("lwf", {"anchor": "general", "anchor_batch_size": 2})
+    train(base_llama, fip, ctx, ctx.tasks[0], steps=2)
+    train(base_llama, lwf, ctx, ctx.tasks[0], steps=2)
+    for strategy in (fip, lwf):
+        batch = strategy.transform_batch(batch_of(ctx, ctx.tasks[0], 3), ctx)
+        outputs = base_llama(**batch)
+        before = strategy.state_dict()
+        first = {k: v.item() for k, v in strategy.extra_losses(outputs, batch, ctx).items()}
+        second = {k: v.item() for k, v in strategy.extra_losses(outputs, batch, ctx).items()}
+        assert first == second and first and all(v > 0 for v in first.values())
+        after = strategy.state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            if isinstance(value, dict):
+                assert all(torch.equal(value[n], after[key][n]) for n in value), key
+            else:
+                assert value == after[key], key
+
+
+def test_fip_takes_its_anchor_and_advances_its_cursor_before_the_forward(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
+    fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 3})
+    ctx.task = ctx.tasks[0]
+    fip.before_task(ctx.tasks[0], ctx)
+    assert fip.state_dict()["has_anchor"] is False
+    fip.transform_batch(batch_of(ctx, ctx.tasks[0], 0), ctx)
+    state = fip.state_dict()
+    assert state["has_anchor"] and state["cursor"] == 3
+    assert all(torch.equal(state["anchor"][n], p) for n, p in base_llama.named_parameters())
+
+
+def test_metrics_are_reported_in_their_own_window(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    """The loop clears ctx.metrics after each log row: stm and fip report again after a resume, fip's
+    step norm and re-anchor count are reported in every step."""
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
+    stm = build_strategy("stm", {"threshold": 100.0, "cache": False})
+    fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 2, "anchor": "path", "reanchor_every": 5, "max_step_norm": 1e-3})
+    ctx.task = ctx.tasks[0]
+    for strategy in (stm, fip):
+        strategy.before_task(ctx.tasks[0], ctx)
+    assert {"stm/masked_fraction", "stm/masked_tokens", "fip/pool_size"} <= set(ctx.metrics)
+    ctx.metrics.clear()  # as the loop does after writing a row
+    train(base_llama, fip, ctx, ctx.tasks[0], steps=1, start=False)
+    assert {"fip/step_norm_before_bound", "fip/reanchors"} <= set(ctx.metrics)
+    states = {"stm": stm.state_dict(), "fip": fip.state_dict()}
+
+    ctx.metrics.clear()
+    resumed_stm = build_strategy("stm", {"threshold": 100.0, "cache": False})
+    resumed_fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 2, "anchor": "path", "reanchor_every": 5, "max_step_norm": 1e-3})
+    resumed_stm.load_state_dict(states["stm"], ctx)
+    resumed_fip.load_state_dict(states["fip"], ctx)
+    resumed_stm.transform_batch(batch_of(ctx, ctx.tasks[0], 1), ctx)
+    assert ctx.metrics["stm/masked_fraction"] == pytest.approx(states["stm"]["counts"]["0"][0] / states["stm"]["counts"]["0"][1])
+    assert ctx.metrics["fip/pool_size"] == 8
+
+
+# --------------------------------------------------------------------------------------------
 # the hybrid through the real loop, killed and resumed
 
 

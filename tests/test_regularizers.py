@@ -451,6 +451,85 @@ def test_config_errors_are_clear(tiny_model_dir, files, tmp_path):
     assert build_strategy("ewc", {"lambda": 7.0}).config.lambda_ == 7.0
 
 
+def _context(model, tokenizer, config):
+    from accelerate import Accelerator
+
+    from retain.strategies import StrategyContext, TaskInfo
+
+    tasks = [
+        TaskInfo(index=i, name=t.name, steps=config.steps_for(t), data=build_task_data(t.data, tokenizer, seed=0))
+        for i, t in enumerate(config.tasks)
+    ]
+    return StrategyContext(
+        config=config, accelerator=Accelerator(cpu=True), tokenizer=tokenizer, model=model, tasks=tasks,
+        run_dir=Path("unused"), cache_dir=Path("unused"), collate=lambda e: collate(e, tokenizer.pad_token_id),
+    )
+
+
+@pytest.mark.parametrize("balance", ["task_share", "penalty_share"])
+def test_importance_credits_only_the_task_gradient_and_its_loss_hook_is_pure(llama, tokenizer, files, balance):
+    """With gradient accumulation, the path integral uses the task loss's gradient alone: this strategy's
+    penalty gradient (weighted by each micro-batch's layer coefficient) is taken out again."""
+    config = _config("unused", files["task"], "unused", ["full", "importance"], tasks=[
+        {"name": "a", "data": {"path": str(files["task"]), "max_length": 32}},
+        {"name": "b", "data": {"path": str(files["task"]), "max_length": 32}},
+    ])
+    ctx = _context(llama, tokenizer, config)
+    strategy = build_strategy("importance", {"source": "training", "lambda_": 4.0, "layer_balance": balance, "normalize": False})
+    strategy.setup(llama, ctx)
+    params = dict(llama.named_parameters())
+    torch.manual_seed(0)
+    state = {
+        "general_done": False,
+        "anchor": {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()},
+        "omega_raw": {n: torch.rand_like(p) for n, p in params.items()},
+        "path": {n: torch.zeros_like(p) for n, p in params.items()},
+    }
+    strategy.load_state_dict(state, ctx)
+    ctx.task = ctx.tasks[1]
+    examples = ctx.tasks[1].train_examples
+    micro = [collate(examples[i * 4 : (i + 1) * 4], 0) for i in range(2)]
+
+    llama.eval()  # no dropout: the independent task gradient below sees the same function
+    task_grad = torch.autograd.grad(sum(llama(**m).loss for m in micro) / 2, list(params.values()))
+    for m in micro:
+        batch = strategy.transform_batch(m, ctx)
+        outputs = llama(**batch)
+        terms = strategy.extra_losses(outputs, batch, ctx)
+        again = strategy.extra_losses(outputs, batch, ctx)
+        assert terms["penalty"].item() == again["penalty"].item() > 0
+        ((outputs.loss + terms["penalty"]) / 2).backward()
+    strategy.after_backward(llama, ctx)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p -= 0.01 * p.grad
+    strategy.after_step(llama, ctx)
+    path = strategy.state_dict()["path"]
+    for (name, p), g in zip(params.items(), task_grad):
+        delta = p.detach() - before[name]
+        expected = -g * delta
+        # the error allowed is float32 cancellation, relative to what was subtracted (the total gradient)
+        scale = max(expected.abs().max().item(), (p.grad * delta).abs().max().item())
+        assert (path[name] - expected).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_ewc_general_subset_follows_train_seed(tiny_model_dir, files, tmp_path):
+    def fisher(tag: str, train_seed: int, own: int | None):
+        from retain.train.checkpoint import latest_checkpoint, load_nested
+
+        ewc = {"name": "ewc", "max_examples": 3, "estimator": "empirical", **({} if own is None else {"seed": own})}
+        config = _config(tiny_model_dir, files["task"], tmp_path / tag, ["full", ewc], steps=1, general=files["general"])
+        config = config.model_copy(update={"train": config.train.model_copy(update={"seed": train_seed})})
+        finetune(config)
+        return load_nested(latest_checkpoint(tmp_path / tag), "strategies")["ewc"]["penalties"][0]["fisher"]
+
+    default, other, overridden = fisher("a", 0, None), fisher("b", 4, None), fisher("c", 0, 4)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(default[name], other[name])
+    assert torch.equal(overridden[name], other[name])
+
+
 def test_bfloat16_state_is_stored_in_bfloat16(tiny_model_dir, files, tmp_path):
     outcome = finetune(
         _config(tiny_model_dir, files["task"], tmp_path / "r", ["full", {"name": "ewc", "state_dtype": "bfloat16", "max_examples": 4}],

@@ -142,3 +142,134 @@ def _spec(name: str, **params):
     from retain.config import StrategySpec
 
     return StrategySpec(name=name, **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requirements: checked with the config, before any model or data loads
+
+
+def _run(strategies, tasks: int = 1, general: bool = False, model: str = "no/such-model-dir"):
+    from retain.config import load_config_dict
+
+    data = {
+        "model": {"name_or_path": model},
+        "tasks": [{"name": f"t{i + 1}", "data": {"path": f"missing-{i}.jsonl"}} for i in range(tasks)],
+        "strategies": strategies,
+    }
+    if general:
+        data["general_data"] = {"path": "missing-general.jsonl"}
+    return load_config_dict(data)
+
+
+LORA = {"name": "lora", "r": 2}
+
+UNMET = [
+    (["full", "ewc-lora"], 2, True, "strategies[1] (ewc-lora): list it with lora, e.g. strategies: [lora, ewc-lora]"),
+    (["full", {"name": "lwf", "anchor": "general"}], 1, False,
+     "strategies[1] (lwf): anchor: general needs text: set general_data or strategies[1].data"),
+    (["full", {"name": "lwf", "teacher": "adapters_off"}], 1, False, "strategies[1] (lwf): teacher: adapters_off needs a PEFT"),
+    (["full", {"name": "ewc", "source": "general"}], 2, False,
+     "strategies[1] (ewc): source: general needs general text: set general_data"),
+    (["full", "ewc"], 1, False, "strategies[1] (ewc): source: previous_task estimates the Fisher on finished tasks"),
+    ([LORA, {"name": "ewc-lora", "source": "both"}], 2, False, "strategies[1] (ewc-lora): source: both needs general text"),
+    (["full", {"name": "importance", "source": "general"}], 2, False, "strategies[1] (importance): source: general needs"),
+    (["full", "importance"], 1, False, "strategies[1] (importance): source: training learns importance"),
+    (["full", "fip"], 1, False, "strategies[1] (fip): pool: general needs text: set general_data or strategies[1].data"),
+    (["full", {"name": "fip", "pool": "past"}], 1, False, "strategies[1] (fip): pool: past anchors on earlier tasks"),
+    (["full", {"name": "replay", "source": "general"}], 2, False, "strategies[1] (replay): source: general needs text"),
+    (["full", "replay"], 1, False, "strategies[1] (replay): source: auto replays earlier tasks, and this run has one task"),
+    (["full", "synthetic-replay"], 2, False, "strategies[1] (synthetic-replay): nothing to synthesize from"),
+    (["full", {"name": "synthetic-replay", "tasks": {"stroies": {"description": "x"}}}], 1, False, "'stroies'"),
+    (["full", {"name": "synthetic-replay", "tasks": {"t1": {}}}], 1, False, "strategies[1].tasks.t1: give a description"),
+    (["o-lora"], 1, False, "strategies[0] (o-lora): it works across a sequence of tasks and needs at least 2"),
+    (["progressive-prompts"], 1, False, "strategies[0] (progressive-prompts): it works across a sequence of tasks"),
+]
+
+MET = [
+    ([LORA, "ewc-lora"], 2, False),
+    (["full", {"name": "lwf", "anchor": "general"}], 1, True),
+    ([LORA, {"name": "lwf", "teacher": "adapters_off"}], 1, False),
+    (["full", "ewc"], 1, True),
+    (["full", "ewc"], 2, False),
+    (["full", {"name": "ewc", "file": "fisher.safetensors"}], 1, False),
+    (["full", "importance"], 1, True),
+    (["full", "importance"], 2, False),
+    (["full", "fip"], 1, True),
+    (["full", {"name": "fip", "pool": "past"}], 2, False),
+    (["full", "replay"], 2, False),
+    (["full", "replay"], 1, True),
+    (["full", {"name": "synthetic-replay", "prompts": ["Once"]}], 1, False),
+    (["o-lora"], 2, False),
+    (["full", "l2", "stm", "lwf"], 1, False),
+]
+
+
+@pytest.mark.parametrize("strategies,tasks,general,message", UNMET, ids=[m.split(":")[0] + f"-{i}" for i, (*_, m) in enumerate(UNMET)])
+def test_unmet_requirement_refused_with_key_path(strategies, tasks, general, message):
+    from retain.strategies.registry import validate_run_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_run_config(_run(strategies, tasks, general), "run.yaml")
+    assert str(err.value).startswith("invalid config in run.yaml: ")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("strategies,tasks,general", MET)
+def test_met_requirements_pass(strategies, tasks, general):
+    from retain.strategies.registry import validate_run_config
+
+    assert validate_run_config(_run(strategies, tasks, general))
+
+
+def test_every_unmet_requirement_is_listed_in_one_error():
+    from retain.strategies.registry import validate_run_config
+
+    config = _run(["full", {"name": "lwf", "anchor": "general"}, "fip", {"name": "replay", "source": "general"}])
+    with pytest.raises(ConfigError) as err:
+        validate_run_config(config)
+    lines = [line.strip() for line in str(err.value).splitlines()[1:]]
+    assert [line.split(":")[0] for line in lines] == ["strategies[1] (lwf)", "strategies[2] (fip)", "strategies[3] (replay)"]
+
+
+def test_config_mistake_refused_in_seconds_before_the_model_loads(tmp_path, monkeypatch):
+    """The model directory does not exist: the error must be about the strategy, and come fast."""
+    import time
+
+    import yaml
+
+    import retain.models.loading as loading
+    from retain.train.run import load_run_config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was refused")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    config = _run(["full", {"name": "lwf", "anchor": "general"}], model=str(tmp_path / "no-such-model"))
+    config = config.model_copy(update={"output": config.output.model_copy(update={"dir": str(tmp_path / "run")})})
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"strategies\[1\] \(lwf\): anchor: general needs text"):
+        finetune(config)
+    assert time.perf_counter() - start < 2.0
+    assert not (tmp_path / "run").exists()
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    with pytest.raises(ConfigError, match=r"(?s)invalid config in .*run.yaml: .*strategies\[1\] \(lwf\)"):
+        load_run_config(path)
+
+
+def test_strategy_seeds_default_to_train_seed():
+    """Every strategy with a seed key leaves it unset by default, so train.seed (bench --seed) moves it."""
+    from retain.strategies.base import strategy_seed
+
+    seeded = [n for n in available_strategies() if "seed" in build_strategy(n, _minimal(n)).config.model_fields]
+    assert {"ewc", "ewc-lora", "importance", "lwf", "fip", "stm", "replay", "synthetic-replay"} <= set(seeded)
+    for name in seeded:
+        assert build_strategy(name, _minimal(name)).config.seed is None, name
+    run = _run(["full"]).model_copy(update={"train": _run(["full"]).train.model_copy(update={"seed": 7})})
+    assert strategy_seed(None, run) == 7 and strategy_seed(3, run) == 3
+    assert strategy_seed(None, run, 1) != strategy_seed(None, run, 2) != strategy_seed(None, run)
+
+
+def _minimal(name: str) -> dict:
+    return {"freeze": {"top_layers": 1}}.get(name, {})

@@ -15,6 +15,13 @@ Hook order inside the loop, per task::
         after_step(model)           the weights moved: path integrals, step bounds, re-anchoring
     after_task(task)                consolidate: Fisher, merges, stored state
     state_dict() / load_state_dict(state, ctx)   everything needed to resume exactly
+
+Loss hooks (``extra_losses``) are pure with respect to the strategy's state: they read it and return
+terms, but never change what a later hook reads (cursors advance in ``transform_batch``, anchors are
+taken there or in ``before_task``), so a term can be evaluated twice, or not at all, without changing
+the run. What a strategy needs from the rest of the run (general text, a companion strategy, a second
+task) it declares (``needs_strategies``, ``min_tasks``, ``requirements``); ``validate_run_config``
+checks it before any model loads.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from torch import nn
 
 from retain.config import DataConfig, RunConfig, StrictModel
 from retain.data import Example, TaskData, build_task_data
+from retain.data.sampling import derive_seed
 from retain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -109,8 +117,25 @@ class StrategyContext:
         return self.load_examples(data)
 
     def log(self, name: str, value: float) -> None:
-        """Report a scalar (e.g. tokens masked) into the run log at the next logging step."""
+        """Report a scalar into the next row of the run log. Rows do not repeat it: report a value in the
+        window it belongs to (and again after a resume, if the row after it should show it)."""
         self.metrics[name] = float(value)
+
+    def seed_for(self, strategy: "Strategy", *streams: int) -> int:
+        """The seed of one of ``strategy``'s random streams: its own ``seed`` key when set, else
+        ``train.seed``, so ``retain bench --seed`` moves every strategy's choices; ``streams`` (a task
+        index, ...) derive independent seeds with ``retain.data.sampling.derive_seed``."""
+        return strategy_seed(getattr(strategy.config, "seed", None), self.config, *streams)
+
+
+def strategy_seed(own: int | None, run: "RunConfig", *streams: int) -> int:
+    """``derive_seed(own if set else run.train.seed, *streams)``: the one rule for strategy randomness."""
+    return derive_seed(own if own is not None else run.train.seed, *streams)
+
+
+def has_general_text(own: "DataConfig | None", run: "RunConfig") -> bool:
+    """Whether a strategy has general text: its own ``data`` key or the run's ``general_data``."""
+    return own is not None or run.general_data is not None
 
 
 class Strategy:
@@ -122,6 +147,13 @@ class Strategy:
       ``compatible_with``.
     - ``modifies_frozen_weights``: the strategy changes weights the optimizer does not train (e.g.
       merging adapters into the base), so checkpoints must save the full weights.
+    - ``peft_wrapper``: the strategy wraps the model with peft, so its adapters can be switched off
+      (e.g. for lwf's ``adapters_off`` teacher).
+
+    And what it needs from the run, checked with the config before any model loads:
+    - ``needs_strategies``: strategies that must be listed with it (ewc-lora needs lora).
+    - ``min_tasks``: the fewest tasks with which it does anything beyond its base method.
+    - ``requirements(run, where)``: the conditional needs (general text for a general source, ...).
     """
 
     name: ClassVar[str] = ""
@@ -129,9 +161,22 @@ class Strategy:
     wraps_model: ClassVar[bool] = False
     compatible_with: ClassVar[frozenset[str]] = frozenset()
     modifies_frozen_weights: ClassVar[bool] = False
+    peft_wrapper: ClassVar[bool] = False
+    needs_strategies: ClassVar[frozenset[str]] = frozenset()
+    min_tasks: ClassVar[int] = 1
 
     def __init__(self, config: StrategyConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
+
+    def requirements(self, run: "RunConfig", where: str) -> list[str]:
+        """Problems with how this strategy is configured in ``run``, one message each, naming the key to
+        set (``where`` is its place in the list, e.g. ``strategies[1]``); empty when it has what it needs.
+
+        Only the config is available: this runs before the model and data load, so a mistake costs
+        seconds, not a base-model evaluation. Declared needs (``needs_strategies``, ``min_tasks``) are
+        checked by the registry; override this for needs that depend on the strategy's settings.
+        """
+        return []
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         return model

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
+from retain.config import RunConfig
 from retain.data.sampling import seeded_subset
 from retain.losses.quadratic import quadratic_penalty
 from retain.models.runtime import trainable_parameters
@@ -34,6 +35,7 @@ from retain.stats.fisher import diagonal_fisher, online_update
 from retain.strategies._shared.calibration import (
     DTYPES,
     CalibrationConfig,
+    calibration_requirements,
     check_same_parameters,
     detached_copy,
     estimate_logged,
@@ -66,10 +68,13 @@ class Ewc(Strategy):
         self._source: str | None = None
         self._params: dict[str, nn.Parameter] | None = None
 
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        return calibration_requirements(self.config, run, where)
+
     # hooks ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        self._source = resolve_source(self.config, ctx, self.name)
+        self._source = resolve_source(self.config, ctx.config)
         return model
 
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
@@ -90,8 +95,9 @@ class Ewc(Strategy):
         if self._source not in ("previous_task", "both") or task.index == len(ctx.tasks) - 1:
             return  # after the last task no later training would use the Fisher
         params = self._live(ctx)
-        examples = seeded_subset(task.train_examples, self.config.max_examples, self.config.seed + task.index + 1)
-        fisher = self._estimate(params, examples, ctx, seed=self.config.seed + task.index + 1)
+        seed = ctx.seed_for(self, task.index + 1)
+        examples = seeded_subset(task.train_examples, self.config.max_examples, seed)
+        fisher = self._estimate(params, examples, ctx, seed=seed)
         self._add(f"task:{task.name}", detached_copy(params), fisher)
 
     # state ------------------------------------------------------------------------------
@@ -124,10 +130,9 @@ class Ewc(Strategy):
             stats = statistics_for(loaded, list(params), self.config.file)
             dtype = DTYPES[self.config.state_dtype]
             return {n: stats[n].to(params[n].device, dtype) for n in params}
-        examples = seeded_subset(
-            ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
-        )
-        return self._estimate(params, examples, ctx, seed=self.config.seed)
+        seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
+        examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
+        return self._estimate(params, examples, ctx, seed=seed)
 
     def _estimate(self, params: dict[str, nn.Parameter], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
         fisher = estimate_logged(diagonal_fisher, params, examples, ctx, self.name, self.config, seed)

@@ -33,13 +33,20 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
+from retain.config import RunConfig
 from retain.data.sampling import seeded_generator, seeded_subset
 from retain.errors import ConfigError
 from retain.losses.quadratic import lora_delta, weighted_square
 from retain.models.adapters import canonical_name, linear_lora_layers
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.fisher import lora_delta_fisher, online_update
-from retain.strategies._shared.calibration import DTYPES, CalibrationConfig, estimate_logged, resolve_source
+from retain.strategies._shared.calibration import (
+    DTYPES,
+    CalibrationConfig,
+    calibration_requirements,
+    estimate_logged,
+    resolve_source,
+)
 from retain.strategies.base import Strategy, StrategyContext, TaskInfo
 from retain.strategies.ewc import Ewc, EwcConfig
 from retain.strategies.registry import register_strategy
@@ -94,6 +101,7 @@ def merge_and_reset(layers: dict[str, nn.Module], generator: torch.Generator) ->
 class EwcLora(Strategy):
     Config = EwcLoraConfig
     modifies_frozen_weights = True
+    needs_strategies = frozenset({"lora"})
 
     def __init__(self, config: EwcLoraConfig | None = None) -> None:
         super().__init__(config)
@@ -109,12 +117,13 @@ class EwcLora(Strategy):
             self._adapter_ewc = Ewc(EwcConfig(**fields, lambda_=self.config.lambda_, mode="online", gamma=self.config.gamma))
             self._adapter_ewc.name = self.name
 
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        return calibration_requirements(self.config, run, where)
+
     # hooks ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        if "lora" not in [spec.name for spec in ctx.config.strategies]:
-            raise ConfigError("ewc-lora penalizes LoRA updates: list it with lora, e.g. strategies: [lora, ewc-lora]")
-        self._source = resolve_source(self.config, ctx, self.name)
+        self._source = resolve_source(self.config, ctx.config)
         if self._adapter_ewc is not None:
             return self._adapter_ewc.setup(model, ctx)
         return model
@@ -144,10 +153,10 @@ class EwcLora(Strategy):
             return self._adapter_ewc.after_task(task, ctx)
         layers = self._live(ctx)
         if self._source in ("previous_task", "both") and task.index < len(ctx.tasks) - 1:
-            seed = self.config.seed + task.index + 1
+            seed = ctx.seed_for(self, task.index + 1)
             examples = seeded_subset(task.train_examples, self.config.max_examples, seed)
             self._accumulate(self._estimate(layers, examples, ctx, seed))
-        merge_and_reset(layers, seeded_generator(self.config.seed, task.index))
+        merge_and_reset(layers, seeded_generator(ctx.seed_for(self), task.index))
         self.merges += 1
 
     # state ------------------------------------------------------------------------------
@@ -199,10 +208,9 @@ class EwcLora(Strategy):
                     module.get_base_layer().weight.device
                 )
             return out
-        examples = seeded_subset(
-            ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
-        )
-        return self._estimate(layers, examples, ctx, self.config.seed)
+        seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
+        examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
+        return self._estimate(layers, examples, ctx, seed)
 
     def _estimate(self, layers: dict[str, nn.Module], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:
         return estimate_logged(lora_delta_fisher, layers, examples, ctx, self.name, self.config, seed)

@@ -18,6 +18,9 @@ Pool (``pool``): ``general`` text (the strategy's ``data`` or the run's ``genera
 configured, else the term is off for that task. ``pool_size`` sequences are drawn once per task
 (seeded), then visited ``pool_batch`` at a time in seeded epoch order.
 
+The anchor is taken, and the pool cursor advanced, in ``transform_batch`` (once per micro-batch, before
+the forward, after every strategy's ``before_task``), so ``extra_losses`` only reads state.
+
 Memory: the anchor is a snapshot of the *trainable* weights only, evaluated with
 ``torch.func.functional_call`` on the training model: with LoRA that is the adapters (a few MB),
 with full fine-tuning one copy of the weights, the "frozen copy" of the method.
@@ -34,11 +37,11 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from retain.config import DataConfig
+from retain.config import DataConfig, RunConfig
 from retain.data.sampling import sample_indices, seeded_generator
 from retain.losses.distill import bhattacharyya_distance
 from retain.models.runtime import align_to_inputs, reference_forward, trainable_parameters
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
 from retain.strategies.registry import register_strategy
 
 logger = logging.getLogger("retain")
@@ -54,7 +57,7 @@ class FipConfig(StrategyConfig):
     reanchor_every: int = Field(10, gt=0, description="Steps between re-anchors (anchor=path).")
     max_step_norm: float | None = Field(None, gt=0.0, description="Bound on each update's L2 norm (null: none).")
     eps_add: float = Field(0.0, ge=0.0, description="Added inside the square root (authors' stabiliser); 0: exact.")
-    seed: int = Field(0, description="Seed of the pool's choice and order.")
+    seed: int | None = Field(None, description="Seed of the pool's choice and order; default: train.seed.")
 
 
 def snapshot(parameters: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -89,6 +92,19 @@ class FunctionallyInvariantPaths(Strategy):
         self._reanchors = 0
         self._previous: dict[str, torch.Tensor] | None = None
         self._last_step_norm = 0.0
+        self._picks: list[int] | None = None  # pool rows of the current micro-batch, chosen in transform_batch
+
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        if has_general_text(self.config.data, run):
+            return []
+        if self.config.pool == "general":
+            return [f"pool: general needs text: set general_data or {where}.data; or set {where}.pool: past"]
+        if len(run.tasks) < 2:
+            return [
+                "pool: past anchors on earlier tasks' sequences, and this run has one task and no general text, "
+                f"so the term would never apply. Set general_data or {where}.data, or add a task"
+            ]
+        return []
 
     # ------------------------------------------------------------------ pool
 
@@ -105,7 +121,7 @@ class FunctionallyInvariantPaths(Strategy):
         """Fix the task's pool: ``indices`` into its candidates, or a fresh seeded draw when None."""
         source, candidates = self._candidates(task, ctx)
         if indices is None:
-            generator = seeded_generator(self.config.seed, task.index)
+            generator = seeded_generator(ctx.seed_for(self), task.index)
             indices = sorted(torch.randperm(len(candidates), generator=generator)[: self.config.pool_size].tolist())
         self._pool_source, self._pool_task, self._pool_indices = source, task.index, indices
         self._pool = [candidates[i] for i in indices]
@@ -115,6 +131,10 @@ class FunctionallyInvariantPaths(Strategy):
         self._cursor = 0
         self._anchor = None  # taken at the first step, after every strategy's before_task has run
         self._reanchors = 0
+        self._report(ctx)
+
+    def _report(self, ctx: StrategyContext) -> None:
+        """The task's pool, into the next log row (at the task's start and again after a resume)."""
         ctx.log("fip/pool_size", len(self._pool))
 
     # ------------------------------------------------------------------ anchor
@@ -123,29 +143,45 @@ class FunctionallyInvariantPaths(Strategy):
         self._anchor = snapshot(trainable_parameters(model))
         self._anchor_step = ctx.step_in_task
 
-    def _anchor_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        assert self._anchor is not None
+    def _anchor_logits(self, model: nn.Module, batch: Batch, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        weights = weights if weights is not None else self._anchor
+        assert weights is not None
         with reference_forward(model):
             logits = functional_call(
-                model, self._anchor, args=(),
+                model, weights, args=(),
                 kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False,
             ).logits
         return align_to_inputs(logits, batch["input_ids"].shape[1])
 
     # ------------------------------------------------------------------ hooks
 
+    @property
+    def _active(self) -> bool:
+        return bool(self._pool) and self.config.weight != 0.0
+
+    def _picks_at(self, ctx: StrategyContext, cursor: int) -> list[int]:
+        return sample_indices(len(self._pool), ctx.seed_for(self), cursor, self.config.pool_batch)
+
+    def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
+        """Before each forward: the anchor (at the task's first step) and this micro-batch's pool rows."""
+        if self._active:
+            if self._anchor is None:
+                self._take_anchor(ctx.unwrapped_model, ctx)
+            self._picks = self._picks_at(ctx, self._cursor)
+            self._cursor += self.config.pool_batch
+        return batch
+
     def extra_losses(self, outputs: Any, batch: Batch, ctx: StrategyContext) -> dict[str, torch.Tensor]:
-        if not self._pool or self.config.weight == 0.0:
+        if not self._active:
             return {}
         model = ctx.unwrapped_model
-        if self._anchor is None:
-            self._take_anchor(model, ctx)
-        picks = sample_indices(len(self._pool), self.config.seed, self._cursor, self.config.pool_batch)
-        self._cursor += self.config.pool_batch
+        picks = self._picks if self._picks is not None else self._picks_at(ctx, self._cursor)
         pool_batch = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in picks]).items()}
         student = ctx.model(input_ids=pool_batch["input_ids"], attention_mask=pool_batch["attention_mask"]).logits
         student = align_to_inputs(student, pool_batch["input_ids"].shape[1])
-        anchor = self._anchor_logits(model, pool_batch)
+        # hooks driven by hand, without transform_batch: the anchor is the current point (not stored)
+        current = {n: p.detach() for n, p in trainable_parameters(model).items()} if self._anchor is None else None
+        anchor = self._anchor_logits(model, pool_batch, current)
         distance = bhattacharyya_distance(student, anchor, pool_batch["attention_mask"], self.config.eps_add)
         return {"bhattacharyya": self.config.weight * distance}
 
@@ -158,13 +194,14 @@ class FunctionallyInvariantPaths(Strategy):
         if self.config.max_step_norm is not None and self._previous is not None:
             self._last_step_norm = project_update(trainable_parameters(unwrapped), self._previous, self.config.max_step_norm)
             self._previous = None
-            ctx.log("fip/step_norm_before_bound", self._last_step_norm)
+            ctx.log("fip/step_norm_before_bound", self._last_step_norm)  # this step's, in its own row
         steps_done = ctx.step_in_task + 1
-        if self.config.anchor == "path" and self._pool and steps_done % self.config.reanchor_every == 0:
-            self._anchor = snapshot(trainable_parameters(unwrapped))
-            self._anchor_step = steps_done
-            self._reanchors += 1
-            ctx.log("fip/reanchors", self._reanchors)
+        if self.config.anchor == "path" and self._pool:
+            if steps_done % self.config.reanchor_every == 0:
+                self._anchor = snapshot(trainable_parameters(unwrapped))
+                self._anchor_step = steps_done
+                self._reanchors += 1
+            ctx.log("fip/reanchors", self._reanchors)  # the task's count so far, in every row
 
     # ------------------------------------------------------------------ resume
 
@@ -187,6 +224,8 @@ class FunctionallyInvariantPaths(Strategy):
         self._anchor = None
         if state.get("has_anchor"):
             self._anchor = {name: t.to(ctx.device) for name, t in state["anchor"].items()}
+        self._picks = None
         task_index = int(state.get("pool_task", -1))
         if task_index >= 0:  # resumed mid-task (before_task will not run): the same pool again
             self._use_pool(ctx.tasks[task_index], ctx, [int(i) for i in state.get("pool_indices", [])])
+            self._report(ctx)

@@ -15,8 +15,11 @@
 - ``general+training``; ``auto`` = ``general`` when general text or a file is set, else ``training``.
 
 Layer coefficients ``c_l`` (``layer_balance``, see ``retain.losses.quadratic.layer_coefficients``)
-weigh each transformer block's penalty against the current task loss; recomputed every step,
-detached. Choices where the paper's formula could not be checked here (named in the README): the
+weigh each transformer block's penalty against the current task loss; recomputed every micro-batch,
+detached. To credit only the task loss, ``after_backward`` needs the step's mean ``c_l``: the penalty
+carries, per layer, a zero-valued term ``c_l * (s_l - s_l.detach())`` on a scalar leaf ``s_l`` made in
+``transform_batch``, so backward leaves ``mean c_l`` in ``s_l.grad`` beside the weights' gradients and
+the loss hook changes no state. Choices where the paper's formula could not be checked here (named in the README): the
 default ``task_share`` form ``c_l = L_task / (T_l + L_task)`` (each layer's weighted term stays below
 both its own penalty and the task loss; on stories-contracts it learned more than ``penalty_share``
 at the same retention, and matched ``uniform``); Omega normalized to mean 1 (``normalize``) so
@@ -35,15 +38,14 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
-from retain.config import DataConfig
+from retain.config import DataConfig, RunConfig
 from retain.data.sampling import seeded_subset
-from retain.errors import ConfigError
 from retain.losses.quadratic import LayerBalance, layer_coefficients, layer_of, penalty_per_layer
 from retain.models.runtime import trainable_parameters
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.path_integral import path_integral_importance, si_importance
 from retain.strategies._shared.calibration import DTYPES, check_same_parameters, detached_copy, on_device
-from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
 from retain.strategies.registry import register_strategy
 
 
@@ -64,7 +66,7 @@ class ImportanceConfig(StrategyConfig):
     general_steps: int | None = Field(None, gt=0, description="SGD steps of the pass; default one pass over the examples.")
     general_lr: float | None = Field(None, gt=0, description="SGD learning rate of the pass; default train.lr.")
     state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored Omega.")
-    seed: int = 0
+    seed: int | None = Field(None, description="Seed of the general pass's example subset; default: train.seed.")
 
 
 def normalized(omega: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -88,24 +90,36 @@ class Importance(Strategy):
         self._source: str | None = None
         self._params: dict[str, nn.Parameter] | None = None
         self._weights: dict[str, Tensor] | None = None  # Omega as the penalty uses it
-        self._coef_sum: dict[str, Tensor] = {}
-        self._micro = 0
+        self._scales: dict[str, Tensor] | None = None  # per layer, a leaf whose grad is the step's mean c_l
         self._step_grads: dict[str, Tensor] | None = None
         self._step_start: dict[str, Tensor] | None = None
+
+    def _resolve_source(self, run: RunConfig) -> str:
+        if self.config.source != "auto":
+            return self.config.source
+        return "general" if has_general_text(self.config.data, run) or self.config.file is not None else "training"
+
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        source = self._resolve_source(run)
+        if source in ("general", "general+training") and not (
+            has_general_text(self.config.data, run) or self.config.file is not None
+        ):
+            return [
+                f"source: {source} needs general text: set general_data, {where}.data or {where}.file; "
+                f"or set {where}.source: training"
+            ]
+        if source == "training" and len(run.tasks) < 2:
+            return [
+                "source: training learns importance while a task trains and applies it to the next one, and "
+                f"this run has one task, so the penalty would never apply. Set general_data (or {where}.data / "
+                f"{where}.file) for a general pass, or add a task"
+            ]
+        return []
 
     # hooks ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        has_general = self.config.data is not None or self.config.file is not None or ctx.config.general_data is not None
-        source = self.config.source
-        if source == "auto":
-            source = "general" if has_general else "training"
-        if source in ("general", "general+training") and not has_general:
-            raise ConfigError(
-                "strategy 'importance': source 'general' needs general text: set the run's general_data, "
-                "'importance.data' or 'importance.file'; or use importance.source=training."
-            )
-        self._source = source
+        self._source = self._resolve_source(ctx.config)
         return model
 
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
@@ -118,8 +132,17 @@ class Importance(Strategy):
         if self._tracks_training:
             self.path = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
+    def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
+        """Before the step's first forward: fresh leaves that will carry the step's mean coefficients."""
+        if self._scales is None and self._penalizing and self._tracks_training and self.path is not None:
+            params = self._live(ctx)
+            device = next(iter(params.values())).device
+            layers = {layer_of(name) for name in params}
+            self._scales = {layer: torch.zeros((), device=device, requires_grad=True) for layer in sorted(layers)}
+        return batch
+
     def extra_losses(self, outputs: Any, batch: dict[str, Tensor], ctx: StrategyContext) -> dict[str, Tensor]:
-        if self._weights is None or self.config.lambda_ == 0:
+        if not self._penalizing:
             return {}
         params = self._live(ctx)
         terms = {
@@ -127,11 +150,11 @@ class Importance(Strategy):
             for layer, value in penalty_per_layer(params, self.anchor, self._weights).items()
         }
         coefficients = layer_coefficients(terms, outputs.loss, self.config.layer_balance)
-        if self._tracks_training:
-            for layer, c in coefficients.items():
-                self._coef_sum[layer] = self._coef_sum.get(layer, 0.0) + c
-            self._micro += 1
-        return {"penalty": sum(coefficients[layer].to(term.dtype) * term for layer, term in terms.items())}
+        penalty = sum(coefficients[layer].to(term.dtype) * term for layer, term in terms.items())
+        if self._scales is not None:  # zero in value and for the weights; d/ds_l = c_l
+            carrier = sum(c * (self._scales[layer] - self._scales[layer].detach()) for layer, c in coefficients.items())
+            penalty = penalty + carrier.to(penalty.dtype)
+        return {"penalty": penalty}
 
     def after_backward(self, model: nn.Module, ctx: StrategyContext) -> None:
         if not self._tracks_training or self.path is None:
@@ -139,19 +162,23 @@ class Importance(Strategy):
         params = self._live(ctx)
         scaler = getattr(ctx.accelerator, "scaler", None)
         unscale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
+        scales, self._scales = self._scales, None
+        mean_c = {}
+        if scales is not None and self._weights is not None:
+            # the mean over the step's micro-batches of each layer's c_l (the loss is divided by grad_accum)
+            mean_c = {layer: float(s.grad) * unscale for layer, s in scales.items() if s.grad is not None}
         grads = {}
         with torch.no_grad():
             for name, p in params.items():
                 grad = p.grad.detach().float() * unscale if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-                if self._weights is not None and self._micro:
+                c = mean_c.get(layer_of(name))
+                if c:
                     # remove this strategy's own penalty gradient: lambda * mean_micro(c_l) * Omega * (theta - anchor)
-                    c = self._coef_sum[layer_of(name)] / self._micro
                     own = self.config.lambda_ * c * self._weights[name].float() * (p.detach().float() - self.anchor[name].float())
                     grad = grad - own
                 grads[name] = grad
         self._step_grads = grads
         self._step_start = {n: p.detach().float().clone() for n, p in params.items()}
-        self._coef_sum, self._micro = {}, 0
 
     def after_step(self, model: nn.Module, ctx: StrategyContext) -> None:
         if self._step_grads is None or self.path is None:
@@ -190,12 +217,17 @@ class Importance(Strategy):
         self.anchor = dict(state["anchor"]) if "anchor" in state else None
         self.path = dict(state["path"]) if "path" in state else None
         self._params = None
+        self._scales = None
         self._weights = None
         self.omega_raw = None
         if "omega_raw" in state:
             self._set_omega(dict(state["omega_raw"]))
 
     # internals --------------------------------------------------------------------------
+
+    @property
+    def _penalizing(self) -> bool:
+        return self._weights is not None and self.config.lambda_ != 0
 
     @property
     def _tracks_training(self) -> bool:
@@ -222,9 +254,8 @@ class Importance(Strategy):
             loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("importance",))
             stats = statistics_for(loaded, list(params), self.config.file)
             return {n: stats[n].to(params[n].device, torch.float32) for n in params}
-        examples = seeded_subset(
-            ctx.general_examples(self.config.data, self.name), self.config.max_examples, self.config.seed
-        )
+        seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
+        examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
         start = time.perf_counter()
         omega, steps = path_integral_importance(
             ctx.unwrapped_model,

@@ -45,6 +45,7 @@ def peft_lora_config(config: LoraConfig):
 class Lora(Strategy):
     Config = LoraConfig
     wraps_model = True
+    peft_wrapper = True
     compatible_with = frozenset({"ewc-lora"})
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from retain.config import DataConfig
+from retain.config import DataConfig, RunConfig
 from retain.data.identity import batch_rows, example_key, examples_hash
 from retain.data.sampling import sample_indices, subset_indices
 from retain.errors import ConfigError
@@ -40,7 +40,7 @@ from retain.models.adapters import is_peft_model
 from retain.models.fingerprint import base_fingerprint
 from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
 from retain.strategies.registry import get_strategy_class, register_strategy
 
 logger = logging.getLogger("retain")
@@ -60,7 +60,7 @@ class LwfConfig(StrategyConfig):
     )
     top_k: int = Field(32, gt=0, description="Teacher tokens kept per position (teacher=cached_topk).")
     cache_batch_size: int = Field(16, gt=0, description="Batch size of the top-k precompute pass.")
-    seed: int = Field(0, description="Seed of the anchor pool's subset and order.")
+    seed: int | None = Field(None, description="Seed of the anchor pool's subset and order; default: train.seed.")
 
     @model_validator(mode="after")
     def _general_only_keys(self) -> "LwfConfig":
@@ -105,6 +105,20 @@ class LearningWithoutForgetting(Strategy):
         self._table: TokenTable | None = None  # cached top-k for the current task (or the pool)
         self._table_name: str | None = None
         self._table_keys: dict[bytes, int] = {}
+        self._picks: list[int] | None = None  # pool rows anchoring the current micro-batch (anchor=general)
+
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        problems = []
+        if self.config.anchor == "general" and not has_general_text(self.config.data, run):
+            problems.append(f"anchor: general needs text: set general_data or {where}.data")
+        if self.config.teacher == "adapters_off" and not any(
+            get_strategy_class(spec.name).peft_wrapper for spec in run.strategies
+        ):
+            problems.append(
+                "teacher: adapters_off needs a PEFT-wrapped model: list lora or prompt-tuning with it, "
+                f"or set {where}.teacher: copy (or cached_topk)"
+            )
+        return problems
 
     # ------------------------------------------------------------------ teacher
 
@@ -134,7 +148,7 @@ class LearningWithoutForgetting(Strategy):
             self._teacher_copy = frozen_copy(model)
         if self.config.anchor == "general":
             examples = ctx.general_examples(self.config.data, "lwf")
-            self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, self.config.seed)]
+            self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, ctx.seed_for(self))]
             if not self._pool:
                 raise ConfigError("lwf: the general anchor data has no examples")
         if source == "cached_topk":
@@ -198,11 +212,15 @@ class LearningWithoutForgetting(Strategy):
         if self._teacher_copy is not None:
             self._teacher_copy.to(ctx.device)
 
-    def _next_anchor_batch(self, ctx: StrategyContext) -> tuple[Batch, list[int]]:
-        indices = sample_indices(len(self._pool), self.config.seed, self._cursor, self.config.anchor_batch_size)
-        self._cursor += self.config.anchor_batch_size
-        batch = ctx.collate([self._pool[i] for i in indices])
-        return {k: v.to(ctx.device) for k, v in batch.items()}, indices
+    def _picks_at(self, ctx: StrategyContext, cursor: int) -> list[int]:
+        return sample_indices(len(self._pool), ctx.seed_for(self), cursor, self.config.anchor_batch_size)
+
+    def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
+        """Before each forward: this micro-batch's general anchors (the cursor moves here, not in the loss)."""
+        if self.config.anchor == "general" and self.config.alpha != 0.0:
+            self._picks = self._picks_at(ctx, self._cursor)
+            self._cursor += self.config.anchor_batch_size
+        return batch
 
     def extra_losses(self, outputs: Any, batch: Batch, ctx: StrategyContext) -> dict[str, torch.Tensor]:
         if self.config.alpha == 0.0:
@@ -211,7 +229,8 @@ class LearningWithoutForgetting(Strategy):
             anchors, pool_indices = batch, None
             student = align_to_inputs(outputs.logits, batch["input_ids"].shape[1])
         else:
-            anchors, pool_indices = self._next_anchor_batch(ctx)
+            pool_indices = self._picks if self._picks is not None else self._picks_at(ctx, self._cursor)
+            anchors = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in pool_indices]).items()}
             logits = ctx.model(input_ids=anchors["input_ids"], attention_mask=anchors["attention_mask"]).logits
             student = align_to_inputs(logits, anchors["input_ids"].shape[1])
         mask = anchors["attention_mask"]
@@ -247,4 +266,5 @@ class LearningWithoutForgetting(Strategy):
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
         self._cursor = int(state.get("cursor", 0))
+        self._picks = None
         self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model

@@ -60,6 +60,8 @@ def _untouched_rng(model: nn.Module):
 class OLora(Strategy):
     Config = OLoraConfig
     wraps_model = True
+    peft_wrapper = True
+    min_tasks = 2  # with one task it is plain lora
 
     # ---- structure ------------------------------------------------------------------------------
 

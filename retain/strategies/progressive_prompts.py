@@ -42,6 +42,8 @@ class ProgressivePromptsConfig(StrategyConfig):
 class ProgressivePrompts(Strategy):
     Config = ProgressivePromptsConfig
     wraps_model = True
+    peft_wrapper = True
+    min_tasks = 2  # with one task it is plain prompt tuning
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model

@@ -27,6 +27,7 @@ class PromptTuningConfig(StrategyConfig):
 class PromptTuning(Strategy):
     Config = PromptTuningConfig
     wraps_model = True
+    peft_wrapper = True
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         from peft import PromptTuningConfig as PeftPromptTuningConfig

@@ -106,10 +106,41 @@ def check_compatible(strategies: list["Strategy"]) -> None:
                 )
 
 
+def requirement_problems(strategies: list["Strategy"], config: "RunConfig") -> list[str]:
+    """Every unmet need of every strategy in ``config`` (companions, tasks, text), one line each, prefixed
+    with the strategy's key path, e.g. ``strategies[1] (lwf): anchor: general needs text: ...``."""
+    names = [s.name for s in strategies]
+    problems = []
+    for index, strategy in enumerate(strategies):
+        where = f"strategies[{index}]"
+        found = []
+        for needed in sorted(strategy.needs_strategies):
+            if needed not in names:
+                found.append(f"list it with {needed}, e.g. strategies: [{needed}, {strategy.name}]")
+        if len(config.tasks) < strategy.min_tasks:
+            found.append(
+                f"it works across a sequence of tasks and needs at least {strategy.min_tasks}; this run has "
+                f"{len(config.tasks)}. Add tasks, or use a single-task strategy"
+            )
+        found += strategy.requirements(config, where)
+        problems += [f"{where} ({strategy.name}): {message}" for message in found]
+    return problems
+
+
+def check_requirements(strategies: list["Strategy"], config: "RunConfig") -> None:
+    """Refuse the run with one error listing every unmet need (see ``requirement_problems``)."""
+    problems = requirement_problems(strategies, config)
+    if problems:
+        raise ConfigError("strategies miss what they need:\n  " + "\n  ".join(problems))
+
+
 def validate_run_config(config: "RunConfig", source: str = "the run config") -> list["Strategy"]:
-    """Build the run's strategies from its config (parameters, compatibility): every config mistake a
-    strategy can see is refused here, before a model is loaded."""
+    """Build the run's strategies from its config (parameters, compatibility) and check what each needs
+    from the run (companion strategies, tasks, general text): every config mistake a strategy can see is
+    refused here, before a model is loaded."""
     try:
-        return build_strategies(config.strategies)
+        strategies = build_strategies(config.strategies)
+        check_requirements(strategies, config)
+        return strategies
     except ConfigError as err:
         raise ConfigError(f"invalid config in {source}: {err}", hint=err.hint) from None

@@ -29,9 +29,9 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
-from retain.config import DataConfig
+from retain.config import DataConfig, RunConfig
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
 from retain.strategies.registry import register_strategy
 
 GENERAL_SOURCE = "@general"  # cannot clash with a task name used as a source
@@ -58,24 +58,35 @@ class ReplayConfig(StrategyConfig):
 class Replay(Strategy):
     Config = ReplayConfig
 
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        general = has_general_text(self.config.data, run)
+        if self.config.source in ("general", "both") and not general:
+            return [
+                f"source: {self.config.source} needs text to replay: set general_data or {where}.data; "
+                f"or set {where}.source: past_tasks"
+            ]
+        if not self._uses_general(run) and len(run.tasks) < 2:
+            return [
+                f"source: {self.config.source} replays earlier tasks, and this run has one task, so nothing would "
+                f"be replayed. Set general_data or {where}.data to replay general text, or add a task"
+            ]
+        return []
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        seed = self.config.seed if self.config.seed is not None else ctx.config.train.seed
-        self.buffer = ReplayBuffer(self.config.buffer_size, seed=seed + 104729)
+        self.buffer = ReplayBuffer(self.config.buffer_size, seed=ctx.seed_for(self) + 104729)
         self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
         return model
 
-    def _uses_general(self, ctx: StrategyContext) -> bool:
+    def _uses_general(self, run: RunConfig) -> bool:
         if self.config.source in ("general", "both"):
             return True
-        if self.config.source == "auto":
-            return self.config.data is not None or ctx.config.general_data is not None
-        return False
+        return self.config.source == "auto" and has_general_text(self.config.data, run)
 
     def _uses_past_tasks(self) -> bool:
         return self.config.source in ("auto", "past_tasks", "both")
 
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
-        if self._uses_general(ctx) and GENERAL_SOURCE not in self.buffer.sources:
+        if self._uses_general(ctx.config) and GENERAL_SOURCE not in self.buffer.sources:
             self.buffer.extend(GENERAL_SOURCE, ctx.general_examples(self.config.data, self.name))
 
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:

@@ -53,7 +53,7 @@ class StmConfig(StrategyConfig):
         "original", description="Perplexities from the model as loaded (all tasks, once) or at each task's start."
     )
     batch_size: int = Field(16, gt=0, description="Examples per forward batch of the precompute pass.")
-    seed: int = Field(0, description="Seed of the random ablation.")
+    seed: int | None = Field(None, description="Seed of the random ablation; default: train.seed.")
     cache: bool = Field(True, description="Store/reuse the per-token perplexities under <cache_dir>/stm.")
 
 
@@ -135,7 +135,7 @@ class SelectiveTokenMasking(Strategy):
             table, hit = cached_table(cache_file(ctx.cache_dir, "stm", fingerprint, data_hash), metadata, compute)
         else:
             table, hit = compute(), False
-        generator = seeded_generator(self.config.seed, task.index)
+        generator = seeded_generator(ctx.seed_for(self), task.index)
         masks, keep_position, keep_ce = drop_masks(examples, table, self.config, generator)
         self._keep_position[task.index], self._keep_ce[task.index] = keep_position, keep_ce
         self._drop[task.index] = torch.cat(masks).to(torch.uint8) if masks else torch.zeros(0, dtype=torch.uint8)
@@ -150,7 +150,8 @@ class SelectiveTokenMasking(Strategy):
         )
 
     def _report(self, task: TaskInfo, ctx: StrategyContext, quiet: bool = False) -> None:
-        """Into the run log (kept by ctx until the next task): how many tokens this task loses."""
+        """Into the next log row (rows do not repeat it): how many tokens this task loses. Called when the
+        task starts and again at the first batch after a resume."""
         masked, eligible = self._counts.get(task.index, [0, 0])
         ctx.log("stm/masked_tokens", masked)
         ctx.log("stm/masked_fraction", masked / eligible if eligible else 0.0)
@@ -206,7 +207,7 @@ class SelectiveTokenMasking(Strategy):
             _, row, position = fallback
             labels[row, position] = batch["labels"][row, position]
             self._emptied_batches += 1
-            ctx.log("stm/emptied_batches", self._emptied_batches)
+        ctx.log("stm/emptied_batches", self._emptied_batches)  # the run's count so far, in every row
         return {**batch, "labels": labels}
 
     # ------------------------------------------------------------------ resume

@@ -11,10 +11,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from retain.config import DataConfig
-from retain.errors import ConfigError, StateError
+from retain.config import DataConfig, RunConfig
+from retain.errors import StateError
 from retain.stats.fisher import Estimator
-from retain.strategies.base import StrategyConfig, StrategyContext
+from retain.strategies.base import StrategyConfig, has_general_text
 
 Source = Literal["auto", "general", "previous_task", "both"]
 
@@ -36,20 +36,32 @@ class CalibrationConfig(StrategyConfig):
     max_examples: int = Field(128, gt=0, description="Examples per Fisher estimate (seeded subset).")
     batch_size: int = Field(8, gt=0, description="Batch size of the estimate (per-example results do not depend on it).")
     state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored statistics.")
-    seed: int = Field(0, description="Seed of the example subset and of sampled labels.")
+    seed: int | None = Field(None, description="Seed of the example subsets and sampled labels; default: train.seed.")
 
 
-def resolve_source(config: CalibrationConfig, ctx: StrategyContext, who: str) -> str:
-    """``general`` / ``previous_task`` / ``both``, refusing a general source with no text to compute it on."""
-    has_general = config.data is not None or config.file is not None or ctx.config.general_data is not None
-    source = ("both" if has_general else "previous_task") if config.source == "auto" else config.source
-    if source in ("general", "both") and not has_general:
-        raise ConfigError(
-            f"strategy '{who}': source '{source}' needs general text: set the run's general_data "
-            f"(e.g. general_data: {{path: general.jsonl}}), '{who}.data', or '{who}.file'; "
-            f"or use {who}.source=previous_task."
-        )
-    return source
+def resolve_source(config: CalibrationConfig, run: RunConfig) -> str:
+    """``general`` / ``previous_task`` / ``both``: what ``auto`` means for this run (``both`` when general
+    text or a file is configured, else ``previous_task``)."""
+    if config.source != "auto":
+        return config.source
+    return "both" if has_general_text(config.data, run) or config.file is not None else "previous_task"
+
+
+def calibration_requirements(config: CalibrationConfig, run: RunConfig, where: str) -> list[str]:
+    """A general source needs text (or a file); a source of finished tasks only needs a second task."""
+    source = resolve_source(config, run)
+    if source in ("general", "both") and not (has_general_text(config.data, run) or config.file is not None):
+        return [
+            f"source: {source} needs general text: set general_data (e.g. general_data: {{path: general.jsonl}}), "
+            f"{where}.data or {where}.file; or set {where}.source: previous_task"
+        ]
+    if source == "previous_task" and len(run.tasks) < 2:
+        return [
+            f"source: previous_task estimates the Fisher on finished tasks, and this run has one task, so the "
+            f"penalty would never apply. Set general_data (or {where}.data / {where}.file) to keep the base "
+            "model's knowledge, or add a task"
+        ]
+    return []
 
 
 def detached_copy(params: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:

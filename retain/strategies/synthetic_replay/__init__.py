@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from retain.config import StrictModel
+from retain.config import RunConfig, StrictModel
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
-from retain.errors import ConfigError
+from retain.data.sampling import derive_seed, seeded_generator
 from retain.io import atomic_write_text
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
 from retain.strategies.registry import register_strategy
@@ -90,15 +90,6 @@ class SyntheticReplayConfig(StrategyConfig):
     batch_size: int = Field(16, gt=0, description="Generation batch size.")
     seed: int | None = Field(None, description="Sampling seed; default train.seed.")
 
-    @model_validator(mode="after")
-    def _has_a_source(self) -> "SyntheticReplayConfig":
-        if not self.tasks and not self.prompts and not self.demonstrations_from_data:
-            raise ValueError(
-                "nothing to synthesize from: set `prompts` (general), `tasks: {<task>: {description, "
-                "demonstrations}}`, or `demonstrations_from_data: 2`"
-            )
-        return self
-
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
             max_new_tokens=self.max_new_tokens,
@@ -115,14 +106,26 @@ class SyntheticReplayConfig(StrategyConfig):
 class SyntheticReplay(Strategy):
     Config = SyntheticReplayConfig
 
+    def requirements(self, run: RunConfig, where: str) -> list[str]:
+        config = self.config
+        if not config.tasks and not config.prompts and not config.demonstrations_from_data:
+            return [
+                f"nothing to synthesize from: set {where}.prompts (general), {where}.tasks: {{<task>: {{description, "
+                f"demonstrations}}}}, or {where}.demonstrations_from_data: 2"
+            ]
+        names = [t.name for t in run.tasks]
+        problems = []
+        unknown = sorted(set(config.tasks) - set(names))
+        if unknown:
+            problems.append(f"{where}.tasks names {unknown}, which are not tasks of this run ({', '.join(names)})")
+        for name, seed in config.tasks.items():
+            if not seed.demonstrations and not seed.description.strip():
+                problems.append(f"{where}.tasks.{name}: give a description or demonstrations (or both)")
+        return problems
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
-        unknown = sorted(set(self.config.tasks) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"synthetic-replay.tasks names {unknown}, which are not tasks of this run ({', '.join(names)})"
-            )
-        self.seed = self.config.seed if self.config.seed is not None else ctx.config.train.seed
+        self.seed = ctx.seed_for(self)
         self.sources = ([GENERAL_SOURCE] if self.config.prompts else []) + [
             n for n in names if n in self.config.tasks or self.config.demonstrations_from_data
         ]
@@ -145,11 +148,9 @@ class SyntheticReplay(Strategy):
         if source in self.config.tasks:
             seed = self.config.tasks[source]
             demos = [d.model_dump() if isinstance(d, PromptCompletion) else d for d in seed.demonstrations]
-            if not demos and not seed.description.strip():
-                raise ConfigError(f"synthetic-replay.tasks.{source}: give a description or demonstrations (or both)")
             return {"description": seed.description, "demonstrations": demos, "prompts": []}
         task = next(t for t in ctx.tasks if t.name == source)
-        order = torch.randperm(len(task.train_examples), generator=torch.Generator().manual_seed(self.seed + task.index))
+        order = torch.randperm(len(task.train_examples), generator=seeded_generator(self.seed, task.index))
         picked = [task.train_examples[i] for i in order[: self.config.demonstrations_from_data].tolist()]
         demos = [example_as_demonstration(e, ctx.tokenizer) for e in picked]
         return {"description": "", "demonstrations": demos, "prompts": []}
@@ -177,7 +178,7 @@ class SyntheticReplay(Strategy):
                         prompts=material["prompts"],
                         dedup_threshold=self.config.dedup_threshold,
                         select=self.config.select,
-                        seed=self.seed + 7 * i,
+                        seed=derive_seed(self.seed, i) % 2**63,  # torch.manual_seed takes 64 bits
                     )
                 if not records:
                     raise RuntimeError(
