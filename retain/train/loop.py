@@ -213,6 +213,7 @@ def train_task(
                     loss = outputs.loss + sum(terms.values()) if terms else outputs.loss
                 accelerator.backward(loss / train.grad_accum)
             sums.add(loss, outputs.loss, terms, batch["attention_mask"], 1.0 / train.grad_accum)
+            del batch, outputs, terms, loss  # free the logits now, not when the next forward has made its own
         values = sums.read()  # the step's one host sync
         check_finite(values, task, step)
         hybrid.after_backward(model, ctx)
