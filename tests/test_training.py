@@ -192,3 +192,100 @@ def test_merging_strategy_saves_the_full_model(tiny_model_dir, text_file, tmp_pa
     tokenizer = char_tokenizer()
     texts = ["the cat sat on the mat."]
     assert _loss(reloaded, tokenizer, texts) == pytest.approx(_loss(outcome.model, tokenizer, texts), abs=1e-5)
+
+
+class _WatchWeights(Strategy):
+    """Keeps the weights after every completed step; the loss turns infinite from the third step on.
+
+    The infinite term is a constant, so the gradients stay finite: only the loop's check keeps the
+    optimizer from moving the weights on the failing step.
+    """
+
+    model = None
+    after_steps: list = []
+
+    def setup(self, model, ctx):
+        type(self).model, type(self).after_steps = model, []
+        return model
+
+    def extra_losses(self, outputs, batch, ctx):
+        return {"boom": torch.tensor(float("inf"))} if ctx.step_in_task >= 2 else {}
+
+    def after_step(self, model, ctx):
+        self.after_steps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def test_nonfinite_loss_stops_before_the_optimizer_step(text_file, tmp_path):
+    if "test-watch-weights" not in available_strategies():
+        register_strategy("test-watch-weights")(_WatchWeights)
+    tokenizer = char_tokenizer()
+    model = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+    config = run_config("tiny", text_file, tmp_path / "run", ["full", "test-watch-weights"], steps=10, grad_accum=2)
+    with pytest.raises(NonFiniteLossError) as raised:
+        finetune(config, model=model, tokenizer=tokenizer)
+    message = str(raised.value)
+    assert "loss became inf at task 't1' step 2 (task loss " in message
+    assert "'test-watch-weights/boom': inf" in message and "Lower train.lr" in message and "--resume" in message
+    before, after = _WatchWeights.after_steps[-1], dict(_WatchWeights.model.named_parameters())
+    assert len(_WatchWeights.after_steps) == 2
+    assert any(not torch.equal(before[n], _WatchWeights.after_steps[0][n]) for n in before)  # steps do move weights
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the failing one did not
+
+
+class _Reporter(Strategy):
+    """Reports a value once before the task and once at its fourth step, plus a loss term every step."""
+
+    def before_task(self, task, ctx):
+        ctx.log("reporter/before_task", 1.0)
+
+    def extra_losses(self, outputs, batch, ctx):
+        return {"half": outputs.logits.sum() * 0.0 + 0.5}
+
+    def after_step(self, model, ctx):
+        if ctx.step_in_task == 3:
+            ctx.log("reporter/at_step_4", 4.0)
+
+
+def test_strategy_metrics_belong_to_the_window_they_were_reported_in(text_file, tmp_path):
+    if "test-reporter" not in available_strategies():
+        register_strategy("test-reporter")(_Reporter)
+    tokenizer = char_tokenizer()
+    model = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+    config = run_config("tiny", text_file, tmp_path / "run", ["full", "test-reporter"], steps=6, log_every=2)
+    finetune(config, model=model, tokenizer=tokenizer)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert [row.get("reporter/before_task") for row in rows] == [1.0, None, None]
+    assert [row.get("reporter/at_step_4") for row in rows] == [None, 4.0, None]
+    assert all(row["loss/test-reporter/half"] == pytest.approx(0.5) for row in rows)
+
+
+_SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_the_loop_reads_from_the_device_once_per_step(text_file, tmp_path, monkeypatch):
+    """Every way a tensor reaches the host, counted when called from loop.py: one per optimizer step."""
+    import sys
+
+    import retain.train.loop as loop
+
+    if "test-reporter" not in available_strategies():
+        register_strategy("test-reporter")(_Reporter)
+    calls: list[str] = []
+    for name in _SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == loop.__file__:
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    tokenizer = char_tokenizer()
+    model = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+    config = run_config("tiny", text_file, tmp_path / "run", ["full", "test-reporter"], steps=5, grad_accum=3, log_every=2)
+    outcome = finetune(config, model=model, tokenizer=tokenizer)
+    assert calls == ["tolist"] * 5
+    stats = outcome.task_stats[0]
+    assert stats.tokens == 5 * 3 * 4 * 32  # packed windows: every position is a token
+    assert stats.loss_terms == {"test-reporter/half": pytest.approx(0.5)} and math.isfinite(stats.last_loss)

@@ -9,7 +9,9 @@ strategy tensors are safetensors (no pickle for weights); optimizer/scheduler st
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retain.errors import StateError
-from retain.io import atomic_dir, remove_stale_temporaries
+from retain.io import atomic_dir, output_errors, remove_stale_temporaries
 
 CHECKPOINT_VERSION = 1
 _PREFIX = "step-"
@@ -77,13 +80,58 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_nested(state: Any, directory: Path, stem: str) -> None:
     tensors, skeleton = flatten_state(state)
-    save_file(tensors, str(directory / f"{stem}.safetensors"))
+    save_tensors(tensors, directory / f"{stem}.safetensors")
     (directory / f"{stem}.json").write_text(json.dumps(skeleton))
 
 
 def load_nested(directory: Path, stem: str) -> Any:
     tensors = load_file(str(directory / f"{stem}.safetensors"))
     return unflatten_state(json.loads((directory / f"{stem}.json").read_text()), tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers that fail with OSError (disk full, quota, permission), whatever library writes the bytes
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``; its I/O failures (a ``SafetensorError`` carrying "os error N") become OSError."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from err
+
+
+class _RecordingWriter:
+    """A file handle that remembers the OSError of a failed write (torch.save reports only RuntimeError)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def torch_save(value: Any, path: Path) -> None:
+    """``torch.save``, but a failed write raises its OSError instead of torch's bare RuntimeError."""
+    with open(path, "wb") as handle:
+        writer = _RecordingWriter(handle)
+        try:
+            torch.save(value, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,14 +215,18 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 1,
 ) -> Path:
-    """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed."""
+    """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed.
+
+    A failed write (disk full, permission) raises ``OutputError`` and leaves only the previous
+    checkpoints: the half-written folder has a temporary name and is deleted.
+    """
     final = checkpoint_dir(run_dir, position.global_step, position.task_index)
-    with atomic_dir(final) as tmp:
-        save_file(weights_to_save(model, full_weights), str(tmp / "weights.safetensors"))
+    with atomic_dir(final) as tmp, output_errors(final):
+        save_tensors(weights_to_save(model, full_weights), tmp / "weights.safetensors")
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_nested(rng_state(), tmp, "rng")
         save_nested(strategy_state, tmp, "strategies")
         meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights}

@@ -1,17 +1,25 @@
 """The one training loop: a task's optimizer steps, with the strategy hooks where they belong.
 
 Everything a step needs is explicit here, in order: which samples, the transform hooks, forward,
-named extra losses, backward, gradient hooks, clipping, the optimizer, the post-step hooks, logging
-and checkpoints. Orchestration across tasks (resume, evaluation, outputs) lives in ``run.py``.
+named extra losses, backward, the finiteness check, gradient hooks, clipping, the optimizer, the
+post-step hooks, logging and checkpoints. Orchestration across tasks (resume, evaluation, outputs)
+lives in ``run.py``.
+
+The loop waits for the device once per optimizer step: the loss, each named term and the token count
+are summed on the device, detached, and read back together (one ``tolist()``) after backward; that
+one read feeds both the divergence check and the log. A ``.item()`` per micro-batch would stall a GPU
+several times per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +28,7 @@ from torch import nn
 
 from retain.data.sampling import sample_indices
 from retain.errors import ConfigError, DivergenceError
+from retain.io import output_errors
 from retain.strategies.base import StrategyContext, TaskInfo
 from retain.strategies.compose import Hybrid
 
@@ -59,10 +68,103 @@ class TaskStats:
     last_loss: float | None = None
     loss_terms: dict[str, float] = field(default_factory=dict)
     trainable_params: int = 0
+    peak_memory: int | None = None
 
     @property
     def seconds_per_step(self) -> float | None:
         return self.seconds / self.steps if self.steps else None
+
+
+# ---------------------------------------------------------------------------------------------
+# One step's values: summed on the device, read once
+
+
+@dataclass
+class StepValues:
+    """One optimizer step's means over its micro-batches, on the host."""
+
+    loss: float
+    task_loss: float
+    terms: dict[str, float]
+    tokens: int
+
+
+class StepSums:
+    """Detached on-device sums of one step's loss, task loss, named terms and tokens; no host sync."""
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | None = None
+        self.task_loss: torch.Tensor | None = None
+        self.terms: dict[str, torch.Tensor] = {}
+        self.tokens: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, task_loss: torch.Tensor, terms: dict[str, torch.Tensor],
+            attention_mask: torch.Tensor, scale: float) -> None:
+        """Add one micro-batch, each loss scaled by ``scale`` (1 / grad_accum) so the sums are means."""
+        loss = loss.detach().float() * scale
+        self.loss = loss if self.loss is None else self.loss + loss
+        task_loss = task_loss.detach().float() * scale
+        self.task_loss = task_loss if self.task_loss is None else self.task_loss + task_loss
+        for key, term in terms.items():
+            value = term.detach().to(loss.device, torch.float32).reshape(()) * scale
+            self.terms[key] = value + self.terms[key] if key in self.terms else value
+        tokens = attention_mask.sum().to(loss.device, torch.float32)  # exact below 2**24 tokens per step
+        self.tokens = tokens if self.tokens is None else self.tokens + tokens
+
+    def read(self) -> StepValues:
+        """The step's one host sync: every value in a single device-to-host copy."""
+        assert self.loss is not None and self.task_loss is not None and self.tokens is not None
+        loss, task_loss, *terms, tokens = torch.stack([self.loss, self.task_loss, *self.terms.values(), self.tokens]).tolist()
+        return StepValues(loss, task_loss, dict(zip(self.terms, terms)), int(tokens))
+
+
+def check_finite(values: StepValues, task: TaskInfo, step: int) -> None:
+    """Stop the run before a non-finite loss can reach the weights; the last checkpoint stays good."""
+    if math.isfinite(values.loss):
+        return
+    raise DivergenceError(
+        f"loss became {values.loss} at task '{task.name}' step {step} "
+        f"(task loss {values.task_loss}, terms {values.terms}). "
+        "Lower train.lr, keep train.max_grad_norm set, or check the data; the last good "
+        "checkpoint is kept and `--resume` restarts from it."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Log window: host-side sums between two log rows
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log row; a row reports their means."""
+
+    steps: int = 0
+    loss: float = 0.0
+    tokens: int = 0
+    terms: dict[str, float] = field(default_factory=dict)
+    term_steps: dict[str, int] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: StepValues) -> None:
+        self.steps += 1
+        self.loss += values.loss
+        self.tokens += values.tokens
+        for key, value in values.terms.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value
+            self.term_steps[key] = self.term_steps.get(key, 0) + 1
+
+    def row(self, lr: float, world: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "loss": self.loss / self.steps,
+            "lr": lr,
+            "tokens_per_second": self.tokens * world / elapsed,
+            **{f"loss/{k}": v / self.term_steps[k] for k, v in self.terms.items()},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
 
 
 def train_task(
@@ -87,44 +189,36 @@ def train_task(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = train.batch_size * train.grad_accum * world
     data_seed = train.seed + 7919 * task.index
+    trainable = [p for p in model.parameters() if p.requires_grad]  # fixed for the task once before_task ran
     stats = TaskStats(trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
     model.train()
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    window = LogWindow()
 
     for step in range(start_step, task.steps):
         step_start = time.perf_counter()
         ctx.step_in_task = step
-        step_terms: dict[str, float] = {}
-        step_loss = 0.0
+        sums = StepSums()
         for micro in range(train.grad_accum):
             first = step * per_step + (micro * world + rank) * train.batch_size
             batch = ctx.collate([examples[i] for i in sample_indices(len(examples), data_seed, first, train.batch_size)])
             batch = hybrid.transform_batch(batch, ctx)
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             sync = micro == train.grad_accum - 1
-            with accelerator.no_sync(model) if not sync and world > 1 else _null():
+            with accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
                     outputs = model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
                     )
                     terms = hybrid.extra_losses(outputs, batch, ctx)
                     loss = outputs.loss + sum(terms.values()) if terms else outputs.loss
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise DivergenceError(
-                        f"loss became {value} at task '{task.name}' step {step} "
-                        f"(task loss {outputs.loss.item()}, terms {({k: v.item() for k, v in terms.items()})}). "
-                        "Lower train.lr, keep train.max_grad_norm set, or check the data; the last good "
-                        "checkpoint is kept and `--resume` restarts from it."
-                    )
                 accelerator.backward(loss / train.grad_accum)
-            step_loss += value / train.grad_accum
-            for key, term in terms.items():
-                step_terms[key] = step_terms.get(key, 0.0) + term.item() / train.grad_accum
-            window_tokens += int(batch["attention_mask"].sum())
+            sums.add(loss, outputs.loss, terms, batch["attention_mask"], 1.0 / train.grad_accum)
+            del batch, outputs, terms, loss  # free the logits now, not when the next forward has made its own
+        values = sums.read()  # the step's one host sync
+        check_finite(values, task, step)
         hybrid.after_backward(model, ctx)
         if train.max_grad_norm is not None:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train.max_grad_norm)
+            accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -133,39 +227,26 @@ def train_task(
 
         stats.steps += 1
         stats.seconds += time.perf_counter() - step_start
-        stats.last_loss = step_loss
-        stats.loss_terms = step_terms
-        window_loss += step_loss
-        window_steps += 1
+        stats.last_loss = values.loss
+        stats.loss_terms = values.terms
+        window.add(values)
         if (step + 1) % train.log_every == 0 or step + 1 == task.steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            metrics = {
-                "loss": window_loss / window_steps,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_second": window_tokens * world / elapsed,
-                **{f"loss/{k}": v for k, v in step_terms.items()},
-                **ctx.metrics,
-            }
+            metrics = {**window.row(scheduler.get_last_lr()[0], world), **ctx.metrics}
+            ctx.metrics.clear()  # a strategy's value belongs to the window it was reported in
             accelerator.log({f"{task.name}/{k}": v for k, v in metrics.items()}, step=ctx.global_step)
             if accelerator.is_main_process:
-                _append_log(ctx.run_dir / "train_log.jsonl", {"task": task.name, "step": step + 1, "global_step": ctx.global_step, **metrics})
+                row = {"task": task.name, "step": step + 1, "global_step": ctx.global_step, **metrics}
+                append_log(ctx.run_dir / "train_log.jsonl", row)
             if progress is not None:
                 progress.update(step + 1, metrics)
-            stats.tokens += window_tokens
-            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            stats.tokens += window.tokens
+            window = LogWindow()
         on_step_end(step + 1)
     return stats
 
 
-def _append_log(path: Any, row: dict[str, Any]) -> None:
+def append_log(path: Path, row: dict[str, Any]) -> None:
     """One JSON line per logging step: every named loss term, lr, tokens/s, strategy metrics."""
-    with open(path, "a") as handle:
+    with output_errors(path, "append to"), open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

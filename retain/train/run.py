@@ -1,11 +1,15 @@
 """A run: load the model and data, set up strategies, train each task in order, checkpoint, resume,
 evaluate after every task, and write standard model directories.
 
-This is the recipe: one explicit function, no inheritance. ``finetune(config)`` is the public entry.
+This is the recipe, in named steps as torchtune's recipes have them: ``setup`` (config, run folder,
+accelerator, model, data, strategies), ``restore`` (the checkpoint to resume from), ``train_tasks``
+(per task: before_task, optimizer, the loop, after_task, outputs, checkpoint) and ``export`` (the
+final model folder). No inheritance; ``finetune(config)`` runs the steps in order and is the public entry.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,8 +25,8 @@ from rich.console import Console
 from torch import nn
 
 from retain.config import RunConfig, load_config
-from retain.errors import StateError
-from retain.io import atomic_write_text, default_cache_dir
+from retain.errors import OutputError, StateError
+from retain.io import atomic_write_text, default_cache_dir, output_errors
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
@@ -90,7 +94,11 @@ def _load_tasks(config: RunConfig, tokenizer: Any) -> list[TaskInfo]:
 
 
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> ckpt.LoadedCheckpoint | None:
+    """Refuse a run folder that holds another run; record the config; read the checkpoint to resume from."""
     fingerprint = config_fingerprint(config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"cannot use {run_dir} as output.dir: it is a file, not a folder",
+                          hint="choose another output.dir (e.g. --set output.dir=runs/new)")
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise StateError(
@@ -103,10 +111,177 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> ckpt.Loa
             f"{run_dir}: the config differs from the one this run was started with (see {run_dir}/config.yaml); "
             "resume with the same config, or start a new output.dir."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with output_errors(run_dir, "create the folder"):
+        run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     atomic_write_text(recorded, fingerprint)
     return ckpt.load_checkpoint(latest) if latest is not None else None
+
+
+class FineTune:
+    """The recipe, in named steps: ``setup`` -> ``restore`` -> ``train_tasks`` -> ``export``.
+
+    The object only carries what ``setup`` built to the later steps; each step reads top to bottom.
+    """
+
+    config: RunConfig
+    hybrid: Hybrid
+    run_dir: Path
+    loaded: ckpt.LoadedCheckpoint | None
+    accelerator: Any
+    model: nn.Module
+    tokenizer: Any
+    tasks: list[TaskInfo]
+    ctx: StrategyContext
+    full_weights: bool
+
+    def __init__(self, config: RunConfig, *, observer: RunObserver | None = None, console: Console | None = None) -> None:
+        self.config = config
+        self.observer = observer
+        self.console = console
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self, *, resume: bool, model: nn.Module | None = None, tokenizer: Any = None) -> None:
+        """Validate, prepare the run folder, load model and data, and let strategies wrap the model."""
+        from accelerate import Accelerator
+
+        from retain.data import collate, ensure_pad_token
+        from retain.models.loading import load_model
+
+        config = self.config
+        self.hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
+        self.run_dir = Path(config.output.dir)
+        self.loaded = _prepare_run_dir(config, self.run_dir, resume)
+        self.accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            log_with=list(config.train.trackers) or None,
+            project_dir=str(self.run_dir),
+        )
+        if config.train.trackers:
+            self.accelerator.init_trackers("retain", config=_flat_hparams(config))
+        seed_everything(config.train.seed)
+        if model is None:
+            model, tokenizer = load_model(config.model)
+        self.tokenizer = ensure_pad_token(tokenizer)
+        self.tasks = _load_tasks(config, self.tokenizer)
+        self.ctx = StrategyContext(
+            config=config,
+            accelerator=self.accelerator,
+            tokenizer=self.tokenizer,
+            model=model,
+            tasks=self.tasks,
+            run_dir=self.run_dir,
+            cache_dir=default_cache_dir(),
+            collate=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+        )
+        if self.observer is not None:
+            self.observer.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
+        model = self.hybrid.setup(model, self.ctx)
+        self.model = self.ctx.model = self.accelerator.prepare(model)
+
+    # -- restore ------------------------------------------------------------------------------
+
+    def restore(self) -> ckpt.Position:
+        """Apply the checkpoint read by ``setup`` (strategy state, weights, rng); the position to start at."""
+        loaded = self.loaded
+        if loaded is None:
+            return ckpt.Position(task_index=0, step_in_task=0, global_step=0, task_started=False)
+        self.ctx.resuming = True
+        self.hybrid.load_state_dict(loaded.strategies, self.ctx)  # may rebuild structure the weights need
+        ckpt.load_weights(self.accelerator.unwrap_model(self.model), loaded.weights)
+        self.ctx.global_step = loaded.position.global_step
+        ckpt.set_rng_state(loaded.rng)
+        position = loaded.position
+        console_print(self.console, f"resuming from {loaded.path} (task {position.task_index}, step {position.step_in_task})")
+        return position
+
+    # -- train --------------------------------------------------------------------------------
+
+    def train_tasks(self, start: ckpt.Position) -> list[TaskStats]:
+        """Each task from ``start`` on, in order; a checkpoint after each."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.full_weights = self.hybrid.modifies_frozen_weights or not is_peft_model(unwrapped)
+        return [self.train_one_task(task, start) for task in self.tasks[start.task_index:]]
+
+    def train_one_task(self, task: TaskInfo, start: ckpt.Position) -> TaskStats:
+        """before_task, a fresh optimizer (restored mid-task), the loop, after_task, outputs, checkpoint."""
+        config, hybrid, accelerator, ctx = self.config, self.hybrid, self.accelerator, self.ctx
+        ctx.task = task
+        resumed_here = task.index == start.task_index
+        mid_task = resumed_here and start.task_started  # before_task ran: its effects are in the strategy state
+        if not mid_task:
+            hybrid.before_task(task, ctx)
+        first_step = start.step_in_task if resumed_here else 0
+        optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
+        scheduler = build_scheduler(optimizer, config.train, task.steps)
+        if mid_task and self.loaded is not None and self.loaded.optimizer is not None:
+            optimizer.load_state_dict(self.loaded.optimizer)
+            scheduler.load_state_dict(self.loaded.scheduler)
+
+        enabled = config.train.progress and accelerator.is_main_process
+        with TaskProgress(f"{hybrid.name} · {task.name}", task.steps, first_step, enabled, self.console) as progress:
+            stats = train_task(
+                model=self.model,
+                hybrid=hybrid,
+                ctx=ctx,
+                task=task,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                start_step=first_step,
+                on_step_end=functools.partial(self.end_of_step, task, optimizer, scheduler),
+                progress=progress,
+            )
+        hybrid.after_task(task, ctx)
+        stats.peak_memory = peak_memory_bytes(accelerator.device)
+        if config.output.save_per_task and accelerator.is_main_process:
+            save_model_dir(
+                accelerator.unwrap_model(self.model), self.tokenizer, self.run_dir / "tasks" / f"{task.index:02d}-{task.name}",
+                as_full_model=hybrid.modifies_frozen_weights,
+            )
+        if self.observer is not None:
+            self.observer.on_task_end(self.model, ctx, task, stats)
+        # The task is complete: the next position is the start of the next task, before its setup.
+        self.save_checkpoint(ckpt.Position(task.index + 1, 0, ctx.global_step, task_started=False))
+        return stats
+
+    def end_of_step(self, task: TaskInfo, optimizer: Any, scheduler: Any, step_in_task: int) -> None:
+        """After each optimizer step: the periodic checkpoint and the step evaluation."""
+        every = self.config.checkpoint.every
+        if every and step_in_task % every == 0 and step_in_task < task.steps:
+            self.save_checkpoint(ckpt.Position(task.index, step_in_task, self.ctx.global_step, True), optimizer, scheduler)
+        eval_every = self.config.eval.every_n_steps
+        if self.observer is not None and eval_every and step_in_task % eval_every == 0:
+            self.observer.on_step(self.model, self.ctx, task)
+
+    def save_checkpoint(self, position: ckpt.Position, optimizer: Any = None, scheduler: Any = None) -> None:
+        """Everything needed to resume at ``position``; optimizer state only mid-task (a task starts fresh)."""
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(
+                self.run_dir,
+                position=position,
+                model=self.accelerator.unwrap_model(self.model),
+                full_weights=self.full_weights,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                strategy_state=self.hybrid.state_dict(),
+                keep=self.config.checkpoint.keep,
+            )
+        self.accelerator.wait_for_everyone()
+
+    # -- export -------------------------------------------------------------------------------
+
+    def export(self, task_stats: list[TaskStats]) -> RunOutcome:
+        """The final model folder (adapter, or full model; merged too when asked); trackers closed."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        final_dir = self.run_dir / "final"
+        if self.accelerator.is_main_process:
+            save_model_dir(
+                unwrapped, self.tokenizer, final_dir,
+                merge=self.config.output.merge, as_full_model=self.hybrid.modifies_frozen_weights,
+            )
+        self.accelerator.end_training()
+        return RunOutcome(self.run_dir, final_dir, unwrapped, self.tokenizer, task_stats, self.observer)
 
 
 def finetune(
@@ -123,145 +298,28 @@ def finetune(
     ``model``/``tokenizer`` may be passed in memory (tests, benchmarks); otherwise they are loaded from
     ``config.model``.
     """
-    from accelerate import Accelerator
-
-    from retain.data import ensure_pad_token
-    from retain.models.loading import load_model
-
-    hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
-    run_dir = Path(config.output.dir)
-    loaded = _prepare_run_dir(config, run_dir, resume)
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        log_with=list(config.train.trackers) or None,
-        project_dir=str(run_dir),
-    )
-    if config.train.trackers:
-        accelerator.init_trackers("retain", config=_flat_hparams(config))
-    seed_everything(config.train.seed)
-    if model is None:
-        model, tokenizer = load_model(config.model)
-    tokenizer = ensure_pad_token(tokenizer)
-    tasks = _load_tasks(config, tokenizer)
-
-    from retain.data import collate
-
-    pad_id = tokenizer.pad_token_id
-    ctx = StrategyContext(
-        config=config,
-        accelerator=accelerator,
-        tokenizer=tokenizer,
-        model=model,
-        tasks=tasks,
-        run_dir=run_dir,
-        cache_dir=default_cache_dir(),
-        collate=lambda examples: collate(examples, pad_id),
-    )
-    if observer is not None:
-        observer.on_start(model, ctx)  # the untouched base model, before any strategy wraps it
-    model = hybrid.setup(model, ctx)
-    model = accelerator.prepare(model)
-    ctx.model = model
-
-    start_task, start_step, task_started = 0, 0, False
-    if loaded is not None:
-        ctx.resuming = True
-        hybrid.load_state_dict(loaded.strategies, ctx)
-        ckpt.load_weights(accelerator.unwrap_model(model), loaded.weights)
-        start_task = loaded.position.task_index
-        start_step = loaded.position.step_in_task
-        task_started = loaded.position.task_started
-        ctx.global_step = loaded.position.global_step
-        ckpt.set_rng_state(loaded.rng)
-        console_print(console, f"resuming from {loaded.path} (task {start_task}, step {start_step})")
-
-    full_weights = hybrid.modifies_frozen_weights or not is_peft_model(accelerator.unwrap_model(model))
-    all_stats: list[TaskStats] = []
-    for task in tasks[start_task:]:
-        ctx.task = task
-        resumed_here = loaded is not None and task.index == start_task
-        if not (resumed_here and task_started):
-            hybrid.before_task(task, ctx)
-        first_step = start_step if resumed_here else 0
-        optimizer = accelerator.prepare_optimizer(build_optimizer(model, config.train), device_placement=False)
-        scheduler = build_scheduler(optimizer, config.train, task.steps)
-        if resumed_here and task_started and loaded.optimizer is not None:
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-
-        def save(step_in_task: int, *, started: bool = True, index: int = task.index) -> None:
-            position = ckpt.Position(index, step_in_task, ctx.global_step, started)
-            if accelerator.is_main_process:
-                ckpt.save_checkpoint(
-                    run_dir,
-                    position=position,
-                    model=accelerator.unwrap_model(model),
-                    full_weights=full_weights,
-                    optimizer=optimizer if started else None,
-                    scheduler=scheduler if started else None,
-                    strategy_state=hybrid.state_dict(),
-                    keep=config.checkpoint.keep,
-                )
-            accelerator.wait_for_everyone()
-
-        def on_step_end(step_in_task: int) -> None:
-            every = config.checkpoint.every
-            if every and step_in_task % every == 0 and step_in_task < task.steps:
-                save(step_in_task)
-            if observer is not None and config.eval.every_n_steps and step_in_task % config.eval.every_n_steps == 0:
-                observer.on_step(model, ctx, task)
-
-        enabled = config.train.progress and accelerator.is_main_process
-        with TaskProgress(f"{hybrid.name} · {task.name}", task.steps, first_step, enabled, console) as progress:
-            stats = train_task(
-                model=model,
-                hybrid=hybrid,
-                ctx=ctx,
-                task=task,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                start_step=first_step,
-                on_step_end=on_step_end,
-                progress=progress,
-            )
-        hybrid.after_task(task, ctx)
-        stats.peak_memory = peak_memory_bytes(accelerator.device)  # type: ignore[attr-defined]
-        all_stats.append(stats)
-        unwrapped = accelerator.unwrap_model(model)
-        if config.output.save_per_task and accelerator.is_main_process:
-            save_model_dir(
-                unwrapped, tokenizer, run_dir / "tasks" / f"{task.index:02d}-{task.name}",
-                as_full_model=hybrid.modifies_frozen_weights,
-            )
-        if observer is not None:
-            observer.on_task_end(model, ctx, task, stats)
-        # The task is complete: the next position is the start of the next task, before its setup.
-        save(0, started=False, index=task.index + 1)
-
-    unwrapped = accelerator.unwrap_model(model)
-    final_dir = run_dir / "final"
-    if accelerator.is_main_process:
-        save_model_dir(
-            unwrapped, tokenizer, final_dir, merge=config.output.merge, as_full_model=hybrid.modifies_frozen_weights
-        )
-    accelerator.end_training()
-    return RunOutcome(run_dir, final_dir, unwrapped, tokenizer, all_stats, observer)
+    recipe = FineTune(config, observer=observer, console=console)
+    recipe.setup(resume=resume, model=model, tokenizer=tokenizer)
+    start = recipe.restore()
+    task_stats = recipe.train_tasks(start)
+    return recipe.export(task_stats)
 
 
 def _flat_hparams(config: RunConfig) -> dict[str, Any]:
+    """The config as flat ``a.b.c`` scalars, the form trackers take as hyperparameters."""
     flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else k)
-        elif isinstance(node, (int, float, str, bool)):
-            flat[prefix] = node
-        else:
-            flat[prefix] = str(node)
-
-    walk(config.model_dump(mode="json"), "")
+    _flatten_into(flat, config.model_dump(mode="json"), "")
     return flat
+
+
+def _flatten_into(flat: dict[str, Any], node: Any, prefix: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flatten_into(flat, v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(node, (int, float, str, bool)):
+        flat[prefix] = node
+    else:
+        flat[prefix] = str(node)
 
 
 def console_print(console: Console | None, message: str) -> None:
