@@ -95,21 +95,6 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, str
     return model_dir, task, general, what
 
 
-class KeepContext:
-    """Run observer that only keeps the strategy context (its ``metrics`` hold the strategies' logs)."""
-
-    ctx: Any = None
-
-    def on_start(self, model: Any, ctx: Any) -> None:
-        self.ctx = ctx
-
-    def on_step(self, model: Any, ctx: Any, task: Any) -> None:
-        return None
-
-    def on_task_end(self, model: Any, ctx: Any, task: Any, stats: Any) -> None:
-        self.ctx = ctx
-
-
 def train_once(args: argparse.Namespace, model_dir: Path, task: Path, general: Path, strategies: list[Any], out: Path,
                steps: int) -> tuple[float, dict[str, float]]:
     """Seconds per optimizer step of one run, and the strategies' logged metrics."""
@@ -124,10 +109,18 @@ def train_once(args: argparse.Namespace, model_dir: Path, task: Path, general: P
                   "log_every": 1000},
         "output": {"dir": str(out), "save_per_task": False},
     })
-    keeper = KeepContext()
-    outcome = finetune(config, observer=keeper)
+    outcome = finetune(config)
     stats = outcome.task_stats[0]
-    return stats.seconds / stats.steps, dict(keeper.ctx.metrics if keeper.ctx is not None else {})
+    return stats.seconds / stats.steps, strategy_metrics(out / "train_log.jsonl")
+
+
+def strategy_metrics(log: Path) -> dict[str, float]:
+    """What the strategies reported (``ctx.log``) over the run: the latest value of each, from the log rows."""
+    metrics: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        row = json.loads(line)
+        metrics.update({k: v for k, v in row.items() if "/" in k and not k.startswith("loss/")})
+    return metrics
 
 
 def selected_pairs(only: str | None) -> list[tuple[str, list[Any], list[Any], float | None]]:

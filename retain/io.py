@@ -136,6 +136,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
+def append_jsonl(path: str | os.PathLike[str], row: object) -> None:
+    """Append one JSON line (logs that grow during a run; a torn last line is the worst a kill leaves)."""
+    with output_errors(path, "append to"), open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def atomic_write_json(path: str | os.PathLike[str], value: object, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False))
 

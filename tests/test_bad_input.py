@@ -267,14 +267,7 @@ ROWS: dict[str, Any] = {
     ),
     "train-output-read-only": Row(_read_only_run, ["{tmp}/locked/run", "permission denied"]),
     "train-disk-full": Row(_full_disk_run, ["{tmp}/full/run/config.yaml", "no space left"]),
-    "train-disk-full-while-training": pytest.param(
-        Row(_full_disk_while_training, ["{tmp}/run/train_log.jsonl", "no space left"]),
-        marks=pytest.mark.xfail(
-            reason="needs retain/train/loop.py:_append_log to wrap its open/write in retain.io.output_errors(path) "
-            "(raising OutputError); today the CLI's safety net reports 'cannot write: no space left' without the path",
-            strict=True,
-        ),
-    ),
+    "train-disk-full-while-training": Row(_full_disk_while_training, ["{tmp}/run/train_log.jsonl", "no space left"]),
     "train-file-size-limit": Row(
         lambda c: ["train", c.train_config()], ["{tmp}/run", "file too large"],
         subprocess={"fsize": 48 * 1024},

@@ -23,7 +23,7 @@ from retain.eval.drift import (
 )
 from retain.eval.suite import SuiteConfig, evaluate_suite, load_suite, suite_hash
 from retain.eval.tasks.generate import generate_samples
-from retain.io import atomic_write_text
+from retain.io import append_jsonl, atomic_write_text
 from retain.models.fingerprint import model_fingerprint
 from retain.results.schema import Drift, Results, Score, StepRecord, StrategyRun
 from retain.results.summary import build_run
@@ -120,8 +120,7 @@ class SuiteObserver:
         scores = evaluate_suite(unwrapped, ctx.tokenizer, self.suite, self.batch_size)
         row = {"task": task.name, "global_step": ctx.global_step, **{k: s.value for k, s in scores.items()}}
         ctx.accelerator.log({f"eval/{k}": s.value for k, s in scores.items()}, step=ctx.global_step)
-        with open(self.run_dir / "step_evals.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(self.run_dir / "step_evals.jsonl", row)
         unwrapped.train()
 
     def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> None:

@@ -220,6 +220,5 @@ def write_report(
 ) -> Path:
     """Render and write the report atomically; returns the path written."""
     target = Path(out_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, render_html(results, sweeps))
     return target

@@ -14,12 +14,10 @@ several times per step.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,7 +26,7 @@ from torch import nn
 
 from retain.data.sampling import sample_indices
 from retain.errors import ConfigError, DivergenceError
-from retain.io import output_errors
+from retain.io import append_jsonl
 from retain.strategies.base import StrategyContext, TaskInfo
 from retain.strategies.compose import Hybrid
 
@@ -236,7 +234,7 @@ def train_task(
             accelerator.log({f"{task.name}/{k}": v for k, v in metrics.items()}, step=ctx.global_step)
             if accelerator.is_main_process:
                 row = {"task": task.name, "step": step + 1, "global_step": ctx.global_step, **metrics}
-                append_log(ctx.run_dir / "train_log.jsonl", row)
+                append_jsonl(ctx.run_dir / "train_log.jsonl", row)  # every term, lr, tokens/s, strategy metrics
             if progress is not None:
                 progress.update(step + 1, metrics)
             stats.tokens += window.tokens
@@ -244,9 +242,4 @@ def train_task(
         on_step_end(step + 1)
     return stats
 
-
-def append_log(path: Path, row: dict[str, Any]) -> None:
-    """One JSON line per logging step: every named loss term, lr, tokens/s, strategy metrics."""
-    with output_errors(path, "append to"), open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
 
