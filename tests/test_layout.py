@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"train"},
     {"report"},
     {"scenarios"},
+    {"guide"},
     {"integrations"},
     {"cli"},
     {"__init__", "__main__"},

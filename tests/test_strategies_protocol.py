@@ -273,3 +273,20 @@ def test_strategy_seeds_default_to_train_seed():
 
 def _minimal(name: str) -> dict:
     return {"freeze": {"top_layers": 1}}.get(name, {})
+
+
+def test_every_strength_names_a_config_key_with_a_sensible_range():
+    """The declared strength is what budgets adapt and `retain tune` searches: it must be a real key
+    whose default lies inside the declared range."""
+    from retain.strategies.registry import get_strategy_class
+
+    declared = 0
+    for name in available_strategies():
+        cls = get_strategy_class(name)
+        if cls.strength is None:
+            continue
+        declared += 1
+        field = cls.Config.model_fields[cls.strength.key]
+        assert 0 < cls.strength.low < cls.strength.high, name
+        assert cls.strength.low <= field.default <= cls.strength.high, (name, field.default)
+    assert declared >= 9

@@ -138,6 +138,25 @@ def has_general_text(own: "DataConfig | None", run: "RunConfig") -> bool:
     return own is not None or run.general_data is not None
 
 
+@dataclass(frozen=True)
+class Strength:
+    """Which config key sets how strongly a strategy protects what the model knew, and its sensible range.
+
+    A forgetting budget adapts this value during a run and ``retain tune`` searches it; both move it in
+    log space when ``log`` is true. ``protects_more_when_higher`` is false for a key where a larger
+    value protects less (STM's perplexity threshold masks fewer tokens as it grows).
+    """
+
+    key: str
+    low: float
+    high: float
+    log: bool = True
+    protects_more_when_higher: bool = True
+
+    def clip(self, value: float) -> float:
+        return min(max(float(value), self.low), self.high)
+
+
 class Strategy:
     """Base of all strategies: every hook is a no-op, so a strategy writes only the ones it needs.
 
@@ -154,6 +173,9 @@ class Strategy:
     - ``needs_strategies``: strategies that must be listed with it (ewc-lora needs lora).
     - ``min_tasks``: the fewest tasks with which it does anything beyond its base method.
     - ``requirements(run, where)``: the conditional needs (general text for a general source, ...).
+
+    And, for methods with a single strength knob, ``strength``: a :class:`Strength` naming that config
+    key and its sensible range (None for strategies without one, e.g. full or lora).
     """
 
     name: ClassVar[str] = ""
@@ -164,6 +186,7 @@ class Strategy:
     peft_wrapper: ClassVar[bool] = False
     needs_strategies: ClassVar[frozenset[str]] = frozenset()
     min_tasks: ClassVar[int] = 1
+    strength: ClassVar[Strength | None] = None
 
     def __init__(self, config: StrategyConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -42,7 +42,7 @@ from retain.strategies._shared.calibration import (
     on_device,
     resolve_source,
 )
-from retain.strategies.base import Strategy, StrategyContext, TaskInfo
+from retain.strategies.base import Strategy, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
 
 
@@ -60,6 +60,7 @@ class EwcConfig(CalibrationConfig):
 @register_strategy("ewc")
 class Ewc(Strategy):
     Config = EwcConfig
+    strength = Strength("lambda_", 1e1, 1e8)
 
     def __init__(self, config: EwcConfig | None = None) -> None:
         super().__init__(config)

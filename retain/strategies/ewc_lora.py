@@ -47,7 +47,7 @@ from retain.strategies._shared.calibration import (
     estimate_logged,
     resolve_source,
 )
-from retain.strategies.base import Strategy, StrategyContext, TaskInfo
+from retain.strategies.base import Strategy, StrategyContext, Strength, TaskInfo
 from retain.strategies.ewc import Ewc, EwcConfig
 from retain.strategies.registry import register_strategy
 
@@ -100,6 +100,7 @@ def merge_and_reset(layers: dict[str, nn.Module], generator: torch.Generator) ->
 @register_strategy("ewc-lora")
 class EwcLora(Strategy):
     Config = EwcLoraConfig
+    strength = Strength("lambda_", 1e1, 1e9)
     modifies_frozen_weights = True
     needs_strategies = frozenset({"lora"})
 

@@ -41,7 +41,15 @@ from retain.config import DataConfig, RunConfig
 from retain.data.sampling import sample_indices, seeded_generator
 from retain.losses.distill import bhattacharyya_distance
 from retain.models.runtime import align_to_inputs, reference_forward, trainable_parameters
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
+from retain.strategies.base import (
+    Batch,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    Strength,
+    TaskInfo,
+    has_general_text,
+)
 from retain.strategies.registry import register_strategy
 
 logger = logging.getLogger("retain")
@@ -79,6 +87,7 @@ def project_update(parameters: dict[str, nn.Parameter], previous: dict[str, torc
 @register_strategy("fip")
 class FunctionallyInvariantPaths(Strategy):
     Config = FipConfig
+    strength = Strength("weight", 1e-2, 1e3)
 
     def __init__(self, config: FipConfig | None = None) -> None:
         super().__init__(config)

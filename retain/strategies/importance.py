@@ -45,7 +45,15 @@ from retain.models.runtime import trainable_parameters
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.path_integral import path_integral_importance, si_importance
 from retain.strategies._shared.calibration import DTYPES, check_same_parameters, detached_copy, on_device
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
+from retain.strategies.base import (
+    Batch,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    Strength,
+    TaskInfo,
+    has_general_text,
+)
 from retain.strategies.registry import register_strategy
 
 
@@ -80,6 +88,7 @@ def normalized(omega: dict[str, Tensor]) -> dict[str, Tensor]:
 @register_strategy("importance")
 class Importance(Strategy):
     Config = ImportanceConfig
+    strength = Strength("lambda_", 1e-2, 1e4)
 
     def __init__(self, config: ImportanceConfig | None = None) -> None:
         super().__init__(config)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from retain.losses.quadratic import quadratic_penalty
 from retain.models.runtime import trainable_parameters
 from retain.strategies._shared.calibration import check_same_parameters, detached_copy, on_device
-from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
 
 
@@ -29,6 +29,7 @@ class L2Config(StrategyConfig):
 @register_strategy("l2")
 class L2ToBase(Strategy):
     Config = L2Config
+    strength = Strength("lambda_", 1e-3, 1e3)
 
     def __init__(self, config: L2Config | None = None) -> None:
         super().__init__(config)

@@ -40,7 +40,15 @@ from retain.models.adapters import is_peft_model
 from retain.models.fingerprint import base_fingerprint
 from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
+from retain.strategies.base import (
+    Batch,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    Strength,
+    TaskInfo,
+    has_general_text,
+)
 from retain.strategies.registry import get_strategy_class, register_strategy
 
 logger = logging.getLogger("retain")
@@ -94,6 +102,7 @@ def gather_topk(table: TokenTable, indices: list[int | None], seq_len: int, rows
 @register_strategy("lwf")
 class LearningWithoutForgetting(Strategy):
     Config = LwfConfig
+    strength = Strength("alpha", 1e-2, 1e2)
 
     def __init__(self, config: LwfConfig | None = None) -> None:
         super().__init__(config)

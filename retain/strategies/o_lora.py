@@ -31,7 +31,7 @@ from torch import nn
 from retain.errors import ConfigError
 from retain.losses.subspace import l2_norm_penalty, orthogonality_penalty
 from retain.models.adapters import lora_layers
-from retain.strategies.base import Strategy, StrategyContext, TaskInfo
+from retain.strategies.base import Strategy, StrategyContext, Strength, TaskInfo
 from retain.strategies.lora import LoraConfig, peft_lora_config
 from retain.strategies.registry import register_strategy
 
@@ -59,6 +59,7 @@ def _untouched_rng(model: nn.Module):
 @register_strategy("o-lora")
 class OLora(Strategy):
     Config = OLoraConfig
+    strength = Strength("lambda1", 1e-2, 1e2)
     wraps_model = True
     peft_wrapper = True
     min_tasks = 2  # with one task it is plain lora

@@ -31,7 +31,15 @@ from torch import nn
 
 from retain.config import DataConfig, RunConfig
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo, has_general_text
+from retain.strategies.base import (
+    Batch,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    Strength,
+    TaskInfo,
+    has_general_text,
+)
 from retain.strategies.registry import register_strategy
 
 GENERAL_SOURCE = "@general"  # cannot clash with a task name used as a source
@@ -57,6 +65,7 @@ class ReplayConfig(StrategyConfig):
 @register_strategy("replay")
 class Replay(Strategy):
     Config = ReplayConfig
+    strength = Strength("ratio", 0.01, 0.5)
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         general = has_general_text(self.config.data, run)

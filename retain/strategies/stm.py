@@ -34,7 +34,7 @@ from retain.data.sampling import seeded_generator
 from retain.losses.distill import IGNORE_INDEX, next_token_cross_entropy, stm_drop_mask
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
 
 logger = logging.getLogger("retain")
@@ -95,6 +95,7 @@ def drop_masks(
 @register_strategy("stm")
 class SelectiveTokenMasking(Strategy):
     Config = StmConfig
+    strength = Strength("threshold", 1.25, 100.0, protects_more_when_higher=False)
 
     def __init__(self, config: StmConfig | None = None) -> None:
         super().__init__(config)

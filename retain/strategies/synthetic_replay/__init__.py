@@ -35,7 +35,7 @@ from retain.config import RunConfig, StrictModel
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.data.sampling import derive_seed, seeded_generator
 from retain.io import atomic_write_text
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, TaskInfo
+from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
 from retain.strategies.synthetic_replay.generation import (
     SamplingSettings,
@@ -105,6 +105,7 @@ class SyntheticReplayConfig(StrategyConfig):
 @register_strategy("synthetic-replay")
 class SyntheticReplay(Strategy):
     Config = SyntheticReplayConfig
+    strength = Strength("ratio", 0.01, 0.5)
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         config = self.config
