@@ -1,0 +1,78 @@
+"""The budget controller: dual ascent on a strength, on a problem whose constrained optimum is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from retain.train.budget import (
+    Bounds,
+    BudgetController,
+    Measurement,
+    StrengthState,
+    dual_step,
+    violations,
+    within_budget,
+)
+
+
+def test_violations_are_normalized_by_hand():
+    measured = Measurement(general_retention=0.9, kl=0.06, task_forgetting=0.08)
+    bounds = Bounds(min_general_retention=0.95, max_kl=0.05, max_task_forgetting=0.05)
+    got = violations(measured, bounds)
+    assert got["general_retention"] == pytest.approx((0.95 - 0.9) / 0.95)
+    assert got["kl"] == pytest.approx(0.2)
+    assert got["task_forgetting"] == pytest.approx(0.03)
+    assert not within_budget(measured, bounds)
+    assert within_budget(Measurement(general_retention=0.97), bounds)  # unmeasured bounds are not violated
+    assert violations(Measurement(), bounds) == {}
+
+
+def test_dual_step_holds_inside_the_margin_and_is_bounded():
+    assert dual_step(-0.01, eta=0.5, max_step=1.0, margin=0.02) == 0.0
+    assert dual_step(0.0, eta=0.5, max_step=1.0, margin=0.02) == 0.0
+    assert dual_step(0.01, eta=0.5, max_step=1.0, margin=0.02) == pytest.approx(0.25)
+    assert dual_step(5.0, eta=0.5, max_step=1.0, margin=0.02) == 1.0
+    assert dual_step(-0.5, eta=0.5, max_step=1.0, margin=0.02) == -1.0
+
+
+def test_a_strength_that_protects_less_when_higher_moves_the_other_way():
+    threshold = StrengthState("stm", "threshold", 10.0, 1.25, 100.0, protects_more_when_higher=False)
+    threshold.move(math.log(2.0))  # more protection
+    assert threshold.value == pytest.approx(5.0)
+    threshold.move(-10.0)
+    assert threshold.value == 100.0  # clipped to the declared range
+
+
+def _run_toy(start: float, checks: int = 15) -> tuple[BudgetController, float]:
+    """Training minimizes (theta - 1)^2 + lam * theta^2, so theta*(lam) = 1 / (1 + lam). 'General
+    ability' is 1 - theta^2: retention >= 0.96 <=> theta <= 0.2 <=> lam >= 4, so the best new-task fit
+    within budget is lam = 4. The controller only sees the measured retention."""
+    controller = BudgetController(Bounds(min_general_retention=0.96), [StrengthState("l2", "lambda_", start, 1e-4, 1e6)])
+    theta = 0.0
+    for check in range(checks):
+        lam = controller.strengths[0].value
+        theta = 1.0 / (1.0 + lam)  # training between checks reaches the penalized optimum
+        controller.update(Measurement(general_retention=1.0 - theta**2), step=25 * (check + 1))
+    return controller, 1.0 - (1.0 / (1.0 + controller.strengths[0].value)) ** 2
+
+
+@pytest.mark.parametrize("start", [1e-3, 1.0, 1e5])
+def test_controller_finds_the_constrained_optimum_from_too_weak_and_too_strong(start):
+    controller, retention = _run_toy(start)
+    lam = controller.strengths[0].value
+    # in budget, and no more protection than the hold band allows: retention <= 0.96 + margin * 0.96
+    assert retention >= 0.96
+    assert 4.0 <= lam <= 6.0
+    assert len(controller.history) == 15
+    assert controller.history[0]["l2.lambda_"] != start  # it moved at the first check
+
+
+def test_controller_state_round_trips():
+    controller, _ = _run_toy(1e5, checks=4)
+    clone = BudgetController(Bounds(min_general_retention=0.96), [StrengthState("l2", "lambda_", 1.0, 1e-4, 1e6)])
+    clone.load_state_dict(controller.state_dict())
+    assert clone.values() == controller.values()
+    assert clone.step_scale == controller.step_scale and clone.last_direction == controller.last_direction
+    assert clone.history == controller.history
