@@ -80,11 +80,18 @@ def test_gradient_checkpointing_trains_like_plain_backward(tiny_model_dir, text_
     checkpointed = finetune(load_config_dict(_config(tiny_model_dir, text_file, tmp_path / "gc", strategies,
                                                      train__gradient_checkpointing=True)))
     base = checkpointed.model.get_base_model() if hasattr(checkpointed.model, "get_base_model") else checkpointed.model
-    assert base.is_gradient_checkpointing and not base.config.use_cache
-    assert not getattr(plain.model, "is_gradient_checkpointing", False)
+    assert base.is_activation_checkpointing and not base.config.use_cache
+    assert not plain.model.is_activation_checkpointing
     got, expected = _losses(tmp_path / "gc"), _losses(tmp_path / "plain")
     assert len(got) == 4 and max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
     assert got[-1] < got[0]  # it trained
     plain_weights = dict(plain.model.named_parameters())
     diff = max((p - plain_weights[n]).abs().max().item() for n, p in checkpointed.model.named_parameters())
     assert diff < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_exits_cleanly_without_cuda():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "no CUDA device on this machine" in done.stdout

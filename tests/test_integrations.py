@@ -189,3 +189,41 @@ def test_session_refuses_a_trainer_without_it(tmp_path):
                     data_collator=session.data_collator)
     with pytest.raises(Exception, match="retain_trainer"):
         session.train(plain)
+
+
+@pytest.mark.parametrize("strategy", [{"name": "o-lora", "r": 2}, {"name": "progressive-prompts", "num_virtual_tokens": 3}],
+                         ids=["o-lora", "progressive-prompts"])
+def test_two_task_sequence_resumes_mid_second_task(strategy, tiny_model_dir, tmp_path):
+    """Strategies that add modules per task (a new adapter, a longer prompt) rebuild them from the
+    checkpoint's retain state before the Trainer loads weights; the resumed run ends where the other did."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task, general = _files(tmp_path)
+
+    def session_and_model(out: Path):
+        session = RetainSession.create(strategies=[strategy], tasks={"a": _data(task), "b": _data(general)},
+                                       output_dir=out, model_name=str(tiny_model_dir))
+        model = session.setup(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                              AutoTokenizer.from_pretrained(tiny_model_dir))
+        return session, model
+
+    def trainer_for(session, model, name, out):
+        args = _args(out / "hf" / name, 4, save_strategy="steps", save_steps=2, learning_rate=0.05)
+        return retain_trainer(__import__("transformers").Trainer)(
+            model=model, args=args, train_dataset=session.train_dataset(name), data_collator=session.data_collator,
+            retain=session)
+
+    session, model = session_and_model(tmp_path / "a")
+    for name in ("a", "b"):
+        session.train(trainer_for(session, model, name, tmp_path / "a"), task=name)
+    expected = _weights(session.ctx.unwrapped_model)
+    written = session.finish()
+    assert json.loads((written["final"] / "retain_tasks.json").read_text())["tasks"][1]["folder"] == "tasks/01-b"
+
+    resumed, model = session_and_model(tmp_path / "b")  # a new process: nothing of task a in memory
+    checkpoint = tmp_path / "a" / "hf" / "b" / "checkpoint-2"
+    resumed.train(trainer_for(resumed, model, "b", tmp_path / "a"), task="b", resume_from_checkpoint=str(checkpoint))
+    got = _weights(resumed.ctx.unwrapped_model)
+    assert set(got) == set(expected)
+    diff = max((got[n] - expected[n]).abs().max().item() for n in expected)
+    assert diff <= 1e-6, diff

@@ -125,7 +125,11 @@ def prepare_for_training(model: nn.Module, config: ModelConfig, *, gradient_chec
     elif gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the transformers 5 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if gradient_checkpointing and getattr(model, "config", None) is not None:
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
     return model
