@@ -4,9 +4,6 @@ choice gives exactly the model as it was at that task's end (logits recorded dur
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ from retain.errors import ConfigError
 from retain.models.tasks import MANIFEST, task_dir
 from retain.train import finetune
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE = torch.tensor([[1, 20, 30, 40, 50, 60, 9, 12], [1, 33, 34, 35, 36, 37, 38, 39]])
 
 
@@ -121,15 +117,16 @@ def test_cli_generate_and_eval_pick_a_task(per_task_run, tmp_path):
     outcome, _, name = per_task_run
     if name != "progressive-prompts":
         pytest.skip("one CLI round trip is enough")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    from typer.testing import CliRunner
+
+    from retain.cli import app
+
+    runner = CliRunner()
     outputs = []
     for task in ("first", "second"):
-        done = subprocess.run(
-            [sys.executable, "-m", "retain", "generate", str(outcome.final_dir), "--task", task,
-             "--max-new-tokens", "12", "the cat", "a"],
-            capture_output=True, text=True, env=env, timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
+        done = runner.invoke(app, ["generate", str(outcome.final_dir), "--task", task, "--max-new-tokens", "12",
+                                   "the cat", "a"])
+        assert done.exit_code == 0, done.output
         outputs.append(done.stdout)
     assert outputs[0] != outputs[1]  # two tasks' prompts continue the same text differently
 
@@ -140,13 +137,12 @@ def test_cli_generate_and_eval_pick_a_task(per_task_run, tmp_path):
     scores = []
     for task in ("first", "second"):
         out = tmp_path / f"{task}.json"
-        done = subprocess.run(
-            [sys.executable, "-m", "retain", "eval", str(outcome.final_dir), "--suite", str(suite), "--task", task,
-             "--out", str(out)],
-            capture_output=True, text=True, env=env, timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
+        done = runner.invoke(app, ["eval", str(outcome.final_dir), "--suite", str(suite), "--task", task,
+                                   "--out", str(out)])
+        assert done.exit_code == 0, done.output
         payload = json.loads(out.read_text())
         assert payload["task"] == task
         scores.append(payload["scores"]["held"]["value"])
     assert scores[0] != scores[1]
+    done = runner.invoke(app, ["generate", str(outcome.final_dir), "--task", "third", "x"])
+    assert done.exit_code == 2 and "no such task" in done.output

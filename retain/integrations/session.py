@@ -74,6 +74,7 @@ class RetainSession:
         self.task_stats: list[TaskStats] = []
         self.next_task = 0
         self.task_start_step = 0  # the Trainer's global_step when the current task's train() began
+        self.global_offset = 0  # retain's global step (over all tasks) when the current task began
         self.pending_weights: dict[str, torch.Tensor] | None = None
         self.trainer: Any = None
 
