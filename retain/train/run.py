@@ -66,6 +66,9 @@ def config_fingerprint(config: RunConfig) -> str:
     data["train"].pop("progress", None)
     data["train"].pop("log_every", None)
     data["train"].pop("trackers", None)
+    data["train"].pop("gradient_checkpointing", None)  # recomputation, not other weights: may change on resume
+    if data["model"].get("quantization") is None:
+        data["model"].pop("quantization", None)  # runs started before the key existed keep their fingerprint
     data.pop("eval", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
