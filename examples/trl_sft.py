@@ -16,6 +16,7 @@ What is specific to retain is marked ``# retain:``; the rest is an ordinary TRL 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -62,10 +63,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         general_split = split_file(args.general, out / "data", "general") if args.general else None
         train_file = task_split.train
         general_file = general_split.train if general_split else None
-        prompts = [line for line in (Path(task_split.held_out).read_text().splitlines()[:1])]
+        first = Path(task_split.held_out).read_text().splitlines()[:1]
+        prompts = [json.loads(line)["text"][:40] for line in first]  # the start of one held-out text
         suite = load_suite_dict(default_suite(
             task_name, task_split.held_out, general_split.held_out if general_split else None, args.max_length,
-            prompts=[p[9:49] for p in prompts] if prompts else None,  # the start of one held-out text
+            prompts=prompts or None,
         ))
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
