@@ -6,6 +6,7 @@ Public API (imports are lazy so ``import retain`` stays cheap)::
     finetune(config)            train a task sequence with a list of strategies (retain.train.run)
     evaluate(model, tok, suite) score a model on an eval suite (retain.eval.suite)
     load_model(config)          model + tokenizer from a directory or hub id (retain.models.loading)
+    load(model_dir, task=None)  a trained folder, or one task's prompt/adapter from final/ (retain.models.tasks)
     load_config(path)           a validated RunConfig from YAML (retain.config)
     register_strategy(name)     add a strategy: one class, one decorator (retain.strategies)
 """
@@ -23,6 +24,7 @@ _EXPORTS = {
     "load_suite": ("retain.eval.suite", "load_suite"),
     "load_model": ("retain.models.loading", "load_model"),
     "load_any": ("retain.models.loading", "load_any"),
+    "load": ("retain.models.tasks", "load_task_model"),
     "load_config": ("retain.train.run", "load_run_config"),
     "RunConfig": ("retain.config", "RunConfig"),
     "register_strategy": ("retain.strategies.registry", "register_strategy"),

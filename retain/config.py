@@ -25,6 +25,30 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class QuantizationConfig(StrictModel):
+    """bitsandbytes quantization at load time (QLoRA): the base weights stay quantized and frozen, adapters train.
+
+    Needs a CUDA device and ``pip install bitsandbytes``; refused with a message where either is missing.
+    """
+
+    load_in_4bit: bool = Field(False, description="Load the weights in 4 bit (QLoRA).")
+    load_in_8bit: bool = Field(False, description="Load the weights in 8 bit (LLM.int8).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="dtype of the matmuls on dequantized weights."
+    )
+    bnb_4bit_use_double_quant: bool = Field(False, description="Quantize the quantization constants too.")
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Storage dtype of packed 4-bit weights (bfloat16 for FSDP-QLoRA)."
+    )
+
+    @model_validator(mode="after")
+    def _one_width(self) -> "QuantizationConfig":
+        if self.load_in_4bit == self.load_in_8bit:
+            raise ValueError("set exactly one of load_in_4bit or load_in_8bit to true")
+        return self
+
+
 class ModelConfig(StrictModel):
     name_or_path: str = Field(description="Local model directory or Hugging Face hub id.")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to the model's.")
@@ -33,6 +57,9 @@ class ModelConfig(StrictModel):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run model code from the hub; off unless you trust it.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="bitsandbytes quantization (QLoRA with lora); needs a CUDA device."
+    )
 
 
 class DataConfig(StrictModel):
@@ -76,6 +103,9 @@ class TrainConfig(StrictModel):
         default_factory=list, description="accelerate trackers, e.g. [tensorboard]."
     )
     progress: bool = Field(True, description="Show a rich progress bar.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about a third more compute."
+    )
 
 
 class CheckpointConfig(StrictModel):

@@ -18,6 +18,9 @@ def eval_command(
     suite: Path = typer.Option(..., "--suite", help="Suite YAML listing the evaluations."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores as JSON here."),
     batch_size: int = typer.Option(16, help="Evaluation batch size."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="Score this task's prompt or adapter from MODEL's retain_tasks.json (name or index)."
+    ),
     set_: Optional[List[str]] = SetOption,
 ) -> None:
     """Score one model or adapter directory on a suite, with no training."""
@@ -25,14 +28,15 @@ def eval_command(
 
     from retain.eval.suite import evaluate_suite, load_suite
     from retain.io import atomic_write_text, ensure_dir
-    from retain.models.loading import load_any
+    from retain.models.tasks import load_task_model
 
     suite_config = load_suite(suite, list(set_ or []))
     if out is not None:
         ensure_dir(out.parent)  # a bad --out fails before the model loads, not after the evaluation
-    loaded, tokenizer = load_any(model)
+    loaded, tokenizer = load_task_model(model, task)
     scores = evaluate_suite(loaded, tokenizer, suite_config, batch_size)
-    table = Table(title=f"{model} on {suite}")
+    title = f"{model} (task {task})" if task is not None else model
+    table = Table(title=f"{title} on {suite}")
     for column in ("eval", "metric", "value", "better", "role", "n"):
         table.add_column(column)
     for key, score in scores.items():
@@ -41,5 +45,5 @@ def eval_command(
     console.print(table)
     if out is not None:
         payload = {k: json.loads(v.model_dump_json()) for k, v in scores.items()}
-        atomic_write_text(out, json.dumps({"model": model, "suite": str(suite), "scores": payload}, indent=2))
+        atomic_write_text(out, json.dumps({"model": model, "task": task, "suite": str(suite), "scores": payload}, indent=2))
         console.print(f"scores: {out}")

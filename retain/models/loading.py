@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from retain.config import ModelConfig
+from retain.config import ModelConfig, QuantizationConfig
 from retain.data.collate import ensure_pad_token
-from retain.errors import ModelError, RetainError
+from retain.errors import ConfigError, ModelError, RetainError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -65,16 +65,91 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return ensure_pad_token(tokenizer)
 
 
+def check_quantization(quantization: QuantizationConfig | None, where: str = "model.quantization") -> None:
+    """Refuse quantization where bitsandbytes cannot run it: no CUDA device, or bitsandbytes not installed.
+
+    Checked before any weights load, so the mistake costs seconds rather than a download.
+    """
+    if quantization is None:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{where}: bitsandbytes quantization needs a CUDA device and none is available here",
+            hint=f"remove {where} to train in full precision (model.dtype: bfloat16 halves memory), or run on a GPU",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{where} needs the bitsandbytes package", hint="pip install bitsandbytes") from None
+
+
+def check_quantized_training(config: ModelConfig, *, trains_adapters: bool) -> None:
+    """A quantized base only trains through adapters (QLoRA): its weights are frozen integer blocks."""
+    if config.quantization is None:
+        return
+    if not trains_adapters:
+        raise ConfigError(
+            "model.quantization: a quantized model trains only through adapters, and no strategy adds any",
+            hint="list lora (or o-lora, prompt-tuning, progressive-prompts) in strategies, or remove model.quantization",
+        )
+    check_quantization(config.quantization)
+
+
+def bnb_config(quantization: QuantizationConfig) -> Any:
+    """The transformers ``BitsAndBytesConfig`` for a quantization section."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=_DTYPES[quantization.bnb_4bit_compute_dtype],
+        bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_storage=getattr(torch, quantization.bnb_4bit_quant_storage),
+    )
+
+
+def prepare_for_training(model: nn.Module, config: ModelConfig, *, gradient_checkpointing: bool) -> nn.Module:
+    """Before strategies wrap the model: peft's k-bit preparation for a quantized model (norms in fp32,
+    input gradients on), and gradient checkpointing without re-entrant autograd (which also works for
+    frozen inputs, so full and adapter training behave alike)."""
+    if config.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the transformers 5 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing and getattr(model, "config", None) is not None:
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+    return model
+
+
 def load_model(config: ModelConfig) -> tuple[nn.Module, Any]:
     """Model + tokenizer for training. ``trust_remote_code`` stays off unless the config turns it on."""
     from transformers import AutoModelForCausalLM
 
+    check_quantization(config.quantization)
+    extra: dict[str, Any] = {}
+    if config.quantization is not None:
+        extra = {"quantization_config": bnb_config(config.quantization), "device_map": {"": torch.cuda.current_device()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             config.name_or_path,
             dtype=_DTYPES[config.dtype],
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
+            **extra,
         )
     except RetainError:
         raise

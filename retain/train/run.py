@@ -29,6 +29,7 @@ from retain.errors import OutputError, StateError
 from retain.io import atomic_write_text, default_cache_dir, output_errors
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
+from retain.models.tasks import export_task_choices
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
@@ -65,6 +66,9 @@ def config_fingerprint(config: RunConfig) -> str:
     data["train"].pop("progress", None)
     data["train"].pop("log_every", None)
     data["train"].pop("trackers", None)
+    data["train"].pop("gradient_checkpointing", None)  # recomputation, not other weights: may change on resume
+    if data["model"].get("quantization") is None:
+        data["model"].pop("quantization", None)  # runs started before the key existed keep their fingerprint
     data.pop("eval", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -147,10 +151,11 @@ class FineTune:
         from accelerate import Accelerator
 
         from retain.data import collate, ensure_pad_token
-        from retain.models.loading import load_model
+        from retain.models.loading import check_quantized_training, load_model, prepare_for_training
 
         config = self.config
         self.hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
+        check_quantized_training(config.model, trains_adapters=any(s.peft_wrapper for s in self.hybrid.strategies))
         self.run_dir = Path(config.output.dir)
         self.loaded = _prepare_run_dir(config, self.run_dir, resume)
         self.accelerator = Accelerator(
@@ -177,6 +182,7 @@ class FineTune:
         )
         if self.observer is not None:
             self.observer.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
+        model = prepare_for_training(model, config.model, gradient_checkpointing=config.train.gradient_checkpointing)
         model = self.hybrid.setup(model, self.ctx)
         self.model = self.ctx.model = self.accelerator.prepare(model)
 
@@ -280,6 +286,8 @@ class FineTune:
                 unwrapped, self.tokenizer, final_dir,
                 merge=self.config.output.merge, as_full_model=self.hybrid.modifies_frozen_weights,
             )
+            export_task_choices(self.run_dir, final_dir, [(t.index, t.name) for t in self.tasks],
+                                [s.name for s in self.hybrid.strategies], full_model=self.full_weights)
         self.accelerator.end_training()
         return RunOutcome(self.run_dir, final_dir, unwrapped, self.tokenizer, task_stats, self.observer)
 
