@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from retain.config import DataConfig
+from retain.config import DATA_FILE_SUFFIXES, DataConfig
 from retain.errors import DataError
 
 __all__ = ["DataError", "Record", "detect_format", "load_records"]
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+SUPPORTED_SUFFIXES = DATA_FILE_SUFFIXES
 
 
 class Record(dict):
@@ -221,7 +221,8 @@ def load_records(cfg: DataConfig) -> list[dict[str, Any]]:
         records = read_file(path, cfg)
     elif _looks_local(cfg.path):
         raise DataError(
-            f"file not found: {cfg.path}. Check data.path (relative paths start from the working directory)."
+            f"file not found: {cfg.path}. Check data.path (relative paths in a run YAML start from the YAML's "
+            "folder; paths given with --set from the working directory)."
         )
     else:
         records = read_hub(cfg)
