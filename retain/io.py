@@ -157,6 +157,17 @@ def prepare_output(
     return target
 
 
+def empty_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete everything inside ``folder`` (what ``--overwrite`` replaces); links are removed, not followed."""
+    folder = Path(folder)
+    with output_errors(folder, "empty"):
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
 def _make_parent(path: Path) -> None:
     _refuse_file_in_the_way(path.parent, f"write {path}")
     with output_errors(path.parent, "create the folder"):
