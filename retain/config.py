@@ -229,17 +229,21 @@ def parse_override(item: str) -> tuple[list[str | int], Any]:
     for token in key.replace("[", ".").replace("]", "").split("."):
         if token == "":
             continue
-        parts.append(int(token) if token.isdigit() else token)
+        parts.append(int(token) if token.isascii() and token.isdigit() else token)
     if not parts:
         raise ConfigError(f"--set '{item}': empty key")
     return parts, parse_value(raw)
 
 
 def parse_value(raw: str) -> Any:
-    """YAML scalars, plus ``1e-4``-style floats that YAML 1.1 would leave as strings."""
+    """YAML scalars, plus ``1e-4``-style floats that YAML 1.1 would leave as strings; text that is not
+    YAML is kept as written."""
     if raw == "":
         return ""
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError):
+        return raw  # not YAML: the text as written (e.g. a path with ': ' in it)
     if isinstance(value, str):
         try:
             return float(value) if any(c in value for c in "eE.") else value
@@ -251,30 +255,35 @@ def parse_value(raw: str) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         parts, value = parse_override(item)
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
-            if isinstance(node, list):
-                if not isinstance(part, int) or part >= len(node):
-                    raise ConfigError(f"--set '{item}': index {part} out of range")
-                node = node[part]
-                continue
-            if part not in node or node[part] is None:
-                node[part] = [] if isinstance(nxt, int) else {}
-            if isinstance(node[part], str) and part != "strategies":
-                raise ConfigError(f"--set '{item}': '{part}' is a value, not a section")
-            node = node[part]
-        last = parts[-1]
-        if isinstance(node, list):
-            if not isinstance(last, int) or last > len(node):
-                raise ConfigError(f"--set '{item}': index {last} out of range")
-            if last == len(node):
-                node.append(value)
-            else:
-                node[last] = value
-        else:
-            node[last] = value
+        _set_at(data, parts, value, item)
     return data
+
+
+def _set_at(data: dict[str, Any], parts: list[str | int], value: Any, item: str) -> None:
+    """Set ``value`` at the key path ``parts``, creating sections on the way; a ConfigError naming the
+    ``--set`` item when the path runs through a value or past the end of a list."""
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = _loc_to_path(tuple(parts[:i])) or "the top level"
+        if isinstance(node, list):
+            if not isinstance(part, int):
+                raise ConfigError(f"--set '{item}': '{here}' is a list; address an entry as {here}[0]")
+            if part > len(node) or (part == len(node) and not last):
+                raise ConfigError(f"--set '{item}': index {part} out of range ('{here}' has {len(node)} entries)")
+            if last:
+                node.append(value) if part == len(node) else node.__setitem__(part, value)
+                return
+            node = node[part]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if node.get(part) is None:
+                node[part] = [] if isinstance(parts[i + 1], int) else {}
+            node = node[part]
+        else:
+            raise ConfigError(f"--set '{item}': '{here}' is a value ({node!r}), not a section")
 
 
 def _normalize_strategy_list(data: dict[str, Any]) -> None:
@@ -360,7 +369,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}. Pass the path to a run YAML (see README 'Config').")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err}); save the run YAML as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the run YAML ({err.strerror or err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read as a run YAML") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
