@@ -12,7 +12,7 @@ from rich.table import Table
 from retain.cli.app import command, console, err_console
 from retain.cli.app import fail as _fail
 from retain.errors import ConfigError, ModelError
-from retain.io import prepare_output
+from retain.io import empty_folder, prepare_output
 
 
 def _device():
@@ -228,6 +228,8 @@ def merge_command(
 
     results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
     results = _with_run_results(results, tuned[0])
+    if overwrite:  # the sweep ran: now the old contents go (a stale model/ must not outlive a failed budget)
+        empty_folder(out)
     results.save(out / "results.json")
     write_report(results, out / "report.html")
     _print_sweep(result)
