@@ -139,9 +139,10 @@ def prepare_output(
         if target.exists() and not target.is_dir():
             raise OutputError(f"cannot write {what} {target}: it is a file, not a folder", hint=f"choose another {what}")
         if target.is_dir() and not overwrite and any(target.iterdir()):
-            shown = ", ".join(sorted(p.name for p in target.iterdir())[:3])
+            names = sorted(p.name for p in target.iterdir())
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise OutputError(
-                f"{what} {target} is not empty (it holds {shown}, ...); retain does not replace it unless asked",
+                f"{what} {target} is not empty (it holds {shown}); retain does not replace it unless asked",
                 hint=f"choose a new or empty folder, or pass {flag} to replace its contents",
             )
         ensure_dir(target, f"create {what}")
@@ -162,10 +163,13 @@ def empty_folder(folder: str | os.PathLike[str]) -> None:
     folder = Path(folder)
     with output_errors(folder, "empty"):
         for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except FileNotFoundError:  # another process of the same run removed it first
+                continue
 
 
 def _make_parent(path: Path) -> None:

@@ -180,7 +180,8 @@ def check_finite(values: StepValues, task: TaskInfo, step: int, streak: int, lim
             f"training diverged at task '{task.name}' step {step} of {task.steps}: {streak} steps in a row had a "
             f"non-finite loss or gradient (last: {what}). They were skipped, so no non-finite value reached the "
             "weights. Lower train.lr, keep train.max_grad_norm set, or check the data, then continue from the last "
-            "checkpoint with `--resume` (train.lr and train.max_grad_norm may change on resume)."
+            "checkpoint with `--resume` (train.lr and train.max_grad_norm may change on resume), or start again "
+            "with `--overwrite` if the checkpointed weights are already damaged."
         )
     log.warning(
         "task '%s' step %d of %d: a non-finite loss or gradient (%s); step skipped (%d of %d in a row stop the run)",
