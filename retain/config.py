@@ -8,6 +8,7 @@ whole training run.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,11 @@ class DataConfig(StrictModel):
     add_eos: bool = Field(True, description="Append EOS to each document/completion.")
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share, split by seed.")
     limit: int | None = Field(None, gt=0, description="Use at most this many records (after shuffling by seed).")
+    truncation: Literal["keep_completion", "right", "left"] = Field(
+        "keep_completion",
+        description="How an example longer than max_length is cut: keep_completion removes the start of the prompt "
+        "(chats: the oldest turns first) so the part that is trained survives; right keeps the start; left keeps the end.",
+    )
 
 
 class TaskConfig(StrictModel):
@@ -105,6 +111,9 @@ class TrainConfig(StrictModel):
     progress: bool = Field(True, description="Show a rich progress bar.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, about a third more compute."
+    )
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="A step with a non-finite loss or gradient is skipped; stop after this many in a row."
     )
 
 
@@ -170,6 +179,19 @@ class RunConfig(StrictModel):
 
     def steps_for(self, task: TaskConfig) -> int:
         return task.steps or self.train.steps_per_task
+
+    def input_paths(self) -> list[str]:
+        """Every file or folder name the run reads (model, tokenizer, data, eval suite, strategy files);
+        an output must never replace one of them. Hub ids are listed too: they name no local path."""
+        paths = [self.model.name_or_path, self.model.tokenizer, *(t.data.path for t in self.tasks), self.eval.suite]
+        if self.general_data is not None:
+            paths.append(self.general_data.path)
+        for spec in self.strategies:
+            params = spec.params
+            data = params.get("data")
+            paths.append(data.get("path") if isinstance(data, dict) else None)
+            paths += [params.get(key) for key in STRATEGY_INPUT_KEYS]
+        return [p for p in paths if isinstance(p, str) and p]
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,17 +259,21 @@ def parse_override(item: str) -> tuple[list[str | int], Any]:
     for token in key.replace("[", ".").replace("]", "").split("."):
         if token == "":
             continue
-        parts.append(int(token) if token.isdigit() else token)
+        parts.append(int(token) if token.isascii() and token.isdigit() else token)
     if not parts:
         raise ConfigError(f"--set '{item}': empty key")
     return parts, parse_value(raw)
 
 
 def parse_value(raw: str) -> Any:
-    """YAML scalars, plus ``1e-4``-style floats that YAML 1.1 would leave as strings."""
+    """YAML scalars, plus ``1e-4``-style floats that YAML 1.1 would leave as strings; text that is not
+    YAML is kept as written."""
     if raw == "":
         return ""
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError):
+        return raw  # not YAML: the text as written (e.g. a path with ': ' in it)
     if isinstance(value, str):
         try:
             return float(value) if any(c in value for c in "eE.") else value
@@ -259,30 +285,35 @@ def parse_value(raw: str) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         parts, value = parse_override(item)
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
-            if isinstance(node, list):
-                if not isinstance(part, int) or part >= len(node):
-                    raise ConfigError(f"--set '{item}': index {part} out of range")
-                node = node[part]
-                continue
-            if part not in node or node[part] is None:
-                node[part] = [] if isinstance(nxt, int) else {}
-            if isinstance(node[part], str) and part != "strategies":
-                raise ConfigError(f"--set '{item}': '{part}' is a value, not a section")
-            node = node[part]
-        last = parts[-1]
-        if isinstance(node, list):
-            if not isinstance(last, int) or last > len(node):
-                raise ConfigError(f"--set '{item}': index {last} out of range")
-            if last == len(node):
-                node.append(value)
-            else:
-                node[last] = value
-        else:
-            node[last] = value
+        _set_at(data, parts, value, item)
     return data
+
+
+def _set_at(data: dict[str, Any], parts: list[str | int], value: Any, item: str) -> None:
+    """Set ``value`` at the key path ``parts``, creating sections on the way; a ConfigError naming the
+    ``--set`` item when the path runs through a value or past the end of a list."""
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = _loc_to_path(tuple(parts[:i])) or "the top level"
+        if isinstance(node, list):
+            if not isinstance(part, int):
+                raise ConfigError(f"--set '{item}': '{here}' is a list; address an entry as {here}[0]")
+            if part > len(node) or (part == len(node) and not last):
+                raise ConfigError(f"--set '{item}': index {part} out of range ('{here}' has {len(node)} entries)")
+            if last:
+                node.append(value) if part == len(node) else node.__setitem__(part, value)
+                return
+            node = node[part]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if node.get(part) is None:
+                node[part] = [] if isinstance(parts[i + 1], int) else {}
+            node = node[part]
+        else:
+            raise ConfigError(f"--set '{item}': '{here}' is a value ({node!r}), not a section")
 
 
 def _normalize_strategy_list(data: dict[str, Any]) -> None:
@@ -305,16 +336,83 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, s
         raise format_validation_error(err, RunConfig, source) from None
 
 
+# --------------------------------------------------------------------------------------------
+# Relative paths in a run YAML start from the YAML's folder
+
+#: File suffixes of local data files (``retain.data.records`` reads these).
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+#: Strategy parameters that name a file or folder the run reads.
+STRATEGY_INPUT_KEYS = ("file", "reuse_dir")
+#: Strategy parameters that name a folder the run writes.
+STRATEGY_OUTPUT_KEYS = ("output_dir",)
+
+
+def resolve_path(value: str, base: Path, kind: Literal["path", "data", "model"]) -> str:
+    """``value`` as an absolute path against ``base`` (the YAML's folder) when it names a local path.
+
+    ``path`` keys (``eval.suite``, ``output.dir``, strategy ``file``/``reuse_dir``/``output_dir``) are always
+    local. ``data`` and ``model`` values may be hub names (``imdb``, ``Qwen/Qwen2.5-0.5B``): they are
+    resolved when they start with ``./``/``../``, exist beside the YAML, or (data) end in a data-file suffix;
+    otherwise they are kept as written.
+    """
+    if not value or Path(value).expanduser().is_absolute() or value.startswith("~"):
+        return value
+    candidate = Path(os.path.normpath(base / value))
+    local = (
+        kind == "path"
+        or value.startswith(("./", "../"))
+        or candidate.exists()
+        or (kind == "data" and Path(value).suffix.lower() in DATA_FILE_SUFFIXES)
+    )
+    return str(candidate) if local else value
+
+
+def _resolve_at(node: Any, key: str, base: Path, kind: Literal["path", "data", "model"]) -> None:
+    if isinstance(node, dict) and isinstance(node.get(key), str):
+        node[key] = resolve_path(node[key], base, kind)
+
+
+def resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve the path keys of a raw run mapping against ``base`` (in place; also returned).
+
+    Keys: ``model.name_or_path``, ``model.tokenizer``, ``tasks[i].data.path``, ``general_data.path``,
+    ``eval.suite``, ``output.dir``, and per strategy ``data.path``, ``file``, ``reuse_dir``, ``output_dir``.
+    """
+    _resolve_at(data.get("model"), "name_or_path", base, "model")
+    _resolve_at(data.get("model"), "tokenizer", base, "model")
+    for task in data.get("tasks") if isinstance(data.get("tasks"), list) else []:
+        if isinstance(task, dict):
+            _resolve_at(task.get("data"), "path", base, "data")
+    _resolve_at(data.get("general_data"), "path", base, "data")
+    _resolve_at(data.get("eval"), "suite", base, "path")
+    _resolve_at(data.get("output"), "dir", base, "path")
+    for spec in data.get("strategies") if isinstance(data.get("strategies"), list) else []:
+        if isinstance(spec, dict):
+            _resolve_at(spec.get("data"), "path", base, "data")
+            for key in (*STRATEGY_INPUT_KEYS, *STRATEGY_OUTPUT_KEYS):
+                _resolve_at(spec, key, base, "path")
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}. Pass the path to a run YAML (see README 'Config').")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err}); save the run YAML as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the run YAML ({err.strerror or err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read as a run YAML") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys model, tasks, strategies, train, ...")
+    data = dict(data)
+    _normalize_strategy_list(data)
+    resolve_relative_paths(data, Path(os.path.abspath(path)).parent)  # --set values below stay relative to the cwd
     return load_config_dict(data, overrides, source=str(path))

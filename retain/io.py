@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Literal
 
 from retain.errors import OutputError, RetainError, os_error_of, output_error
 
@@ -73,6 +73,103 @@ def ensure_dir(folder: str | os.PathLike[str], purpose: str = "create the folder
         os.close(fd)
         os.unlink(probe)
     return folder
+
+
+def _resolved(path: str | os.PathLike[str]) -> Path:
+    """``path`` absolute with every symlink that exists along it followed (a link to an input is that input)."""
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _overlap(target: Path, source: Path) -> str | None:
+    """How ``target`` (an output) meets ``source`` (an input): 'is', 'contains', 'is inside', or None."""
+    if target == source:
+        return "is"
+    if source.is_relative_to(target):
+        return "contains"
+    if target.is_relative_to(source) and source.is_dir():
+        return "is inside"
+    return None
+
+
+def refuse_inputs(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], what: str) -> None:
+    """Refuse an output that is, contains or is inside one of the command's own inputs (symlinks
+    followed), whatever ``--overwrite`` says: replacing the output would destroy what is being read.
+
+    Inputs that do not exist on this machine (hub ids) cannot overlap and are skipped.
+    """
+    target = _resolved(path)
+    for source in inputs:
+        if source is None or str(source) == "":
+            continue
+        original = Path(source).expanduser()
+        if not original.exists():
+            continue
+        how = _overlap(target, _resolved(original))
+        if how is not None:
+            raise OutputError(
+                f"refusing to write {what} {Path(path)}: it {how} {original}, an input of this command "
+                "(even --overwrite would destroy what is being read)",
+                hint=f"choose another {what}",
+            )
+
+
+def prepare_output(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    what: str = "--out",
+    kind: Literal["folder", "file"] = "folder",
+    flag: str = "--overwrite",
+) -> Path:
+    """Check an output before any work is done, the same way for every command that writes one.
+
+    * It must not be, contain or be inside one of ``inputs`` (even with ``overwrite``).
+    * A non-empty folder (``kind="folder"``) or an existing file (``kind="file"``) is refused unless
+      ``overwrite``: retain never replaces something it was not asked to replace.
+    * A file where a folder is expected (or the reverse) is refused; then the folder (or the file's
+      folder) is created and probed for writability (:func:`ensure_dir`).
+
+    Returns ``path``. The caller replaces the old content itself, atomically where it can
+    (:func:`atomic_dir` / :func:`atomic_file`).
+    """
+    target = Path(path)
+    refuse_inputs(target, inputs, what)
+    if kind == "folder":
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"cannot write {what} {target}: it is a file, not a folder", hint=f"choose another {what}")
+        if target.is_dir() and not overwrite and any(target.iterdir()):
+            names = sorted(p.name for p in target.iterdir())
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise OutputError(
+                f"{what} {target} is not empty (it holds {shown}); retain does not replace it unless asked",
+                hint=f"choose a new or empty folder, or pass {flag} to replace its contents",
+            )
+        ensure_dir(target, f"create {what}")
+    else:
+        if target.is_dir():
+            raise OutputError(f"cannot write {what} {target}: it is a folder, not a file", hint=f"choose another {what}")
+        if target.exists() and not overwrite:
+            raise OutputError(
+                f"{what} {target} already exists; retain does not replace it unless asked",
+                hint=f"choose another file name, or pass {flag} to replace it",
+            )
+        ensure_dir(target.parent if str(target.parent) else Path("."), f"create the folder of {what}")
+    return target
+
+
+def empty_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete everything inside ``folder`` (what ``--overwrite`` replaces); links are removed, not followed."""
+    folder = Path(folder)
+    with output_errors(folder, "empty"):
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except FileNotFoundError:  # another process of the same run removed it first
+                continue
 
 
 def _make_parent(path: Path) -> None:

@@ -207,12 +207,17 @@ def test_text_packing_keeps_sole_short_window(tok):
     assert len(examples) == 1 and examples[0].input_ids[-1] == tok.eos_token_id
 
 
-def test_text_unpacked_truncates_and_warns_once(tok):
+def _truncation_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+
+
+def test_text_unpacked_truncates_and_warns_once(tok, caplog):
     records = [{"text": "the quick brown fox jumps over the lazy dog " * 3}] * 2 + [{"text": "hi"}]
     cfg = DataConfig(path="d.jsonl", pack=False, max_length=8)
-    with pytest.warns(UserWarning) as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log record only, never also a Python warning
         examples, stats = tokenize_records(records, tok, cfg, "d.jsonl")
-    messages = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    messages = _truncation_messages(caplog)
     assert len(messages) == 1
     assert "2 of 3" in messages[0] and "data.max_length" in messages[0] and "8 tokens" in messages[0]
     assert stats.n_truncated == 2 and [len(e) for e in examples][:2] == [8, 8]
@@ -252,26 +257,21 @@ def test_no_eos_when_disabled(tok):
 def test_all_labels_masked(tok):
     record = {"prompt": "the quick brown fox jumps over the lazy dog " * 4, "completion": "yes"}
     with pytest.raises(DataError, match=r"d\.jsonl: every label is masked.*prompts.*data\.max_length"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tokenize_records([record], tok, DataConfig(path="d.jsonl", max_length=8), "d.jsonl")
+        tokenize_records([record], tok, DataConfig(path="d.jsonl", max_length=8, truncation="right"), "d.jsonl")
 
 
 def test_unlabelled_examples_are_dropped(tok):
     long = {"prompt": "the quick brown fox jumps over the lazy dog " * 4, "completion": "yes"}
     short = {"prompt": "a ", "completion": "b"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        examples, stats = tokenize_records([long, short], tok, DataConfig(path="d", max_length=8), "d")
+    examples, stats = tokenize_records([long, short], tok, DataConfig(path="d", max_length=8, truncation="right"), "d")
     assert len(examples) == 1 and stats.n_dropped == 1 and stats.n_records == 2
 
 
-def test_truncation_warns_once_with_count(tok):
+def test_truncation_warns_once_with_count(tok, caplog):
     long = {"prompt": "a ", "completion": "the quick brown fox jumps over the lazy dog " * 3}
     short = {"prompt": "a ", "completion": "b"}
-    with pytest.warns(UserWarning) as caught:
-        _, stats = tokenize_records([long] * 3 + [short] * 2, tok, DataConfig(path="d", max_length=10), "d.jsonl")
-    messages = [str(w.message) for w in caught]
+    _, stats = tokenize_records([long] * 3 + [short] * 2, tok, DataConfig(path="d", max_length=10), "d.jsonl")
+    messages = _truncation_messages(caplog)
     assert len(messages) == 1
     assert "3 of 5" in messages[0] and "to 10 tokens" in messages[0] and "data.max_length" in messages[0]
     assert stats.n_truncated == 3

@@ -178,7 +178,8 @@ UNMET = [
     (["full", {"name": "fip", "pool": "past"}], 1, False, "strategies[1] (fip): pool: past anchors on earlier tasks"),
     (["full", {"name": "replay", "source": "general"}], 2, False, "strategies[1] (replay): source: general needs text"),
     (["full", "replay"], 1, False, "strategies[1] (replay): source: auto replays earlier tasks, and this run has one task"),
-    (["full", "synthetic-replay"], 2, False, "strategies[1] (synthetic-replay): nothing to synthesize from"),
+    (["full", {"name": "synthetic-replay", "demonstrations_from_data": 0}], 2, False,
+     "strategies[1] (synthetic-replay): nothing to synthesize from"),
     (["full", {"name": "synthetic-replay", "tasks": {"stroies": {"description": "x"}}}], 1, False, "'stroies'"),
     (["full", {"name": "synthetic-replay", "tasks": {"t1": {}}}], 1, False, "strategies[1].tasks.t1: give a description"),
     (["o-lora"], 1, False, "strategies[0] (o-lora): it works across a sequence of tasks and needs at least 2"),
@@ -199,6 +200,8 @@ MET = [
     (["full", "replay"], 2, False),
     (["full", "replay"], 1, True),
     (["full", {"name": "synthetic-replay", "prompts": ["Once"]}], 1, False),
+    (["full", "synthetic-replay"], 1, False),  # defaults: demonstrations from each task's own data
+    (["full", {"name": "synthetic-replay", "demonstrations_from_data": 0}], 1, True),  # general_data openings
     (["o-lora"], 2, False),
     (["full", "l2", "stm", "lwf"], 1, False),
 ]

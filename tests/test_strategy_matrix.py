@@ -77,7 +77,7 @@ ROWS: dict[str, Row] = {
     "replay": Row(["full", {"name": "replay", "ratio": 0.25}], tasks=2),
     "synthetic-replay": Row(
         ["full", {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8,
-                  "ratio": 0.25, "select": "first"}]
+                  "ratio": 0.25, "select": "first", "demonstrations_from_data": 0}]
     ),
 }
 
@@ -283,7 +283,8 @@ KILL_HYBRIDS = {
         {"name": "lora", "r": 2, "dropout": 0.1},
         {"name": "ewc-lora", "lambda_": 1e3, "max_examples": 8},
         {"name": "lwf", "anchor": "general", "anchor_batch_size": 2},
-        {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8, "ratio": 0.25, "select": "first"},
+        {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8, "ratio": 0.25, "select": "first",
+         "demonstrations_from_data": 0},
     ],
 }
 

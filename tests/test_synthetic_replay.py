@@ -198,5 +198,24 @@ def test_unknown_task_name_is_refused(tiny_model_dir, text_file, pc_file, tmp_pa
 
 @pytest.mark.slow
 def test_lora_plus_synthetic_replay_resumes_exactly_after_a_kill(tiny_model_dir, text_file, tmp_path):
-    synthetic = {"name": "synthetic-replay", "prompts": ["the cat", "a dog"], "per_source": 6, "max_new_tokens": 12, "ratio": 0.25}
+    synthetic = {"name": "synthetic-replay", "prompts": ["the cat", "a dog"], "per_source": 6, "max_new_tokens": 12, "ratio": 0.25,
+                 "demonstrations_from_data": 0}
     assert_kill_resume_matches(tmp_path, tiny_model_dir, text_file, [{"name": "lora", "r": 4}, synthetic])
+
+
+def test_with_no_settings_it_synthesizes_from_task_data_and_general_openings(tiny_model_dir, text_file, pc_file, tmp_path):
+    """Before: "nothing to synthesize from ... (got {})". Now 3 demonstrations per task and general openings."""
+    from retain.strategies.registry import validate_run_config
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"one two three four five six seven eight nine {i}"}) + "\n" for i in range(5)))
+    validate_run_config(_config(tiny_model_dir, text_file, pc_file, tmp_path / "run", {}), "run")  # the name alone is enough
+    small = {"per_source": 3, "max_new_tokens": 6, "completion_max_new_tokens": 3, "select": "first"}  # sizes only
+    config = _config(tiny_model_dir, text_file, pc_file, tmp_path / "run", small).model_dump(mode="json")
+    config = load_config_dict({**config, "general_data": {"path": str(general)}})
+    finetune(config)
+    manifest = json.loads((tmp_path / "run" / "synthetic" / "manifest.json").read_text())
+    assert set(manifest) == {"@general", "stories", "sums", "@settings"}
+    assert len(manifest["stories"]["demonstrations"]) == 3 and len(manifest["sums"]["demonstrations"]) == 3
+    openings = manifest["@general"]["prompts"]
+    assert len(openings) == 5 and all(p.startswith("one two three four five six seven eight") and len(p.split()) == 8 for p in openings)

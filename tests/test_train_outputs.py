@@ -17,7 +17,7 @@ from retain.train import finetune
 def test_output_dir_under_a_regular_file(tiny_model_dir, text_file, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    with pytest.raises(OutputError, match=r"not-a-folder/run.*a part of the path is a file, not a folder"):
+    with pytest.raises(OutputError, match=r"not-a-folder/run: .*not-a-folder is a file, not a folder"):
         finetune(run_config(str(tiny_model_dir), text_file, blocker / "run", ["full"], steps=2))
     with pytest.raises(OutputError, match=r"not-a-folder.*a file, not a folder"):
         finetune(run_config(str(tiny_model_dir), text_file, blocker, ["full"], steps=2))
@@ -40,6 +40,7 @@ def test_output_dir_in_a_read_only_place(tiny_model_dir, text_file, tmp_path, mo
 
 def test_train_log_that_cannot_be_appended(tiny_model_dir, text_file, tmp_path):
     (tmp_path / "run" / "train_log.jsonl").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("{}\n")  # a run folder (a run that stopped before its first checkpoint)
     with pytest.raises(OutputError, match=r"append to .*train_log.jsonl: the path is a folder, not a file"):
         finetune(run_config(str(tiny_model_dir), text_file, tmp_path / "run", ["full"], steps=2))
 

@@ -2,7 +2,8 @@
 
 Every command is wrapped by :func:`command`: a :class:`~retain.errors.RetainError` prints
 ``error: <what and where>`` and at most one hint line, then exits with the error's code; Ctrl-C exits
-130. An ``OSError`` of the machine (disk full, file-size limit, permission) that some write path left
+130 with one ``interrupted: ...`` line (``retain train`` says where it stopped and the command that
+continues the run). An ``OSError`` of the machine (disk full, file-size limit, permission) that some write path left
 unwrapped is reported like an ``OutputError`` (exit 2). Any other exception is a bug in retain: one
 line says so and where the full traceback was written (exit 70).
 ``retain --debug ...`` (or ``RETAIN_DEBUG=1``) lets every exception through with its traceback.
@@ -11,6 +12,7 @@ line says so and where the full traceback was written (exit 70).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import tempfile
@@ -78,10 +80,11 @@ def command(function: F) -> F:
             if debug_enabled():
                 raise
             fail(str(err), err.exit_code, err.hint)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if debug_enabled():
                 raise
-            err_console.print("interrupted")
+            said = str(err)  # a command may say where it stopped and how to continue (retain train)
+            err_console.print(f"interrupted: {escape(said)}" if said else "interrupted", soft_wrap=True, highlight=False)
             raise typer.Exit(EXIT_INTERRUPTED)
         except Exception as err:  # noqa: BLE001 - the one place that reports bugs
             if debug_enabled():
@@ -101,7 +104,6 @@ def command(function: F) -> F:
 
 def quiet_libraries() -> None:
     """Our own progress bar and tables are the output; silence the libraries' per-file bars and notices."""
-    import logging
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -116,6 +118,26 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+class _WarningLines(logging.Handler):
+    """retain's warnings (truncated examples, small data, skipped steps) as ``warning: ...`` lines on stderr,
+    each printed once, never also as a Python ``UserWarning``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            err_console.print(f"[yellow]warning:[/] {escape(record.getMessage())}", soft_wrap=True, highlight=False)
+        except Exception:  # noqa: BLE001 - logging must never break a run
+            self.handleError(record)
+
+
+def show_warnings() -> None:
+    """Route the ``retain`` loggers' warnings to the terminal (once per process)."""
+    logger = logging.getLogger("retain")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        handler = _WarningLines(logging.WARNING)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also RETAIN_DEBUG=1)."),
@@ -124,3 +146,4 @@ def root(
     if debug:
         os.environ["RETAIN_DEBUG"] = "1"
     quiet_libraries()
+    show_warnings()

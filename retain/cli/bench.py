@@ -19,12 +19,13 @@ def demo(
         "full,lora,full+replay@replay.ratio=0.25,full+lwf@lwf.anchor=general",
         help="Comma-separated strategies; hybrids with '+', parameters with '@strategy.param=value'.",
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty --out."),
 ) -> None:
     """Offline demo: pretrain a tiny model on synthetic general skills, fine-tune on a specialist skill,
     and compare how much each strategy forgets."""
     from retain.scenarios.bench import run_bench
 
-    run_bench("synthetic", strategies.split(","), out=out, steps=steps, console=console)
+    run_bench("synthetic", strategies.split(","), out=out, steps=steps, console=console, overwrite=overwrite)
     console.print("Open the report in a browser; `retain bench stories-contracts` runs the same comparison on real data.")
 
 
@@ -41,11 +42,12 @@ def bench(
     seed: int = typer.Option(0, help="Seed shared by every strategy."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with stories260k, legalbench-cuad, ..."),
     shakespeare: bool = typer.Option(False, "--shakespeare", help="Add Shakespeare as a second task."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty --out."),
 ) -> None:
     """Train several strategies from the same base with the same seed and budget; compare them."""
     from retain.scenarios.bench import run_bench
 
     run_bench(
         scenario, strategies.split(","), out=out, steps=steps, sets=list(set_ or []), config_file=config,
-        quick=quick, seed=seed, data_dir=data_dir, with_shakespeare=shakespeare, console=console,
+        quick=quick, seed=seed, data_dir=data_dir, with_shakespeare=shakespeare, console=console, overwrite=overwrite,
     )

@@ -9,6 +9,21 @@ from typing import List, Optional
 import typer
 
 from retain.cli.app import SetOption, app, command, console
+from retain.errors import ModelError
+
+
+def refuse_run_folder(path: Path) -> None:
+    """A training run folder is not a model: name the model folders inside it instead."""
+    if not path.is_dir() or (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return
+    inside = [p for p in (path / "final", path / "final" / "merged") if p.is_dir()]
+    inside += sorted(p for p in (path / "tasks").glob("*") if p.is_dir())
+    if (path / "checkpoints").is_dir() or inside:
+        suggestion = inside[0] if inside else path / "final"
+        raise ModelError(
+            f"{path} is a training run folder, not a model; evaluate the model it wrote: {suggestion}",
+            hint=f"retain eval {suggestion} --suite ... ({path}/final is the final model, {path}/tasks/ one per task)",
+        )
 
 
 @app.command("eval")
@@ -22,17 +37,20 @@ def eval_command(
         None, "--task", help="Score this task's prompt or adapter from MODEL's retain_tasks.json (name or index)."
     ),
     set_: Optional[List[str]] = SetOption,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Score one model or adapter directory on a suite, with no training."""
     from rich.table import Table
 
     from retain.eval.suite import evaluate_suite, load_suite
-    from retain.io import atomic_write_text, ensure_dir
+    from retain.io import atomic_write_text, prepare_output
     from retain.models.tasks import load_task_model
 
+    refuse_run_folder(Path(model))
     suite_config = load_suite(suite, list(set_ or []))
-    if out is not None:
-        ensure_dir(out.parent)  # a bad --out fails before the model loads, not after the evaluation
+    if out is not None:  # a bad --out fails before the model loads, not after the evaluation
+        inputs = [model, suite, *(p for entry in suite_config.tasks for p in entry.input_files().values())]
+        prepare_output(out, overwrite=overwrite, inputs=inputs, kind="file")
     loaded, tokenizer = load_task_model(model, task)
     scores = evaluate_suite(loaded, tokenizer, suite_config, batch_size)
     title = f"{model} (task {task})" if task is not None else model

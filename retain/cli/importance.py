@@ -15,7 +15,7 @@ import typer
 
 from retain.cli.app import command, console
 from retain.errors import ConfigError
-from retain.io import ensure_dir
+from retain.io import prepare_output
 
 ESTIMATORS = ("sampled", "empirical", "empirical_batch")
 
@@ -48,12 +48,13 @@ def compute(
     xi: float = typer.Option(1e-3, "--xi", help="importance: SI damping."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subset and of sampled labels."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype at load time."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Compute statistics of every weight of MODEL over DATA and write them (no text) to OUT."""
     path, seconds, count = compute_importance(
         model=model, data=data, method=method, out=out, estimator=estimator, samples=samples,
         max_examples=max_examples, max_length=max_length, batch_size=batch_size, lr=lr, steps=steps,
-        xi=xi, seed=seed, dtype=dtype,
+        xi=xi, seed=seed, dtype=dtype, overwrite=overwrite,
     )
     console.print(f"[green]wrote[/] {path} ({method}, {count} examples/steps, {seconds:.1f}s)")
 
@@ -74,6 +75,7 @@ def compute_importance(
     xi: float = 1e-3,
     seed: int = 0,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> tuple[Path, float, int]:
     """The library form of the command: returns (path, seconds, examples or steps)."""
     from accelerate import Accelerator
@@ -90,7 +92,8 @@ def compute_importance(
         raise ConfigError(f"--method must be ewc or importance, got '{method}'")
     if method == "ewc" and estimator not in ESTIMATORS:
         raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got '{estimator}'")
-    ensure_dir(Path(out).parent)  # a bad --out fails before the model loads and the statistics are computed
+    # a bad or taken --out fails before the model loads and the statistics are computed
+    prepare_output(out, overwrite=overwrite, inputs=[model, data], kind="file")
     accelerator = Accelerator()
     network, tokenizer = load_model(ModelConfig(name_or_path=model, dtype=dtype))  # type: ignore[arg-type]
     network.to(accelerator.device)

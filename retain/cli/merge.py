@@ -12,7 +12,7 @@ from rich.table import Table
 from retain.cli.app import command, console, err_console
 from retain.cli.app import fail as _fail
 from retain.errors import ConfigError, ModelError
-from retain.io import ensure_dir
+from retain.io import empty_folder, prepare_output
 
 
 def _device():
@@ -50,7 +50,7 @@ def run_suite_of(tuned: str) -> Path | None:
 
 
 def _load(base: str, tuned: list[str], method: str, weights: list[float] | None, density: float, seed: int):
-    """(working model, tokenizer, set_alpha(alpha) -> model, save(model, dir)) for full models or adapters."""
+    """(working model, tokenizer, set_alpha(alpha) -> model, save(model, dir), adapters?) for full models or adapters."""
     from retain.config import ModelConfig
     from retain.models.loading import apply_adapter, is_adapter_dir, load_model, load_tokenizer
     from retain.models.merging import AdapterScaler, FullInterpolator, merge_adapters
@@ -81,7 +81,7 @@ def _load(base: str, tuned: list[str], method: str, weights: list[float] | None,
             m.peft_config["default"].base_model_name_or_path = base
             m.save_pretrained(out, safe_serialization=True)
 
-        return scaler.model.to(_device()), tokenizer, scaler.at, save
+        return scaler.model.to(_device()), tokenizer, scaler.at, save, True
     tuned_model, _ = load_model(ModelConfig(name_or_path=tuned[0]))
     try:
         interpolator = FullInterpolator(base_model, tuned_model)
@@ -92,7 +92,37 @@ def _load(base: str, tuned: list[str], method: str, weights: list[float] | None,
     def save_full(m: Any, out: Path) -> None:
         m.save_pretrained(out, safe_serialization=True)
 
-    return interpolator.model, tokenizer, interpolator.at, save_full
+    return interpolator.model, tokenizer, interpolator.at, save_full, False
+
+
+def suite_input_files(suite: Any) -> list[str]:
+    """The suite's own data files and folders (inputs an output must never replace)."""
+    return [path for task in suite.tasks for path in task.input_files().values()]
+
+
+def check_alphas(values: list[float], allow_extrapolation: bool) -> None:
+    """Alpha is the share of the fine-tuning update kept: [0, 1] unless extrapolation is asked for."""
+    outside = [a for a in values if not 0.0 <= a <= 1.0]
+    if outside and not allow_extrapolation:
+        shown = ", ".join(f"{a:g}" for a in outside)
+        _fail(
+            f"--alpha must be in [0, 1] (0 = the base model, 1 = the fine-tuned one), got {shown}",
+            hint="pass --allow-extrapolation to go beyond the fine-tuned model (alpha > 1) or away from it (alpha < 0)",
+        )
+
+
+def describe_written(alpha: float, method: str, tuned: list[str], adapters: bool, density: float, weights: list[float] | None) -> str:
+    """What ``retain merge`` wrote, in words (the method, the inputs, how alpha was applied)."""
+    if len(tuned) > 1:
+        merged = "ties_svd" if method == "auto" else method
+        weighting = f", weights {','.join(f'{w:g}' for w in weights)}" if weights else ""
+        return (
+            f"a LoRA adapter: {merged} merge of {len(tuned)} adapters (density {density:g}{weighting}), "
+            f"its update scaled by alpha {alpha:g}"
+        )
+    if adapters:
+        return f"a LoRA adapter: {tuned[0]}'s update scaled by alpha {alpha:g} (WiSE-FT)"
+    return f"a full model: WiSE-FT interpolation {1 - alpha:g} x base + {alpha:g} x {tuned[0]}"
 
 
 def _write(model: Any, tokenizer: Any, save: Callable[[Any, Path], None], out: Path) -> None:
@@ -152,6 +182,12 @@ def merge_command(
     weights: Optional[str] = typer.Option(None, "--weights", help="Several adapters: comma-separated weights (default 1 each)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Eval batch size for a sweep."),
     seed: int = typer.Option(0, "--seed", help="Seed of DARE's random drops."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a non-empty --out (never allowed when --out is, holds or is inside an input)."
+    ),
+    allow_extrapolation: bool = typer.Option(
+        False, "--allow-extrapolation", help="Accept alpha outside [0, 1] (beyond the fine-tuned model, or away from it)."
+    ),
 ) -> None:
     """Interpolate a fine-tuned model with its base (WiSE-FT), sweep alpha against forgetting, or merge adapters."""
     from retain.eval.sweep import alpha_sweep, parse_alphas, sweep_results
@@ -165,8 +201,7 @@ def merge_command(
         parsed_weights = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         _fail(f"--alpha '{alpha}' (or --weights) is not a number, 'sweep' or a comma-separated list")
-    if single is not None and single < 0:
-        _fail(f"--alpha must be >= 0, got {single}")
+    check_alphas([single] if single is not None else list(alphas or []), allow_extrapolation)
     if alphas is None and max_forgetting is not None:
         _fail("--max-forgetting picks an alpha from a sweep: pass --alpha sweep")
     suite_config = None
@@ -177,12 +212,13 @@ def merge_command(
         if suite_path is None:
             _fail("--alpha sweep needs an eval suite: pass --suite suite.yaml (the tuned run has no eval.suite)")
         suite_config = load_suite(suite_path)
-    ensure_dir(out if alphas is not None else out.parent)
-    model, tokenizer, at, save = _load(base, list(tuned), method, parsed_weights, density, seed)
+    inputs = [base, *tuned, *([str(suite_path), *suite_input_files(suite_config)] if suite_config is not None else [])]
+    prepare_output(out, overwrite=overwrite, inputs=inputs)  # before any model loads
+    model, tokenizer, at, save, adapters = _load(base, list(tuned), method, parsed_weights, density, seed)
 
     if alphas is None:
         _write(at(single), tokenizer, save, out)
-        console.print(f"[green]written[/]: alpha {single:g} model in {out}")
+        console.print(f"[green]written[/] {out}: {describe_written(single, method, list(tuned), adapters, density, parsed_weights)}")
         return
 
     from retain.eval.suite import evaluate_suite
@@ -192,6 +228,8 @@ def merge_command(
 
     results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
     results = _with_run_results(results, tuned[0])
+    if overwrite:  # the sweep ran: now the old contents go (a stale model/ must not outlive a failed budget)
+        empty_folder(out)
     results.save(out / "results.json")
     write_report(results, out / "report.html")
     _print_sweep(result)
@@ -202,3 +240,4 @@ def merge_command(
         _fail(f"no alpha keeps forgetting within {max_forgetting:g} (or the suite has no bounded general score)", code=1)
     _write(at(result.best_alpha), tokenizer, save, out / "model")
     console.print(f"[green]largest alpha within forgetting {max_forgetting:g}[/]: {result.best_alpha:g}; model in {out / 'model'}")
+    console.print(f"written {out / 'model'}: {describe_written(result.best_alpha, method, list(tuned), adapters, density, parsed_weights)}")

@@ -8,15 +8,18 @@ from typing import Optional
 import typer
 
 from retain.cli.app import app, command, console, err_console
-from retain.errors import EXIT_GATE
-from retain.io import ensure_dir
+from retain.errors import EXIT_GATE, ConfigError
+from retain.io import prepare_output
 
 
 @app.command()
 @command
 def report(
     results: Path = typer.Argument(..., help="results.json written by train, bench or demo."),
-    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: report.html beside results)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="HTML file (default: report.html beside results, rewritten each time)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Write a self-contained HTML report and print the markdown summary."""
     from retain.report.html import write_report
@@ -25,7 +28,8 @@ def report(
 
     loaded = Results.load(results)
     target = out or results.with_name("report.html")
-    ensure_dir(target.parent)
+    # the default report.html is this results file's own derived page; a file named with --out is the user's
+    prepare_output(target, overwrite=overwrite or out is None, inputs=[results], kind="file")
     write_report(loaded, target)
     typer.echo(summary_table_markdown(loaded))
     console.print(f"report: {target}")
@@ -46,6 +50,11 @@ def gate(
     from retain.results.schema import Results
 
     loaded = Results.load(results)
+    if all(bound is None for bound in (max_forgetting, min_new_task, min_general_retention, max_kl)):
+        raise ConfigError(
+            f"retain gate {results}: no bound given, so there is nothing to check (a gate without bounds would always pass)",
+            hint="pass --max-forgetting, --min-new-task, --min-general-retention and/or --max-kl",
+        )
     violations = check_gate(
         loaded, max_forgetting=max_forgetting, min_new_task=min_new_task,
         min_general_retention=min_general_retention, max_kl=max_kl, strategy=strategy,

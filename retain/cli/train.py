@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from retain.cli.app import SetOption, app, command, console
-from retain.io import ensure_dir
+
+
+def resume_command(config: Path, sets: list[str], merge: bool) -> str:
+    """The exact command that continues this run (what the user typed, plus --resume)."""
+    parts = ["retain", "train", str(config)]
+    for item in sets:
+        parts += ["--set", item]
+    if merge:
+        parts.append("--merge")
+    return shlex.join([*parts, "--resume"])
 
 
 @app.command()
@@ -18,23 +28,37 @@ def train(
     set_: Optional[List[str]] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output.dir."),
     merge: bool = typer.Option(False, "--merge", help="With adapters, also save the merged full model."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start again in an output.dir that holds an earlier run or other files (they are deleted)."
+    ),
 ) -> None:
     """Fine-tune a model on one task or a sequence of tasks with the listed strategies."""
     from retain.train import finetune
+    from retain.train.interrupt import TrainingInterrupted
     from retain.train.run import load_run_config
 
     overrides = list(set_ or [])
     if merge:
         overrides.append("output.merge=true")
     run_config = load_run_config(config, overrides)  # every config mistake, before any model loads
-    ensure_dir(run_config.output.dir, "create output.dir")  # a file in the way or no permission: fail now
     observer = None
     if run_config.eval.suite:
         from retain.eval.runner import SuiteObserver
 
-        observer = SuiteObserver.from_config(run_config)
-    outcome = finetune(run_config, resume=resume, observer=observer, console=console)
+        observer = SuiteObserver.from_config(run_config, console=console)
+    again = resume_command(config, list(set_ or []), merge)
+    try:
+        outcome = finetune(run_config, resume=resume, overwrite=overwrite, observer=observer, console=console)
+    except TrainingInterrupted as stop:
+        raise KeyboardInterrupt(f"{stop}; continue with: {again}") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the last checkpoint is kept; continue with: {again}") from None
     console.print(f"[green]done[/]: model written to {outcome.final_dir}")
     if observer is not None:
+        from retain.report.markdown import print_score_changes, print_summary
+
         results_path = observer.write_results(outcome)
-        console.print(f"results: {results_path}")
+        results = observer.results()
+        print_summary(results, console)
+        print_score_changes(results, console)
+        console.print(f"results: {results_path}  (retain report {shlex.quote(str(results_path))} writes the HTML report)")

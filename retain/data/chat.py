@@ -59,6 +59,20 @@ def normalize_messages(value: Any, where: str, field: str) -> list[dict[str, str
     return [_message(raw, where, field, i) for i, raw in enumerate(value, start=1)]
 
 
+def drop_oldest_turn(messages: list[dict[str, str]]) -> list[dict[str, str]] | None:
+    """The conversation without its oldest turn (leading system messages stay, and it restarts at a
+    non-assistant turn), or None when that would leave no assistant turn to train on."""
+    system = 0
+    while system < len(messages) and messages[system]["role"] == "system":
+        system += 1
+    rest = messages[system + 1 :]
+    while rest and rest[0]["role"] == ASSISTANT:
+        rest = rest[1:]
+    if not any(m["role"] == ASSISTANT for m in rest):
+        return None
+    return messages[:system] + rest
+
+
 # --------------------------------------------------------------------------------------------
 # Fallback template
 

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from retain.config import DataConfig
+from retain.config import DATA_FILE_SUFFIXES, DataConfig
 from retain.errors import DataError
 
 __all__ = ["DataError", "Record", "detect_format", "load_records"]
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+SUPPORTED_SUFFIXES = DATA_FILE_SUFFIXES
 
 
 class Record(dict):
@@ -55,6 +55,10 @@ def _read_text(path: Path) -> str:
         raise _unreadable(path, err) from None
 
 
+def _too_deep(where: str) -> DataError:
+    return DataError(f"{where}: JSON nested too deeply to read (thousands of levels); records must be flat objects.")
+
+
 def _object_or_error(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DataError(
@@ -77,6 +81,8 @@ def _parse_jsonl(path: Path, text: str) -> list[Record]:
                 f"{where}: malformed JSON ({err.msg} at column {err.colno}). "
                 "A .jsonl file needs exactly one JSON object per line; fix or delete this line."
             ) from None
+        except RecursionError:
+            raise _too_deep(where) from None
         records.append(Record.at(_object_or_error(value, where), where))
     return records
 
@@ -90,6 +96,8 @@ def read_json(path: Path) -> list[Record]:
     text = _read_text(path)
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise _too_deep(str(path)) from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: the file is really JSON lines
             return _parse_jsonl(path, text)
@@ -121,6 +129,7 @@ def read_delimited(path: Path, delimiter: str) -> list[Record]:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle, delimiter=delimiter)
             records = [Record.at(dict(row), f"{path}:{reader.line_num}") for row in reader]
+            header = reader.fieldnames  # read inside the block: an empty file reads its header lazily
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err}). Re-save the file as UTF-8.") from None
     except OSError as err:
@@ -128,7 +137,7 @@ def read_delimited(path: Path, delimiter: str) -> list[Record]:
     except csv.Error as err:
         kind = "TSV" if delimiter == "\t" else "CSV"
         raise DataError(f"{path}: cannot parse as {kind}: {err}") from None
-    if reader.fieldnames is None:
+    if header is None:
         return []
     for record in records:
         record.pop(None, None)  # cells beyond the header; the header defines the fields
@@ -221,7 +230,8 @@ def load_records(cfg: DataConfig) -> list[dict[str, Any]]:
         records = read_file(path, cfg)
     elif _looks_local(cfg.path):
         raise DataError(
-            f"file not found: {cfg.path}. Check data.path (relative paths start from the working directory)."
+            f"file not found: {cfg.path}. Check data.path (relative paths in a run YAML start from the YAML's "
+            "folder; paths given with --set from the working directory)."
         )
     else:
         records = read_hub(cfg)

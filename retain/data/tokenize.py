@@ -5,6 +5,11 @@
 * prompt_completion: loss only on the completion (+ EOS).
 * chat: loss only on assistant turns (see ``retain.data.chat``).
 
+An example longer than ``data.max_length`` is cut by ``data.truncation``: ``keep_completion`` (default)
+removes tokens from the start of the unlabelled part (the prompt; for chats the oldest turns go first),
+keeping BOS, so the part that is trained survives; ``right`` keeps the start; ``left`` keeps the end
+(and BOS). One warning says how many examples were cut.
+
 Masking a prefix is done on the tokenization of the whole text when the prefix's own token ids are a
 prefix of it (the common case: the ids are then exactly what the model sees at inference).
 Otherwise (a token merges across the boundary) each piece is tokenized separately and the ids are
@@ -14,12 +19,11 @@ concatenated, which keeps the boundary exact at the price of a slightly unusual 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
 from retain.config import DataConfig
-from retain.data.chat import normalize_messages, render_chat
+from retain.data.chat import drop_oldest_turn, normalize_messages, render_chat
 from retain.data.records import DataError, detect_format, record_where
 
 logger = logging.getLogger(__name__)
@@ -191,7 +195,11 @@ def text_examples(records: Records, tokenizer: Any, cfg: DataConfig, source: str
     if cfg.pack:
         return [Example(w, list(w)) for w in pack_windows(documents, cfg.max_length)], 0
     truncated = sum(len(d) > cfg.max_length for d in documents)
-    return [Example(d[: cfg.max_length], list(d[: cfg.max_length])) for d in documents], truncated
+    examples = []
+    for document in documents:
+        ids, _ = fit_length(document, [True] * len(document), cfg.max_length, cfg.truncation, _bos_head(document, tokenizer))
+        examples.append(Example(ids, list(ids)))
+    return examples, truncated
 
 
 def prompt_completion_ids(record: dict[str, Any], tokenizer: Any, cfg: DataConfig, where: str) -> Masked:
@@ -204,13 +212,31 @@ def prompt_completion_ids(record: dict[str, Any], tokenizer: Any, cfg: DataConfi
 
 
 def chat_ids(record: dict[str, Any], tokenizer: Any, cfg: DataConfig, where: str) -> Masked:
+    ids, mask, _ = chat_ids_fitted(record, tokenizer, cfg, where)
+    return ids, mask
+
+
+def chat_ids_fitted(record: dict[str, Any], tokenizer: Any, cfg: DataConfig, where: str) -> tuple[list[int], list[bool], bool]:
+    """Ids, mask and whether turns were dropped: with ``keep_completion`` an over-long conversation loses
+    its oldest turns first (a leading system message stays, the last assistant turn is never dropped)."""
     raw = get_field(record, cfg, "messages_field", where, require_str=False)
     messages = normalize_messages(raw, where, cfg.messages_field)
-    rendered = render_chat(messages, tokenizer, cfg.add_eos, where)
-    return encode_spans(tokenizer, rendered.text, rendered.spans, rendered.add_special_tokens)
+    dropped = False
+    while True:
+        rendered = render_chat(messages, tokenizer, cfg.add_eos, where)
+        ids, mask = encode_spans(tokenizer, rendered.text, rendered.spans, rendered.add_special_tokens)
+        shorter = drop_oldest_turn(messages) if cfg.truncation == "keep_completion" and len(ids) > cfg.max_length else None
+        if shorter is None:
+            return ids, mask, dropped
+        messages, dropped = shorter, True
 
 
-_MASKED_BUILDERS = {"prompt_completion": prompt_completion_ids, "chat": chat_ids}
+def _prompt_completion_fitted(record: dict[str, Any], tokenizer: Any, cfg: DataConfig, where: str) -> tuple[list[int], list[bool], bool]:
+    ids, mask = prompt_completion_ids(record, tokenizer, cfg, where)
+    return ids, mask, False
+
+
+_MASKED_BUILDERS = {"prompt_completion": _prompt_completion_fitted, "chat": chat_ids_fitted}
 
 
 def masked_examples(
@@ -219,28 +245,66 @@ def masked_examples(
     build = _MASKED_BUILDERS[fmt]
     examples, truncated = [], 0
     for i, record in enumerate(records):
-        ids, mask = build(record, tokenizer, cfg, record_where(record, i, source))
-        truncated += len(ids) > cfg.max_length
-        examples.append(_example(ids[: cfg.max_length], mask[: cfg.max_length]))
+        ids, mask, shortened = build(record, tokenizer, cfg, record_where(record, i, source))
+        truncated += shortened or len(ids) > cfg.max_length
+        examples.append(_example(*fit_length(ids, mask, cfg.max_length, cfg.truncation, _bos_head(ids, tokenizer))))
     return examples, truncated
+
+
+# --------------------------------------------------------------------------------------------
+# Truncation
+
+
+def fit_length(ids: list[int], mask: list[bool], max_length: int, truncation: str, head: int = 0) -> Masked:
+    """``ids``/``mask`` cut to ``max_length`` tokens as ``truncation`` says; the first ``head`` tokens
+    (BOS) are kept by ``left`` and ``keep_completion``.
+
+    ``keep_completion`` removes tokens from the start of the unlabelled run that follows ``head`` (the
+    prompt), as many as needed and available; if the labelled part alone is still too long, its end is cut.
+    """
+    if len(ids) <= max_length:
+        return ids, mask
+    head = min(head, max_length - 1)
+    if truncation == "right":
+        return ids[:max_length], mask[:max_length]
+    if truncation == "left":
+        keep = max_length - head
+        return ids[:head] + ids[len(ids) - keep :], mask[:head] + mask[len(mask) - keep :]
+    first_labelled = next((i for i, m in enumerate(mask) if m and i >= head), len(mask))
+    cut = min(len(ids) - max_length, max(0, first_labelled - head))
+    ids, mask = ids[:head] + ids[head + cut :], mask[:head] + mask[head + cut :]
+    return ids[:max_length], mask[:max_length]
+
+
+def _bos_head(ids: list[int], tokenizer: Any) -> int:
+    """1 when the sequence starts with the tokenizer's BOS (kept by every truncation), else 0."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return 1 if bos is not None and ids and ids[0] == bos else 0
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point
 
 
+_HOW_CUT = {
+    "keep_completion": "the start of each prompt (for chats, the oldest turns) was removed so what is trained survives",
+    "right": "their ends were cut off",
+    "left": "their starts were cut off",
+}
+
+
 def _warn_truncated(n_truncated: int, n_total: int, cfg: DataConfig, source: str) -> None:
-    message = (
-        f"{source}: {n_truncated} of {n_total} examples are longer than data.max_length and were truncated "
-        f"to {cfg.max_length} tokens; raise data.max_length to keep them whole."
+    """One warning per tokenized set (a log record, printed once; never also a Python warning)."""
+    logger.warning(
+        "%s: %d of %d examples are longer than data.max_length and were truncated to %d tokens "
+        "(data.truncation: %s: %s); raise data.max_length to keep them whole.",
+        source, n_truncated, n_total, cfg.max_length, cfg.truncation, _HOW_CUT[cfg.truncation],
     )
-    logger.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 _MASKED_CAUSE = {
-    "prompt_completion": "prompts at least data.max_length ({n}) tokens long, so the completion is cut off; "
-    "raise data.max_length or shorten the prompts",
+    "prompt_completion": "prompts at least data.max_length ({n}) tokens long, so the completion is cut off "
+    "(data.truncation: right); raise data.max_length, shorten the prompts or use data.truncation: keep_completion",
     "chat": "conversations without assistant turns (role 'assistant'), or user turns filling data.max_length "
     "({n}) tokens; check the roles or raise data.max_length",
     "text": "empty documents; check data.text_field",

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from retain.eval.cache import cached_scores
@@ -21,7 +23,8 @@ from retain.eval.drift import (
     snapshot_weights,
     weight_rel_l2,
 )
-from retain.eval.suite import SuiteConfig, evaluate_suite, load_suite, suite_hash
+from retain.eval.suite import SuiteConfig, evaluate_task, load_suite, suite_hash
+from retain.eval.tasks import SharedWork
 from retain.eval.tasks.generate import generate_samples
 from retain.io import append_jsonl, atomic_write_text
 from retain.models.fingerprint import model_fingerprint
@@ -49,8 +52,12 @@ class SuiteObserver:
         config: dict[str, Any] | None = None,
         batch_size: int = 16,
         cache_dir: Path | None = None,
+        progress: bool = False,
+        console: Console | None = None,
     ) -> None:
         self.suite = suite
+        self.progress = progress
+        self.console = console
         self.name = name
         self.run_dir = Path(run_dir)
         self.config = config or {}
@@ -62,10 +69,9 @@ class SuiteObserver:
         self.base_scores: dict[str, Score] = {}
         self.task_names: list[str] = []
         self.trainable_params: int | None = None
-        self._load_records()
 
     @classmethod
-    def from_config(cls, run_config: Any) -> "SuiteObserver":
+    def from_config(cls, run_config: Any, console: Console | None = None) -> "SuiteObserver":
         suite = load_suite(run_config.eval.suite)
         return cls(
             suite,
@@ -73,6 +79,37 @@ class SuiteObserver:
             run_dir=Path(run_config.output.dir),
             config=run_config.model_dump(mode="json"),
             batch_size=run_config.eval.batch_size,
+            progress=run_config.train.progress,
+            console=console,
+        )
+
+    # -- scoring with a progress bar --------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, label: str) -> dict[str, Score]:
+        """``evaluate_suite``, one eval at a time under a progress bar (when enabled) naming the model state."""
+        shared = SharedWork()
+        scores: dict[str, Score] = {}
+        tasks = self.suite.tasks
+        bar = self._progress_bar()
+        if bar is None:
+            for task in tasks:
+                scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared))
+            return scores
+        with bar:
+            handle = bar.add_task(f"scoring {label}", total=len(tasks), current="")
+            for task in tasks:
+                bar.update(handle, current=task.name)
+                scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared))
+                bar.advance(handle)
+            bar.update(handle, current="done")
+        return scores
+
+    def _progress_bar(self) -> Progress | None:
+        if not self.progress or not self.suite.tasks:
+            return None
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[current]}"),
+            TimeElapsedColumn(), console=self.console, transient=False,
         )
 
     # -- persistence ------------------------------------------------------------------------
@@ -82,6 +119,9 @@ class SuiteObserver:
         return self.run_dir / "eval_records.json"
 
     def _load_records(self) -> None:
+        """The rows a run already measured (a resumed run keeps them); read when the run starts, after the
+        run folder's rules were applied (``--overwrite`` may have emptied it)."""
+        self.records = {}
         if self.records_path.is_file():
             for row in json.loads(self.records_path.read_text()):
                 record = StepRecord.model_validate(row)
@@ -95,6 +135,7 @@ class SuiteObserver:
 
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         """Called with the untouched base model, before any strategy wraps it (also on resume)."""
+        self._load_records()
         self.task_names = [t.name for t in ctx.tasks]
         tokenizer = ctx.tokenizer
         fingerprint = model_fingerprint(model, tokenizer)
@@ -102,7 +143,7 @@ class SuiteObserver:
             self.cache_dir,
             fingerprint,
             suite_hash(self.suite),
-            lambda: evaluate_suite(model, tokenizer, self.suite, self.batch_size),
+            lambda: self.evaluate(model, tokenizer, "the base model"),
         )
         if self.suite.probe_prompts:
             self.reference = compute_probe_reference(
@@ -117,7 +158,7 @@ class SuiteObserver:
     def on_step(self, model: nn.Module, ctx: Any, task: Any) -> None:
         """Mid-task scores go to the trackers and ``step_evals.jsonl`` (the matrix uses task ends)."""
         unwrapped = ctx.unwrapped_model
-        scores = evaluate_suite(unwrapped, ctx.tokenizer, self.suite, self.batch_size)
+        scores = self.evaluate(unwrapped, ctx.tokenizer, f"{task.name} at global step {ctx.global_step}")
         row = {"task": task.name, "global_step": ctx.global_step, **{k: s.value for k, s in scores.items()}}
         ctx.accelerator.log({f"eval/{k}": s.value for k, s in scores.items()}, step=ctx.global_step)
         append_jsonl(self.run_dir / "step_evals.jsonl", row)
@@ -126,7 +167,7 @@ class SuiteObserver:
     def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> None:
         unwrapped = ctx.unwrapped_model
         tokenizer = ctx.tokenizer
-        scores = evaluate_suite(unwrapped, tokenizer, self.suite, self.batch_size)
+        scores = self.evaluate(unwrapped, tokenizer, f"after task '{task.name}'")
         drift = Drift(
             kl_from_base=kl_from_reference(self.reference, unwrapped) if self.reference is not None else None,
             ppl_delta=perplexity_delta(self.base_scores, scores),
@@ -154,9 +195,11 @@ class SuiteObserver:
     def strategy_run(self) -> StrategyRun:
         return build_run(self.name, self.task_names, list(self.records.values()), self.config, self.trainable_params)
 
-    def write_results(self, outcome: Any = None, scenario: str | None = None) -> Path:
+    def results(self, scenario: str | None = None) -> Results:
         base_model = str(self.config.get("model", {}).get("name_or_path", ""))
-        results = Results(scenario=scenario, base_model=base_model, runs=[self.strategy_run()])
+        return Results(scenario=scenario, base_model=base_model, runs=[self.strategy_run()])
+
+    def write_results(self, outcome: Any = None, scenario: str | None = None) -> Path:
         path = self.run_dir / "results.json"
-        results.save(path)
+        self.results(scenario).save(path)
         return path

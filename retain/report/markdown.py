@@ -1,4 +1,5 @@
-"""The summary table as markdown (for PR comments, READMEs) and as a rich table (for the terminal).
+"""The summary table as markdown (for PR comments, READMEs) and as a rich table (for the terminal),
+and the per-eval before/after table that ``retain bench`` and ``retain train`` print at the end.
 
 Both use the same columns and number formatting as the HTML report (``summary.summary_cells``), so a
 number reads the same wherever it is seen.
@@ -45,3 +46,27 @@ def summary_rich_table(results: Results) -> Table:
 def print_summary(results: Results, console: Console | None = None) -> None:
     """Print the summary table to the terminal (or the given rich console)."""
     (console or Console()).print(summary_rich_table(results))
+
+
+def score_changes_table(results: Results) -> Table:
+    """Every score of the base model and after the last task, per run (losses included)."""
+    base = results.runs[0].records[0].scores if results.runs and results.runs[0].records else {}
+    table = Table(title="scores: base -> after the last task")
+    table.add_column("eval")
+    table.add_column("base", justify="right")
+    for run in results.runs:
+        table.add_column(Text(run.name), justify="right")
+    for key, score in base.items():
+        arrow = "↑" if score.higher_is_better else "↓"
+        row = [Text(f"{key} ({score.metric} {arrow})"), f"{score.value:.4g}"]
+        for run in results.runs:
+            last = run.records[-1].scores.get(key) if run.records else None
+            row.append("—" if last is None else f"{last.value:.4g}")
+        table.add_row(*row)
+    return table
+
+
+def print_score_changes(results: Results, console: Console | None = None) -> None:
+    """Print :func:`score_changes_table` (the bench and ``retain train`` end with it)."""
+    if results.runs:
+        (console or Console()).print(score_changes_table(results))

@@ -26,6 +26,7 @@ class Scenario:
     general_data: DataConfig | None
     train: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    inputs: list[str] = field(default_factory=list)  # data folders it reads: a bench --out must not touch them
 
 
 Builder = Callable[..., Scenario]

@@ -10,16 +10,15 @@ item that has that parameter). Settings shared by all items come from a YAML fil
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.table import Table
 
-from retain.config import load_config_dict, parse_override, parse_value
+from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
 from retain.errors import ConfigError
+from retain.io import empty_folder, prepare_output, refuse_inputs
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
 from retain.strategies.registry import get_strategy_class, validate_run_config
@@ -58,6 +57,23 @@ def _split_sets(sets: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
         else:
             others.append(item)
     return per_strategy, others
+
+
+def read_bench_config(path: Path) -> dict[str, Any]:
+    """A ``--config`` YAML (``strategies: {name: {param: v}}``, ``train: {...}``); strategy paths (``data``,
+    ``file``, ``reuse_dir``, ``output_dir``) resolve against its folder, as in a run YAML."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the bench config ({err})") from None
+    strategies = data.get("strategies") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(strategies or {}, dict) or not isinstance(data.get("train") or {}, dict):
+        raise ConfigError(f"{path}: expected a mapping with strategies: {{name: {{param: value}}}} and train: {{...}}")
+    specs = [{"name": name, **params} for name, params in (strategies or {}).items() if isinstance(params, dict)]
+    resolve_relative_paths({"strategies": specs}, path.absolute().parent)
+    data["strategies"] = {spec.pop("name"): spec for spec in specs}
+    return data
 
 
 def run_directory_name(item: str) -> str:
@@ -109,23 +125,33 @@ def run_bench(
     with_shakespeare: bool = False,
     console: Console | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Results:
-    """Train every strategy item from the same base; write out/results.json and out/report.html."""
+    """Train every strategy item from the same base; write out/results.json and out/report.html.
+
+    ``out`` must be new or empty unless ``overwrite`` (then its contents are replaced); it may never be,
+    hold or be inside the scenario's data, its prepared files, the base model or the ``--config`` file.
+    """
     from retain.eval.runner import SuiteObserver
     from retain.report.html import write_report
-    from retain.report.markdown import print_summary
+    from retain.report.markdown import print_score_changes, print_summary
     from retain.train import finetune
 
     console = console or Console()
+    out = Path(out)
+    early_inputs = [str(p) for p in (data_dir, config_file) if p is not None]
+    refuse_inputs(out, early_inputs, "--out")  # before the scenario is prepared
     if isinstance(scenario, str):
         scenario = get_scenario(scenario, data_dir=data_dir, quick=quick, with_shakespeare=with_shakespeare)
-    file_settings = yaml.safe_load(Path(config_file).read_text()) if config_file else {}
+    file_settings = read_bench_config(config_file) if config_file else {}
     shared, overrides = _split_sets(list(sets or []))
     for name, params in (file_settings.get("strategies") or {}).items():
         shared[name] = {**params, **shared.get(name, {})}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     items = [s.strip() for s in strategies if s.strip()]
+    folders = [run_directory_name(item) for item in items]
+    repeated = sorted({f for f in folders if folders.count(f) > 1})
+    if repeated:
+        raise ConfigError(f"strategy items share a run folder name ({', '.join(repeated)}): list each item once")
     configs = {
         item: build_run_config(
             scenario, item, out, steps=steps, seed=seed, shared=shared,
@@ -133,15 +159,17 @@ def run_bench(
         )
         for item in items
     }  # every item validated before the first one trains
+    prepare_output(out, overwrite=overwrite, inputs=[*early_inputs, *scenario.inputs, scenario.base_model])
+    if overwrite:
+        empty_folder(out)
     runs: list[StrategyRun] = []
     results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
     for item, config in configs.items():
         console.print(f"[bold]{scenario.name}[/]: training [cyan]{item}[/] for {config.train.steps_per_task} steps/task")
         run_dir = Path(config.output.dir)
-        shutil.rmtree(run_dir, ignore_errors=True)
         observer = SuiteObserver(
             scenario.suite, name=item, run_dir=run_dir, config=config.model_dump(mode="json"),
-            batch_size=config.eval.batch_size,
+            batch_size=config.eval.batch_size, progress=progress, console=console,
         )
         finetune(config, observer=observer, console=console)
         runs.append(observer.strategy_run())
@@ -152,23 +180,3 @@ def run_bench(
     print_score_changes(results, console)
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
     return results
-
-
-def print_score_changes(results: Results, console: Console) -> None:
-    """Every score of the base model and after the last task, per strategy (losses included)."""
-    if not results.runs:
-        return
-    base = results.runs[0].records[0].scores
-    table = Table(title="scores: base -> after the last task")
-    table.add_column("eval")
-    table.add_column("base", justify="right")
-    for run in results.runs:
-        table.add_column(run.name, justify="right")
-    for key, score in base.items():
-        arrow = "↑" if score.higher_is_better else "↓"
-        row = [f"{key} ({score.metric} {arrow})", f"{score.value:.4g}"]
-        for run in results.runs:
-            last = run.records[-1].scores.get(key)
-            row.append("—" if last is None else f"{last.value:.4g}")
-        table.add_row(*row)
-    console.print(table)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from retain.errors import StateError
+from retain.errors import DivergenceError, StateError
 from retain.io import atomic_dir, output_errors, remove_stale_temporaries
 
 CHECKPOINT_VERSION = 1
@@ -182,6 +182,30 @@ def weights_to_save(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu").contiguous().clone() for n, t in out.items()}
 
 
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity (one host sync for all of them)."""
+    floats = [(n, t) for n, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return []
+    flags = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in floats]).tolist()
+    return [n for (n, _), ok in zip(floats, flags) if not ok]
+
+
+def _refuse_nonfinite(bad: list[str], total: int, where: str) -> None:
+    if bad:
+        raise DivergenceError(
+            f"{len(bad)} of {total} weight tensors are not finite at {where} (e.g. {', '.join(bad[:3])}); nothing was "
+            "written, so the last checkpoint stays the last good one",
+            hint="lower train.lr (and keep train.max_grad_norm set), then continue with --resume",
+        )
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse to go on (and write model folders) from a model with a non-finite weight."""
+    params = dict(model.named_parameters())
+    _refuse_nonfinite(nonfinite_tensors(params), len(params), where)
+
+
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
@@ -218,11 +242,14 @@ def save_checkpoint(
     """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed.
 
     A failed write (disk full, permission) raises ``OutputError`` and leaves only the previous
-    checkpoints: the half-written folder has a temporary name and is deleted.
+    checkpoints: the half-written folder has a temporary name and is deleted. Weights holding a NaN or
+    an infinity are never written (``DivergenceError``): a checkpoint is always a good resume point.
     """
     final = checkpoint_dir(run_dir, position.global_step, position.task_index)
+    weights = weights_to_save(model, full_weights)
+    _refuse_nonfinite(nonfinite_tensors(weights), len(weights), f"global step {position.global_step} ({final.name})")
     with atomic_dir(final) as tmp, output_errors(final):
-        save_tensors(weights_to_save(model, full_weights), tmp / "weights.safetensors")
+        save_tensors(weights, tmp / "weights.safetensors")
         if optimizer is not None:
             torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:

@@ -5,20 +5,26 @@ named extra losses, backward, the finiteness check, gradient hooks, clipping, th
 post-step hooks, logging and checkpoints. Orchestration across tasks (resume, evaluation, outputs)
 lives in ``run.py``.
 
-The loop waits for the device once per optimizer step: the loss, each named term and the token count
-are summed on the device, detached, and read back together (one ``tolist()``) after backward; that
-one read feeds both the divergence check and the log. A ``.item()`` per micro-batch would stall a GPU
-several times per step.
+The loop waits for the device once per optimizer step: the loss, each named term, the token count
+and the total gradient norm are computed on the device, detached, and read back together (one
+``tolist()``) after backward; that one read feeds both the divergence check and the log. A
+``.item()`` per micro-batch would stall a GPU several times per step.
+
+Divergence: a step whose loss or gradient norm is not finite is skipped (gradients zeroed, no
+optimizer, scheduler or post-step hook), so a non-finite value never reaches the weights; after
+``train.max_nonfinite_steps`` such steps in a row the run stops with ``DivergenceError``. Steps are
+numbered from 1 in messages, as in checkpoint names (``step-<global step>``, the state after it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +37,10 @@ from retain.strategies.base import StrategyContext, TaskInfo
 from retain.strategies.compose import Hybrid
 
 NonFiniteLossError = DivergenceError  # the name earlier releases exported
+
+log = logging.getLogger("retain")
+
+_HYPERPARAMETERS = ("lr", "initial_lr", "weight_decay", "betas")
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +66,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Any, total_steps: 
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
+@contextlib.contextmanager
+def keep_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any) -> Iterator[None]:
+    """Load optimizer/scheduler state inside the block and keep this config's hyperparameters.
+
+    The restored state brings the moments and the schedule's position; the learning rate, weight
+    decay and betas (which ``--resume`` may change) and the schedule's shape come from the config.
+    The learning rate is set where the new schedule stands at the restored position.
+    """
+    fresh = [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 @dataclass
 class TaskStats:
     """What one task's training cost and ended at; fed to results.json."""
@@ -67,6 +98,7 @@ class TaskStats:
     loss_terms: dict[str, float] = field(default_factory=dict)
     trainable_params: int = 0
     peak_memory: int | None = None
+    skipped_steps: int = 0  # non-finite loss or gradient: no update
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -85,6 +117,11 @@ class StepValues:
     task_loss: float
     terms: dict[str, float]
     tokens: int
+    grad_norm: float | None = None  # total gradient norm before clipping; None when not checked
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and (self.grad_norm is None or math.isfinite(self.grad_norm))
 
 
 class StepSums:
@@ -109,23 +146,48 @@ class StepSums:
         tokens = attention_mask.sum().to(loss.device, torch.float32)  # exact below 2**24 tokens per step
         self.tokens = tokens if self.tokens is None else self.tokens + tokens
 
-    def read(self) -> StepValues:
-        """The step's one host sync: every value in a single device-to-host copy."""
+    def read(self, grad_norm: torch.Tensor | None = None) -> StepValues:
+        """The step's one host sync: every value (and the gradient norm) in a single device-to-host copy."""
         assert self.loss is not None and self.task_loss is not None and self.tokens is not None
-        loss, task_loss, *terms, tokens = torch.stack([self.loss, self.task_loss, *self.terms.values(), self.tokens]).tolist()
-        return StepValues(loss, task_loss, dict(zip(self.terms, terms)), int(tokens))
+        extra = [grad_norm.to(self.loss.device, torch.float32).reshape(())] if grad_norm is not None else []
+        loss, task_loss, *rest = torch.stack([self.loss, self.task_loss, *self.terms.values(), self.tokens, *extra]).tolist()
+        norm = rest.pop() if extra else None
+        *terms, tokens = rest
+        return StepValues(loss, task_loss, dict(zip(self.terms, terms)), int(tokens), norm)
 
 
-def check_finite(values: StepValues, task: TaskInfo, step: int) -> None:
-    """Stop the run before a non-finite loss can reach the weights; the last checkpoint stays good."""
-    if math.isfinite(values.loss):
-        return
-    raise DivergenceError(
-        f"loss became {values.loss} at task '{task.name}' step {step} "
-        f"(task loss {values.task_loss}, terms {values.terms}). "
-        "Lower train.lr, keep train.max_grad_norm set, or check the data; the last good "
-        "checkpoint is kept and `--resume` restarts from it."
+def total_grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor | None:
+    """The L2 norm of every gradient together, on the device (no host sync); inf/nan when any entry is."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    device = grads[0].device
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def check_finite(values: StepValues, task: TaskInfo, step: int, streak: int, limit: int) -> int:
+    """The count of non-finite steps in a row after this one (``step`` counts from 1); at ``limit`` the run
+    stops. A non-finite step is skipped by the caller, so the weights and the last checkpoint stay finite."""
+    if values.finite:
+        return 0
+    streak += 1
+    what = (
+        f"loss {values.loss}, task loss {values.task_loss}, gradient norm {values.grad_norm}, terms {values.terms}"
     )
+    if streak >= limit:
+        raise DivergenceError(
+            f"training diverged at task '{task.name}' step {step} of {task.steps}: {streak} steps in a row had a "
+            f"non-finite loss or gradient (last: {what}). They were skipped, so no non-finite value reached the "
+            "weights. Lower train.lr, keep train.max_grad_norm set, or check the data, then continue from the last "
+            "checkpoint with `--resume` (train.lr and train.max_grad_norm may change on resume), or start again "
+            "with `--overwrite` if the checkpointed weights are already damaged."
+        )
+    log.warning(
+        "task '%s' step %d of %d: a non-finite loss or gradient (%s); step skipped (%d of %d in a row stop the run)",
+        task.name, step, task.steps, what, streak, limit,
+    )
+    return streak
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +205,8 @@ class LogWindow:
     term_steps: dict[str, int] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
 
+    skipped: int = 0
+
     def add(self, values: StepValues) -> None:
         self.steps += 1
         self.loss += values.loss
@@ -154,10 +218,11 @@ class LogWindow:
     def row(self, lr: float, world: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
-            "loss": self.loss / self.steps,
+            **({"loss": self.loss / self.steps} if self.steps else {}),  # a window of skipped steps only has none
             "lr": lr,
             "tokens_per_second": self.tokens * world / elapsed,
             **{f"loss/{k}": v / self.term_steps[k] for k, v in self.terms.items()},
+            **({"skipped_steps": float(self.skipped)} if self.skipped else {}),
         }
 
 
@@ -191,6 +256,8 @@ def train_task(
     stats = TaskStats(trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
     model.train()
     window = LogWindow()
+    check_grads = getattr(accelerator, "scaler", None) is None  # fp16's grad scaler skips inf steps itself
+    streak = 0
 
     for step in range(start_step, task.steps):
         step_start = time.perf_counter()
@@ -212,22 +279,27 @@ def train_task(
                 accelerator.backward(loss / train.grad_accum)
             sums.add(loss, outputs.loss, terms, batch["attention_mask"], 1.0 / train.grad_accum)
             del batch, outputs, terms, loss  # free the logits now, not when the next forward has made its own
-        values = sums.read()  # the step's one host sync
-        check_finite(values, task, step)
-        hybrid.after_backward(model, ctx)
-        if train.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        hybrid.after_step(model, ctx)
+        values = sums.read(total_grad_norm(trainable) if check_grads else None)  # the step's one host sync
+        streak = check_finite(values, task, step + 1, streak, train.max_nonfinite_steps)
+        if streak:  # skipped: nothing of this step reaches the weights, the optimizer or the strategies
+            optimizer.zero_grad(set_to_none=True)
+            stats.skipped_steps += 1
+            window.skipped += 1
+        else:
+            hybrid.after_backward(model, ctx)
+            if train.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            hybrid.after_step(model, ctx)
+            stats.last_loss = values.loss
+            stats.loss_terms = values.terms
+            window.add(values)
         ctx.global_step += 1
 
         stats.steps += 1
         stats.seconds += time.perf_counter() - step_start
-        stats.last_loss = values.loss
-        stats.loss_terms = values.terms
-        window.add(values)
         if (step + 1) % train.log_every == 0 or step + 1 == task.steps:
             metrics = {**window.row(scheduler.get_last_lr()[0], world), **ctx.metrics}
             ctx.metrics.clear()  # a strategy's value belongs to the window it was reported in

@@ -36,7 +36,9 @@ class TaskProgress:
     def update(self, completed: int, metrics: dict[str, Any]) -> None:
         if self._progress is None:
             return
-        info = f"loss {metrics['loss']:.4f}  {metrics['tokens_per_second']:,.0f} tok/s"
+        info = f"loss {metrics.get('loss', float('nan')):.4f}  {metrics['tokens_per_second']:,.0f} tok/s"
+        if metrics.get("skipped_steps"):
+            info += f"  skipped {metrics['skipped_steps']:.0f}"
         extras = [f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("loss/")]
         if extras:
             info += "  " + "  ".join(extras)

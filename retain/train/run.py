@@ -10,8 +10,6 @@ final model folder). No inheritance; ``finetune(config)`` runs the steps in orde
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import resource
 import sys
@@ -25,16 +23,24 @@ from rich.console import Console
 from torch import nn
 
 from retain.config import RunConfig, load_config
-from retain.errors import OutputError, StateError
-from retain.io import atomic_write_text, default_cache_dir, output_errors
+from retain.io import atomic_write_text, default_cache_dir
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
 from retain.models.tasks import export_task_choices
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
-from retain.train.loop import TaskStats, build_optimizer, build_scheduler, seed_everything, train_task
+from retain.train.interrupt import StopRequest, TrainingInterrupted
+from retain.train.loop import (
+    TaskStats,
+    build_optimizer,
+    build_scheduler,
+    keep_hyperparameters,
+    seed_everything,
+    train_task,
+)
 from retain.train.progress import TaskProgress
+from retain.train.resume import check_resume_changes, check_run_dir
 
 log = logging.getLogger("retain")
 
@@ -60,19 +66,6 @@ class RunOutcome:
     observer: Any = None
 
 
-def config_fingerprint(config: RunConfig) -> str:
-    """Hash of everything that changes the trained weights (not logging or progress options)."""
-    data = config.model_dump(mode="json")
-    data["train"].pop("progress", None)
-    data["train"].pop("log_every", None)
-    data["train"].pop("trackers", None)
-    data["train"].pop("gradient_checkpointing", None)  # recomputation, not other weights: may change on resume
-    if data["model"].get("quantization") is None:
-        data["model"].pop("quantization", None)  # runs started before the key existed keep their fingerprint
-    data.pop("eval", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -94,31 +87,37 @@ def _load_tasks(config: RunConfig, tokenizer: Any) -> list[TaskInfo]:
     for index, task in enumerate(config.tasks):
         data = build_task_data(task.data, tokenizer, seed=config.train.seed)
         tasks.append(TaskInfo(index=index, name=task.name, steps=config.steps_for(task), data=data))
+        if len(data.train) < config.train.batch_size:
+            log.warning(
+                "task '%s' has %d training examples, fewer than train.batch_size (%d): every batch repeats examples; "
+                "lower train.batch_size or add data",
+                task.name, len(data.train), config.train.batch_size,
+            )
     return tasks
 
 
-def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> ckpt.LoadedCheckpoint | None:
-    """Refuse a run folder that holds another run; record the config; read the checkpoint to resume from."""
-    fingerprint = config_fingerprint(config)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise OutputError(f"cannot use {run_dir} as output.dir: it is a file, not a folder",
-                          hint="choose another output.dir (e.g. --set output.dir=runs/new)")
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise StateError(
-            f"{run_dir} already holds checkpoints of a run. Pass --resume to continue it, or choose another "
-            "output.dir (e.g. --set output.dir=runs/new)."
-        )
-    recorded = run_dir / "fingerprint.txt"
-    if latest is not None and recorded.exists() and recorded.read_text().strip() != fingerprint:
-        raise StateError(
-            f"{run_dir}: the config differs from the one this run was started with (see {run_dir}/config.yaml); "
-            "resume with the same config, or start a new output.dir."
-        )
-    with output_errors(run_dir, "create the folder"):
-        run_dir.mkdir(parents=True, exist_ok=True)
+def run_inputs(config: RunConfig, observer: Any = None) -> list[str]:
+    """Every local path the run reads, the eval suite's data files included: output.dir must not touch them."""
+    suite = getattr(observer, "suite", None)
+    suite_files = [p for task in getattr(suite, "tasks", []) for p in task.input_files().values()]
+    return [*config.input_paths(), *suite_files]
+
+
+def _prepare_run_dir(
+    config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool = False, inputs: list[str] | None = None,
+    console: Console | None = None,
+) -> ckpt.LoadedCheckpoint | None:
+    """Apply the run folder's rules (``retain.train.resume``), check what --resume changes, record the
+    config, and read the checkpoint to resume from."""
+    latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=latest is not None,
+                  inputs=inputs if inputs is not None else config.input_paths())
+    latest = None if overwrite else latest
+    if resume and latest is None:
+        console_print(console, f"nothing to resume in {run_dir} (no checkpoint yet): starting from the beginning")
+    for change in check_resume_changes(run_dir, config) if latest is not None else []:
+        console_print(console, f"resume with a changed key: {change}")
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    atomic_write_text(recorded, fingerprint)
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
@@ -143,10 +142,11 @@ class FineTune:
         self.config = config
         self.observer = observer
         self.console = console
+        self.stop = StopRequest()
 
     # -- setup --------------------------------------------------------------------------------
 
-    def setup(self, *, resume: bool, model: nn.Module | None = None, tokenizer: Any = None) -> None:
+    def setup(self, *, resume: bool, overwrite: bool = False, model: nn.Module | None = None, tokenizer: Any = None) -> None:
         """Validate, prepare the run folder, load model and data, and let strategies wrap the model."""
         from accelerate import Accelerator
 
@@ -157,7 +157,9 @@ class FineTune:
         self.hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
         check_quantized_training(config.model, trains_adapters=any(s.peft_wrapper for s in self.hybrid.strategies))
         self.run_dir = Path(config.output.dir)
-        self.loaded = _prepare_run_dir(config, self.run_dir, resume)
+        self.loaded = _prepare_run_dir(
+            config, self.run_dir, resume, overwrite=overwrite, inputs=run_inputs(config, self.observer), console=self.console
+        )
         self.accelerator = Accelerator(
             mixed_precision=config.train.mixed_precision,
             log_with=list(config.train.trackers) or None,
@@ -199,7 +201,7 @@ class FineTune:
         self.ctx.global_step = loaded.position.global_step
         ckpt.set_rng_state(loaded.rng)
         position = loaded.position
-        console_print(self.console, f"resuming from {loaded.path} (task {position.task_index}, step {position.step_in_task})")
+        console_print(self.console, f"resuming from {loaded.path}: {describe_position(position, self.tasks)}")
         return position
 
     # -- train --------------------------------------------------------------------------------
@@ -222,11 +224,14 @@ class FineTune:
         optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
         scheduler = build_scheduler(optimizer, config.train, task.steps)
         if mid_task and self.loaded is not None and self.loaded.optimizer is not None:
-            optimizer.load_state_dict(self.loaded.optimizer)
-            scheduler.load_state_dict(self.loaded.scheduler)
+            # the restored state, with the hyperparameters of this config (they may change on resume)
+            with keep_hyperparameters(optimizer, scheduler):
+                optimizer.load_state_dict(self.loaded.optimizer)
+                scheduler.load_state_dict(self.loaded.scheduler)
 
         enabled = config.train.progress and accelerator.is_main_process
-        with TaskProgress(f"{hybrid.name} · {task.name}", task.steps, first_step, enabled, self.console) as progress:
+        with TaskProgress(f"{hybrid.name} · {task.name}", task.steps, first_step, enabled, self.console) as progress, \
+                self.stop.installed():
             stats = train_task(
                 model=self.model,
                 hybrid=hybrid,
@@ -240,6 +245,7 @@ class FineTune:
             )
         hybrid.after_task(task, ctx)
         stats.peak_memory = peak_memory_bytes(accelerator.device)
+        ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
         if config.output.save_per_task and accelerator.is_main_process:
             save_model_dir(
                 accelerator.unwrap_model(self.model), self.tokenizer, self.run_dir / "tasks" / f"{task.index:02d}-{task.name}",
@@ -252,15 +258,26 @@ class FineTune:
         return stats
 
     def end_of_step(self, task: TaskInfo, optimizer: Any, scheduler: Any, step_in_task: int) -> None:
-        """After each optimizer step: the periodic checkpoint and the step evaluation."""
+        """After each optimizer step: the periodic checkpoint, the step evaluation, and a Ctrl-C's stop."""
         every = self.config.checkpoint.every
+        position = ckpt.Position(task.index, step_in_task, self.ctx.global_step, True)
+        saved = None
         if every and step_in_task % every == 0 and step_in_task < task.steps:
-            self.save_checkpoint(ckpt.Position(task.index, step_in_task, self.ctx.global_step, True), optimizer, scheduler)
+            saved = self.save_checkpoint(position, optimizer, scheduler)
         eval_every = self.config.eval.every_n_steps
-        if self.observer is not None and eval_every and step_in_task % eval_every == 0:
+        if self.observer is not None and eval_every and step_in_task % eval_every == 0 and not self.stop.requested:
             self.observer.on_step(self.model, self.ctx, task)
+        if self.stop.requested:
+            self.stop_here(task, position, optimizer, scheduler, saved)
 
-    def save_checkpoint(self, position: ckpt.Position, optimizer: Any = None, scheduler: Any = None) -> None:
+    def stop_here(self, task: TaskInfo, position: ckpt.Position, optimizer: Any, scheduler: Any, saved: Path | None) -> None:
+        """Ctrl-C: checkpoint the step just completed (a second Ctrl-C skips that) and stop."""
+        if saved is None:  # after a task's last step too: resuming there runs the task's end (outputs, evaluation)
+            console_print(self.console, "interrupted: saving a checkpoint of the last completed step (Ctrl-C again to skip it)")
+            saved = self.save_checkpoint(position, optimizer, scheduler)
+        raise TrainingInterrupted(describe_position(position, self.tasks), saved)
+
+    def save_checkpoint(self, position: ckpt.Position, optimizer: Any = None, scheduler: Any = None) -> Path:
         """Everything needed to resume at ``position``; optimizer state only mid-task (a task starts fresh)."""
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(
@@ -274,6 +291,7 @@ class FineTune:
                 keep=self.config.checkpoint.keep,
             )
         self.accelerator.wait_for_everyone()
+        return ckpt.checkpoint_dir(self.run_dir, position.global_step, position.task_index)
 
     # -- export -------------------------------------------------------------------------------
 
@@ -296,6 +314,7 @@ def finetune(
     config: RunConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     observer: RunObserver | None = None,
     console: Console | None = None,
     model: nn.Module | None = None,
@@ -304,10 +323,12 @@ def finetune(
     """Train ``config.tasks`` in order with ``config.strategies``; resume exactly from the last checkpoint.
 
     ``model``/``tokenizer`` may be passed in memory (tests, benchmarks); otherwise they are loaded from
-    ``config.model``.
+    ``config.model``. ``overwrite`` empties an ``output.dir`` that holds an earlier run or other files
+    (never one that holds an input of the run). Ctrl-C during training checkpoints the last completed
+    step and raises :class:`~retain.train.interrupt.TrainingInterrupted`.
     """
     recipe = FineTune(config, observer=observer, console=console)
-    recipe.setup(resume=resume, model=model, tokenizer=tokenizer)
+    recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
     start = recipe.restore()
     task_stats = recipe.train_tasks(start)
     return recipe.export(task_stats)
@@ -328,6 +349,18 @@ def _flatten_into(flat: dict[str, Any], node: Any, prefix: str) -> None:
         flat[prefix] = node
     else:
         flat[prefix] = str(node)
+
+
+def describe_position(position: ckpt.Position, tasks: list[TaskInfo]) -> str:
+    """Where a run stands, in the numbering of checkpoint names: steps count from 1, and "after step k"
+    is the state of checkpoint ``step-<global k>``."""
+    if position.task_index >= len(tasks):
+        return f"after the last task (global step {position.global_step})"
+    task = tasks[position.task_index]
+    where = f"task '{task.name}' ({position.task_index + 1} of {len(tasks)})"
+    if position.step_in_task == 0 and not position.task_started:
+        return f"{where}, before its first step (global step {position.global_step})"
+    return f"{where}, after step {position.step_in_task} of {task.steps} (global step {position.global_step})"
 
 
 def console_print(console: Console | None, message: str) -> None:

@@ -4,9 +4,15 @@
 Before the first task, the base model (adapters disabled when the run wraps it with peft) generates one
 set per source (see :mod:`retain.strategies.synthetic_replay.generation` for the pipeline):
 - each task listed under ``tasks`` from its ``description`` and ``demonstrations`` (texts or
-  ``{prompt, completion}`` pairs that the user supplies), or, with ``demonstrations_from_data: N``, from
-  N examples of the task's own training data chosen by seed: those N are the only real examples kept;
-- a general set from ``prompts`` (continuations of general prompts).
+  ``{prompt, completion}`` pairs that the user supplies); every other task from
+  ``demonstrations_from_data`` (default 3) examples of its own training data chosen by seed: those are
+  the only real examples kept (set it to 0 to keep none);
+- a general set from ``prompts`` (continuations of general prompts), or, when none are given, from the
+  openings (first ``opening_words`` words) of ``general_prompts`` (default 8) texts of ``general_data``
+  chosen by seed.
+
+With no settings at all, ``synthetic-replay`` thus runs from its name like every other strategy: a set
+per task from 3 of its examples, and a general set when the run has ``general_data``.
 Sets are written to ``output_dir`` (default ``<run_dir>/synthetic``) as ``<source>.jsonl`` with a
 ``manifest.json`` naming the description, demonstrations and sampling settings behind each; a later run
 can reuse them with ``reuse_dir``.
@@ -31,7 +37,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from retain.config import RunConfig, StrictModel
+from retain.config import DataConfig, RunConfig, StrictModel
+from retain.data import load_records
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.data.sampling import derive_seed, seeded_generator
 from retain.io import atomic_write_text
@@ -48,6 +55,18 @@ from retain.strategies.synthetic_replay.generation import (
 )
 
 GENERAL_SOURCE = "@general"
+
+
+def opening_text(record: dict[str, Any], cfg: DataConfig, words: int) -> str:
+    """The first ``words`` words of a record's text: its text field, prompt, or first message's content."""
+    value = record.get(cfg.text_field)
+    if not isinstance(value, str):
+        value = record.get(cfg.prompt_field)
+    if not isinstance(value, str):
+        messages = record.get(cfg.messages_field)
+        first = messages[0] if isinstance(messages, list) and messages else None
+        value = first.get("content") if isinstance(first, dict) else None
+    return " ".join(value.split()[:words]) if isinstance(value, str) else ""
 
 
 class PromptCompletion(StrictModel):
@@ -68,8 +87,13 @@ class SyntheticReplayConfig(StrategyConfig):
     tasks: dict[str, TaskSeed] = Field(default_factory=dict, description="Task name -> description + demonstrations.")
     prompts: list[str] = Field(default_factory=list, description="General prompts whose continuations form a general set.")
     demonstrations_from_data: int = Field(
-        0, ge=0, description="For tasks not under `tasks`: use this many of their training examples as demonstrations."
+        3, ge=0,
+        description="For tasks not under `tasks`: this many of their training examples are the demonstrations (0: none).",
     )
+    general_prompts: int = Field(
+        8, ge=0, description="Without `prompts`: this many openings of general_data texts are the general prompts (0: none)."
+    )
+    opening_words: int = Field(8, gt=0, description="Words of a general_data text that make its opening.")
     per_source: int = Field(200, gt=0, description="Examples kept per set (SSR: 200 per task).")
     candidates: int | None = Field(None, gt=0, description="Candidates generated per set; default 2 x per_source.")
     max_new_tokens: int = Field(64, gt=0)
@@ -109,10 +133,11 @@ class SyntheticReplay(Strategy):
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         config = self.config
-        if not config.tasks and not config.prompts and not config.demonstrations_from_data:
+        general = bool(config.prompts) or (config.general_prompts > 0 and run.general_data is not None)
+        if not config.tasks and not general and not config.demonstrations_from_data:
             return [
-                f"nothing to synthesize from: set {where}.prompts (general), {where}.tasks: {{<task>: {{description, "
-                f"demonstrations}}}}, or {where}.demonstrations_from_data: 2"
+                f"nothing to synthesize from: set {where}.prompts or general_data (general), {where}.tasks: "
+                f"{{<task>: {{description, demonstrations}}}}, or {where}.demonstrations_from_data: 3"
             ]
         names = [t.name for t in run.tasks]
         problems = []
@@ -127,7 +152,8 @@ class SyntheticReplay(Strategy):
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
         self.seed = ctx.seed_for(self)
-        self.sources = ([GENERAL_SOURCE] if self.config.prompts else []) + [
+        general = bool(self.config.prompts) or (self.config.general_prompts > 0 and ctx.config.general_data is not None)
+        self.sources = ([GENERAL_SOURCE] if general else []) + [
             n for n in names if n in self.config.tasks or self.config.demonstrations_from_data
         ]
         self.buffer = ReplayBuffer(self.config.per_source * max(1, len(self.sources)), seed=self.seed + 130363)
@@ -145,7 +171,8 @@ class SyntheticReplay(Strategy):
     def _seed_material(self, source: str, ctx: StrategyContext) -> dict[str, Any]:
         """Description, demonstrations and prompts for one source."""
         if source == GENERAL_SOURCE:
-            return {"description": "", "demonstrations": [], "prompts": list(self.config.prompts)}
+            prompts = list(self.config.prompts) or self._general_openings(ctx)
+            return {"description": "", "demonstrations": [], "prompts": prompts}
         if source in self.config.tasks:
             seed = self.config.tasks[source]
             demos = [d.model_dump() if isinstance(d, PromptCompletion) else d for d in seed.demonstrations]
@@ -155,6 +182,16 @@ class SyntheticReplay(Strategy):
         picked = [task.train_examples[i] for i in order[: self.config.demonstrations_from_data].tolist()]
         demos = [example_as_demonstration(e, ctx.tokenizer) for e in picked]
         return {"description": "", "demonstrations": demos, "prompts": []}
+
+    def _general_openings(self, ctx: StrategyContext) -> list[str]:
+        """The first ``opening_words`` words of ``general_prompts`` general_data texts, chosen by seed."""
+        cfg = ctx.config.general_data
+        if cfg is None:
+            return []
+        records = load_records(cfg)
+        texts = [t for t in (opening_text(r, cfg, self.config.opening_words) for r in records) if t]
+        order = torch.randperm(len(texts), generator=seeded_generator(self.seed, 104729)).tolist()
+        return [texts[i] for i in sorted(order[: self.config.general_prompts])]
 
     def _generate_all(self, ctx: StrategyContext) -> None:
         """Every set, from the model as it is before any training (the base model)."""
