@@ -247,3 +247,28 @@ def test_bench_refuses_a_non_empty_out_and_its_data_folder(tiny_model_dir: Path,
         run_bench(scenario, ["full"], out=data / "bench", progress=False, overwrite=True)
     results = run_bench(scenario, ["full"], out=out, progress=False, overwrite=True)
     assert [r.name for r in results.runs] == ["full"] and (out / "results.json").read_text() != "earlier results"
+
+
+def test_rerunning_the_same_bench_replaces_only_its_own_results(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """`retain demo` twice works (its folder holds only its own results); a note beside them stops it."""
+    from retain.config import DataConfig, TaskConfig
+    from retain.eval.suite import SuiteConfig
+    from retain.eval.tasks import LossEval
+    from retain.scenarios.base import Scenario
+    from retain.scenarios.bench import run_bench
+
+    scenario = Scenario(
+        name="tiny", base_model=str(tiny_model_dir),
+        tasks=[TaskConfig(name="t", data=DataConfig(path=str(text_file), max_length=16))],
+        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(text_file), max_length=16), max_examples=2)]),
+        general_data=None, train={"steps_per_task": 1, "batch_size": 2},
+    )
+    out = tmp_path / "bench"
+    first = run_bench(scenario, ["full"], out=out, progress=False)
+    second = run_bench(scenario, ["lora"], out=out, progress=False)  # same scenario: its own results are replaced
+    assert [r.name for r in first.runs] == ["full"] and [r.name for r in second.runs] == ["lora"]
+    assert not (out / "runs" / "full").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        run_bench(scenario, ["full"], out=out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 
 from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
-from retain.errors import ConfigError
+from retain.errors import ConfigError, RetainError
 from retain.io import empty_folder, prepare_output, refuse_inputs
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
@@ -111,6 +111,23 @@ def build_run_config(
     return config
 
 
+BENCH_OUTPUTS = frozenset({"results.json", "report.html", "runs"})
+
+
+def holds_only_earlier_results(out: Path, scenario: str) -> bool:
+    """Whether ``out`` holds nothing but what an earlier bench of the same scenario wrote there, so that
+    running the same command again (the README's ``retain demo``) replaces its own results while any
+    folder with something else in it still needs ``--overwrite``."""
+    if not out.is_dir() or not (out / "results.json").is_file():
+        return False
+    if not {p.name for p in out.iterdir()} <= BENCH_OUTPUTS:
+        return False
+    try:
+        return Results.load(out / "results.json").scenario == scenario
+    except RetainError:
+        return False
+
+
 def run_bench(
     scenario: str | Scenario,
     strategies: list[str],
@@ -159,6 +176,9 @@ def run_bench(
         )
         for item in items
     }  # every item validated before the first one trains
+    if not overwrite and holds_only_earlier_results(out, scenario.name):
+        console.print(f"replacing the earlier {scenario.name} results in {out} (a folder this command wrote)")
+        overwrite = True
     prepare_output(out, overwrite=overwrite, inputs=[*early_inputs, *scenario.inputs, scenario.base_model])
     if overwrite:
         empty_folder(out)
