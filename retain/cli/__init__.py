@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from retain.cli import bench, convert, evaluate, results, train  # noqa: F401  (each registers its commands)
+from retain.cli import bench, convert, evaluate, recommend, results, train, tune  # noqa: F401  (each registers its commands)  # noqa: F401,E402
 from retain.cli.app import app
 from retain.cli.importance import importance_app
 from retain.cli.merge import merge_command
