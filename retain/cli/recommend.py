@@ -32,6 +32,7 @@ def recommend(
     out: Optional[Path] = typer.Option(None, "--out", help="Write a run YAML of the recommended hybrid here."),
 ) -> None:
     """Recommend a hybrid of methods for your constraints: reasons, and measured evidence for each."""
+    from retain.guide.catalogue import display_name
     from retain.guide.evidence import load_evidence
     from retain.guide.rules import Constraints, rank
     from retain.guide.template import run_yaml
@@ -55,7 +56,7 @@ def recommend(
         console.print(f"[bold]evidence[/]: {evidence.provenance()} (general retention, new-task gain)")
     for place, item in enumerate(allowed[:3]):
         title = "recommended" if place == 0 else f"alternative {place}"
-        console.print(f"\n[bold]{title}: [cyan]{item.hybrid.label}[/][/]  ({item.hybrid.key})", highlight=False)
+        console.print(f"\n[bold]{title}: [cyan]{display_name(item.hybrid)}[/][/]  ({item.hybrid.key})", highlight=False)
         console.print(f"  {item.hybrid.summary}", highlight=False)
         for reason in item.reasons:
             console.print(f"  - {reason}", highlight=False)
@@ -72,7 +73,7 @@ def recommend(
     if excluded:
         console.print("\n[bold]ruled out[/]:", highlight=False)
         for item in excluded:
-            console.print(f"  {item.hybrid.label:<26} {item.excluded_by[0]}", highlight=False)
+            console.print(f"  {display_name(item.hybrid):<30} {item.excluded_by[0]}", highlight=False)
     if out is not None:
         best = allowed[0].hybrid
         header = (f"retain recommend: {best.label} for {constraints.describe()}\n"

@@ -74,7 +74,7 @@ def tune(
     options = TuneOptions(trials=trials, steps=steps, min_general_retention=min_general_retention,
                           max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints)
     tuner = Tuner(load_target(target, data_dir=data_dir, seed=seed), options, out, progress=_Bar())
-    console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({', '.join(h.label for h in tuner.eligible)})",
+    console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({', '.join(tuner.labels[h.key] for h in tuner.eligible)})",
                   highlight=False)
     for key, why in tuner.skipped.items():
         console.print(f"  skipped {key}: {why}", highlight=False)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import yaml
 
 from retain.errors import ConfigError, DivergenceError, OutputError, RetainError, StateError
-from retain.guide.catalogue import Hybrid
+from retain.guide.catalogue import Hybrid, display_name
 from retain.guide.evidence import Evidence, load_evidence
 from retain.guide.monitor import DOMINANCE_MARGIN, TrialObserver, below_floor, dominated, floor_value
 from retain.guide.rules import Constraints, ladder, rank
@@ -208,7 +208,7 @@ class Tuner:
             raise ConfigError("no hybrid fits these constraints on this target: " + "; ".join(
                 f"{k}: {v}" for k, v in self.skipped.items()) or "every hybrid is ruled out")
         self.by_key = {h.key: h for h in self.eligible}
-        self.labels = {h.key: h.label for h in self.eligible}
+        self.labels = {h.key: display_name(h) for h in self.eligible}
         steps = options.steps or int(target.base["train"]["steps_per_task"])
         self.every = steps // 2 if steps >= 4 else 0
         self.train_fn = train_fn
@@ -295,7 +295,7 @@ class Tuner:
         trial.set_user_attr("hybrid", h.key)
         trial.set_user_attr("strategies", [s.model_dump(mode="json") for s in config.strategies])
         trial.set_user_attr("steps", config.train.steps_per_task)
-        self.progress.trial_started(trial.number, h.label)
+        self.progress.trial_started(trial.number, self.labels[h.key])
         intermediate: list[list[float | None]] = []
 
         def report(step: int, new_task: float | None, retention: float | None) -> None:
@@ -313,7 +313,7 @@ class Tuner:
 
         from retain.eval.runner import SuiteObserver
 
-        inner = SuiteObserver(self.target.suite, name=h.label, run_dir=folder, config=config.model_dump(mode="json"),
+        inner = SuiteObserver(self.target.suite, name=self.labels[h.key], run_dir=folder, config=config.model_dump(mode="json"),
                               batch_size=config.eval.batch_size)
         observer = TrialObserver(inner, report)
         started = time.perf_counter()
