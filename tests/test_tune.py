@@ -17,7 +17,7 @@ from retain.guide.evidence import Evidence, EvidenceRow
 from retain.guide.monitor import below_floor, dominated, floor_value, intermediate_suite, point_from_scores
 from retain.guide.rules import Constraints
 from retain.guide.target import load_target
-from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, seed_hybrids
+from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
 from retain.guide.tune_report import TrialRecord, choose_best, front
 from retain.results.schema import Score
 from retain.train.run import load_run_config
@@ -69,12 +69,20 @@ def test_ladder_next_finishes_the_first_rung_that_keeps_the_floor():
     assert ladder_next(rungs, nothing, 2, 0.9) is None
 
 
-def test_seed_hybrids_prefers_measured_winners_within_the_floor():
+def test_promising_first_puts_measured_winners_within_the_floor_first():
     hybrids = [find_hybrid(k) for k in ("lora", "full", "full+ewc", "full+replay")]
     ev = Evidence("s", 300, "2026", "0", {"full": EvidenceRow(0.6, 0.2, 0.3), "full+ewc": EvidenceRow(0.4, 0.2, 0.92),
                                           "full+replay": EvidenceRow(0.5, 0.2, 0.95)})
-    assert [h.label for h in seed_hybrids(hybrids, ev, 0.9, 3)] == ["full+replay", "full+ewc", "lora"]
-    assert [h.label for h in seed_hybrids(hybrids, None, 0.9, 2)] == ["lora", "full"]
+    assert [h.label for h in promising_first(hybrids, ev, 0.9)] == ["full+replay", "full+ewc", "lora", "full"]
+    assert [h.label for h in promising_first(hybrids, None, 0.9)] == ["lora", "full", "full+ewc", "full+replay"]
+    assert [h.label for h in promising_first(hybrids, ev, 0.93)] == ["full+replay", "lora", "full", "full+ewc"]
+
+
+def test_pick_hybrids_by_key_or_label():
+    ordered = [find_hybrid(k) for k in ("lora", "full+lwf@lwf.anchor=general@lwf.teacher=cached_topk", "full+ewc")]
+    assert pick_hybrids(ordered, ["full+ewc", "full+lwf[teacher=cached_topk]", "lora"]) == [ordered[2], ordered[1], ordered[0]]
+    with pytest.raises(ConfigError, match="'full' is not among"):
+        pick_hybrids(ordered, ["full"])
 
 
 def test_intermediate_point_and_suite():
@@ -177,7 +185,8 @@ def test_a_killed_tune_resumes_without_redoing_finished_trials(tiny_run, tmp_pat
     from retain.train import finetune
 
     out = tmp_path / "tune"
-    options = TuneOptions(trials=4, steps=3, seed=1, constraints=SMALL, min_general_retention=0.0)
+    options = TuneOptions(trials=4, steps=3, seed=1, constraints=SMALL, min_general_retention=0.0,
+                          hybrids=["lora+lwf", "lora+fip"])
     calls = []
 
     def killed_on_third(config, observer):
@@ -252,3 +261,11 @@ def test_scenario_best_yaml_reproduces_the_scenario(data_dir, tmp_path):
     from retain.eval.suite import load_suite
 
     assert [t.name for t in load_suite(config.eval.suite).tasks] == [t.name for t in target.suite.tasks]
+
+
+def test_max_minutes_stops_starting_trials(tiny_run, tmp_path):
+    options = TuneOptions(trials=3, steps=3, max_minutes=0, constraints=SMALL)
+    result = Tuner(load_target(str(tiny_run)), options, tmp_path / "t").run()
+    assert result.records == [] and result.best is None
+    assert json.loads((tmp_path / "t" / "trials.json").read_text())["trials"] == []
+    assert (tmp_path / "t" / "report.html").is_file() and not (tmp_path / "t" / "best.yaml").exists()

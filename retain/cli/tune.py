@@ -56,6 +56,8 @@ def tune(
     privacy: str = typer.Option("normal", "--privacy", help="strict: never replay real data."),
     stakes: str = typer.Option("normal", "--stakes", help="high: every hybrid includes lwf or fip."),
     adapters: Optional[bool] = typer.Option(None, "--adapters/--full-weights", help="Search only adapter or only full-weight hybrids."),
+    hybrids: Optional[str] = typer.Option(
+        None, "--hybrids", help="Comma-separated hybrids to search (e.g. full+replay,lora+lwf); default: the most promising."),
 ) -> None:
     """Search hybrids and their strengths by training each for a short budget; write the best as best.yaml."""
     from retain.guide.rules import Constraints
@@ -72,7 +74,8 @@ def tune(
     if not (out / MARKER).is_file():
         check_folder(out, {})  # refuse a foreign non-empty folder before any data loads
     options = TuneOptions(trials=trials, steps=steps, min_general_retention=min_general_retention,
-                          max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints)
+                          max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints,
+                          hybrids=[h.strip() for h in hybrids.split(",") if h.strip()] if hybrids else None)
     tuner = Tuner(load_target(target, data_dir=data_dir, seed=seed), options, out, progress=_Bar())
     console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({', '.join(tuner.labels[h.key] for h in tuner.eligible)})",
                   highlight=False)

@@ -1,8 +1,11 @@
 """``retain tune``: search hybrids and their strengths by training them, with optuna.
 
-Each trial trains one hybrid from the catalogue (those the constraints allow and the target can run)
-with strengths drawn from the strategies' declared ranges, on the target's own data and suite, for a
-short budget. Two objectives, new-task score and general retention, both up; or, with a retention
+Each trial trains one hybrid from the catalogue with strengths drawn from the strategies' declared
+ranges, on the target's own data and suite, for a short budget. The hybrids searched are those the
+constraints allow and the target can run, most promising first (kept the floor on the packaged
+benchmark with the largest gain, then the rules' order), narrowed to ``max(4, trials // 2)`` so a
+short search spends its trials on strengths rather than on one visit per hybrid (``--hybrids`` names
+them instead). Two objectives, new-task score and general retention, both up; or, with a retention
 floor R, one objective (new-task score) under the constraint retention >= R. Hopeless trials are
 pruned from intermediate scores (see :mod:`retain.guide.monitor`). The first trials are the
 hybrids that did best on the packaged benchmark at their default strengths; optuna's TPE goes on from
@@ -59,6 +62,8 @@ class TuneOptions:
     seed: int = 0
     constraints: Constraints = field(default_factory=Constraints)
     seeds: int | None = None  # trials at default strengths before the search (default: about a third)
+    hybrids: list[str] | None = None  # search only these (keys or labels); default: the most promising
+    focus: int | None = None  # search the N most promising hybrids (default: max(4, trials // 2))
 
 
 @dataclass
@@ -100,9 +105,9 @@ def search_space(
     return eligible, skipped
 
 
-def seed_hybrids(eligible: list[Hybrid], evidence: Evidence | None, floor: float, count: int) -> list[Hybrid]:
-    """The hybrids to try first at their default strengths: those that kept ``floor`` on the benchmark
-    with the largest new-task gain, then the rules' order for the rest."""
+def promising_first(eligible: list[Hybrid], evidence: Evidence | None, floor: float) -> list[Hybrid]:
+    """The hybrids in the order a short search should try them: those that kept ``floor`` on the
+    benchmark with the largest new-task gain first, then the rules' order for the rest."""
 
     def order(i: int) -> tuple[bool, float, int]:
         row = evidence.row(eligible[i].key) if evidence is not None else None
@@ -110,8 +115,21 @@ def seed_hybrids(eligible: list[Hybrid], evidence: Evidence | None, floor: float
             return True, 0.0, i
         return False, -row.new_task_gain, i
 
-    order = sorted(range(len(eligible)), key=order)
-    return [eligible[i] for i in order[:count]]
+    return [eligible[i] for i in sorted(range(len(eligible)), key=order)]
+
+
+def pick_hybrids(ordered: list[Hybrid], names: list[str]) -> list[Hybrid]:
+    """The hybrids ``names`` asks for (catalogue keys, labels or table names), in the order given."""
+    picked = []
+    for name in names:
+        match = [h for h in ordered if name in (h.key, h.label, display_name(h))]
+        if not match:
+            raise ConfigError(
+                f"--hybrids: {name!r} is not among the hybrids these constraints allow on this target: "
+                + ", ".join(display_name(h) for h in ordered)
+            )
+        picked += [h for h in match[:1] if h not in picked]
+    return picked
 
 
 def ladder_next(rungs: list[str], records: list[TrialRecord], per_rung: int, floor: float) -> str | None:
@@ -203,10 +221,17 @@ class Tuner:
             raise ConfigError("--ladder stops at the first rung that keeps a retention floor: set --min-general-retention R")
         if options.trials < 1:
             raise ConfigError(f"--trials must be at least 1 (got {options.trials})")
-        self.eligible, self.skipped = search_space(target, self.constraints, self.evidence)
-        if not self.eligible:
+        allowed, self.skipped = search_space(target, self.constraints, self.evidence)
+        if not allowed:
             raise ConfigError("no hybrid fits these constraints on this target: " + "; ".join(
                 f"{k}: {v}" for k, v in self.skipped.items()) or "every hybrid is ruled out")
+        ordered = promising_first(allowed, self.evidence, DEFAULT_FLOOR if self.floor is None else self.floor)
+        if options.hybrids:
+            self.eligible = pick_hybrids(ordered, options.hybrids)
+        elif options.ladder:
+            self.eligible = ordered
+        else:
+            self.eligible = ordered[: options.focus or max(4, options.trials // 2)]
         self.by_key = {h.key: h for h in self.eligible}
         self.labels = {h.key: display_name(h) for h in self.eligible}
         steps = options.steps or int(target.base["train"]["steps_per_task"])
@@ -408,8 +433,7 @@ class Tuner:
         if resuming:
             self._recover(study)
         elif not self.options.ladder:
-            floor = DEFAULT_FLOOR if self.floor is None else self.floor
-            for h in seed_hybrids(self.eligible, self.evidence, floor, self._seed_count()):
+            for h in self.eligible[: self._seed_count()]:
                 study.enqueue_trial({"hybrid": h.key, **default_values(h)})
         deadline = None if self.options.max_minutes is None else time.monotonic() + 60 * self.options.max_minutes
         self.progress.start(self.options.trials, self._done(study))
