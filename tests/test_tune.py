@@ -18,7 +18,7 @@ from retain.guide.monitor import below_floor, dominated, floor_value, intermedia
 from retain.guide.rules import Constraints
 from retain.guide.target import load_target
 from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
-from retain.guide.tune_report import TrialRecord, choose_best, front
+from retain.guide.tune_report import TrialRecord, choose_best, confirm_candidates, front
 from retain.results.schema import Score
 from retain.train.run import load_run_config
 
@@ -54,6 +54,18 @@ def test_choose_best_within_the_floor_else_the_most_retention():
     best, kept = choose_best(records, 0.99)
     assert (best.number, kept) == (1, False)
     assert [r.number for r in front(records)] == [1, 2, 0]  # pruned and repeated trials are not on it
+
+
+def test_confirm_candidates_spread_along_the_front_that_keeps_the_floor():
+    records = [_rec(0, new=0.6, ret=0.95), _rec(1, new=0.5, ret=0.97), _rec(2, new=0.4, ret=0.99),
+               _rec(3, new=0.7, ret=0.5), _rec(4, new=0.3, ret=0.92), _rec(5, new=0.55, ret=0.96)]
+    # front of those keeping 0.9, best new task first: 0, 5, 1, 2 (4 is dominated)
+    assert [r.number for r in confirm_candidates(records, 0.9, 2)] == [0, 2]
+    assert [r.number for r in confirm_candidates(records, 0.9, 3)] == [0, 1, 2]
+    assert [r.number for r in confirm_candidates(records, 0.9, 1)] == [2]  # the safest
+    assert [r.number for r in confirm_candidates(records, 0.9, 9)] == [0, 5, 1, 2]
+    assert [r.number for r in confirm_candidates(records, 0.999, 2)] == [2, 1]  # none keeps it: most retentive
+    assert confirm_candidates(records, 0.9, 0) == []
 
 
 def test_ladder_next_finishes_the_first_rung_that_keeps_the_floor():
@@ -128,7 +140,7 @@ def tiny_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
         "tasks": [{"name": "t1", "data": {"path": str(tmp_path / "task.jsonl"), "max_length": 32}}],
         "strategies": [{"name": "lora", "r": 4}],
         "general_data": {"path": str(tmp_path / "general.jsonl"), "max_length": 32},
-        "train": {"steps_per_task": 50, "batch_size": 4, "lr": 1e-2, "progress": False},
+        "train": {"steps_per_task": 6, "batch_size": 4, "lr": 1e-2, "progress": False},
         "eval": {"suite": str(tmp_path / "suite.yaml"), "batch_size": 8},
         "output": {"dir": str(tmp_path / "runs" / "mine")},
     }
@@ -162,10 +174,14 @@ def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
     html = (out / "report.html").read_text()
     assert "<svg" in html and "Pareto front" in html and "All trials" in html
     best = load_run_config(out / "best.yaml")  # a complete run, ready for retain train
-    assert best.train.steps_per_task == 3 and best.eval.suite == str(tiny_run.parent / "suite.yaml")
+    # trials ran 3 steps; the best was confirmed at the run's own budget (6 steps)
+    assert best.train.steps_per_task == 6 and best.eval.suite == str(tiny_run.parent / "suite.yaml")
     assert best.output.dir.endswith("mine-tuned")
     data = json.loads((out / "trials.json").read_text())
+    assert data["best"]["confirmed"] and data["best"]["steps"] == 6
+    assert [c["steps"] for c in data["confirmed"]] == [6] * len(data["confirmed"]) and 1 <= len(data["confirmed"]) <= 2
     assert [s.name for s in best.strategies] == [s["name"] for s in _trials(out)[data["best"]["trial"]]["strategies"]]
+    assert "confirmed at the full budget" in result.output
     # a second run into the same folder with other settings is refused; a foreign folder too
     again = runner.invoke(app, ["tune", str(tiny_run), "--trials", "3", "--steps", "4", "--out", str(out),
                                 "--compute", "low", "--stakes", "high", "--adapters"])
@@ -216,11 +232,14 @@ def test_a_killed_tune_resumes_without_redoing_finished_trials(tiny_run, tmp_pat
     assert retry and retry[0]["state"] in ("complete", "pruned")  # the killed trial ran again with its settings
     counted = [t for t in after.values() if t["state"] in ("complete", "pruned") and t["duplicate_of"] is None]
     assert len(counted) == 4
-    assert len(resumed_calls) == 2  # only the two missing trials trained
-    assert result.best is not None
-    # a finished tune run again does nothing
-    assert Tuner(load_target(str(tiny_run)), options, out, train_fn=counting).run().records == result.records
-    assert len(resumed_calls) == 2
+    trained = [Path(c).parent.name for c in resumed_calls]
+    assert trained.count("trials") == 2  # only the two missing trials trained, then the confirmations
+    assert trained.count("confirm") == len(result.confirmed) >= 1
+    assert result.best is not None and result.best.confirms is not None
+    # a finished tune run again trains nothing
+    again = Tuner(load_target(str(tiny_run)), options, out, train_fn=counting).run()
+    assert again.records == result.records and again.confirmed == result.confirmed
+    assert len(resumed_calls) == len(trained)
 
 
 def test_ladder_stops_at_the_first_rung_that_keeps_the_floor(tiny_run, tmp_path):

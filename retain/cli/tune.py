@@ -35,6 +35,10 @@ class _Bar:
             self.best = f"  · best #{best.number} {best.label} {best.new_task_score:.3f}/{best.general_retention:.3f}"
         self.progress.update(self.task, advance=1 if done else 0, info=f"trial {record.number} {record.state}{self.best}")
 
+    def confirm_started(self, record, steps: int) -> None:  # noqa: ANN001
+        console.print(f"confirming trial #{record.number} {record.label} at the full budget ({steps} steps per task)",
+                      highlight=False)
+
     def stop(self) -> None:
         self.progress.stop()
 
@@ -56,6 +60,8 @@ def tune(
     privacy: str = typer.Option("normal", "--privacy", help="strict: never replay real data."),
     stakes: str = typer.Option("normal", "--stakes", help="high: every hybrid includes lwf or fip."),
     adapters: Optional[bool] = typer.Option(None, "--adapters/--full-weights", help="Search only adapter or only full-weight hybrids."),
+    confirm: int = typer.Option(
+        2, "--confirm", min=0, help="With --steps below the run's budget: retrain this many promising trials at the full budget."),
     hybrids: Optional[str] = typer.Option(
         None, "--hybrids", help="Comma-separated hybrids to search (e.g. full+replay,lora+lwf); default: the most promising."),
 ) -> None:
@@ -63,7 +69,7 @@ def tune(
     from retain.guide.rules import Constraints
     from retain.guide.target import load_target
     from retain.guide.tune import MARKER, TuneOptions, Tuner, check_folder
-    from retain.guide.tune_report import front_table
+    from retain.guide.tune_report import front_tables
 
     constraints = Constraints(
         compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
@@ -74,7 +80,7 @@ def tune(
     if not (out / MARKER).is_file():
         check_folder(out, {})  # refuse a foreign non-empty folder before any data loads
     options = TuneOptions(trials=trials, steps=steps, min_general_retention=min_general_retention,
-                          max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints,
+                          max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints, confirm=confirm,
                           hybrids=[h.strip() for h in hybrids.split(",") if h.strip()] if hybrids else None)
     tuner = Tuner(load_target(target, data_dir=data_dir, seed=seed), options, out, progress=_Bar())
     console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({', '.join(tuner.labels[h.key] for h in tuner.eligible)})",
@@ -82,14 +88,16 @@ def tune(
     for key, why in tuner.skipped.items():
         console.print(f"  skipped {key}: {why}", highlight=False)
     result = tuner.run()
-    console.print(front_table(result.records, min_general_retention))
+    for table in front_tables(result.records, min_general_retention, result.confirmed):
+        console.print(table)
     if result.best is None:
         console.print("no trial finished")
     else:
         floor = 0.9 if min_general_retention is None else min_general_retention
         verdict = "keeps" if result.keeps_floor else "[red]misses[/]"
         console.print(
-            f"best: trial #{result.best.number} {result.best.label}, new-task score {result.best.new_task_score:.3f}, "
-            f"general retention {result.best.general_retention:.3f} ({verdict} the floor {floor:g})", highlight=False)
+            f"best: trial #{result.best.number} {result.best.label} at {result.best.steps} steps per task, new-task score "
+            f"{result.best.new_task_score:.3f}, general retention {result.best.general_retention:.3f} "
+            f"({verdict} the floor {floor:g})", highlight=False)
     console.print(f"trials: {out / 'trials.json'}\nbest:   {out / 'best.yaml'}  (retain train {out / 'best.yaml'})"
                   f"\nreport: {out / 'report.html'}")

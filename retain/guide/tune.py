@@ -12,6 +12,11 @@ hybrids that did best on the packaged benchmark at their default strengths; optu
 there. ``ladder`` walks the prototyping path instead (lora, then + distillation, then + rehearsal or
 fip, ...) and stops after the first rung that keeps R.
 
+What keeps R for a few steps need not keep it for a whole run (retention falls as training goes on),
+so when trials are shorter than the target's own budget, ``confirm`` promising trials (spread along
+the front of those that kept R, from the best new-task score to the most retention) are retrained
+at the full budget, and best.yaml is the best of those.
+
 The study lives in ``DIR/study.db`` (sqlite), so a killed tune resumes: finished trials stay, a trial
 that was running when the process died is run again with the same settings.
 """
@@ -39,6 +44,8 @@ from retain.guide.tune_report import (
     DEFAULT_FLOOR,
     TrialRecord,
     choose_best,
+    confirm_candidates,
+    pick,
     write_trials_json,
     write_tune_report,
 )
@@ -64,6 +71,7 @@ class TuneOptions:
     seeds: int | None = None  # trials at default strengths before the search (default: about a third)
     hybrids: list[str] | None = None  # search only these (keys or labels); default: the most promising
     focus: int | None = None  # search the N most promising hybrids (default: max(4, trials // 2))
+    confirm: int = 2  # retrain this many promising trials at the target's full budget (when --steps is shorter)
 
 
 @dataclass
@@ -73,6 +81,7 @@ class TuneResult:
     keeps_floor: bool
     skipped: dict[str, str]
     out: Path
+    confirmed: list[TrialRecord] = field(default_factory=list)
 
 
 class TuneProgress:
@@ -83,6 +92,8 @@ class TuneProgress:
     def trial_started(self, number: int, label: str) -> None: ...
 
     def trial_finished(self, record: TrialRecord, best: TrialRecord | None) -> None: ...
+
+    def confirm_started(self, record: TrialRecord, steps: int) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -234,8 +245,11 @@ class Tuner:
             self.eligible = ordered[: options.focus or max(4, options.trials // 2)]
         self.by_key = {h.key: h for h in self.eligible}
         self.labels = {h.key: display_name(h) for h in self.eligible}
-        steps = options.steps or int(target.base["train"]["steps_per_task"])
+        self.full_steps = int(target.base["train"]["steps_per_task"])
+        steps = options.steps or self.full_steps
         self.every = steps // 2 if steps >= 4 else 0
+        self.confirm = options.confirm if steps < self.full_steps else 0
+        self.confirmed: list[TrialRecord] = []
         self.train_fn = train_fn
         self.settings = {
             "target": target.name,
@@ -247,6 +261,8 @@ class Tuner:
             "constraints": asdict(self.constraints),
             "hybrids": [h.key for h in self.eligible],
             "trials": options.trials,
+            "confirm": self.confirm,
+            "full_steps": self.full_steps,
         }
 
     # -- study --------------------------------------------------------------------------------
@@ -446,8 +462,9 @@ class Tuner:
             self.progress.stop()
             self.write_outputs(study)
         records = self.records(study)
-        best, kept = choose_best(records, self.floor)
-        return TuneResult(records, best, kept, self.skipped, self.out)
+        self._confirm(study, records, deadline)
+        best, kept = pick(records, self.confirmed, self.floor)
+        return TuneResult(records, best, kept, self.skipped, self.out, list(self.confirmed))
 
     def _run_search(self, study: Any, deadline: float | None) -> None:
         """optuna until --trials trials count (repeats do not), the deadline passes, or the sampler only
@@ -486,12 +503,51 @@ class Tuner:
 
     # -- outputs ------------------------------------------------------------------------------
 
+    # -- confirmation at the full budget ---------------------------------------------------------
+
+    def _confirm(self, study: Any, records: list[TrialRecord], deadline: float | None) -> None:
+        """Retrain the most promising trials at the target's own budget: what kept the floor for a few
+        steps may not keep it for the whole run, and best.yaml is what the user will train."""
+        for candidate in confirm_candidates(records, self.floor, self.confirm):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self.confirmed.append(self._confirm_one(candidate))
+            self.write_outputs(study, records)
+
+    def _confirm_one(self, trial: TrialRecord) -> TrialRecord:
+        from retain.eval.runner import SuiteObserver
+        from retain.results.schema import Results
+
+        h = self.by_key[trial.hybrid]
+        folder = self.out / "confirm" / f"{trial.number:04d}"
+        config = self.target.trial_config(h, trial.params, folder, None, 0)
+        cost = folder / "tune_seconds.json"
+        if not cost.is_file():  # a finished confirmation is kept across resumes
+            shutil.rmtree(folder, ignore_errors=True)
+            self.progress.confirm_started(trial, config.train.steps_per_task)
+            started = time.perf_counter()
+            observer = SuiteObserver(self.target.suite, name=trial.label, run_dir=folder,
+                                     config=config.model_dump(mode="json"), batch_size=config.eval.batch_size)
+            self._train(config, observer)
+            observer.write_results(scenario=self.target.scenario)
+            atomic_write_text(cost, json.dumps({"seconds": time.perf_counter() - started}))
+        s = Results.load(folder / "results.json").runs[0].summary
+        return TrialRecord(
+            number=trial.number, state="complete", hybrid=trial.hybrid, label=trial.label, params=dict(trial.params),
+            strategies=trial.strategies, steps=config.train.steps_per_task, new_task_score=s.new_task_score,
+            new_task_score_before=s.new_task_score_before, general_retention=s.general_retention,
+            kl_from_base=s.kl_from_base, seconds=json.loads(cost.read_text())["seconds"], seconds_per_step=s.seconds_per_step,
+            peak_memory_bytes=s.peak_memory_bytes, confirms=trial.number, note=f"trial #{trial.number} at the full budget",
+        )
+
+    # -- outputs ------------------------------------------------------------------------------
+
     def write_outputs(self, study: Any, records: list[TrialRecord] | None = None) -> None:
-        """trials.json, report.html and best.yaml, rewritten after every trial."""
+        """trials.json, report.html and best.yaml, rewritten after every trial and confirmation."""
         records = self.records(study) if records is None else records
-        write_trials_json(self.out / "trials.json", self.settings, records, self.floor)
-        write_tune_report(self.out / "report.html", self.settings, records, self.floor)
-        best, kept = choose_best(records, self.floor)
+        write_trials_json(self.out / "trials.json", self.settings, records, self.floor, self.confirmed)
+        write_tune_report(self.out / "report.html", self.settings, records, self.floor, self.confirmed)
+        best, kept = pick(records, self.confirmed, self.floor)
         if best is not None:
             self.write_best(best, kept)
 
@@ -499,12 +555,13 @@ class Tuner:
         data = self.target.best_data(best.strategies, best.steps, self.out)
         floor = DEFAULT_FLOOR if self.floor is None else self.floor
         verdict = (f"kept general retention {best.general_retention:.3f} >= {floor:g}" if kept
-                   else f"no trial kept general retention >= {floor:g}; this one kept the most")
+                   else f"none kept general retention >= {floor:g}; this one kept the most")
+        where = (f"confirmed at the full budget, {best.steps} steps per task" if best.confirms is not None
+                 else f"measured at {best.steps} steps per task")
         header = [
             f"retain tune {self.target.name}: trial #{best.number} ({best.label}), the best new-task score "
-            f"within the floor ({best.new_task_score:.3f}); {verdict}.",
-            f"Trained for {best.steps} steps per task in the tune; for another budget: "
-            "retain train best.yaml --set train.steps_per_task=N",
+            f"within the floor ({best.new_task_score:.3f}, {where}); {verdict}.",
+            "For another budget: retain train best.yaml --set train.steps_per_task=N",
         ]
         text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=200)
         atomic_write_text(self.out / "best.yaml", text)

@@ -37,6 +37,7 @@ class TrialRecord:
     intermediate: list[list[float | None]] = field(default_factory=list)
     note: str = ""
     duplicate_of: int | None = None
+    confirms: int | None = None  # a confirmation run: the trial it retrains at the full budget
 
     @property
     def scored(self) -> bool:
@@ -46,6 +47,26 @@ class TrialRecord:
 
     def name(self) -> str:
         return f"#{self.number} {self.label}"
+
+
+def confirm_candidates(records: list[TrialRecord], floor: float | None, count: int) -> list[TrialRecord]:
+    """Which short-budget trials to retrain at the full budget: spread along the Pareto front of those
+    that kept the floor, from the best new-task score to the most retention (retention falls with more
+    training, so the safest point is always among them); without any, the ``count`` most retentive."""
+    floor = DEFAULT_FLOOR if floor is None else floor
+    scored = [r for r in records if r.scored]
+    keeping = [r for r in scored if r.general_retention >= floor]  # type: ignore[operator]
+    if count <= 0 or not scored:
+        return []
+    if not keeping:
+        return sorted(scored, key=lambda r: (-r.general_retention, -r.new_task_score, r.number))[:count]  # type: ignore[operator]
+    line = front(keeping)[::-1]  # best new-task score first, most retention last
+    if len(line) <= count:
+        return line
+    if count == 1:
+        return [line[-1]]
+    picks = sorted({round(i * (len(line) - 1) / (count - 1)) for i in range(count)})
+    return [line[i] for i in picks]
 
 
 def choose_best(records: list[TrialRecord], floor: float | None) -> tuple[TrialRecord | None, bool]:
@@ -85,28 +106,48 @@ def row_cells(r: TrialRecord) -> list[str]:
             _num(r.new_task_score), _num(r.general_retention), _num(r.seconds, 0)]
 
 
-def front_table(records: list[TrialRecord], floor: float | None) -> Table:
-    """The Pareto front as a rich table, the best trial marked."""
-    best, _ = choose_best(records, floor)
-    table = Table(title="Pareto front: new-task score vs general retention")
+def _rich_table(title: str, rows: list[TrialRecord], best: TrialRecord | None) -> Table:
+    table = Table(title=title)
     for h in HEADERS:
         table.add_column(h, justify="right" if h in ("new task", "retention", "seconds", "trial") else "left")
-    for r in front(records):
+    for r in rows:
         cells = row_cells(r)
-        if best is not None and r.number == best.number:
+        if best is not None and r is best:
             cells[1] += " ★"
         table.add_row(*cells)
     return table
 
 
-def write_trials_json(path: Path, settings: dict[str, Any], records: list[TrialRecord], floor: float | None) -> None:
-    best, kept = choose_best(records, floor)
+def front_tables(records: list[TrialRecord], floor: float | None, confirmed: list[TrialRecord] | None = None) -> list[Table]:
+    """The Pareto front (and the confirmation runs) as rich tables, the best marked."""
+    confirmed = confirmed or []
+    best, _ = pick(records, confirmed, floor)
+    steps = next((r.steps for r in records if r.steps), None)
+    tables = [_rich_table(f"Pareto front at {steps} steps: new-task score vs general retention", front(records), best)]
+    if confirmed:
+        tables.append(_rich_table(f"confirmed at the full budget ({confirmed[0].steps} steps)", confirmed, best))
+    return tables
+
+
+def pick(records: list[TrialRecord], confirmed: list[TrialRecord], floor: float | None) -> tuple[TrialRecord | None, bool]:
+    """The best of the confirmation runs when there are any, else of the trials."""
+    return choose_best(confirmed if confirmed else records, floor)
+
+
+def write_trials_json(
+    path: Path, settings: dict[str, Any], records: list[TrialRecord], floor: float | None,
+    confirmed: list[TrialRecord] | None = None,
+) -> None:
+    confirmed = confirmed or []
+    best, kept = pick(records, confirmed, floor)
     data = {
         "tune": settings,
-        "best": None if best is None else {"trial": best.number, "keeps_floor": kept,
-                                           "floor": DEFAULT_FLOOR if floor is None else floor},
+        "best": None if best is None else {"trial": best.confirms if best.confirms is not None else best.number,
+                                           "steps": best.steps, "confirmed": best.confirms is not None,
+                                           "keeps_floor": kept, "floor": DEFAULT_FLOOR if floor is None else floor},
         "front": [r.number for r in front(records)],
         "trials": [asdict(r) for r in records],
+        "confirmed": [asdict(r) for r in confirmed],
     }
     atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
 
@@ -121,22 +162,26 @@ def _html_table(records: list[TrialRecord], best: TrialRecord | None) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in HEADERS)
     rows = []
     for r in records:
-        cls = ' class="best"' if best is not None and r.number == best.number else ""
+        cls = ' class="best"' if best is not None and r is best else ""
         cells = "".join(f'<td class="num">{escape(c)}</td>' if i in (0, 4, 5, 6) else f"<td>{escape(c)}</td>"
                         for i, c in enumerate(row_cells(r)))
         rows.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def render_tune_html(settings: dict[str, Any], records: list[TrialRecord], floor: float | None) -> str:
-    best, kept = choose_best(records, floor)
+def render_tune_html(
+    settings: dict[str, Any], records: list[TrialRecord], floor: float | None, confirmed: list[TrialRecord] | None = None
+) -> str:
+    confirmed = confirmed or []
+    best, kept = pick(records, confirmed, floor)
     scored = [r for r in records if r.scored]
     plot = tradeoff_scatter_svg([(r.name(), r.new_task_score, r.general_retention) for r in scored]) if scored else ""
     floor_text = f"{DEFAULT_FLOOR if floor is None else floor:g}" + (" (default)" if floor is None else "")
     if best is None:
         verdict = "no trial finished yet"
     else:
-        verdict = (f"best: trial #{best.number} {escape(best.label)} ({escape(_params(best))}), new-task score "
+        where = f" confirmed at {best.steps} steps" if best.confirms is not None else ""
+        verdict = (f"best: trial #{best.number} {escape(best.label)} ({escape(_params(best))}){where}, new-task score "
                    f"{_num(best.new_task_score)}, general retention {_num(best.general_retention)}"
                    + ("" if kept else f" — no trial kept the floor {floor_text}; this one kept the most"))
     meta = (f"target <b>{escape(str(settings.get('target')))}</b> · {len(records)} trials · "
@@ -144,12 +189,17 @@ def render_tune_html(settings: dict[str, Any], records: list[TrialRecord], floor
             + (" · ladder" if settings.get("ladder") else ""))
     body = (f"<h1>retain tune</h1><p class=\"meta\">{meta}</p><p>{verdict}</p>"
             f"<h2>Pareto front</h2><div class=\"fig\">{plot}</div>"
-            f"{_html_table(front(records), best)}<h2>All trials</h2>{_html_table(records, best)}"
+            f"{_html_table(front(records), best)}"
+            + (f"<h2>Confirmed at the full budget</h2>{_html_table(confirmed, best)}" if confirmed else "")
+            + f"<h2>All trials</h2>{_html_table(records, best)}"
             "<p class=\"meta\">retention = mean bounded general score after / before; new task = the last task's "
             "primary score. Pruned trials stopped early: their scores are not final and they are not plotted.</p>")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>retain tune</title>'
             f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
-def write_tune_report(path: Path, settings: dict[str, Any], records: list[TrialRecord], floor: float | None) -> None:
-    atomic_write_text(path, render_tune_html(settings, records, floor))
+def write_tune_report(
+    path: Path, settings: dict[str, Any], records: list[TrialRecord], floor: float | None,
+    confirmed: list[TrialRecord] | None = None,
+) -> None:
+    atomic_write_text(path, render_tune_html(settings, records, floor, confirmed))
