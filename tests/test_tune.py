@@ -240,6 +240,14 @@ def test_a_killed_tune_resumes_without_redoing_finished_trials(tiny_run, tmp_pat
     again = Tuner(load_target(str(tiny_run)), options, out, train_fn=counting).run()
     assert again.records == result.records and again.confirmed == result.confirmed
     assert len(resumed_calls) == len(trained)
+    # more trials continue the same study, over the same hybrids
+    import dataclasses
+
+    more = Tuner(load_target(str(tiny_run)), dataclasses.replace(options, trials=5, hybrids=None), out, train_fn=counting)
+    assert [h.label for h in more.eligible] == ["lora+lwf", "lora+fip"]
+    more.run()
+    counted = [t for t in _trials(out) if t["state"] in ("complete", "pruned") and t["duplicate_of"] is None]
+    assert len(counted) == 5
 
 
 def test_ladder_stops_at_the_first_rung_that_keeps_the_floor(tiny_run, tmp_path):

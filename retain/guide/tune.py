@@ -242,7 +242,7 @@ class Tuner:
         elif options.ladder:
             self.eligible = ordered
         else:
-            self.eligible = ordered[: options.focus or max(4, options.trials // 2)]
+            self.eligible = self._recorded(ordered) or ordered[: options.focus or max(4, options.trials // 2)]
         self.by_key = {h.key: h for h in self.eligible}
         self.labels = {h.key: display_name(h) for h in self.eligible}
         self.full_steps = int(target.base["train"]["steps_per_task"])
@@ -264,6 +264,18 @@ class Tuner:
             "confirm": self.confirm,
             "full_steps": self.full_steps,
         }
+
+    def _recorded(self, ordered: list[Hybrid]) -> list[Hybrid] | None:
+        """A resumed tune keeps the hybrids it started with (more --trials must not change the space)."""
+        marker = self.out / MARKER
+        if not marker.is_file():
+            return None
+        try:
+            keys = json.loads(marker.read_text(encoding="utf-8")).get("hybrids") or []
+        except (OSError, json.JSONDecodeError):
+            return None
+        by_key = {h.key: h for h in ordered}
+        return [by_key[k] for k in keys] if keys and all(k in by_key for k in keys) else None
 
     # -- study --------------------------------------------------------------------------------
 
