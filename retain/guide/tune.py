@@ -359,7 +359,8 @@ class Tuner:
             reason = self._prune_reason(trial, step, new_task, retention)
             if reason:
                 trial.set_user_attr("note", reason)
-                trial.set_user_attr("result", {"new_task_score": new_task, "general_retention": retention})
+                trial.set_user_attr("result", {"new_task_score": new_task, "general_retention": retention,
+                                               "seconds": time.perf_counter() - started})
                 if self.floor is not None:
                     trial.set_constraint("general_retention", self.floor - retention)
                 raise optuna.TrialPruned(reason)
