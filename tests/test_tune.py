@@ -92,7 +92,7 @@ def test_promising_first_puts_measured_winners_within_the_floor_first():
 
 def test_pick_hybrids_by_key_or_label():
     ordered = [find_hybrid(k) for k in ("lora", "full+lwf@lwf.anchor=general@lwf.teacher=cached_topk", "full+ewc")]
-    assert pick_hybrids(ordered, ["full+ewc", "full+lwf[teacher=cached_topk]", "lora"]) == [ordered[2], ordered[1], ordered[0]]
+    assert pick_hybrids(ordered, ["full+ewc", "full+lwf(teacher=cached_topk)", "lora"]) == [ordered[2], ordered[1], ordered[0]]
     with pytest.raises(ConfigError, match="'full' is not among"):
         pick_hybrids(ordered, ["full"])
 

@@ -32,6 +32,8 @@ def recommend(
     out: Optional[Path] = typer.Option(None, "--out", help="Write a run YAML of the recommended hybrid here."),
 ) -> None:
     """Recommend a hybrid of methods for your constraints: reasons, and measured evidence for each."""
+    from rich.markup import escape
+
     from retain.guide.catalogue import display_name
     from retain.guide.evidence import load_evidence
     from retain.guide.rules import Constraints, rank
@@ -56,10 +58,12 @@ def recommend(
         console.print(f"[bold]evidence[/]: {evidence.provenance()} (general retention, new-task gain)")
     for place, item in enumerate(allowed[:3]):
         title = "recommended" if place == 0 else f"alternative {place}"
-        console.print(f"\n[bold]{title}: [cyan]{display_name(item.hybrid)}[/][/]  ({item.hybrid.key})", highlight=False)
-        console.print(f"  {item.hybrid.summary}", highlight=False)
+        name = display_name(item.hybrid)
+        key = f"  ({item.hybrid.key})" if item.hybrid.key != item.hybrid.label else ""
+        console.print(f"\n[bold]{title}: [cyan]{escape(name)}[/][/]{escape(key)}", highlight=False)
+        console.print(f"  {escape(item.hybrid.summary)}", highlight=False)
         for reason in item.reasons:
-            console.print(f"  - {reason}", highlight=False)
+            console.print(f"  - {escape(reason)}", highlight=False)
         row = item.evidence
         if row is None or row.general_retention is None:
             console.print("  evidence: not measured in the packaged table", highlight=False)
@@ -73,7 +77,7 @@ def recommend(
     if excluded:
         console.print("\n[bold]ruled out[/]:", highlight=False)
         for item in excluded:
-            console.print(f"  {display_name(item.hybrid):<30} {item.excluded_by[0]}", highlight=False)
+            console.print(escape(f"  {display_name(item.hybrid):<30} {item.excluded_by[0]}"), highlight=False)
     if out is not None:
         best = allowed[0].hybrid
         header = (f"retain recommend: {best.label} for {constraints.describe()}\n"

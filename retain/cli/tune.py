@@ -66,6 +66,8 @@ def tune(
         None, "--hybrids", help="Comma-separated hybrids to search (e.g. full+replay,lora+lwf); default: the most promising."),
 ) -> None:
     """Search hybrids and their strengths by training each for a short budget; write the best as best.yaml."""
+    from rich.markup import escape
+
     from retain.guide.rules import Constraints
     from retain.guide.target import load_target
     from retain.guide.tune import MARKER, TuneOptions, Tuner, check_folder
@@ -83,10 +85,11 @@ def tune(
                           max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints, confirm=confirm,
                           hybrids=[h.strip() for h in hybrids.split(",") if h.strip()] if hybrids else None)
     tuner = Tuner(load_target(target, data_dir=data_dir, seed=seed), options, out, progress=_Bar())
-    console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({', '.join(tuner.labels[h.key] for h in tuner.eligible)})",
+    names = escape(", ".join(tuner.labels[h.key] for h in tuner.eligible))
+    console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({names})",
                   highlight=False)
     for key, why in tuner.skipped.items():
-        console.print(f"  skipped {key}: {why}", highlight=False)
+        console.print(escape(f"  skipped {key}: {why}"), highlight=False)
     result = tuner.run()
     for table in front_tables(result.records, min_general_retention, result.confirmed):
         console.print(table)

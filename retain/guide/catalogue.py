@@ -107,14 +107,14 @@ CATALOGUE: tuple[Hybrid, ...] = (
 
 def display_name(h: Hybrid, catalogue: tuple[Hybrid, ...] = CATALOGUE) -> str:
     """The label, plus the settings that tell it apart from catalogue entries with the same label
-    (``full+lwf[teacher=cached_topk]``)."""
+    (``full+lwf(teacher=cached_topk)``)."""
     twins = [o for o in catalogue if o.label == h.label and o.key != h.key]
     if not twins:
         return h.label
     mine = {(n, k, v) for n, params in h.specs for k, v in params}
     shared = set.intersection(*({(n, k, v) for n, params in o.specs for k, v in params} for o in twins))
     differ = sorted(mine - shared)
-    return h.label + ("[" + ",".join(f"{k}={v}" for _, k, v in differ) + "]" if differ else "")
+    return h.label + ("(" + ",".join(f"{k}={v}" for _, k, v in differ) + ")" if differ else "")
 
 
 def find_hybrid(key: str, catalogue: tuple[Hybrid, ...] = CATALOGUE) -> Hybrid:

@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from retain.io import atomic_write_text
@@ -114,7 +115,7 @@ def _rich_table(title: str, rows: list[TrialRecord], best: TrialRecord | None) -
         cells = row_cells(r)
         if best is not None and r is best:
             cells[1] += " ★"
-        table.add_row(*cells)
+        table.add_row(*(escape_markup(c) for c in cells))
     return table
 
 
