@@ -3,7 +3,9 @@
 1. ``retain tune stories-contracts --trials 6 --steps 40 --min-general-retention 0.9 --out WORK/tune``
    must finish and write trials.json, best.yaml and report.html;
 2. ``best.yaml`` is trained at the scenario's full default budget (``retain train best.yaml --set
-   train.steps_per_task=N``: the same base, data, seed and settings as a bench item);
+   train.steps_per_task=N``: the same base, data, seed and settings as a bench item). The tune itself
+   already trained it at that budget when it confirmed its pick (trials shorter than the budget are
+   confirmed at it); that run is used unless ``--retrain`` asks for a fresh one;
 3. the defaults (full, lora, lora+lwf, full+ewc, full+replay) are trained at that budget with ``retain
    bench`` (or read from ``--defaults RESULTS.json``);
 4. the table: new-task score and general retention of each, and by how much the tuned hybrid wins or
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.9, help="--min-general-retention")
     parser.add_argument("--budget", type=int, default=300, help="the full default budget (stories-contracts: 300)")
     parser.add_argument("--defaults", type=Path, default=None, help="results.json of the defaults at --budget")
+    parser.add_argument("--retrain", action="store_true", help="train best.yaml again even if the tune confirmed it")
     args = parser.parse_args()
     data = ["--data-dir", str(args.data_dir)] if args.data_dir else []
     work = args.work
@@ -84,11 +87,21 @@ def main() -> None:
     best_trial = json.loads((tune / "trials.json").read_text())["best"]
 
     full = work / "best-full"
-    if not (full / "results.json").is_file():
-        seconds["best.yaml at the full budget"] = retain(
-            "train", str(tune / "best.yaml"), "--set", f"train.steps_per_task={args.budget}",
-            "--set", f"output.dir={full}")
-    tuned = summaries(full / "results.json")
+    confirmed = tune / "confirm" / f"{best_trial['trial']:04d}" / "results.json"
+    if best_trial.get("confirmed") and best_trial.get("steps") == args.budget and not args.retrain:
+        print(f"best.yaml was trained at {args.budget} steps when the tune confirmed it: {confirmed}")
+        full_results = confirmed
+    else:
+        full_results = full / "results.json"
+        if not full_results.is_file():
+            seconds["best.yaml at the full budget"] = retain(
+                "train", str(tune / "best.yaml"), "--set", f"train.steps_per_task={args.budget}",
+                "--set", f"output.dir={full}")
+        if confirmed.is_file():
+            again, before = summaries(full_results), summaries(confirmed)
+            same = [round(next(iter(x.values()))["new_task_score"], 6) for x in (again, before)]
+            print(f"retrained best.yaml vs the tune's confirmation run: new-task score {same[0]} vs {same[1]}")
+    tuned = summaries(full_results)
     tuned_name, tuned_summary = next(iter(tuned.items()))
 
     defaults_path = args.defaults or work / "defaults" / "results.json"
