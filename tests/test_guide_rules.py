@@ -240,3 +240,11 @@ def test_synthetic_replay_gets_prompts_from_general_text_only_when_unset():
     assert filled[0]["prompts"] == ["Once upon a time", "The big dog ran"]
     own = fill_from_run([{"name": "synthetic-replay", "prompts": ["mine"]}], texts)
     assert own[0]["prompts"] == ["mine"]
+
+
+def test_evidence_of_a_hybrid_that_barely_learned_counts_against_it():
+    ev = _evidence({"full": (0.2, 0.6, 0.3), "lora+ewc-lora": (0.2, 0.201, 1.0), "lora+lwf@lwf.anchor=general@lwf.teacher=adapters_off": (0.2, 0.45, 0.96)})
+    still = assess(find_hybrid("lora+ewc-lora"), Constraints(), ev)
+    assert any("learned little at default strength (new-task gain +0.001, best +0.400)" in r for r in still.reasons)
+    top = rank(Constraints(compute="low"), ev)[0][0]
+    assert top.hybrid.label == "lora+lwf"  # kept the floor and learned; ewc-lora at its default barely moved

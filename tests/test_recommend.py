@@ -85,7 +85,9 @@ def test_recommend_out_writes_a_yaml_that_loads_once_placeholders_are_replaced(t
         ["prompts"] if "synthetic-replay" in text else []), "general_data", "suite"]
     for key in placeholders_in(text):
         assert f"#   {key}" in text  # listed in the header
-    top = recommend(Constraints(privacy="strict", tasks=2))[0].hybrid
+    from retain.guide.evidence import load_evidence
+
+    top = recommend(Constraints(privacy="strict", tasks=2), load_evidence())[0].hybrid
     filled = tmp_path / "filled.yaml"
     filled.write_text(_fill(text, tmp_path, tiny_model_dir, text_file))
     config = load_run_config(filled)

@@ -45,6 +45,10 @@ class Evidence:
     def row(self, key: str) -> EvidenceRow | None:
         return self.rows.get(key)
 
+    def best_gain(self) -> float | None:
+        gains = [r.new_task_gain for r in self.rows.values() if r.new_task_gain is not None]
+        return max(gains) if gains else None
+
     def where(self) -> str:
         steps = f", {self.steps} steps" if self.steps else ""
         return f"{self.scenario}{steps}"

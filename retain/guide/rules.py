@@ -107,7 +107,7 @@ def compute_rule(h: Hybrid, c: Constraints) -> list[Effect]:
             effects.append(Effect(2, "compute low → adapters: only a small fraction of the weights train, "
                                      "no gradients or optimizer state for the base"))
         else:
-            effects.append(Effect(-2, f"compute low: full fine-tuning needs ≈{memory:g}× the model's weights in memory"))
+            effects.append(Effect(-3, f"compute low: full fine-tuning needs ≈{memory:g}× the model's weights in memory"))
         if "lwf" in h.names and lwf_teacher(h) in ("adapters_off", "cached_topk"):
             effects.append(Effect(0, f"compute low → lwf teacher {lwf_teacher(h)}: no second model in memory"))
         if extra >= 1:
@@ -149,16 +149,27 @@ def tasks_rule(h: Hybrid, c: Constraints) -> list[Effect]:
 RULES: tuple[Rule, ...] = (privacy_rule, stakes_rule, compute_rule, weights_rule, tasks_rule)
 
 
+#: a hybrid "learned" on the benchmark when its gain is at least this share of the best hybrid's gain
+LEARNED_SHARE = 1 / 3
+
+
 def evidence_effects(row: EvidenceRow | None, c: Constraints, evidence: Evidence | None) -> list[Effect]:
-    """Measured retention moves a hybrid up (kept the floor) or down (lost more than the floor allows)."""
+    """Measured results move a hybrid up when it kept the retention floor and learned (at least a third
+    of the best gain in the table), and down when it lost more than the floor allows or barely learned
+    (its default strength holds the model too tightly for this budget)."""
     if row is None or row.general_retention is None:
         return []
     where = evidence.where() if evidence is not None else "the benchmark"
-    if row.general_retention >= c.retention_floor:
-        return [Effect(1, f"evidence: kept {row.general_retention:.1%} of general ability on {where} "
-                          f"(≥ {c.retention_floor:.0%})")]
-    return [Effect(-1, f"evidence: kept only {row.general_retention:.1%} of general ability on {where} "
-                       f"(< {c.retention_floor:.0%})")]
+    kept = f"{row.general_retention:.1%} of general ability on {where}"
+    if row.general_retention < c.retention_floor:
+        return [Effect(-1, f"evidence: kept only {kept} (< {c.retention_floor:.0%})")]
+    best = evidence.best_gain() if evidence is not None else None
+    gain = row.new_task_gain
+    if gain is not None and best is not None and best > 0 and gain < LEARNED_SHARE * best:
+        return [Effect(-1, f"evidence: kept {kept} but learned little at default strength "
+                           f"(new-task gain {gain:+.3f}, best {best:+.3f}); retain tune searches the strength")]
+    return [Effect(1, f"evidence: kept {kept} (≥ {c.retention_floor:.0%})"
+                      + (f" and gained {gain:+.3f} on the new task" if gain is not None else ""))]
 
 
 @dataclass
