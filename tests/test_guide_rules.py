@@ -248,3 +248,10 @@ def test_evidence_of_a_hybrid_that_barely_learned_counts_against_it():
     assert any("learned little at default strength (new-task gain +0.001, best +0.400)" in r for r in still.reasons)
     top = rank(Constraints(compute="low"), ev)[0][0]
     assert top.hybrid.label == "lora+lwf"  # kept the floor and learned; ewc-lora at its default barely moved
+
+
+def test_among_hybrids_below_the_floor_the_one_that_kept_more_ranks_first():
+    ev = _evidence({"full+fip": (0.2, 0.6, 0.78), "full+lwf@lwf.anchor=general@lwf.teacher=copy": (0.2, 0.55, 0.94)})
+    allowed = rank(Constraints(compute="high", stakes="high", weights="full"), ev)[0]
+    labels = [r.hybrid.key for r in allowed]
+    assert labels.index("full+lwf@lwf.anchor=general@lwf.teacher=copy") < labels.index("full+fip")

@@ -34,7 +34,7 @@ def test_recommend_prints_a_hybrid_alternatives_reasons_and_evidence():
         assert "replay" not in head.replace("synthetic-replay", "")
         assert "lwf" in head or "fip" in head
         assert "- stakes high →" in block
-        assert "evidence:" in block
+        assert "measured:" in block
     assert "ruled out:" in result.output
     assert re.search(r"full\+replay\s+privacy strict", result.output)
     assert "constraints: compute low, privacy strict, stakes high" in result.output

@@ -66,11 +66,11 @@ def recommend(
             console.print(f"  - {escape(reason)}", highlight=False)
         row = item.evidence
         if row is None or row.general_retention is None:
-            console.print("  evidence: not measured in the packaged table", highlight=False)
+            console.print("  measured: not in the packaged table", highlight=False)
         else:
             gain = row.new_task_gain
             console.print(
-                f"  evidence: general retention {row.general_retention:.3f}, new-task score "
+                f"  measured: general retention {row.general_retention:.3f}, new-task score "
                 f"{row.new_task_score_before:.3f} → {row.new_task_score:.3f} (gain {gain:+.3f})",
                 highlight=False,
             )

@@ -3,8 +3,8 @@
 Each rule is a small pure function ``(hybrid, constraints) -> list[Effect]``: an effect either rules the
 hybrid out (``excludes``) or moves it up or down (``points``), and always says why, naming the
 constraint that led to it. The ranking adds the points, then breaks ties with the measured evidence
-(new-task gain on stories-contracts among hybrids that kept enough general ability), then prefers the
-simpler hybrid. Rules that must hold (tests pin them): strict privacy never keeps real data; high stakes
+(new-task gain on stories-contracts among hybrids that kept enough general ability; retention among
+those that did not), then prefers the simpler hybrid. Rules that must hold (tests pin them): strict privacy never keeps real data; high stakes
 always includes a function-preserving method (lwf or fip); low compute prefers adapters and never holds
 a frozen copy of the model.
 """
@@ -200,10 +200,14 @@ def assess(h: Hybrid, c: Constraints, evidence: Evidence | None = None) -> Recom
 
 
 def _sort_key(r: Recommendation, c: Constraints) -> tuple:
+    """Points first; among equals, measured hybrids that kept the floor by gain, then those that did not
+    by how much they kept (closest to the floor first), then unmeasured ones; then the simpler one."""
     row = r.evidence
+    measured = row is not None and row.general_retention is not None
+    meets = measured and row.general_retention >= c.retention_floor  # type: ignore[union-attr, operator]
     gain = row.new_task_gain if row is not None and row.new_task_gain is not None else float("-inf")
-    meets = row is not None and row.general_retention is not None and row.general_retention >= c.retention_floor
-    return (-r.points, not meets, -gain, len(r.hybrid.names), r.hybrid.key)
+    then = -gain if meets else (-row.general_retention if measured else float("inf"))  # type: ignore[union-attr]
+    return (-r.points, 0 if meets else (1 if measured else 2), then, len(r.hybrid.names), r.hybrid.key)
 
 
 def rank(
