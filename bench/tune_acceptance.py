@@ -102,7 +102,7 @@ def main() -> None:
             same = [round(next(iter(x.values()))["new_task_score"], 6) for x in (again, before)]
             print(f"retrained best.yaml vs the tune's confirmation run: new-task score {same[0]} vs {same[1]}")
     tuned = summaries(full_results)
-    tuned_name, tuned_summary = next(iter(tuned.items()))
+    tuned_summary = next(iter(tuned.values()))
 
     defaults_path = args.defaults or work / "defaults" / "results.json"
     if not defaults_path.is_file():
@@ -113,7 +113,7 @@ def main() -> None:
     trials = json.loads((tune / "trials.json").read_text())["trials"]
     tuned_trial = next(t for t in trials if t["number"] == best_trial["trial"])
     strengths = ", ".join(f"{k}={v:.3g}" for k, v in tuned_trial["params"].items()) or "defaults"
-    rows = [(name, s) for name, s in defaults.items()] + [(f"tuned: {tuned_name} ({strengths})", tuned_summary)]
+    rows = [(name, s) for name, s in defaults.items()] + [(f"tuned: {tuned_trial['label']} ({strengths})", tuned_summary)]
     width = max(len(r[0]) for r in rows)
     print(f"\nstories-contracts, {args.budget} steps; tune: {args.trials} trials x {args.steps} steps, floor {args.floor:g}")
     print(f"tune's pick: trial #{tuned_trial['number']} at {args.steps} steps: new task "
