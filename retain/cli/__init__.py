@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from retain.cli import bench, convert, evaluate, generate, results, train  # noqa: F401  (each registers its commands)
+from retain.cli import (  # noqa: F401  (each module registers its commands)
+    bench,
+    convert,
+    evaluate,
+    generate,
+    recommend,
+    results,
+    train,
+    tune,
+)
 from retain.cli.app import app
 from retain.cli.importance import importance_app
 from retain.cli.merge import merge_command

@@ -1,0 +1,193 @@
+"""The hybrids the guide chooses among, and the facts about each that the rules reason with.
+
+A :class:`Hybrid` is a list of strategies with the few settings that make it what it is (the lwf
+teacher that avoids a model copy, distillation on general text), written as a ``retain bench`` item
+(``lora+lwf@lwf.anchor=general@lwf.teacher=adapters_off``) so the evidence table and the benchmark
+name it the same way. Strength values are *not* fixed here: they come from each strategy's own
+defaults and declared :class:`~retain.strategies.base.Strength` range, which ``retain tune`` searches.
+
+Facts are read from the strategy classes where they declare them (``peft_wrapper``, ``min_tasks``,
+``strength``); the rest (which methods keep real examples, which hold a frozen model) are stated
+here once, each with the reason from the method's own docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from retain.strategies.registry import get_strategy_class
+
+#: Strategies that keep real training examples (in a buffer that also lands in checkpoints).
+STORES_REAL_DATA = frozenset({"replay"})
+#: Strategies that keep the model's outputs close to the original's (distillation, functional paths).
+FUNCTION_PRESERVING = frozenset({"lwf", "fip"})
+#: Strategies that keep an anchor and an importance per trainable weight (2 x trainable parameters).
+QUADRATIC_STATE = frozenset({"ewc", "ewc-lora", "importance", "l2"})
+#: Strategies that run one more forward+backward per step on a second batch (anchor or pool text).
+EXTRA_PASS = frozenset({"fip"})
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    """Strategies (in order) with the settings that define this hybrid, plus one line on what it is for."""
+
+    specs: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    summary: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.specs)
+
+    @property
+    def label(self) -> str:
+        """The strategies joined by ``+`` (``lora+lwf``), for tables."""
+        return "+".join(self.names)
+
+    @property
+    def key(self) -> str:
+        """The ``retain bench`` item that trains exactly this hybrid (and names it in the evidence table)."""
+        settings = "".join(f"@{name}.{k}={_scalar(v)}" for name, params in self.specs for k, v in params)
+        return self.label + settings
+
+    def params(self, name: str) -> dict[str, Any]:
+        return next((dict(p) for n, p in self.specs if n == name), {})
+
+    def strategy_list(self) -> list[dict[str, Any]]:
+        """The ``strategies:`` entries of a run config."""
+        return [{"name": name, **dict(params)} for name, params in self.specs]
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def hybrid(item: str, summary: str) -> Hybrid:
+    """``'lora+lwf@lwf.anchor=general'`` -> a Hybrid (settings as ``strategy.key=value``)."""
+    head, *settings = item.split("@")
+    names = head.split("+")
+    params: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for setting in settings:
+        path, value = setting.split("=", 1)
+        name, key = path.rsplit(".", 1)
+        params[name][key] = value
+    return Hybrid(tuple((name, tuple(params[name].items())) for name in names), summary)
+
+
+CATALOGUE: tuple[Hybrid, ...] = (
+    hybrid("lora", "LoRA alone: the cheapest start; limits how many weights move, not which functions change"),
+    hybrid("lora+lwf@lwf.anchor=general@lwf.teacher=adapters_off",
+           "LoRA + distillation on general text from the model with adapters off (no copy in memory)"),
+    hybrid("lora+fip", "LoRA + functionally invariant paths: keeps output distributions on a general pool"),
+    hybrid("lora+ewc-lora", "LoRA + EWC on the full update BA, with its Fisher; cheap, adapters only"),
+    hybrid("lora+replay", "LoRA + a small share of stored general/past examples in every batch"),
+    hybrid("lora+lwf+replay@lwf.anchor=general@lwf.teacher=adapters_off",
+           "LoRA + distillation + a little rehearsal: the production hybrid"),
+    hybrid("lora+synthetic-replay", "LoRA + rehearsal of examples the base model wrote itself (no real data kept)"),
+    hybrid("lora+lwf+synthetic-replay@lwf.anchor=general@lwf.teacher=adapters_off",
+           "LoRA + distillation + synthetic rehearsal: the production hybrid without stored data"),
+    hybrid("prompt-tuning", "a soft prompt only; the base model is untouched"),
+    hybrid("o-lora", "a fresh LoRA per task, orthogonal to earlier ones"),
+    hybrid("progressive-prompts", "a new soft prompt per task, earlier ones frozen"),
+    hybrid("full", "every weight trains: the most capacity, the most forgetting"),
+    hybrid("full+lwf@lwf.anchor=general@lwf.teacher=copy",
+           "full fine-tuning + distillation from a frozen copy of the original model"),
+    hybrid("full+lwf@lwf.anchor=general@lwf.teacher=cached_topk",
+           "full fine-tuning + distillation from the original's top-k outputs, cached on disk (no copy)"),
+    hybrid("full+fip", "full fine-tuning + functionally invariant paths (holds one copy of the weights)"),
+    hybrid("full+ewc", "full fine-tuning + diagonal-Fisher penalty (EWC)"),
+    hybrid("full+importance", "full fine-tuning + element-wise importance penalty (one cheap pass)"),
+    hybrid("full+replay", "full fine-tuning + a small share of stored examples in every batch"),
+    hybrid("full+lwf+replay@lwf.anchor=general@lwf.teacher=copy",
+           "full fine-tuning + distillation + a little rehearsal"),
+)
+
+
+def display_name(h: Hybrid, catalogue: tuple[Hybrid, ...] = CATALOGUE) -> str:
+    """The label, plus the settings that tell it apart from catalogue entries with the same label
+    (``full+lwf(teacher=cached_topk)``)."""
+    twins = [o for o in catalogue if o.label == h.label and o.key != h.key]
+    if not twins:
+        return h.label
+    mine = {(n, k, v) for n, params in h.specs for k, v in params}
+    shared = set.intersection(*({(n, k, v) for n, params in o.specs for k, v in params} for o in twins))
+    differ = sorted(mine - shared)
+    return h.label + ("(" + ",".join(f"{k}={v}" for _, k, v in differ) + ")" if differ else "")
+
+
+def find_hybrid(key: str, catalogue: tuple[Hybrid, ...] = CATALOGUE) -> Hybrid:
+    """The catalogue entry with this key or label (the first one with that label)."""
+    for entry in catalogue:
+        if entry.key == key:
+            return entry
+    for entry in catalogue:
+        if entry.label == key:
+            return entry
+    raise KeyError(key)
+
+
+# --- facts ---------------------------------------------------------------------------------------
+
+
+def uses_adapters(h: Hybrid) -> bool:
+    """Trains adapters or soft prompts (peft) instead of the model's own weights."""
+    return any(get_strategy_class(name).peft_wrapper for name in h.names)
+
+
+def stores_real_data(h: Hybrid) -> bool:
+    """Keeps real training examples, or (synthetic replay) real demonstrations taken from the data."""
+    demos = h.params("synthetic-replay").get("demonstrations_from_data")
+    return bool(STORES_REAL_DATA & set(h.names)) or bool(demos and int(demos) > 0)
+
+
+def preserves_function(h: Hybrid) -> bool:
+    return bool(FUNCTION_PRESERVING & set(h.names))
+
+
+def lwf_teacher(h: Hybrid) -> str | None:
+    """Where lwf's teacher outputs come from in this hybrid (``auto`` resolved as lwf does)."""
+    if "lwf" not in h.names:
+        return None
+    teacher = str(h.params("lwf").get("teacher", "auto"))
+    if teacher == "auto":
+        return "adapters_off" if uses_adapters(h) else "copy"
+    return teacher
+
+
+def holds_frozen_copy(h: Hybrid) -> bool:
+    """Holds a second copy of the model's weights while training: lwf's ``copy`` teacher, or fip's anchor
+    when every weight trains (fip snapshots the trainable weights; on LoRA that is the adapters)."""
+    return lwf_teacher(h) == "copy" or ("fip" in h.names and not uses_adapters(h))
+
+
+def min_tasks(h: Hybrid) -> int:
+    return max(get_strategy_class(name).min_tasks for name in h.names)
+
+
+def memory_in_models(h: Hybrid) -> float:
+    """Training memory in units of the model's weights (fp32 AdamW), a rough guide for the reasons:
+    weights 1; full training adds gradients 1 + Adam moments 2; a frozen copy 1; a quadratic
+    penalty over all weights 2 (anchor + importance). Adapters, prompts and their state count ~0."""
+    adapters = uses_adapters(h)
+    total = 1.0 if adapters else 4.0
+    if holds_frozen_copy(h):
+        total += 1.0
+    if QUADRATIC_STATE & set(h.names) and not adapters:
+        total += 2.0
+    return total
+
+
+def extra_passes(h: Hybrid) -> float:
+    """Extra work per step relative to plain training (one forward+backward = 1, one forward = 1/3):
+    lwf on general anchors adds a student forward+backward and a teacher forward (on cached top-k
+    teachers, the student's only), on task anchors a teacher forward; fip adds both on its pool."""
+    extra = 0.0
+    if "lwf" in h.names:
+        general = str(h.params("lwf").get("anchor", "task")) == "general"
+        teacher = 0.0 if lwf_teacher(h) == "cached_topk" else 1 / 3
+        extra += (1.0 if general else 0.0) + teacher
+    if EXTRA_PASS & set(h.names):
+        extra += 1.0 + 1 / 3
+    return extra

@@ -1,0 +1,106 @@
+"""``retain recommend``: output with reasons and evidence, the run YAML it writes, refused values."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retain.cli import app
+from retain.guide.catalogue import CATALOGUE, find_hybrid
+from retain.guide.rules import Constraints, recommend
+from retain.guide.template import PLACEHOLDERS, fill_placeholders, placeholders_in, run_yaml
+from retain.train.run import load_run_config
+
+runner = CliRunner()
+
+
+def _sections(output: str) -> dict[str, str]:
+    """'recommended' / 'alternative N' -> the lines of that block."""
+    blocks = re.split(r"\n(?=recommended: |alternative \d: |ruled out:)", output)
+    return {b.split(":")[0]: b for b in blocks if b.startswith(("recommended", "alternative"))}
+
+
+def test_recommend_prints_a_hybrid_alternatives_reasons_and_evidence():
+    result = runner.invoke(app, ["recommend", "--compute", "low", "--privacy", "strict", "--stakes", "high"])
+    assert result.exit_code == 0, result.output
+    sections = _sections(result.output)
+    assert set(sections) == {"recommended", "alternative 1", "alternative 2"}
+    for block in sections.values():
+        head = block.splitlines()[0]
+        assert "replay" not in head.replace("synthetic-replay", "")
+        assert "lwf" in head or "fip" in head
+        assert "- stakes high →" in block
+        assert "measured:" in block
+    assert "ruled out:" in result.output
+    assert re.search(r"full\+replay\s+privacy strict", result.output)
+    assert "constraints: compute low, privacy strict, stakes high" in result.output
+
+
+def test_recommend_evidence_line_quotes_the_packaged_table():
+    from retain.guide.evidence import load_evidence
+
+    evidence = load_evidence()
+    if evidence is None:
+        pytest.skip("no packaged evidence table")
+    result = runner.invoke(app, ["recommend", "--compute", "high", "--full-weights"])
+    assert result.exit_code == 0, result.output
+    assert f"retain {evidence.retain_version}" in result.output and evidence.created[:10] in result.output
+    top = recommend(Constraints(compute="high", weights="full"), evidence)[0]
+    if top.evidence is not None:
+        assert f"general retention {top.evidence.general_retention:.3f}" in _sections(result.output)["recommended"]
+
+
+def test_recommend_refuses_an_unknown_level():
+    result = runner.invoke(app, ["recommend", "--compute", "huge"])
+    assert result.exit_code == 2
+    assert "--compute 'huge': choose one of low, medium, high" in result.output
+
+
+def _suite(folder: Path, data: Path) -> Path:
+    path = folder / "suite.yaml"
+    path.write_text(
+        "tasks:\n"
+        f"  - {{name: general_acc, type: next_token_accuracy, data: {{path: {data}, max_length: 32}}}}\n"
+        f"  - {{name: task_acc, type: next_token_accuracy, role: task, train_task: task1, data: {{path: {data}, max_length: 32}}}}\n"
+    )
+    return path
+
+
+def _fill(text: str, tmp_path: Path, model: Path, data: Path) -> str:
+    values = {"model": str(model), "general_data": str(data), "suite": str(_suite(tmp_path, data)),
+              "prompts": "Once upon a time", **{f"task{i}_data": str(data) for i in range(1, 5)}}
+    return fill_placeholders(text, values)
+
+
+def test_recommend_out_writes_a_yaml_that_loads_once_placeholders_are_replaced(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "run.yaml"
+    result = runner.invoke(app, ["recommend", "--privacy", "strict", "--tasks", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert placeholders_in(text) == ["model", "task1_data", "task2_data", *(
+        ["prompts"] if "synthetic-replay" in text else []), "general_data", "suite"]
+    for key in placeholders_in(text):
+        assert f"#   {key}" in text  # listed in the header
+    from retain.guide.evidence import load_evidence
+
+    top = recommend(Constraints(privacy="strict", tasks=2), load_evidence())[0].hybrid
+    filled = tmp_path / "filled.yaml"
+    filled.write_text(_fill(text, tmp_path, tiny_model_dir, text_file))
+    config = load_run_config(filled)
+    assert [s.name for s in config.strategies] == list(top.names)
+    assert [t.name for t in config.tasks] == ["task1", "task2"]
+
+
+@pytest.mark.parametrize("key", [h.key for h in CATALOGUE])
+def test_every_catalogue_hybrid_writes_a_valid_run_yaml(key, tmp_path, tiny_model_dir, text_file):
+    h = find_hybrid(key)
+    text = run_yaml(h, tasks=2, header="test")
+    assert set(placeholders_in(text)) <= {*PLACEHOLDERS, "task1_data", "task2_data"}
+    path = tmp_path / "run.yaml"
+    path.write_text(_fill(text, tmp_path, tiny_model_dir, text_file))
+    config = load_run_config(path)  # strategies, their settings and needs all validate
+    assert json.dumps(config.model_dump(mode="json")).count("<REPLACE") == 0

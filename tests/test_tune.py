@@ -1,0 +1,298 @@
+"""``retain tune``: pruning and selection rules by hand, a tiny search end to end, resume after a kill,
+the ladder, and best.yaml as a loadable run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from retain.cli import app
+from retain.errors import ConfigError, OutputError, StateError
+from retain.guide.catalogue import find_hybrid
+from retain.guide.evidence import Evidence, EvidenceRow
+from retain.guide.monitor import below_floor, dominated, floor_value, intermediate_suite, point_from_scores
+from retain.guide.rules import Constraints
+from retain.guide.target import load_target
+from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
+from retain.guide.tune_report import TrialRecord, choose_best, confirm_candidates, front
+from retain.results.schema import Score
+from retain.train.run import load_run_config
+
+runner = CliRunner()
+
+
+# --- rules by hand -------------------------------------------------------------------------------
+
+
+def _rec(n, hybrid="lora", new=0.5, ret=0.9, state="complete", dup=None):
+    return TrialRecord(number=n, state=state, hybrid=hybrid, label=hybrid.split("@")[0],
+                       new_task_score=new, general_retention=ret, duplicate_of=dup)
+
+
+def test_floor_value_ranks_every_feasible_point_above_every_infeasible_one():
+    assert floor_value(0.4, 0.95, 0.9) == 0.4
+    assert floor_value(0.4, 0.885, 0.9) == 0.4  # within the 0.02 slack
+    assert floor_value(0.8, 0.85, 0.9) == pytest.approx(-0.2)
+    assert below_floor(0.87, 0.9) and not below_floor(0.881, 0.9)
+
+
+def test_dominated_needs_a_margin_on_both_scores():
+    assert dominated((0.3, 0.8), [(0.32, 0.85)])
+    assert not dominated((0.3, 0.8), [(0.305, 0.95)])  # better on retention only by the margin
+    assert not dominated((0.3, 0.8), [(0.5, 0.79)])
+
+
+def test_choose_best_within_the_floor_else_the_most_retention():
+    records = [_rec(0, new=0.6, ret=0.5), _rec(1, new=0.4, ret=0.92), _rec(2, new=0.45, ret=0.91),
+               _rec(3, new=0.9, ret=0.95, state="pruned"), _rec(4, new=0.45, ret=0.91, dup=2)]
+    best, kept = choose_best(records, 0.9)
+    assert (best.number, kept) == (2, True)
+    best, kept = choose_best(records, 0.99)
+    assert (best.number, kept) == (1, False)
+    assert [r.number for r in front(records)] == [1, 2, 0]  # pruned and repeated trials are not on it
+
+
+def test_confirm_candidates_spread_along_the_front_that_keeps_the_floor():
+    records = [_rec(0, new=0.6, ret=0.95), _rec(1, new=0.5, ret=0.97), _rec(2, new=0.4, ret=0.99),
+               _rec(3, new=0.7, ret=0.5), _rec(4, new=0.3, ret=0.92), _rec(5, new=0.55, ret=0.96)]
+    # front of those keeping 0.9, best new task first: 0, 5, 1, 2 (4 is dominated)
+    assert [r.number for r in confirm_candidates(records, 0.9, 2)] == [0, 2]
+    assert [r.number for r in confirm_candidates(records, 0.9, 3)] == [0, 1, 2]
+    assert [r.number for r in confirm_candidates(records, 0.9, 1)] == [2]  # the safest
+    assert [r.number for r in confirm_candidates(records, 0.9, 9)] == [0, 5, 1, 2]
+    assert [r.number for r in confirm_candidates(records, 0.999, 2)] == [2, 1]  # none keeps it: most retentive
+    assert confirm_candidates(records, 0.9, 0) == []
+
+
+def test_ladder_next_finishes_the_first_rung_that_keeps_the_floor():
+    rungs = ["lora", "lora+lwf", "lora+fip"]
+    assert ladder_next(rungs, [], 2, 0.9) == "lora"
+    low = [_rec(0, "lora", ret=0.5), _rec(1, "lora", ret=0.6)]
+    assert ladder_next(rungs, low, 2, 0.9) == "lora+lwf"
+    kept = low + [_rec(2, "lora+lwf", ret=0.93)]
+    assert ladder_next(rungs, kept, 2, 0.9) == "lora+lwf"  # finish the rung's trials
+    assert ladder_next(rungs, kept + [_rec(3, "lora+lwf", ret=0.8, state="pruned")], 2, 0.9) is None
+    nothing = low + [_rec(2, "lora+lwf", ret=0.8), _rec(3, "lora+lwf", ret=0.8),
+                     _rec(4, "lora+fip", ret=0.8), _rec(5, "lora+fip", ret=0.8)]
+    assert ladder_next(rungs, nothing, 2, 0.9) is None
+
+
+def test_promising_first_puts_measured_winners_within_the_floor_first():
+    hybrids = [find_hybrid(k) for k in ("lora", "full", "full+ewc", "full+replay")]
+    ev = Evidence("s", 300, "2026", "0", {"full": EvidenceRow(0.6, 0.2, 0.3), "full+ewc": EvidenceRow(0.4, 0.2, 0.92),
+                                          "full+replay": EvidenceRow(0.5, 0.2, 0.95)})
+    assert [h.label for h in promising_first(hybrids, ev, 0.9)] == ["full+replay", "full+ewc", "lora", "full"]
+    assert [h.label for h in promising_first(hybrids, None, 0.9)] == ["lora", "full", "full+ewc", "full+replay"]
+    assert [h.label for h in promising_first(hybrids, ev, 0.93)] == ["full+replay", "lora", "full", "full+ewc"]
+
+
+def test_pick_hybrids_by_key_or_label():
+    ordered = [find_hybrid(k) for k in ("lora", "full+lwf@lwf.anchor=general@lwf.teacher=cached_topk", "full+ewc")]
+    assert pick_hybrids(ordered, ["full+ewc", "full+lwf(teacher=cached_topk)", "lora"]) == [ordered[2], ordered[1], ordered[0]]
+    with pytest.raises(ConfigError, match="'full' is not among"):
+        pick_hybrids(ordered, ["full"])
+
+
+def test_intermediate_point_and_suite():
+    def score(v, role, task=None, bounded=True):
+        return Score(value=v, metric="accuracy", higher_is_better=True, bounded=bounded, role=role, train_task=task)
+
+    base = {"g": score(0.5, "general"), "t": score(0.1, "task", "t1")}
+    now = {"g": score(0.45, "general"), "loss": score(2.0, "task", "t1", bounded=False), "t": score(0.3, "task", "t1")}
+    assert point_from_scores(base, now, "t1") == pytest.approx((0.3, 0.9))
+
+
+def test_check_folder_refuses_foreign_folders_and_other_settings(tmp_path):
+    assert check_folder(tmp_path / "new", {"target": "x"}) is False
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty and is not a tune folder"):
+        check_folder(tmp_path / "other", {})
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "tune.json").write_text(json.dumps({"target": "a", "steps": 3}))
+    with pytest.raises(StateError, match="steps differ"):
+        check_folder(tmp_path / "tune", {"target": "a", "steps": 4})
+
+
+# --- a tiny user run ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A one-task run YAML on the tiny model with a suite scoring general text and the task."""
+    rows = ["the cat sat on the mat.", "a dog ran in the park!", "she sells sea shells by the sea shore."]
+    (tmp_path / "general.jsonl").write_text("".join(json.dumps({"text": f"{rows[i % 3]} {i}"}) + "\n" for i in range(40)))
+    (tmp_path / "general_eval.jsonl").write_text("".join(json.dumps({"text": f"{rows[i % 3]} x{i}"}) + "\n" for i in range(12)))
+    task = [f"the licensee may not assign clause {i}." for i in range(52)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in task[:40]))
+    (tmp_path / "task_eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in task[40:]))
+    (tmp_path / "suite.yaml").write_text(
+        "tasks:\n"
+        "  - {name: general_acc, type: next_token_accuracy, data: {path: general_eval.jsonl, max_length: 32}}\n"
+        "  - {name: task_acc, type: next_token_accuracy, role: task, train_task: t1, data: {path: task_eval.jsonl, max_length: 32}}\n"
+    )
+    run = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "tasks": [{"name": "t1", "data": {"path": str(tmp_path / "task.jsonl"), "max_length": 32}}],
+        "strategies": [{"name": "lora", "r": 4}],
+        "general_data": {"path": str(tmp_path / "general.jsonl"), "max_length": 32},
+        "train": {"steps_per_task": 6, "batch_size": 4, "lr": 1e-2, "progress": False},
+        "eval": {"suite": str(tmp_path / "suite.yaml"), "batch_size": 8},
+        "output": {"dir": str(tmp_path / "runs" / "mine")},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+#: a small space that trains fast on the tiny model: adapters only, no synthetic generation
+SMALL = Constraints(compute="low", privacy="normal", stakes="high", weights="adapters")
+
+
+def _trials(out: Path) -> list[dict]:
+    return json.loads((out / "trials.json").read_text())["trials"]
+
+
+def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
+    out = tmp_path / "tune"
+    result = runner.invoke(app, ["tune", str(tiny_run), "--trials", "3", "--steps", "3", "--out", str(out),
+                                 "--compute", "low", "--stakes", "high", "--adapters"])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output and "best: trial #" in result.output
+    trials = _trials(out)
+    counted = [t for t in trials if t["duplicate_of"] is None and t["state"] in ("complete", "pruned")]
+    assert len(counted) == 3
+    for t in trials:
+        assert t["steps"] == 3 and t["hybrid"] and t["strategies"][0] == {"name": "lora", "r": 4, **t["strategies"][0]}
+        assert {"lwf", "fip"} & {s["name"] for s in t["strategies"]}  # --stakes high pruned the rest
+        if t["state"] == "complete":
+            assert t["new_task_score"] is not None and t["general_retention"] is not None and t["seconds"] > 0
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "Pareto front" in html and "All trials" in html
+    best = load_run_config(out / "best.yaml")  # a complete run, ready for retain train
+    # trials ran 3 steps; the best was confirmed at the run's own budget (6 steps)
+    assert best.train.steps_per_task == 6 and best.eval.suite == str(tiny_run.parent / "suite.yaml")
+    assert best.output.dir.endswith("mine-tuned")
+    data = json.loads((out / "trials.json").read_text())
+    assert data["best"]["confirmed"] and data["best"]["steps"] == 6
+    assert [c["steps"] for c in data["confirmed"]] == [6] * len(data["confirmed"]) and 1 <= len(data["confirmed"]) <= 2
+    assert [s.name for s in best.strategies] == [s["name"] for s in _trials(out)[data["best"]["trial"]]["strategies"]]
+    assert "confirmed at the full budget" in result.output
+    # a second run into the same folder with other settings is refused; a foreign folder too
+    again = runner.invoke(app, ["tune", str(tiny_run), "--trials", "3", "--steps", "4", "--out", str(out),
+                                "--compute", "low", "--stakes", "high", "--adapters"])
+    assert again.exit_code == 2 and "other settings (steps differ" in again.output
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x").write_text("")
+    refused = runner.invoke(app, ["tune", str(tiny_run), "--out", str(foreign)])
+    assert refused.exit_code == 2 and "not a tune folder" in refused.output
+
+
+class SimulatedKill(BaseException):
+    """Not an Exception: optuna lets it through without recording the trial, as a SIGKILL would."""
+
+
+def test_a_killed_tune_resumes_without_redoing_finished_trials(tiny_run, tmp_path):
+    from retain.train import finetune
+
+    out = tmp_path / "tune"
+    options = TuneOptions(trials=4, steps=3, seed=1, constraints=SMALL, min_general_retention=0.0,
+                          hybrids=["lora+lwf", "lora+fip"])
+    calls = []
+
+    def killed_on_third(config, observer):
+        calls.append(config.output.dir)
+        if len(calls) == 3:
+            raise SimulatedKill
+        return finetune(config, observer=observer)
+
+    with pytest.raises(SimulatedKill):
+        Tuner(load_target(str(tiny_run)), options, out, train_fn=killed_on_third).run()
+    before = {t["number"]: t for t in _trials(out)}
+    assert [t["state"] for t in before.values()] == ["complete", "complete", "running"]
+    killed = before[2]
+
+    resumed_calls = []
+
+    def counting(config, observer):
+        resumed_calls.append(config.output.dir)
+        return finetune(config, observer=observer)
+
+    result = Tuner(load_target(str(tiny_run)), options, out, train_fn=counting).run()
+    after = {t["number"]: t for t in _trials(out)}
+    for n in (0, 1):
+        assert after[n] == before[n]  # finished trials untouched
+    assert after[2]["state"] == "failed" and after[2]["note"] == "interrupted"
+    retry = [t for n, t in after.items() if n > 2 and t["params"] == killed["params"] and t["hybrid"] == killed["hybrid"]]
+    assert retry and retry[0]["state"] in ("complete", "pruned")  # the killed trial ran again with its settings
+    counted = [t for t in after.values() if t["state"] in ("complete", "pruned") and t["duplicate_of"] is None]
+    assert len(counted) == 4
+    trained = [Path(c).parent.name for c in resumed_calls]
+    assert trained.count("trials") == 2  # only the two missing trials trained, then the confirmations
+    assert trained.count("confirm") == len(result.confirmed) >= 1
+    assert result.best is not None and result.best.confirms is not None
+    # a finished tune run again trains nothing
+    again = Tuner(load_target(str(tiny_run)), options, out, train_fn=counting).run()
+    assert again.records == result.records and again.confirmed == result.confirmed
+    assert len(resumed_calls) == len(trained)
+    # more trials continue the same study, over the same hybrids
+    import dataclasses
+
+    more = Tuner(load_target(str(tiny_run)), dataclasses.replace(options, trials=5, hybrids=None), out, train_fn=counting)
+    assert [h.label for h in more.eligible] == ["lora+lwf", "lora+fip"]
+    more.run()
+    counted = [t for t in _trials(out) if t["state"] in ("complete", "pruned") and t["duplicate_of"] is None]
+    assert len(counted) == 5
+
+
+def test_ladder_stops_at_the_first_rung_that_keeps_the_floor(tiny_run, tmp_path):
+    options = TuneOptions(trials=4, steps=3, ladder=True, min_general_retention=0.0,
+                          constraints=Constraints(compute="low", weights="adapters"))
+    result = Tuner(load_target(str(tiny_run)), options, tmp_path / "easy").run()
+    assert [r.label for r in result.records] == ["lora"]  # lora keeps a zero floor: stop there
+    strict = TuneOptions(trials=3, steps=3, ladder=True, min_general_retention=50.0,
+                         constraints=Constraints(compute="low", weights="adapters"))
+    result = Tuner(load_target(str(tiny_run)), strict, tmp_path / "hard").run()
+    labels = [r.label for r in result.records if r.duplicate_of is None]
+    assert labels == ["lora", "lora+lwf", "lora+lwf+replay"]  # walked up the path; nothing kept 50x retention
+    assert not result.keeps_floor
+
+
+def test_ladder_needs_a_floor(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="--min-general-retention"):
+        Tuner(load_target(str(tiny_run)), TuneOptions(ladder=True), tmp_path / "t")
+
+
+def test_intermediate_evals_only_score_what_decides_the_two_numbers(tiny_run):
+    target = load_target(str(tiny_run))
+    suite = intermediate_suite(target.suite, "t1")
+    assert [t.name for t in suite.tasks] == ["general_acc", "task_acc"]
+    assert intermediate_suite(target.suite, "other").tasks[0].name == "general_acc"
+
+
+def test_scenario_best_yaml_reproduces_the_scenario(data_dir, tmp_path):
+    target = load_target("stories-contracts", data_dir=data_dir)
+    h = find_hybrid("full+replay")
+    strategies = [s.model_dump(mode="json") for s in target.trial_config(h, {"replay.ratio": 0.3}, tmp_path / "t", 40, 20).strategies]
+    target.write_suite(tmp_path)
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(target.best_data(strategies, 40, tmp_path)))
+    config = load_run_config(path)
+    assert config.train.steps_per_task == 40 and config.strategies[1].params == {"ratio": 0.3}
+    assert config.model.name_or_path == target.base["model"]["name_or_path"]
+    from retain.eval.suite import load_suite
+
+    assert [t.name for t in load_suite(config.eval.suite).tasks] == [t.name for t in target.suite.tasks]
+
+
+def test_max_minutes_stops_starting_trials(tiny_run, tmp_path):
+    options = TuneOptions(trials=3, steps=3, max_minutes=0, constraints=SMALL)
+    result = Tuner(load_target(str(tiny_run)), options, tmp_path / "t").run()
+    assert result.records == [] and result.best is None
+    assert json.loads((tmp_path / "t" / "trials.json").read_text())["trials"] == []
+    assert (tmp_path / "t" / "report.html").is_file() and not (tmp_path / "t" / "best.yaml").exists()
