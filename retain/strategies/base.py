@@ -84,6 +84,9 @@ class StrategyContext:
     step_in_task: int = 0
     resuming: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    micro_batch: int = 0  # the micro-batch of the step being built (transform_batch) or scored (extra_losses)
+    step_tokens: torch.Tensor | None = None  # attention tokens of the step's batches, every process (in the loop)
+    step_parts: int = 1  # micro-batches per step times processes: what the loop averages terms over
     _loaded: dict[str, list["Example"]] = field(default_factory=dict, repr=False)
 
     @property
@@ -115,6 +118,17 @@ class StrategyContext:
                 "(e.g. general_data: {path: general.jsonl}); keep it disjoint from evaluation text."
             )
         return self.load_examples(data)
+
+    def token_weight(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """The factor that turns a term averaged over the tokens of its micro-batch (``mask``, the
+        batch's ``attention_mask`` or a part of it) into that micro-batch's share of the mean over every
+        token of the optimizer step, on every process: ``tokens here * parts / tokens of the step``.
+        The loop averages terms over ``parts`` (micro-batch, process) pairs, so the weighted term sums
+        to the step's token mean, as the task loss does. 1 outside the loop (hooks driven by hand)."""
+        if self.step_tokens is None:
+            return 1.0
+        here = mask.sum().to(self.step_tokens.device, torch.float32)
+        return here * self.step_parts / self.step_tokens.clamp_min(1.0)
 
     def log(self, name: str, value: float) -> None:
         """Report a scalar into the next row of the run log. Rows do not repeat it: report a value in the
