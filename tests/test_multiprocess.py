@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
     "progressive-prompts": ([{"name": "progressive-prompts", "num_virtual_tokens": 3}], 2),
 }
 STEPS, BATCH, ACCUM, WORLD = 3, 2, 2, 2
+RESUMED = ("o-lora", "full+ewc")
 
 
 def _free_port() -> int:
@@ -72,17 +74,18 @@ def config_for(root: Path, strategies: list[Any], tasks: int, out: Path, batch_s
         "general_data": {"path": str(root / "general.jsonl"), "max_length": 64, "pack": False},
         "train": {"steps_per_task": STEPS, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                   "progress": False, "log_every": 1},
-        "checkpoint": {"every": 2},
+        "checkpoint": {"every": 2, "keep": 2},
         "output": {"dir": str(out), "save_per_task": False},
     })
 
 
-def train(root: Path, name: str, out: Path, batch_size: int, grad_accum: int = ACCUM) -> dict[str, torch.Tensor]:
+def train(root: Path, name: str, out: Path, batch_size: int, grad_accum: int = ACCUM,
+          resume: bool = False) -> dict[str, torch.Tensor]:
     """Every weight of the trained model (adapters included), on the CPU."""
     from retain.train import finetune
 
     strategies, tasks = HYBRIDS[name]
-    outcome = finetune(config_for(root, strategies, tasks, out, batch_size, grad_accum))
+    outcome = finetune(config_for(root, strategies, tasks, out, batch_size, grad_accum), resume=resume)
     return {k: v.detach().float().cpu().contiguous().clone() for k, v in outcome.model.state_dict().items()}
 
 
@@ -96,6 +99,21 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     for name in HYBRIDS:
         weights = train(base, name, base / "two" / name, BATCH)
         save_file(weights, str(base / f"two-{name}-rank{rank}.safetensors"))
+    # resume mid-task from the last step checkpoint (o-lora rebuilds its adapters there)
+    for name in RESUMED:
+        run = base / "two" / name
+        if rank == 0:
+            newest = sorted((run / "checkpoints").iterdir())[-1]  # the end of the last task: as if killed before it
+            shutil.rmtree(newest)
+            shutil.rmtree(run / "final")
+        torch.distributed.barrier()
+        weights = train(base, name, run, BATCH, resume=True)
+        save_file(weights, str(base / f"resumed-{name}-rank{rank}.safetensors"))
+    # a refusal on the main process (a finished run, no --resume) reaches every process
+    try:
+        train(base, "full+ewc", base / "two" / "full+ewc", BATCH)
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        (base / f"refused-rank{rank}.txt").write_text(type(err).__name__)
 
 
 def _log(run: Path) -> list[dict[str, Any]]:
@@ -123,7 +141,8 @@ def test_two_processes_train_the_model_of_one_process_with_the_same_global_batch
         print(f"{name}: max |one process - two processes| = {gap:.2e}")
         assert gap <= 1e-5, f"{name}: two processes end {gap:.2e} from one"
         # the logged losses of the two layouts are the same numbers (every process's tokens, every term)
-        one_log, two_log = _log(tmp_path / "one" / name), _log(tmp_path / "two" / name)
+        one_log = _log(tmp_path / "one" / name)
+        two_log = _log(tmp_path / "two" / name)[: len(one_log)]  # a resumed run (below) appends its rows
         assert [r["global_step"] for r in one_log] == [r["global_step"] for r in two_log], name
         for a, b in zip(one_log, two_log):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), name
@@ -133,6 +152,11 @@ def test_two_processes_train_the_model_of_one_process_with_the_same_global_batch
         checkpoints = sorted(p.name for p in (tmp_path / "two" / name / "checkpoints").iterdir())
         assert checkpoints == sorted(p.name for p in (tmp_path / "one" / name / "checkpoints").iterdir()), name
         assert (tmp_path / "two" / name / "final").is_dir()
+    for name in RESUMED:  # killed mid-task and resumed on two processes: the uninterrupted model
+        resumed = [load_file(str(tmp_path / f"resumed-{name}-rank{r}.safetensors")) for r in range(WORLD)]
+        gap = max((one[name][k] - resumed[0][k]).abs().max().item() for k in one[name])
+        assert gap <= 1e-5 and all(torch.equal(resumed[0][k], resumed[1][k]) for k in resumed[0]), (name, gap)
+    assert [(tmp_path / f"refused-rank{r}.txt").read_text() for r in range(WORLD)] == ["StateError"] * WORLD
 
 
 @pytest.mark.parametrize("strategies", [["full"], ["full", {"name": "lwf", "alpha": 2.0}]], ids=["full", "full+lwf"])
@@ -148,3 +172,24 @@ def test_gradient_accumulation_equals_the_larger_batch_on_uneven_examples(tmp_pa
         weights.append(finetune(config).model.state_dict())
     big, accumulated = weights
     assert max((big[k] - accumulated[k]).abs().max().item() for k in big) < 1e-5
+
+
+def test_launches_that_would_not_train_together_are_refused():
+    from accelerate.utils import DistributedType
+
+    from retain.errors import ConfigError
+    from retain.train.run import check_data_parallel, check_process_count
+
+    check_process_count(1, {})
+    check_process_count(2, {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
+    check_process_count(2, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "h", "OMPI_COMM_WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="do not train together"):  # torchrun on CPUs without retain's fix
+        check_process_count(1, {"WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="started one process, not N") as refused:  # accelerate launch --cpu
+        check_process_count(1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "torchrun --nproc_per_node N -m retain train" in refused.value.hint
+    check_data_parallel(DistributedType.MULTI_GPU)
+    check_data_parallel(DistributedType.MULTI_CPU)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match="data-parallel"):
+            check_data_parallel(sharded)

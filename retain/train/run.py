@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from retain.config import RunConfig, load_config
+from retain.errors import ConfigError
 from retain.io import atomic_write_text, default_cache_dir
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
@@ -166,6 +168,61 @@ def _prepare_run_dir_once(
     return ckpt.load_checkpoint(Path(path))
 
 
+def launched_without_devices(environ: Any) -> bool:
+    """Several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a machine without GPUs: they
+    must train together on the CPU (gloo). Left alone, accelerate would make each one a separate
+    single-process run, all writing the same run folder."""
+    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    )
+
+
+def check_process_count(processes: int, environ: Any) -> None:
+    """Refuse a launch that asked for several processes and got one (or processes that do not know of
+    each other): the run would silently train with a smaller global batch, or several runs would
+    write one folder."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world > processes:
+        raise ConfigError(
+            f"{world} processes were started (WORLD_SIZE={world}) but they do not train together "
+            f"(accelerate set up {processes}); each would write the same output.dir",
+            hint="on GPUs use `accelerate launch --num_processes N -m retain train RUN.yaml`; on CPUs "
+                 "`torchrun --nproc_per_node N -m retain train RUN.yaml`",
+        )
+    simple_launcher = "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
+    mpi = any(k in environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if processes == 1 and simple_launcher and not mpi:
+        raise ConfigError(
+            "`accelerate launch --num_processes N` started one process, not N: on CPUs accelerate starts "
+            "several processes only through MPI (--mpirun_hostfile), so this would train alone with a "
+            "global batch N times smaller than asked",
+            hint="on CPUs run `torchrun --nproc_per_node N -m retain train RUN.yaml`; on GPUs "
+                 "`accelerate launch --num_processes N -m retain train RUN.yaml`; or drop --num_processes",
+        )
+
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_data_parallel(distributed_type: Any) -> None:
+    """Refuse sharded training (FSDP, DeepSpeed, Megatron): ``retain train`` runs data-parallel (DDP).
+
+    Sharding splits each weight across processes, and retain reads whole weights in many places:
+    anchors and Fisher/importance snapshots, LwF's teacher copy, the evaluation and the checkpoints
+    (on the main process alone), and the statistics passes, where processes run different numbers of
+    forwards (a sharded forward is a collective every process must join). Each would need gathering
+    (``summon_full_params`` / ``full_tensor()`` on every process, gathered state dicts for checkpoints).
+    """
+    name = getattr(distributed_type, "name", str(distributed_type)).split(".")[-1]
+    if name in SHARDED:
+        raise ConfigError(
+            f"retain train runs data-parallel (DDP) only; this launch is configured for {name}, which shards the "
+            "weights, and retain's anchors, Fisher, teachers, evaluation and checkpoints need whole weights",
+            hint="launch without FSDP/DeepSpeed (`accelerate launch --num_processes N -m retain train RUN.yaml`); "
+                 "for a model that does not fit one device, train adapters (lora) or use model.quantization",
+        )
+
+
 def end_training(accelerator: Any) -> None:
     """Trackers closed. With several processes the process group stays until the process exits, since a
     later run in the same process (``retain bench`` runs one per strategy) needs it; accelerate's
@@ -234,7 +291,10 @@ class FineTune:
             mixed_precision=config.train.mixed_precision,
             log_with=list(config.train.trackers) or None,
             project_dir=str(self.run_dir),
+            cpu=launched_without_devices(os.environ),
         )
+        check_process_count(self.accelerator.num_processes, os.environ)
+        check_data_parallel(self.accelerator.distributed_type)
         if not self.accelerator.is_main_process:
             self.observer = None  # evaluation and results are the main process's
         self.loaded = _prepare_run_dir_once(
