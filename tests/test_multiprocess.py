@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
 }
 STEPS, BATCH, ACCUM, WORLD = 3, 2, 2, 2
 RESUMED = ("o-lora", "full+ewc")
+# fork: the workers inherit the imported libraries (spawn re-imports torch and transformers in each,
+# about 20 s of this test on two cores); spawn where fork is unsafe, or when asked
+START_METHOD = os.environ.get("RETAIN_TEST_START_METHOD", "fork" if sys.platform == "linux" else "spawn")
 
 
 def _free_port() -> int:
@@ -124,7 +128,7 @@ def test_two_processes_train_the_model_of_one_process_with_the_same_global_batch
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_inputs(tmp_path)
     two = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+                             start_method=START_METHOD)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -178,7 +182,7 @@ def test_launches_that_would_not_train_together_are_refused():
     from accelerate.utils import DistributedType
 
     from retain.errors import ConfigError
-    from retain.train.run import check_data_parallel, check_process_count
+    from retain.train.processes import check_data_parallel, check_process_count
 
     check_process_count(1, {})
     check_process_count(2, {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})

@@ -16,7 +16,7 @@ import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -24,7 +24,6 @@ from rich.console import Console
 from torch import nn
 
 from retain.config import RunConfig, load_config
-from retain.errors import ConfigError
 from retain.io import atomic_write_text, default_cache_dir
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
@@ -40,6 +39,15 @@ from retain.train.loop import (
     keep_hyperparameters,
     seed_everything,
     train_task,
+)
+from retain.train.processes import (
+    check_data_parallel,
+    check_process_count,
+    end_training,
+    launched_without_devices,
+    on_main_process,
+    parameter_layout,
+    process_group_kwargs,
 )
 from retain.train.progress import TaskProgress
 from retain.train.resume import check_resume_changes, check_run_dir
@@ -124,32 +132,6 @@ def _prepare_run_dir(
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
-T = TypeVar("T")
-
-
-def on_main_process(accelerator: Any, work: Callable[[], T]) -> T:
-    """``work()`` run by the main process alone, its value (or its error) given to every process.
-
-    For what must happen once: the run folder's rules (``--overwrite`` empties it, ``config.yaml`` is
-    written) would race if every process applied them. An error on the main process is raised on
-    every process, so none waits for a main process that has stopped.
-    """
-    if accelerator.num_processes == 1:
-        return work()
-    from accelerate.utils import broadcast_object_list
-
-    box: list[Any] = [None, None]
-    if accelerator.is_main_process:
-        try:
-            box = [work(), None]
-        except Exception as err:  # noqa: BLE001 - every error must reach the other processes
-            box = [None, err]
-    broadcast_object_list(box, from_process=0)
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
-
-
 def _prepare_run_dir_once(
     accelerator: Any, config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool, inputs: list[str],
     console: Console | None,
@@ -166,89 +148,6 @@ def _prepare_run_dir_once(
     if loaded is not None or path is None:
         return loaded
     return ckpt.load_checkpoint(Path(path))
-
-
-def launched_without_devices(environ: Any) -> bool:
-    """Several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a machine without GPUs: they
-    must train together on the CPU (gloo). Left alone, accelerate would make each one a separate
-    single-process run, all writing the same run folder."""
-    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
-        hasattr(torch, "xpu") and torch.xpu.is_available()
-    )
-
-
-def check_process_count(processes: int, environ: Any) -> None:
-    """Refuse a launch that asked for several processes and got one (or processes that do not know of
-    each other): the run would silently train with a smaller global batch, or several runs would
-    write one folder."""
-    world = int(environ.get("WORLD_SIZE", "1"))
-    if world > processes:
-        raise ConfigError(
-            f"{world} processes were started (WORLD_SIZE={world}) but they do not train together "
-            f"(accelerate set up {processes}); each would write the same output.dir",
-            hint="on GPUs use `accelerate launch --num_processes N -m retain train RUN.yaml`; on CPUs "
-                 "`torchrun --nproc_per_node N -m retain train RUN.yaml`",
-        )
-    simple_launcher = "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
-    mpi = any(k in environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
-    if processes == 1 and simple_launcher and not mpi:
-        raise ConfigError(
-            "`accelerate launch --num_processes N` started one process, not N: on CPUs accelerate starts "
-            "several processes only through MPI (--mpirun_hostfile), so this would train alone with a "
-            "global batch N times smaller than asked",
-            hint="on CPUs run `torchrun --nproc_per_node N -m retain train RUN.yaml`; on GPUs "
-                 "`accelerate launch --num_processes N -m retain train RUN.yaml`; or drop --num_processes",
-        )
-
-
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
-def check_data_parallel(distributed_type: Any) -> None:
-    """Refuse sharded training (FSDP, DeepSpeed, Megatron): ``retain train`` runs data-parallel (DDP).
-
-    Sharding splits each weight across processes, and retain reads whole weights in many places:
-    anchors and Fisher/importance snapshots, LwF's teacher copy, the evaluation and the checkpoints
-    (on the main process alone), and the statistics passes, where processes run different numbers of
-    forwards (a sharded forward is a collective every process must join). Each would need gathering
-    (``summon_full_params`` / ``full_tensor()`` on every process, gathered state dicts for checkpoints).
-    """
-    name = getattr(distributed_type, "name", str(distributed_type)).split(".")[-1]
-    if name in SHARDED:
-        raise ConfigError(
-            f"retain train runs data-parallel (DDP) only; this launch is configured for {name}, which shards the "
-            "weights, and retain's anchors, Fisher, teachers, evaluation and checkpoints need whole weights",
-            hint="launch without FSDP/DeepSpeed (`accelerate launch --num_processes N -m retain train RUN.yaml`); "
-                 "for a model that does not fit one device, train adapters (lora) or use model.quantization",
-        )
-
-
-def end_training(accelerator: Any) -> None:
-    """Trackers closed. With several processes the process group stays until the process exits, since a
-    later run in the same process (``retain bench`` runs one per strategy) needs it; accelerate's
-    ``end_training`` would destroy it."""
-    if accelerator.num_processes == 1:
-        accelerator.end_training()
-        return
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    _destroy_process_group_at_exit()
-
-
-@functools.cache
-def _destroy_process_group_at_exit() -> None:
-    import atexit
-
-    def destroy() -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    atexit.register(destroy)
-
-
-def parameter_layout(model: nn.Module) -> tuple[tuple[str, int, bool], ...]:
-    """Which parameter objects the model has and which train: what a DDP wrapper was built for."""
-    return tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters())
 
 
 class FineTune:
@@ -292,6 +191,7 @@ class FineTune:
             log_with=list(config.train.trackers) or None,
             project_dir=str(self.run_dir),
             cpu=launched_without_devices(os.environ),
+            kwargs_handlers=process_group_kwargs(),
         )
         check_process_count(self.accelerator.num_processes, os.environ)
         check_data_parallel(self.accelerator.distributed_type)
