@@ -9,8 +9,9 @@ Hook order inside the loop, per task::
     setup(model)                    once per run, in list order (wrap: LoRA, prompt tuning, ...)
     before_task(task)               snapshot a teacher, compute masks, fill buffers, add adapters
       repeat per optimizer step:
-        transform_batch(batch)      each micro-batch, chained in list order
-        extra_losses(outputs, batch) named penalty / distillation terms, summed by the loop
+        transform_batch(batch)      each micro-batch of the step, in order, all before the step's first
+                                    forward (with several processes: the rows of every process)
+        extra_losses(outputs, batch) per micro-batch: named penalty / distillation terms, summed by the loop
         after_backward(model)       gradients are ready: project, constrain
         after_step(model)           the weights moved: path integrals, step bounds, re-anchoring
     after_task(task)                consolidate: Fisher, merges, stored state
@@ -19,7 +20,9 @@ Hook order inside the loop, per task::
 Loss hooks (``extra_losses``) are pure with respect to the strategy's state: they read it and return
 terms, but never change what a later hook reads (cursors advance in ``transform_batch``, anchors are
 taken there or in ``before_task``), so a term can be evaluated twice, or not at all, without changing
-the run. What a strategy needs from the rest of the run (general text, a companion strategy, a second
+the run. Since every transform of a step runs before its first forward, what a term needs from its
+own micro-batch's transform is kept per ``ctx.micro_batch`` (lwf and fip keep their pool rows so).
+What a strategy needs from the rest of the run (general text, a companion strategy, a second
 task) it declares (``needs_strategies``, ``min_tasks``, ``requirements``); ``validate_run_config``
 checks it before any model loads.
 """
