@@ -47,15 +47,29 @@ def on_main_process(accelerator: Any, work: Callable[[], T]) -> T:
     from accelerate.utils import broadcast_object_list
 
     box: list[Any] = [None, None]
+    original: Exception | None = None
     if accelerator.is_main_process:
         try:
             box = [work(), None]
         except Exception as err:  # noqa: BLE001 - every error must reach the other processes
-            box = [None, err]
+            original, box = err, [None, _sendable(err)]
     broadcast_object_list(box, from_process=0)
+    if original is not None:
+        raise original
     if box[1] is not None:
         raise box[1]
     return box[0]
+
+
+def _sendable(err: Exception) -> Exception:
+    """The error itself if it pickles (the other processes raise the same type and hint), else its text."""
+    import pickle
+
+    try:
+        pickle.dumps(err)
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(err).__name__} on the main process: {err}")
+    return err
 
 
 def launched_without_devices(environ: Any) -> bool:
