@@ -99,6 +99,10 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
     )
     torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a forked worker inherits this process's
+    GradientState._reset_state()  # single-process accelerate state from earlier tests
     base = Path(root)
     for name in HYBRIDS:
         weights = train(base, name, base / "two" / name, BATCH)
@@ -209,3 +213,16 @@ def test_an_error_that_cannot_be_sent_reaches_the_other_processes_as_text():
     odd.callback = lambda: None  # lambdas do not pickle
     sent = _sendable(odd)
     assert isinstance(sent, RuntimeError) and str(sent) == "ValueError on the main process: bad"
+
+
+def test_each_process_runs_a_block_of_the_global_micro_batch_without_the_padding_it_does_not_need():
+    from retain.train.loop import label_tokens, rows_of
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    batch = {"input_ids": torch.arange(30).view(5, 6), "attention_mask": mask, "labels": torch.arange(30).view(5, 6)}
+    first, second = rows_of(batch, 2, 0), rows_of(batch, 2, 1)  # 5 rows (replay's append): 3 and 2
+    assert first["input_ids"].tolist() == batch["input_ids"][:3].tolist()  # row 0 uses every column
+    assert second["input_ids"].tolist() == [[18, 19, 20], [24, 25, 26]]  # a left-padded row keeps its first column
+    assert rows_of(batch, 1, 0) is batch
+    labels = torch.tensor([[-100, 5, -100, 7], [3, -100, -100, -100]])  # position 0 is never predicted
+    assert int(label_tokens(labels)) == 2

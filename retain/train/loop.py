@@ -305,8 +305,9 @@ def rows_of(batch: dict[str, torch.Tensor], world: int, rank: int) -> dict[str, 
         return batch
     rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
     mine = {k: v[rows] for k, v in batch.items()}
-    used = mine["attention_mask"].any(dim=0)  # right-padded: a prefix of the columns
-    return {k: v[:, used] for k, v in mine.items()}
+    used = mine["attention_mask"].any(dim=0)
+    keep = used.flip(0).cumsum(0).flip(0) > 0  # every column up to the last one a row of this process uses
+    return {k: v[:, keep] for k, v in mine.items()}
 
 
 def token_counts(batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
