@@ -135,10 +135,11 @@ def test_the_gradient_norm_joins_the_one_read_of_the_step() -> None:
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
     norm = total_grad_norm([a, b])
     assert norm.item() == pytest.approx(5.0)
-    sums = StepSums()
-    sums.add(torch.tensor(2.0), torch.tensor(1.5), {"x": torch.tensor(0.5)}, torch.ones(2, 3), 1.0)
+    sums = StepSums(labels=torch.tensor(4.0), parts=2)  # 4 label tokens in the step; terms averaged over 2 parts
+    sums.add(torch.tensor(4.0), {"x": torch.tensor(0.5)}, torch.ones(2, 3))
+    sums.add(torch.tensor(2.0), {"x": torch.tensor(1.5)}, torch.ones(1, 3))
     values = sums.read(norm)
-    assert (values.loss, values.task_loss, values.terms, values.tokens, values.grad_norm) == (2.0, 1.5, {"x": 0.5}, 6, 5.0)
+    assert (values.loss, values.task_loss, values.terms, values.tokens, values.grad_norm) == (2.5, 1.5, {"x": 1.0}, 9, 5.0)
     b.grad = torch.tensor([float("inf")])
     assert not sums.read(total_grad_norm([a, b])).finite
 

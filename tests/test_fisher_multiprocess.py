@@ -52,7 +52,31 @@ def _statistics(accelerator) -> dict[str, torch.Tensor]:
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0))
     delta, _ = lora_delta_fisher(peft_model, lora_layers(peft_model), examples, batch, estimator="sampled", seed=1, batch_size=3, accelerator=accelerator)
     out.update({f"delta/{k}": v for k, v in delta.items()})
+    out.update(_token_tables(model, batch, examples, accelerator))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _token_tables(model, batch, examples, accelerator) -> dict[str, torch.Tensor]:
+    """STM's and LwF's per-token tables, split across processes and gathered; cached by one writer."""
+    from retain.losses.distill import next_token_cross_entropy
+    from retain.stats.token_tables import cached_table, compute_table
+
+    def per_token(logits, batch_):
+        return {"ce": next_token_cross_entropy(logits, batch_["input_ids"])}
+
+    world = 1 if accelerator is None else accelerator.num_processes
+    path = Path(os.environ["RETAIN_TEST_DATA"]) / f"cache-{world}" / "ce.safetensors"
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return compute_table(model, examples, batch, per_token, batch_size=3, device=torch.device("cpu"),
+                             adapters_off=False, accelerator=accelerator)
+
+    table, first_hit = cached_table(path, {"kind": "test"}, compute, accelerator)
+    again, second_hit = cached_table(path, {"kind": "test"}, compute, accelerator)
+    assert (first_hit, second_hit, len(calls)) == (False, True, 1) and torch.equal(table.tensors["ce"], again.tensors["ce"])
+    return {"table/ce": table.tensors["ce"], "table/lengths": table.lengths.float()}
 
 
 def _examples(tok):

@@ -53,6 +53,8 @@ def train(
         raise KeyboardInterrupt(f"{stop}; continue with: {again}") from None
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"the last checkpoint is kept; continue with: {again}") from None
+    if not outcome.is_main_process:
+        return  # with several processes the main one reports and writes results.json
     console.print(f"[green]done[/]: model written to {outcome.final_dir}")
     if observer is not None:
         from retain.report.markdown import print_score_changes, print_summary

@@ -3,6 +3,10 @@
 For when a teacher and a student do not both fit (LwF's cached top-k), or when a reference is only
 needed once (STM's perplexities). Files are keyed by a fingerprint of the reference weights and a
 hash of the token ids, so a changed model or changed data never reuses a stale file.
+
+With several processes (pass ``accelerator``) the pass is split: process ``r`` runs every
+``world``-th batch, the rows are gathered so every process holds the whole table, and only the main
+process of each machine writes the cache file; the table is computed once per run, not once per process.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from retain.io import atomic_file
 from retain.models.runtime import align_to_inputs, reference_forward
+from retain.stats.per_example import world_of
 
 if TYPE_CHECKING:
     from retain.data import Example
@@ -94,33 +99,64 @@ def compute_table(
     batch_size: int,
     device: torch.device,
     adapters_off: bool,
+    accelerator: Any | None = None,
 ) -> TokenTable:
     """One reference forward pass over ``examples``; ``per_token(logits, batch)`` gives per-position
-    tensors ``(batch, seq, ...)`` whose real-token rows are kept (padding dropped)."""
-    rows: list[dict[str, torch.Tensor]] = []
+    tensors ``(batch, seq, ...)`` whose real-token rows are kept (padding dropped). With several
+    processes each runs every ``world``-th batch and all of them get the whole table."""
+    world, rank = world_of(accelerator)
+    rows: dict[int, dict[str, torch.Tensor]] = {}
     with reference_forward(model, adapters_off=adapters_off):
-        for start in range(0, len(examples), batch_size):
+        for number, start in enumerate(range(0, len(examples), batch_size)):
+            if number % world != rank:
+                continue
             chunk = list(examples[start : start + batch_size])
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             values = per_token(align_to_inputs(logits, batch["input_ids"].shape[1]), batch)
             for row, example in enumerate(chunk):
                 n = len(example.input_ids)
-                rows.append({name: v[row, :n].to("cpu") for name, v in values.items()})
-    return TokenTable.from_examples(rows)
+                rows[start + row] = {name: v[row, :n].to("cpu") for name, v in values.items()}
+    if world > 1:
+        rows = _gathered(rows)
+    return TokenTable.from_examples([rows[i] for i in range(len(examples))])
+
+
+def _gathered(rows: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """Every process's rows, on every process (one all-gather of Python objects)."""
+    from accelerate.utils import gather_object
+
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for part in gather_object([rows]):
+        merged.update(part)
+    return merged
 
 
 def cached_table(
     path: Path,
     metadata: dict[str, str],
     compute: Callable[[], TokenTable],
+    accelerator: Any | None = None,
 ) -> tuple[TokenTable, bool]:
-    """The cached table for ``metadata`` or a freshly computed (and stored) one; second value: cache hit."""
+    """The cached table for ``metadata`` or a freshly computed (and stored) one; second value: cache hit.
+
+    With several processes they agree first: unless every one finds the file, all of them compute
+    (``compute`` must then split the pass, see :func:`compute_table`), the main process of each
+    machine writes the file, and every process waits for it, so a later ``TokenTable.load`` finds it.
+    """
     hit = TokenTable.load(path, metadata)
+    world, _ = world_of(accelerator)
+    if world > 1:
+        found = torch.tensor([0.0 if hit is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(found, reduction="sum").item() < world:
+            hit = None
     if hit is not None:
         return hit, True
     table = compute()
-    table.save(path, metadata)
+    if accelerator is None or accelerator.is_local_main_process:
+        table.save(path, metadata)
+    if world > 1:
+        accelerator.wait_for_everyone()
     return table, False
 
 

@@ -9,8 +9,9 @@ Hook order inside the loop, per task::
     setup(model)                    once per run, in list order (wrap: LoRA, prompt tuning, ...)
     before_task(task)               snapshot a teacher, compute masks, fill buffers, add adapters
       repeat per optimizer step:
-        transform_batch(batch)      each micro-batch, chained in list order
-        extra_losses(outputs, batch) named penalty / distillation terms, summed by the loop
+        transform_batch(batch)      each micro-batch of the step, in order, all before the step's first
+                                    forward (with several processes: the rows of every process)
+        extra_losses(outputs, batch) per micro-batch: named penalty / distillation terms, summed by the loop
         after_backward(model)       gradients are ready: project, constrain
         after_step(model)           the weights moved: path integrals, step bounds, re-anchoring
     after_task(task)                consolidate: Fisher, merges, stored state
@@ -19,7 +20,9 @@ Hook order inside the loop, per task::
 Loss hooks (``extra_losses``) are pure with respect to the strategy's state: they read it and return
 terms, but never change what a later hook reads (cursors advance in ``transform_batch``, anchors are
 taken there or in ``before_task``), so a term can be evaluated twice, or not at all, without changing
-the run. What a strategy needs from the rest of the run (general text, a companion strategy, a second
+the run. Since every transform of a step runs before its first forward, what a term needs from its
+own micro-batch's transform is kept per ``ctx.micro_batch`` (lwf and fip keep their pool rows so).
+What a strategy needs from the rest of the run (general text, a companion strategy, a second
 task) it declares (``needs_strategies``, ``min_tasks``, ``requirements``); ``validate_run_config``
 checks it before any model loads.
 """
@@ -84,6 +87,9 @@ class StrategyContext:
     step_in_task: int = 0
     resuming: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    micro_batch: int = 0  # the micro-batch of the step being built (transform_batch) or scored (extra_losses)
+    step_tokens: torch.Tensor | None = None  # attention tokens of the step's batches, every process (in the loop)
+    step_parts: int = 1  # micro-batches per step times processes: what the loop averages terms over
     _loaded: dict[str, list["Example"]] = field(default_factory=dict, repr=False)
 
     @property
@@ -115,6 +121,17 @@ class StrategyContext:
                 "(e.g. general_data: {path: general.jsonl}); keep it disjoint from evaluation text."
             )
         return self.load_examples(data)
+
+    def token_weight(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """The factor that turns a term averaged over the tokens of its micro-batch (``mask``, the
+        batch's ``attention_mask`` or a part of it) into that micro-batch's share of the mean over every
+        token of the optimizer step, on every process: ``tokens here * parts / tokens of the step``.
+        The loop averages terms over ``parts`` (micro-batch, process) pairs, so the weighted term sums
+        to the step's token mean, as the task loss does. 1 outside the loop (hooks driven by hand)."""
+        if self.step_tokens is None:
+            return 1.0
+        here = mask.sum().to(self.step_tokens.device, torch.float32)
+        return here * self.step_parts / self.step_tokens.clamp_min(1.0)
 
     def log(self, name: str, value: float) -> None:
         """Report a scalar into the next row of the run log. Rows do not repeat it: report a value in the

@@ -101,7 +101,7 @@ class FunctionallyInvariantPaths(Strategy):
         self._reanchors = 0
         self._previous: dict[str, torch.Tensor] | None = None
         self._last_step_norm = 0.0
-        self._picks: list[int] | None = None  # pool rows of the current micro-batch, chosen in transform_batch
+        self._picks: dict[int, list[int]] = {}  # pool rows of each micro-batch of the step, chosen in transform_batch
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         if has_general_text(self.config.data, run):
@@ -176,7 +176,7 @@ class FunctionallyInvariantPaths(Strategy):
         if self._active:
             if self._anchor is None:
                 self._take_anchor(ctx.unwrapped_model, ctx)
-            self._picks = self._picks_at(ctx, self._cursor)
+            self._picks[ctx.micro_batch] = self._picks_at(ctx, self._cursor)
             self._cursor += self.config.pool_batch
         return batch
 
@@ -184,7 +184,7 @@ class FunctionallyInvariantPaths(Strategy):
         if not self._active:
             return {}
         model = ctx.unwrapped_model
-        picks = self._picks if self._picks is not None else self._picks_at(ctx, self._cursor)
+        picks = self._picks.get(ctx.micro_batch) or self._picks_at(ctx, self._cursor)
         pool_batch = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in picks]).items()}
         student = ctx.model(input_ids=pool_batch["input_ids"], attention_mask=pool_batch["attention_mask"]).logits
         student = align_to_inputs(student, pool_batch["input_ids"].shape[1])
@@ -233,7 +233,7 @@ class FunctionallyInvariantPaths(Strategy):
         self._anchor = None
         if state.get("has_anchor"):
             self._anchor = {name: t.to(ctx.device) for name, t in state["anchor"].items()}
-        self._picks = None
+        self._picks = {}
         task_index = int(state.get("pool_task", -1))
         if task_index >= 0:  # resumed mid-task (before_task will not run): the same pool again
             self._use_pool(ctx.tasks[task_index], ctx, [int(i) for i in state.get("pool_indices", [])])

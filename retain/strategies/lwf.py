@@ -114,7 +114,7 @@ class LearningWithoutForgetting(Strategy):
         self._table: TokenTable | None = None  # cached top-k for the current task (or the pool)
         self._table_name: str | None = None
         self._table_keys: dict[bytes, int] = {}
-        self._picks: list[int] | None = None  # pool rows anchoring the current micro-batch (anchor=general)
+        self._picks: dict[int, list[int]] = {}  # pool rows anchoring each micro-batch of the step (anchor=general)
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         problems = []
@@ -192,9 +192,10 @@ class LearningWithoutForgetting(Strategy):
                 return {"log_q": log_q, "indices": indices.to(torch.int32), "log_rest": log_rest}
 
             return compute_table(ctx.unwrapped_model, examples, ctx.collate, per_token,
-                                 batch_size=self.config.cache_batch_size, device=ctx.device, adapters_off=True)
+                                 batch_size=self.config.cache_batch_size, device=ctx.device, adapters_off=True,
+                                 accelerator=ctx.accelerator)
 
-        table, hit = cached_table(path, metadata, compute)
+        table, hit = cached_table(path, metadata, compute, ctx.accelerator)
         logger.info("lwf: teacher top-%d for %s %s (%s)", k, name, "reused" if hit else "cached", path)
         return table
 
@@ -227,7 +228,7 @@ class LearningWithoutForgetting(Strategy):
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
         """Before each forward: this micro-batch's general anchors (the cursor moves here, not in the loss)."""
         if self.config.anchor == "general" and self.config.alpha != 0.0:
-            self._picks = self._picks_at(ctx, self._cursor)
+            self._picks[ctx.micro_batch] = self._picks_at(ctx, self._cursor)
             self._cursor += self.config.anchor_batch_size
         return batch
 
@@ -238,7 +239,7 @@ class LearningWithoutForgetting(Strategy):
             anchors, pool_indices = batch, None
             student = align_to_inputs(outputs.logits, batch["input_ids"].shape[1])
         else:
-            pool_indices = self._picks if self._picks is not None else self._picks_at(ctx, self._cursor)
+            pool_indices = self._picks.get(ctx.micro_batch) or self._picks_at(ctx, self._cursor)
             anchors = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in pool_indices]).items()}
             logits = ctx.model(input_ids=anchors["input_ids"], attention_mask=anchors["attention_mask"]).logits
             student = align_to_inputs(logits, anchors["input_ids"].shape[1])
@@ -252,6 +253,8 @@ class LearningWithoutForgetting(Strategy):
         else:
             teacher = self._teacher_logits(ctx, anchors["input_ids"], anchors["attention_mask"])
             kl = kl_with_temperature(student, teacher, mask, t)
+        if pool_indices is None:  # task anchors: this micro-batch's share of the step's token mean
+            kl = kl * ctx.token_weight(mask)
         return {"kl": self.config.alpha * kl}
 
     def _cached_teacher(
@@ -275,5 +278,5 @@ class LearningWithoutForgetting(Strategy):
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
         self._cursor = int(state.get("cursor", 0))
-        self._picks = None
+        self._picks = {}
         self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model

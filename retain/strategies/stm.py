@@ -67,6 +67,7 @@ def token_ce_table(ctx: StrategyContext, examples: list, batch_size: int, adapte
         batch_size=batch_size,
         device=ctx.device,
         adapters_off=adapters_off,
+        accelerator=ctx.accelerator,  # split across processes, gathered on each
     )
 
 
@@ -133,7 +134,9 @@ class SelectiveTokenMasking(Strategy):
 
         if self.config.cache:
             metadata = {"kind": "stm-token-ce", "fingerprint": fingerprint, "data_hash": data_hash}
-            table, hit = cached_table(cache_file(ctx.cache_dir, "stm", fingerprint, data_hash), metadata, compute)
+            table, hit = cached_table(
+                cache_file(ctx.cache_dir, "stm", fingerprint, data_hash), metadata, compute, ctx.accelerator
+            )
         else:
             table, hit = compute(), False
         generator = seeded_generator(ctx.seed_for(self), task.index)

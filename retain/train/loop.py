@@ -14,6 +14,31 @@ Divergence: a step whose loss or gradient norm is not finite is skipped (gradien
 optimizer, scheduler or post-step hook), so a non-finite value never reaches the weights; after
 ``train.max_nonfinite_steps`` such steps in a row the run stops with ``DivergenceError``. Steps are
 numbered from 1 in messages, as in checkpoint names (``step-<global step>``, the state after it).
+
+What a step optimizes (one process or several, with or without gradient accumulation)::
+
+    L = (sum of token losses over every label token of the step) / (label tokens of the step)
+        + sum_k mean over the step's micro-batches (and processes) of term_k
+
+The task loss is the mean over all label tokens of the optimizer step: every micro-batch of every
+process, counted after the strategies' transforms (STM's masks, replayed rows), as the Trainer's
+``num_items_in_batch`` does. So ``k`` processes with ``batch_size: b`` give the gradient of one process
+with ``k * b``, and ``grad_accum: a`` with ``b`` that of ``a * b``, whatever the examples' lengths.
+
+How: every process builds the step's *global* micro-batches (``batch_size * world`` rows each, the
+rows one process with a ``world`` times larger batch would read) and runs every strategy's
+``transform_batch`` on them, in micro-batch order and before the step's first forward
+(``ctx.micro_batch`` names the micro-batch being built or scored). Transforms are host-side and cheap,
+so doing them on every process costs little and makes replay's mixing, STM's masks and every cursor
+identical to one process's. Each process then runs its own block of rows forward and backward. DDP
+averages gradients over processes, so a process backpropagates ``its token-loss sum * world / the
+step's label tokens`` plus each term divided by the micro-batches per step. A term that is itself a
+mean over the tokens of its micro-batch becomes its share of the step's token mean with
+``ctx.token_weight(mask)`` (lwf's task anchors do this).
+
+With several processes the step's sums (loss, terms, tokens, a Ctrl-C flag) are added across
+processes in one all-reduce just before the step's one host read, so every process logs the same
+values and takes the same skip/stop decision on a non-finite step.
 """
 
 from __future__ import annotations
@@ -31,6 +56,7 @@ import torch
 from torch import nn
 
 from retain.data.sampling import sample_indices
+from retain.data.tokenize import IGNORE_INDEX
 from retain.errors import ConfigError, DivergenceError
 from retain.io import append_jsonl
 from retain.strategies.base import StrategyContext, TaskInfo
@@ -111,49 +137,69 @@ class TaskStats:
 
 @dataclass
 class StepValues:
-    """One optimizer step's means over its micro-batches, on the host."""
+    """One optimizer step's values on the host, for every process together: the task loss is the mean
+    over the step's label tokens, each term its mean over micro-batches and processes."""
 
     loss: float
     task_loss: float
     terms: dict[str, float]
     tokens: int
     grad_norm: float | None = None  # total gradient norm before clipping; None when not checked
+    stop: bool = False  # some process was asked to stop (Ctrl-C) during this step
 
     @property
     def finite(self) -> bool:
         return math.isfinite(self.loss) and (self.grad_norm is None or math.isfinite(self.grad_norm))
 
 
-class StepSums:
-    """Detached on-device sums of one step's loss, task loss, named terms and tokens; no host sync."""
+def label_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Label positions a causal LM predicts (position 0 never is): the unit the task loss averages over."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
-    def __init__(self) -> None:
-        self.loss: torch.Tensor | None = None
-        self.task_loss: torch.Tensor | None = None
+
+class StepSums:
+    """Detached on-device sums of one step's token-loss sum, named terms and tokens; no host sync.
+
+    ``parts`` is the number of (micro-batch, process) pairs a term is averaged over; ``labels`` the
+    step's label-token count over every process (a device tensor).
+    """
+
+    def __init__(self, labels: torch.Tensor, parts: int) -> None:
+        self.labels = labels
+        self.parts = parts
+        self.task_sum: torch.Tensor | None = None
         self.terms: dict[str, torch.Tensor] = {}
         self.tokens: torch.Tensor | None = None
 
-    def add(self, loss: torch.Tensor, task_loss: torch.Tensor, terms: dict[str, torch.Tensor],
-            attention_mask: torch.Tensor, scale: float) -> None:
-        """Add one micro-batch, each loss scaled by ``scale`` (1 / grad_accum) so the sums are means."""
-        loss = loss.detach().float() * scale
-        self.loss = loss if self.loss is None else self.loss + loss
-        task_loss = task_loss.detach().float() * scale
-        self.task_loss = task_loss if self.task_loss is None else self.task_loss + task_loss
+    def add(self, task_sum: torch.Tensor, terms: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> None:
+        """Add one micro-batch: its sum of token losses, its terms (each a mean) and its tokens."""
+        task_sum = task_sum.detach().float().reshape(())
+        self.task_sum = task_sum if self.task_sum is None else self.task_sum + task_sum
         for key, term in terms.items():
-            value = term.detach().to(loss.device, torch.float32).reshape(()) * scale
+            value = term.detach().to(task_sum.device, torch.float32).reshape(())
             self.terms[key] = value + self.terms[key] if key in self.terms else value
-        tokens = attention_mask.sum().to(loss.device, torch.float32)  # exact below 2**24 tokens per step
+        tokens = attention_mask.sum().to(task_sum.device, torch.float32)  # exact below 2**24 tokens per step
         self.tokens = tokens if self.tokens is None else self.tokens + tokens
 
-    def read(self, grad_norm: torch.Tensor | None = None) -> StepValues:
-        """The step's one host sync: every value (and the gradient norm) in a single device-to-host copy."""
-        assert self.loss is not None and self.task_loss is not None and self.tokens is not None
-        extra = [grad_norm.to(self.loss.device, torch.float32).reshape(())] if grad_norm is not None else []
-        loss, task_loss, *rest = torch.stack([self.loss, self.task_loss, *self.terms.values(), self.tokens, *extra]).tolist()
+    def read(self, grad_norm: torch.Tensor | None = None, accelerator: Any = None, stop: bool = False) -> StepValues:
+        """The step's one host sync: every value (and the gradient norm) in a single device-to-host copy.
+
+        With several processes the sums (and the stop flag) are first added across processes in one
+        all-reduce; the gradient norm is not, since the gradients were already averaged.
+        """
+        assert self.task_sum is not None and self.tokens is not None
+        device = self.task_sum.device
+        local = torch.stack([self.task_sum, *self.terms.values(), self.tokens, torch.tensor(float(stop), device=device)])
+        if accelerator is not None and accelerator.num_processes > 1:
+            local = accelerator.reduce(local, reduction="sum")
+        extra = [grad_norm.to(device, torch.float32).reshape(())] if grad_norm is not None else []
+        task_sum, *rest = torch.cat([local, self.labels.to(device, torch.float32).reshape(1), *[e.reshape(1) for e in extra]]).tolist()
         norm = rest.pop() if extra else None
-        *terms, tokens = rest
-        return StepValues(loss, task_loss, dict(zip(self.terms, terms)), int(tokens), norm)
+        *terms, tokens, stop_flag, labels = rest
+        task_loss = task_sum / max(labels, 1.0)
+        means = {key: value / self.parts for key, value in zip(self.terms, terms)}
+        loss = task_loss + sum(means.values())
+        return StepValues(loss, task_loss, means, int(tokens), norm, stop_flag > 0)
 
 
 def total_grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor | None:
@@ -215,12 +261,12 @@ class LogWindow:
             self.terms[key] = self.terms.get(key, 0.0) + value
             self.term_steps[key] = self.term_steps.get(key, 0) + 1
 
-    def row(self, lr: float, world: int) -> dict[str, float]:
+    def row(self, lr: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
             **({"loss": self.loss / self.steps} if self.steps else {}),  # a window of skipped steps only has none
             "lr": lr,
-            "tokens_per_second": self.tokens * world / elapsed,
+            "tokens_per_second": self.tokens / elapsed,  # every process's tokens
             **{f"loss/{k}": v / self.term_steps[k] for k, v in self.terms.items()},
             **({"skipped_steps": float(self.skipped)} if self.skipped else {}),
         }
@@ -228,6 +274,50 @@ class LogWindow:
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def step_batches(ctx: StrategyContext, hybrid: Hybrid, task: TaskInfo, step: int) -> list[dict[str, torch.Tensor]]:
+    """The step's micro-batches for every process together, built and transformed in order, on the host.
+
+    Micro-batch ``m`` of step ``s`` holds the ``batch_size * world`` samples from position
+    ``(s * grad_accum + m) * batch_size * world``: exactly what one process with a ``world`` times
+    larger batch reads. Every process builds and transforms the same global micro-batches (the
+    transforms are host-side and cheap), so replay's mixing, STM's masks and every strategy's cursor
+    are those of one process, and then runs its own rows (:func:`rows_of`).
+    """
+    train = ctx.config.train
+    size = train.batch_size * ctx.accelerator.num_processes
+    examples = task.train_examples
+    data_seed = train.seed + 7919 * task.index
+    batches = []
+    for micro in range(train.grad_accum):
+        ctx.micro_batch = micro
+        first = (step * train.grad_accum + micro) * size
+        batch = ctx.collate([examples[i] for i in sample_indices(len(examples), data_seed, first, size)])
+        batches.append(hybrid.transform_batch(batch, ctx))
+    return batches
+
+
+def rows_of(batch: dict[str, torch.Tensor], world: int, rank: int) -> dict[str, torch.Tensor]:
+    """Process ``rank``'s share of a global micro-batch: a contiguous block of rows (as even as the row
+    count allows; replay's ``append`` adds rows), without the padding columns none of them needs."""
+    if world == 1:
+        return batch
+    rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
+    mine = {k: v[rows] for k, v in batch.items()}
+    used = mine["attention_mask"].any(dim=0)
+    keep = used.flip(0).cumsum(0).flip(0) > 0  # every column up to the last one a row of this process uses
+    return {k: v[:, keep] for k, v in mine.items()}
+
+
+def token_counts(batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label tokens, attention tokens) of the whole step, every process's rows included, on the device.
+
+    Every process holds the global micro-batches, so no communication is needed.
+    """
+    labels = torch.stack([label_tokens(b["labels"]) for b in batches]).sum()
+    attended = torch.stack([b["attention_mask"].sum() for b in batches]).sum()
+    return labels.to(device, torch.float32), attended.to(device, torch.float32)
 
 
 def train_task(
@@ -241,17 +331,18 @@ def train_task(
     start_step: int,
     on_step_end: Callable[[int], None],
     progress: Any | None = None,
+    stop: Any = None,
 ) -> TaskStats:
     """Run optimizer steps ``start_step .. task.steps`` of one task.
 
     ``on_step_end(step_in_task)`` is called after each completed step (checkpoints, step evaluation).
+    ``stop`` (a :class:`~retain.train.interrupt.StopRequest`) is agreed on across processes: when any
+    process's flag is set during a step, every process's flag is set after it, so all stop together.
     """
     accelerator = ctx.accelerator
     train = ctx.config.train
-    examples = task.train_examples
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = train.batch_size * train.grad_accum * world
-    data_seed = train.seed + 7919 * task.index
+    parts = train.grad_accum * world  # (micro-batch, process) pairs a term is averaged over
     trainable = [p for p in model.parameters() if p.requires_grad]  # fixed for the task once before_task ran
     stats = TaskStats(trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
     model.train()
@@ -262,12 +353,15 @@ def train_task(
     for step in range(start_step, task.steps):
         step_start = time.perf_counter()
         ctx.step_in_task = step
-        sums = StepSums()
-        for micro in range(train.grad_accum):
-            first = step * per_step + (micro * world + rank) * train.batch_size
-            batch = ctx.collate([examples[i] for i in sample_indices(len(examples), data_seed, first, train.batch_size)])
-            batch = hybrid.transform_batch(batch, ctx)
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        batches = step_batches(ctx, hybrid, task, step)  # every transform before the first forward
+        labels, attended = token_counts(batches, accelerator.device)
+        ctx.step_tokens, ctx.step_parts = attended, parts
+        task_scale = world / labels.clamp_min(1.0)  # DDP averages over processes: undo it for the token sum
+        sums = StepSums(labels, parts)
+        for micro, batch in enumerate(batches):
+            ctx.micro_batch = micro
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in rows_of(batch, world, rank).items()}
+            count = label_tokens(batch["labels"])
             sync = micro == train.grad_accum - 1
             with accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
@@ -275,11 +369,20 @@ def train_task(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
                     )
                     terms = hybrid.extra_losses(outputs, batch, ctx)
-                    loss = outputs.loss + sum(terms.values()) if terms else outputs.loss
-                accelerator.backward(loss / train.grad_accum)
-            sums.add(loss, outputs.loss, terms, batch["attention_mask"], 1.0 / train.grad_accum)
-            del batch, outputs, terms, loss  # free the logits now, not when the next forward has made its own
-        values = sums.read(total_grad_norm(trainable) if check_grads else None)  # the step's one host sync
+                    # the micro-batch's sum of token losses; 0 (and zero gradients) when it has no label token
+                    task_sum = torch.where(count > 0, outputs.loss.float() * count, torch.zeros((), device=count.device))
+                    loss = task_sum * task_scale
+                    if terms:
+                        loss = loss + sum(terms.values()) / train.grad_accum
+                accelerator.backward(loss)
+            sums.add(task_sum, terms, batch["attention_mask"])
+            del batch, outputs, terms, loss, task_sum  # free the logits now, not when the next forward has made its own
+        del batches
+        ctx.step_tokens = None
+        requested = bool(stop is not None and stop.requested)
+        values = sums.read(total_grad_norm(trainable) if check_grads else None, accelerator, requested)  # the one host sync
+        if values.stop and stop is not None:
+            stop.requested = True  # every process stops after this same step
         streak = check_finite(values, task, step + 1, streak, train.max_nonfinite_steps)
         if streak:  # skipped: nothing of this step reaches the weights, the optimizer or the strategies
             optimizer.zero_grad(set_to_none=True)
@@ -301,7 +404,7 @@ def train_task(
         stats.steps += 1
         stats.seconds += time.perf_counter() - step_start
         if (step + 1) % train.log_every == 0 or step + 1 == task.steps:
-            metrics = {**window.row(scheduler.get_last_lr()[0], world), **ctx.metrics}
+            metrics = {**window.row(scheduler.get_last_lr()[0]), **ctx.metrics}
             ctx.metrics.clear()  # a strategy's value belongs to the window it was reported in
             accelerator.log({f"{task.name}/{k}": v for k, v in metrics.items()}, step=ctx.global_step)
             if accelerator.is_main_process:

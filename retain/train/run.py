@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,15 @@ from retain.train.loop import (
     seed_everything,
     train_task,
 )
+from retain.train.processes import (
+    check_data_parallel,
+    check_process_count,
+    end_training,
+    launched_without_devices,
+    on_main_process,
+    parameter_layout,
+    process_group_kwargs,
+)
 from retain.train.progress import TaskProgress
 from retain.train.resume import check_resume_changes, check_run_dir
 
@@ -63,7 +73,8 @@ class RunOutcome:
     model: nn.Module
     tokenizer: Any
     task_stats: list[TaskStats] = field(default_factory=list)
-    observer: Any = None
+    observer: Any = None  # None on every process but the main one (which alone evaluates and writes)
+    is_main_process: bool = True
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -121,6 +132,24 @@ def _prepare_run_dir(
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
+def _prepare_run_dir_once(
+    accelerator: Any, config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool, inputs: list[str],
+    console: Console | None,
+) -> ckpt.LoadedCheckpoint | None:
+    """The run folder's rules applied by the main process; every process then reads the same checkpoint."""
+    loaded: ckpt.LoadedCheckpoint | None = None
+
+    def prepare() -> str | None:
+        nonlocal loaded
+        loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console)
+        return None if loaded is None else str(loaded.path)
+
+    path = on_main_process(accelerator, prepare)
+    if loaded is not None or path is None:
+        return loaded
+    return ckpt.load_checkpoint(Path(path))
+
+
 class FineTune:
     """The recipe, in named steps: ``setup`` -> ``restore`` -> ``train_tasks`` -> ``export``.
 
@@ -157,13 +186,20 @@ class FineTune:
         self.hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
         check_quantized_training(config.model, trains_adapters=any(s.peft_wrapper for s in self.hybrid.strategies))
         self.run_dir = Path(config.output.dir)
-        self.loaded = _prepare_run_dir(
-            config, self.run_dir, resume, overwrite=overwrite, inputs=run_inputs(config, self.observer), console=self.console
-        )
         self.accelerator = Accelerator(
             mixed_precision=config.train.mixed_precision,
             log_with=list(config.train.trackers) or None,
             project_dir=str(self.run_dir),
+            cpu=launched_without_devices(os.environ),
+            kwargs_handlers=process_group_kwargs(),
+        )
+        check_process_count(self.accelerator.num_processes, os.environ)
+        check_data_parallel(self.accelerator.distributed_type)
+        if not self.accelerator.is_main_process:
+            self.observer = None  # evaluation and results are the main process's
+        self.loaded = _prepare_run_dir_once(
+            self.accelerator, config, self.run_dir, resume, overwrite=overwrite,
+            inputs=run_inputs(config, self.observer), console=self.console,
         )
         if config.train.trackers:
             self.accelerator.init_trackers("retain", config=_flat_hparams(config))
@@ -184,9 +220,11 @@ class FineTune:
         )
         if self.observer is not None:
             self.observer.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
+        self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
         model = prepare_for_training(model, config.model, gradient_checkpointing=config.train.gradient_checkpointing)
         model = self.hybrid.setup(model, self.ctx)
         self.model = self.ctx.model = self.accelerator.prepare(model)
+        self.layout = parameter_layout(model)
 
     # -- restore ------------------------------------------------------------------------------
 
@@ -200,9 +238,26 @@ class FineTune:
         ckpt.load_weights(self.accelerator.unwrap_model(self.model), loaded.weights)
         self.ctx.global_step = loaded.position.global_step
         ckpt.set_rng_state(loaded.rng)
+        self.rewrap_if_changed()
         position = loaded.position
-        console_print(self.console, f"resuming from {loaded.path}: {describe_position(position, self.tasks)}")
+        if self.accelerator.is_main_process:
+            console_print(self.console, f"resuming from {loaded.path}: {describe_position(position, self.tasks)}")
         return position
+
+    def rewrap_if_changed(self) -> None:
+        """Wrap the model again for several processes when a strategy changed its parameters (o-lora's
+        new adapter, progressive prompts' grown embedding): DDP's reducer knows only the parameters it
+        was built with, and building it again broadcasts the main process's values of every new one."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        layout = parameter_layout(unwrapped)
+        if layout == self.layout or self.accelerator.num_processes == 1:
+            self.layout = layout
+            return
+        self.accelerator.free_memory()  # drops the old wrapper (its gradient buckets and hooks); optimizers are per task
+        del self.model
+        self.ctx.model = unwrapped
+        self.model = self.ctx.model = self.accelerator.prepare(unwrapped)
+        self.layout = layout
 
     # -- train --------------------------------------------------------------------------------
 
@@ -220,6 +275,7 @@ class FineTune:
         mid_task = resumed_here and start.task_started  # before_task ran: its effects are in the strategy state
         if not mid_task:
             hybrid.before_task(task, ctx)
+            self.rewrap_if_changed()
         first_step = start.step_in_task if resumed_here else 0
         optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
         scheduler = build_scheduler(optimizer, config.train, task.steps)
@@ -242,6 +298,7 @@ class FineTune:
                 start_step=first_step,
                 on_step_end=functools.partial(self.end_of_step, task, optimizer, scheduler),
                 progress=progress,
+                stop=self.stop,
             )
         hybrid.after_task(task, ctx)
         stats.peak_memory = peak_memory_bytes(accelerator.device)
@@ -253,6 +310,7 @@ class FineTune:
             )
         if self.observer is not None:
             self.observer.on_task_end(self.model, ctx, task, stats)
+        accelerator.wait_for_everyone()
         # The task is complete: the next position is the start of the next task, before its setup.
         self.save_checkpoint(ckpt.Position(task.index + 1, 0, ctx.global_step, task_started=False))
         return stats
@@ -265,15 +323,18 @@ class FineTune:
         if every and step_in_task % every == 0 and step_in_task < task.steps:
             saved = self.save_checkpoint(position, optimizer, scheduler)
         eval_every = self.config.eval.every_n_steps
-        if self.observer is not None and eval_every and step_in_task % eval_every == 0 and not self.stop.requested:
-            self.observer.on_step(self.model, self.ctx, task)
+        if eval_every and step_in_task % eval_every == 0 and not self.stop.requested:
+            if self.observer is not None:
+                self.observer.on_step(self.model, self.ctx, task)
+            self.accelerator.wait_for_everyone()
         if self.stop.requested:
             self.stop_here(task, position, optimizer, scheduler, saved)
 
     def stop_here(self, task: TaskInfo, position: ckpt.Position, optimizer: Any, scheduler: Any, saved: Path | None) -> None:
         """Ctrl-C: checkpoint the step just completed (a second Ctrl-C skips that) and stop."""
         if saved is None:  # after a task's last step too: resuming there runs the task's end (outputs, evaluation)
-            console_print(self.console, "interrupted: saving a checkpoint of the last completed step (Ctrl-C again to skip it)")
+            if self.accelerator.is_main_process:
+                console_print(self.console, "interrupted: saving a checkpoint of the last completed step (Ctrl-C again to skip it)")
             saved = self.save_checkpoint(position, optimizer, scheduler)
         raise TrainingInterrupted(describe_position(position, self.tasks), saved)
 
@@ -306,8 +367,10 @@ class FineTune:
             )
             export_task_choices(self.run_dir, final_dir, [(t.index, t.name) for t in self.tasks],
                                 [s.name for s in self.hybrid.strategies], full_model=self.full_weights)
-        self.accelerator.end_training()
-        return RunOutcome(self.run_dir, final_dir, unwrapped, self.tokenizer, task_stats, self.observer)
+        self.accelerator.wait_for_everyone()
+        end_training(self.accelerator)
+        return RunOutcome(self.run_dir, final_dir, unwrapped, self.tokenizer, task_stats, self.observer,
+                          self.accelerator.is_main_process)
 
 
 def finetune(

@@ -1,0 +1,155 @@
+"""What several processes (DDP through accelerate) need from a run, in one place.
+
+- Launch checks: processes that would not train together are refused before any work, and several
+  processes on a machine without GPUs are made to train together on the CPU (gloo).
+- Sharded training (FSDP, DeepSpeed, Megatron) is refused with the reason.
+- ``on_main_process``: work done once (the run folder's rules) with its value or error given to all.
+- ``parameter_layout``: when a strategy changes the parameters, the DDP wrapper is built again.
+- The process group outlives a run (``retain bench`` runs several in one process) and is destroyed at
+  exit; its timeout is long because the other processes wait while the main one evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+from retain.errors import ConfigError
+
+# The other processes wait in a barrier while the main one scores the eval suite, writes checkpoints
+# and model folders; a large suite on a large model can take longer than torch's default (10 to 30 min).
+PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
+
+
+def process_group_kwargs() -> list[Any]:
+    """accelerate's handler that sets the process group's timeout (used when the group is created)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)]
+
+
+T = TypeVar("T")
+
+
+def on_main_process(accelerator: Any, work: Callable[[], T]) -> T:
+    """``work()`` run by the main process alone, its value (or its error) given to every process.
+
+    For what must happen once: the run folder's rules (``--overwrite`` empties it, ``config.yaml`` is
+    written) would race if every process applied them. An error on the main process is raised on
+    every process, so none waits for a main process that has stopped.
+    """
+    if accelerator.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None, None]
+    original: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            box = [work(), None]
+        except Exception as err:  # noqa: BLE001 - every error must reach the other processes
+            original, box = err, [None, _sendable(err)]
+    broadcast_object_list(box, from_process=0)
+    if original is not None:
+        raise original
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def _sendable(err: Exception) -> Exception:
+    """The error itself if it pickles (the other processes raise the same type and hint), else its text."""
+    import pickle
+
+    try:
+        pickle.dumps(err)
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(err).__name__} on the main process: {err}")
+    return err
+
+
+def launched_without_devices(environ: Any) -> bool:
+    """Several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a machine without GPUs: they
+    must train together on the CPU (gloo). Left alone, accelerate would make each one a separate
+    single-process run, all writing the same run folder."""
+    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    )
+
+
+def check_process_count(processes: int, environ: Any) -> None:
+    """Refuse a launch that asked for several processes and got one (or processes that do not know of
+    each other): the run would silently train with a smaller global batch, or several runs would
+    write one folder."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world > processes:
+        raise ConfigError(
+            f"{world} processes were started (WORLD_SIZE={world}) but they do not train together "
+            f"(accelerate set up {processes}); each would write the same output.dir",
+            hint="on GPUs use `accelerate launch --num_processes N -m retain train RUN.yaml`; on CPUs "
+                 "`torchrun --nproc_per_node N -m retain train RUN.yaml`",
+        )
+    simple_launcher = "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
+    mpi = any(k in environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if processes == 1 and simple_launcher and not mpi:
+        raise ConfigError(
+            "`accelerate launch --num_processes N` started one process, not N: on CPUs accelerate starts "
+            "several processes only through MPI (--mpirun_hostfile), so this would train alone with a "
+            "global batch N times smaller than asked",
+            hint="on CPUs run `torchrun --nproc_per_node N -m retain train RUN.yaml`; on GPUs "
+                 "`accelerate launch --num_processes N -m retain train RUN.yaml`; or drop --num_processes",
+        )
+
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_data_parallel(distributed_type: Any) -> None:
+    """Refuse sharded training (FSDP, DeepSpeed, Megatron): ``retain train`` runs data-parallel (DDP).
+
+    Sharding splits each weight across processes, and retain reads whole weights in many places:
+    anchors and Fisher/importance snapshots, LwF's teacher copy, the evaluation and the checkpoints
+    (on the main process alone), and the statistics passes, where processes run different numbers of
+    forwards (a sharded forward is a collective every process must join). Each would need gathering
+    (``summon_full_params`` / ``full_tensor()`` on every process, gathered state dicts for checkpoints).
+    """
+    name = getattr(distributed_type, "name", str(distributed_type)).split(".")[-1]
+    if name in SHARDED:
+        raise ConfigError(
+            f"retain train runs data-parallel (DDP) only; this launch is configured for {name}, which shards the "
+            "weights, and retain's anchors, Fisher, teachers, evaluation and checkpoints need whole weights",
+            hint="launch without FSDP/DeepSpeed (`accelerate launch --num_processes N -m retain train RUN.yaml`); "
+                 "for a model that does not fit one device, train adapters (lora) or use model.quantization",
+        )
+
+
+def end_training(accelerator: Any) -> None:
+    """Trackers closed. With several processes the process group stays until the process exits, since a
+    later run in the same process (``retain bench`` runs one per strategy) needs it; accelerate's
+    ``end_training`` would destroy it."""
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    _destroy_process_group_at_exit()
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    import atexit
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+
+
+def parameter_layout(model: nn.Module) -> tuple[tuple[str, int, bool], ...]:
+    """Which parameter objects the model has and which train: what a DDP wrapper was built for."""
+    return tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters())
