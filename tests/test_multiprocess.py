@@ -226,3 +226,53 @@ def test_each_process_runs_a_block_of_the_global_micro_batch_without_the_padding
     assert rows_of(batch, 1, 0) is batch
     labels = torch.tensor([[-100, 5, -100, 7], [3, -100, -100, -100]])  # position 0 is never predicted
     assert int(label_tokens(labels)) == 2
+
+
+def test_the_process_count_of_accelerate_launch_on_cpus_is_read_from_its_command_line():
+    from retain.train.processes import requested_cpu_processes, torchrun_command
+
+    launched = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    launcher = ["/usr/bin/python3", "/usr/local/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m",
+                "retain", "train", "run.yaml"]
+    assert requested_cpu_processes(launched, launcher) == 2
+    assert requested_cpu_processes(launched, [*launcher[:4], "--num_processes=3", *launcher[6:]]) == 3
+    assert requested_cpu_processes(launched, [*launcher[:5], "1", *launcher[6:]]) is None  # one asked, one run
+    assert requested_cpu_processes(launched, None) is None  # unreadable: check_process_count refuses instead
+    assert requested_cpu_processes(launched, ["bash", "-c", "x --num_processes 2"]) is None  # not accelerate
+    assert requested_cpu_processes({**launched, "WORLD_SIZE": "2"}, launcher) is None  # already several
+    assert requested_cpu_processes({**launched, "OMPI_COMM_WORLD_SIZE": "2"}, launcher) is None  # MPI starts them
+    assert requested_cpu_processes({"MASTER_ADDR": "h"}, launcher) is None  # not on CPUs
+    assert torchrun_command(2, ["train", "run.yaml"], "/py") == [
+        "/py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "retain", "train",
+        "run.yaml"]
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate command is not installed")
+def test_accelerate_launch_on_cpus_trains_on_the_processes_it_names(tmp_path):
+    """The documented command ``accelerate launch --cpu --num_processes 2 -m retain train RUN.yaml`` runs two
+    processes that end with the model of one process with twice the batch."""
+    import subprocess
+
+    import yaml
+
+    write_inputs(tmp_path)
+    runs = {}
+    for name, batch_size in (("two", BATCH), ("one", BATCH * WORLD)):
+        config = config_for(tmp_path, HYBRIDS["full+ewc"][0], 1, tmp_path / name, batch_size)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        runs[name] = path
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    two = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", str(WORLD), "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "retain", "train",
+                          str(runs["two"])], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "retain", "train", str(runs["one"])], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    weights = [load_file(str(next((tmp_path / name / "final").glob("*.safetensors")))) for name in ("one", "two")]
+    gap = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
+    assert gap <= 1e-5, gap
+    # with one process the step would see half the examples: the losses would differ well beyond this
+    assert _log(tmp_path / "two")[-1]["loss"] == pytest.approx(_log(tmp_path / "one")[-1]["loss"], rel=1e-5)

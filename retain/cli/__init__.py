@@ -28,7 +28,23 @@ app.add_typer(importance_app, name="importance", help="Compute importance statis
 __all__ = ["app", "main"]
 
 
+def relaunch_as_processes() -> None:
+    """``accelerate launch --cpu --num_processes N -m retain ...`` starts one process on CPUs; start the N
+    processes it asked for instead (through torchrun), so that command trains on N processes."""
+    import os
+
+    from retain.train.processes import parent_cmdline, requested_cpu_processes, torchrun_command
+
+    processes = requested_cpu_processes(os.environ, parent_cmdline())
+    if processes is None:
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    command = torchrun_command(processes, sys.argv[1:], sys.executable)
+    os.execvpe(command[0], command, env)
+
+
 def main() -> None:  # pragma: no cover - entry point
+    relaunch_as_processes()
     try:
         app()
     except KeyboardInterrupt:

@@ -105,6 +105,50 @@ def check_process_count(processes: int, environ: Any) -> None:
         )
 
 
+def requested_cpu_processes(environ: Any, parent_cmdline: list[str] | None) -> int | None:
+    """N when ``accelerate launch --cpu --num_processes N`` (N > 1) started this one process.
+
+    accelerate's simple launcher starts a single process on CPUs (several only through MPI) and does
+    not pass N on; it leaves ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR`` without ``WORLD_SIZE``. N is read
+    from the launcher's own command line (the parent process), so the command users type keeps working.
+    """
+    if "WORLD_SIZE" in environ or "MASTER_ADDR" not in environ or "ACCELERATE_USE_CPU" not in environ:
+        return None
+    if any(k in environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")):
+        return None
+    args = list(parent_cmdline or [])
+    if not any(a.endswith("accelerate") or a == "launch" for a in args):
+        return None
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(("--num_processes=", "--num-processes=")):
+            value = arg.split("=", 1)[1]
+        if value is not None and value.isdigit() and int(value) > 1:
+            return int(value)
+    return None
+
+
+def parent_cmdline() -> list[str] | None:
+    """The parent process's arguments (Linux /proc), or None where they cannot be read."""
+    import os
+
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def torchrun_command(processes: int, retain_args: list[str], python: str) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N -m retain ARGS``: N CPU processes that train
+    together (gloo), the same as ``torchrun --nproc_per_node N -m retain ARGS``."""
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "retain",
+            *retain_args]
+
+
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
