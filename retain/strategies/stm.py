@@ -6,6 +6,11 @@ exp(CE); tokens above ``threshold`` (default 2.5, i.e. p < 0.4) get label -100, 
 learns the task from tokens close to what the model already says and moves it less. Prompt tokens
 are masked as usual by the data pipeline.
 
+Ablations (``mode``): ``lowest_all`` and ``random_official`` are the authors' code (every token
+*below* the threshold; as many random draws as ``highest`` drops, with replacement over the whole
+sequence); ``lowest`` and ``random`` are accepted for them. ``lowest_matched`` and ``random_matched``
+drop exactly as many completion tokens as ``highest`` (see ``retain.losses.distill.stm_drop_mask``).
+
 Which base model: ``reference: original`` (default; the method's "base") computes the perplexities
 of *every* task's training data with the model as loaded, at the start of the first task, so later
 tasks are also judged by the original model even after full fine-tuning changed the weights.
@@ -27,11 +32,11 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from retain.data.identity import batch_rows, example_key, examples_hash
 from retain.data.sampling import seeded_generator
-from retain.losses.distill import IGNORE_INDEX, next_token_cross_entropy, stm_drop_mask
+from retain.losses.distill import IGNORE_INDEX, StmMode, next_token_cross_entropy, stm_drop_mask
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
@@ -44,10 +49,10 @@ class StmConfig(StrategyConfig):
     threshold: float = Field(
         2.5, gt=1.0, description="Drop completion tokens whose base-model perplexity exp(CE) exceeds this."
     )
-    mode: Literal["highest", "random", "lowest"] = Field(
+    mode: StmMode = Field(
         "highest",
-        description="highest: the method. random / lowest: ablations dropping as many tokens per example, "
-        "chosen at random or with the lowest perplexity.",
+        description="highest: the method. Ablations: lowest_all / random_official (the authors' code; "
+        "'lowest' and 'random' mean these), lowest_matched / random_matched (as many tokens as highest drops).",
     )
     reference: Literal["original", "current"] = Field(
         "original", description="Perplexities from the model as loaded (all tasks, once) or at each task's start."
@@ -55,6 +60,12 @@ class StmConfig(StrategyConfig):
     batch_size: int = Field(16, gt=0, description="Examples per forward batch of the precompute pass.")
     seed: int | None = Field(None, description="Seed of the random ablation; default: train.seed.")
     cache: bool = Field(True, description="Store/reuse the per-token perplexities under <cache_dir>/stm.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _official_ablations(cls, value: Any) -> Any:
+        """``lowest`` and ``random`` name the ablations as the authors' code runs them."""
+        return {"lowest": "lowest_all", "random": "random_official"}.get(value, value)
 
 
 def token_ce_table(ctx: StrategyContext, examples: list, batch_size: int, adapters_off: bool) -> TokenTable:
