@@ -54,9 +54,9 @@ class Grid:
 
 
 GRIDS: dict[str, Grid] = {
-    "l2": Grid("l2", "full", "full+l2@l2.lambda_={v}", (0.1, 1.0, 10.0, 100.0)),
-    "ewc": Grid("ewc", "full", "full+ewc@ewc.lambda_={v}", (1.0, 10.0, 100.0, 1000.0)),
-    "ewc-lora": Grid("ewc-lora", "lora", "lora+ewc-lora@ewc-lora.lambda_={v}", (1.0, 10.0, 100.0, 1000.0, 10000.0, 80000.0)),
+    "l2": Grid("l2", "full", "full+l2@l2.lambda_={v}", (0.1, 0.3, 1.0, 10.0, 100.0)),
+    "ewc": Grid("ewc", "full", "full+ewc@ewc.lambda_={v}", (1.0, 10.0, 30.0, 100.0, 1000.0)),
+    "ewc-lora": Grid("ewc-lora", "lora", "lora+ewc-lora@ewc-lora.lambda_={v}", (1.0, 3.0, 10.0, 100.0, 1000.0, 10000.0, 80000.0)),
     "importance": Grid("importance", "full", "full+importance@importance.lambda_={v}", (1.0, 10.0, 100.0, 1000.0)),
     "lwf": Grid("lwf", "full", "full+lwf@lwf.alpha={v}", (0.3, 1.0, 3.0, 10.0)),
     "fip": Grid("fip", "full", "full+fip@fip.weight={v}", (0.1, 1.0, 10.0)),
