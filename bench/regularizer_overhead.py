@@ -5,7 +5,7 @@ Three measurements, each alternating A and B so machine noise hits both alike:
 1. Step time: seconds per optimizer step with the regularizer's hooks over the same step without
    them, on one model, alternating step by step (the one-off Fisher / importance pass before
    training is not a step and is reported in 2). Target <= 1.10.
-2. Statistics time: ``importance``'s general pass (SGD steps on batches) against ``ewc``'s
+2. Statistics time: ``importance``'s general pass (AdamW steps on batches) against ``ewc``'s
    sampled per-example Fisher on the same examples. Target >= 10x faster.
 3. State memory: bytes of each strategy's checkpointed state, and as a fraction of the bytes of
    the trainable parameters.
@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from retain.config import DataConfig, load_config_dict  # noqa: E402
 from retain.data import build_task_data, collate  # noqa: E402
-from retain.stats.fisher import diagonal_fisher, path_integral_importance, select_examples  # noqa: E402
+from retain.data.sampling import seeded_subset  # noqa: E402
+from retain.stats.fisher import diagonal_fisher  # noqa: E402
+from retain.stats.path_integral import path_integral_importance  # noqa: E402
 
 LORA = {"name": "lora", "r": 8}
 FEW = {"max_examples": 32}  # the one-off statistics pass is timed in part 2, not here
@@ -56,8 +58,8 @@ def prepare(data_dir: Path, work: Path) -> tuple[str, Path, Path]:
     """(model dir, task jsonl, general jsonl)."""
     stories = data_dir / "tinystories-val" / "tinystories_val.txt"
     if (data_dir / "stories260k").is_dir() and stories.is_file():
+        from retain.io import default_cache_dir
         from retain.models.llama2c import ensure_stories260k
-        from retain.train.run import default_cache_dir
 
         model_dir = str(ensure_stories260k(data_dir, default_cache_dir()))
         texts = [s.strip() for s in stories.read_text(encoding="utf-8").split("\n\n") if s.strip()][:600]
@@ -172,12 +174,12 @@ def statistics_time(model_dir: str, general: Path, examples_count: int, rounds: 
     from retain.models.loading import load_model
 
     model, tokenizer = load_model(ModelConfig(name_or_path=model_dir))
-    examples = select_examples(build_task_data(DataConfig(path=str(general), max_length=256), tokenizer, seed=0).train, examples_count, 0)
+    examples = seeded_subset(build_task_data(DataConfig(path=str(general), max_length=256), tokenizer, seed=0).train, examples_count, 0)
     params = dict(model.named_parameters())
     pad = tokenizer.pad_token_id
     batch = lambda items: collate(items, pad)  # noqa: E731
     methods = {
-        "importance (SGD pass, batch 8)": lambda: path_integral_importance(model, params, examples, batch, lr=1e-3, batch_size=8),
+        "importance (AdamW pass, batch 8)": lambda: path_integral_importance(model, params, examples, batch, lr=1e-3, batch_size=8),
         "ewc sampled per-example": lambda: diagonal_fisher(model, params, examples, batch, estimator="sampled"),
         "ewc empirical per-example": lambda: diagonal_fisher(model, params, examples, batch, estimator="empirical"),
         "ewc empirical_batch (batch 8)": lambda: diagonal_fisher(model, params, examples, batch, estimator="empirical_batch", batch_size=8),
@@ -199,13 +201,16 @@ def statistics_time(model_dir: str, general: Path, examples_count: int, rounds: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data-dir", type=Path, default=None, help="Default: $RETAIN_DATA_DIR or ../shared/data.")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a shared machine).")
     parser.add_argument("--only", choices=["statistics", "steps"], default=None)
     args = parser.parse_args()
+    from retain.scenarios.base import default_data_dir
+
+    args.data_dir = args.data_dir or default_data_dir() or ROOT.parent / "shared" / "data"
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)

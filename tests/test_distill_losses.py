@@ -100,6 +100,18 @@ def test_bhattacharyya_distance_by_hand():
     assert bhattacharyya_per_token(logits_of(q), logits_of(q)).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_bhattacharyya_sum_over_sequences_by_hand():
+    """sum_sequences: each sequence's mean over its counted tokens, summed over sequences."""
+    torch.manual_seed(0)
+    logits, anchor = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    per_token = bhattacharyya_per_token(logits, anchor)
+    expected = per_token[0].mean() + per_token[1, 0]
+    got = bhattacharyya_distance(logits, anchor, mask, reduction="sum_sequences")
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert bhattacharyya_distance(logits, anchor, mask).item() == pytest.approx(per_token[mask.bool()].mean().item(), rel=1e-6)
+
+
 def test_bhattacharyya_gradient_is_finite_where_probabilities_underflow():
     logits = torch.tensor([[[0.0, -1e4, 3.0]]], requires_grad=True)
     anchor = torch.tensor([[[-1e4, 0.0, 1.0]]])
@@ -127,22 +139,52 @@ def test_stm_highest_drops_eligible_tokens_above_the_perplexity_threshold():
     assert drop.nonzero().squeeze(1).tolist() == [2, 4]
 
 
-def test_stm_lowest_drops_as_many_of_the_least_surprising_tokens():
-    drop = stm_drop_mask(CE, ELIGIBLE, threshold=2.5, mode="lowest")
+def test_stm_lowest_matched_drops_as_many_of_the_least_surprising_tokens():
+    drop = stm_drop_mask(CE, ELIGIBLE, threshold=2.5, mode="lowest_matched")
     assert drop.nonzero().squeeze(1).tolist() == [1, 3]
 
 
-def test_stm_random_drops_as_many_eligible_tokens_reproducibly():
-    first = stm_drop_mask(CE, ELIGIBLE, 2.5, "random", torch.Generator().manual_seed(3))
-    again = stm_drop_mask(CE, ELIGIBLE, 2.5, "random", torch.Generator().manual_seed(3))
+def test_stm_lowest_all_is_the_official_ablation_every_token_below_the_threshold():
+    """The authors' code masks every token with perplexity below the threshold, not a matched count."""
+    drop = stm_drop_mask(CE, ELIGIBLE, threshold=2.5, mode="lowest_all")
+    assert drop.nonzero().squeeze(1).tolist() == [1, 3]  # 0.1, 0.5; position 6 (= threshold) stays
+    wide = stm_drop_mask(CE, ELIGIBLE, threshold=10.0, mode="lowest_all")  # exp(2.0)=7.4, exp(1.5)=4.5 < 10
+    assert wide.nonzero().squeeze(1).tolist() == [1, 2, 3, 4, 6]
+    assert int(stm_drop_mask(CE, ELIGIBLE, threshold=10.0, mode="highest").sum()) == 0  # not a matched count
+
+
+def test_stm_random_matched_drops_as_many_eligible_tokens_reproducibly():
+    first = stm_drop_mask(CE, ELIGIBLE, 2.5, "random_matched", torch.Generator().manual_seed(3))
+    again = stm_drop_mask(CE, ELIGIBLE, 2.5, "random_matched", torch.Generator().manual_seed(3))
     assert torch.equal(first, again)
     assert int(first.sum()) == 2
     assert not (first & ~ELIGIBLE).any()
-    picks = {tuple(stm_drop_mask(CE, ELIGIBLE, 2.5, "random", torch.Generator().manual_seed(s)).nonzero().squeeze(1).tolist()) for s in range(20)}
+    picks = {tuple(stm_drop_mask(CE, ELIGIBLE, 2.5, "random_matched", torch.Generator().manual_seed(s)).nonzero().squeeze(1).tolist()) for s in range(20)}
     assert len(picks) > 1
+
+
+def test_stm_random_official_draws_with_replacement_over_the_whole_sequence():
+    """As many draws as highest drops, uniformly over all positions (prompt included), with repeats:
+    the same draws as torch.randint, restricted to what can leave the loss."""
+    for seed in range(30):
+        drop = stm_drop_mask(CE, ELIGIBLE, 2.5, "random_official", torch.Generator().manual_seed(seed))
+        draws = torch.randint(len(CE), (2,), generator=torch.Generator().manual_seed(seed))
+        expected = torch.zeros(len(CE), dtype=torch.bool)
+        expected[draws] = True
+        assert torch.equal(drop, expected & ELIGIBLE), seed
+    counts = {int(stm_drop_mask(CE, ELIGIBLE, 2.5, "random_official", torch.Generator().manual_seed(s)).sum()) for s in range(30)}
+    assert counts == {0, 1, 2}  # repeats and ineligible positions drop nothing: not a matched count
+
+
+def test_stm_lowest_and_random_mean_the_official_ablations():
+    from retain.strategies.stm import StmConfig
+
+    assert StmConfig(mode="lowest").mode == "lowest_all"
+    assert StmConfig(mode="random").mode == "random_official"
 
 
 def test_stm_nothing_to_drop():
     low = torch.full((4,), 0.01)
-    for mode in ("highest", "random", "lowest"):
+    for mode in ("highest", "random_official", "random_matched", "lowest_matched"):
         assert not stm_drop_mask(low, torch.ones(4, dtype=torch.bool), 2.5, mode).any()
+    assert stm_drop_mask(low, torch.ones(4, dtype=torch.bool), 2.5, "lowest_all").all()

@@ -47,8 +47,12 @@ def _statistics(accelerator) -> dict[str, torch.Tensor]:
     out["sampled_count"] = torch.tensor([float(n)])
     batched, _ = diagonal_fisher(model, params, examples, batch, estimator="empirical_batch", batch_size=4, accelerator=accelerator)
     out.update({f"batch/{k}": v for k, v in batched.items()})
-    importance, _ = path_integral_importance(model, params, examples, batch, lr=0.05, batch_size=4, accelerator=accelerator)
+    importance, _ = path_integral_importance(
+        model, params, examples, batch, lr=0.05, batch_size=4, accelerator=accelerator, optimizer="sgd"
+    )
     out.update({f"importance/{k}": v for k, v in importance.items()})
+    adam, _ = path_integral_importance(model, params, examples, batch, lr=1e-3, batch_size=4, accelerator=accelerator)
+    out.update({f"importance_adamw/{k}": v for k, v in adam.items()})
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0))
     delta, _ = lora_delta_fisher(peft_model, lora_layers(peft_model), examples, batch, estimator="sampled", seed=1, batch_size=3, accelerator=accelerator)
     out.update({f"delta/{k}": v for k, v in delta.items()})
@@ -121,5 +125,10 @@ def test_two_gloo_processes_give_the_one_process_statistics(tmp_path, monkeypatc
     # within 1e-6, relative to the tensor's scale where it exceeds 1 (importance reaches ~10, where
     # one float32 rounding step of a different summation order is ~1e-6)
     worst = {k: ((single[k] - double[k]).abs().max() / single[k].abs().max().clamp_min(1.0)).item() for k in single}
-    assert max(worst.values()) <= 1e-6, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    # Adam divides each gradient by the root of its running square: a float32 summation-order
+    # difference in a tiny gradient moves its step visibly, so the AdamW path agrees to 1e-4
+    adam = {k: v for k, v in worst.items() if k.startswith("importance_adamw/")}
+    exact = {k: v for k, v in worst.items() if k not in adam}
+    assert max(exact.values()) <= 1e-6, sorted(exact.items(), key=lambda kv: -kv[1])[:3]
+    assert max(adam.values()) <= 1e-4, sorted(adam.items(), key=lambda kv: -kv[1])[:3]
     assert all(single[k].abs().max() > 0 for k in single if k.startswith("sampled/model.layers"))

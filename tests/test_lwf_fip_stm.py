@@ -164,6 +164,73 @@ def test_lwf_copy_teacher_for_full_finetuning_stays_frozen(tmp_path, tokenizer, 
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def _logits(model, probe):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+
+
+def test_lwf_teacher_is_the_model_at_the_start_of_the_current_task(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    """LwF (Li & Hoiem; Avalanche) distils from the model as the current task starts: the base for the
+    first task, then the model that learned tasks 1..t-1, so task 2 does not pull task 1's learning back."""
+    from retain.train.checkpoint import flatten_state, unflatten_state
+
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file, text_file])
+    probe = batch_of(ctx, ctx.tasks[1], 0)
+    base_logits = _logits(base_llama, probe)
+    lwf = build_strategy("lwf", {"alpha": 0.5})
+    base_only = build_strategy("lwf", {"alpha": 0.5, "teacher_at": "base"})
+    base_only.before_task(ctx.tasks[0], ctx)
+    train(base_llama, lwf, ctx, ctx.tasks[0], steps=4, lr=2e-2)
+    start_of_task_2 = _logits(base_llama, probe)
+    assert not torch.allclose(start_of_task_2, base_logits, atol=1e-4)
+    ctx.task = ctx.tasks[1]
+    history = train(base_llama, lwf, ctx, ctx.tasks[1], steps=3, lr=2e-2)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # the teacher is where task 2 started
+    assert torch.allclose(lwf._teacher_logits(ctx, probe["input_ids"], probe["attention_mask"]), start_of_task_2, atol=1e-5)
+    assert lwf._teacher_copy is None  # the snapshot replaced the base copy
+    # teacher_at: base keeps the loaded model
+    assert torch.allclose(base_only._teacher_logits(ctx, probe["input_ids"], probe["attention_mask"]), base_logits, atol=1e-5)
+    # the snapshot is part of the checkpoint
+    resumed = build_strategy("lwf", {"alpha": 0.5})
+    tensors, skeleton = flatten_state(lwf.state_dict())
+    fresh = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+    ctx.model = fresh
+    resumed.load_state_dict(unflatten_state(json.loads(json.dumps(skeleton)), tensors), ctx)
+    assert torch.allclose(resumed._teacher_logits(ctx, probe["input_ids"], probe["attention_mask"]), start_of_task_2, atol=1e-5)
+
+
+def test_lwf_lora_task_start_teacher_holds_only_the_adapters(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file, text_file], strategies=["lora", "lwf"])
+    model = with_lora(base_llama, ctx)
+    probe = batch_of(ctx, ctx.tasks[1], 0)
+    lwf = build_strategy("lwf", {})
+    train(model, lwf, ctx, ctx.tasks[0], steps=4, lr=2e-2)
+    start_of_task_2 = _logits(model, probe)
+    with model.disable_adapter():
+        base_logits = _logits(model, probe)
+    assert not torch.allclose(start_of_task_2, base_logits, atol=1e-4)
+    history = train(model, lwf, ctx, ctx.tasks[1], steps=3, lr=2e-2)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert torch.allclose(lwf._teacher_logits(ctx, probe["input_ids"], probe["attention_mask"]), start_of_task_2, atol=1e-5)
+    assert tensor_bytes_held_by(lwf) < 0.2 * model_bytes(model)  # the adapters, not a copy of the model
+
+
+def test_lwf_base_teacher_with_a_merging_strategy_is_refused():
+    from conftest import run_config
+
+    from retain.strategies.registry import validate_run_config
+
+    def two_tasks(lwf: dict):
+        config = run_config("m", "t.jsonl", "out", ["lora", "ewc-lora", {"name": "lwf", **lwf}])
+        return config.model_copy(update={"tasks": [config.tasks[0], config.tasks[0].model_copy(update={"name": "u"})]})
+
+    with pytest.raises(ConfigError, match="teacher_at: base"):
+        validate_run_config(two_tasks({"teacher_at": "base"}))
+    validate_run_config(two_tasks({"teacher_at": "base", "teacher": "copy"}))  # a true copy of the base
+    validate_run_config(two_tasks({}))  # task_start: consistent with the merges
+
+
 def test_lwf_adapters_off_needs_a_peft_model(tmp_path, tokenizer, base_llama, pc_file):
     ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file])
     with pytest.raises(ConfigError, match="PEFT"):
@@ -273,6 +340,50 @@ def test_fip_path_mode_reanchors_on_schedule(tmp_path, tokenizer, base_llama, pc
     assert all(torch.equal(start._anchor[n], initial[n]) for n in start._anchor)
 
 
+def test_fip_anchor_says_whether_it_is_the_task_start_or_the_run_start(tmp_path, tokenizer, pc_file, text_file):
+    assert build_strategy("fip", {"anchor": "start"}).config.anchor == "task_start"  # the old name
+    anchors = {}
+    for anchor in ("task_start", "run_start"):
+        model = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ctx = make_ctx(tmp_path / anchor, model, tokenizer, [pc_file, text_file], general=text_file)
+        fip = build_strategy("fip", {"anchor": anchor, "pool_size": 8, "pool_batch": 2})
+        train(model, fip, ctx, ctx.tasks[0], steps=3, lr=2e-2)
+        start_of_task_2 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(model, fip, ctx, ctx.tasks[1], steps=2, lr=2e-2)
+        anchors[anchor] = (fip._anchor, initial, start_of_task_2)
+    kept, initial, second = anchors["run_start"]
+    assert all(torch.equal(kept[n], initial[n]) for n in kept)
+    kept, initial, second = anchors["task_start"]
+    assert all(torch.equal(kept[n], second[n]) for n in kept)
+    assert not all(torch.equal(kept[n], initial[n]) for n in kept)
+
+
+def test_fip_default_reduction_is_the_authors_sum_over_sequences(tmp_path, tokenizer, base_llama, pc_file, text_file):
+    """Authors: sum over the old batch of each example's distance; mean_tokens (the old default) is
+    pool_batch times weaker for sequences of equal length."""
+    from retain.losses.distill import bhattacharyya_distance
+
+    assert build_strategy("fip", {}).config.reduction == "sum_sequences"
+    ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
+    fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 4})
+    train(base_llama, fip, ctx, ctx.tasks[0], steps=3, lr=2e-2)
+    ctx.task = ctx.tasks[0]
+    batch = fip.transform_batch(batch_of(ctx, ctx.tasks[0], 0), ctx)
+    outputs = base_llama(**batch)
+    term = fip.extra_losses(outputs, batch, ctx)["bhattacharyya"].item()
+    pool = ctx.collate([fip._pool[i] for i in fip._picks[ctx.micro_batch]])
+    with torch.no_grad():
+        now = base_llama(input_ids=pool["input_ids"], attention_mask=pool["attention_mask"]).logits
+        anchor = fip._anchor_logits(base_llama, pool)
+    per_sequence = [
+        bhattacharyya_distance(now[i : i + 1], anchor[i : i + 1], pool["attention_mask"][i : i + 1]).item() for i in range(4)
+    ]
+    assert term == pytest.approx(sum(per_sequence), rel=1e-4)
+    mean = bhattacharyya_distance(now, anchor, pool["attention_mask"]).item()
+    assert term > 2.0 * mean
+
+
 def test_fip_step_bound_projects_each_update_onto_the_ball(tmp_path, tokenizer, base_llama, pc_file, text_file):
     ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
     bound = 1e-3
@@ -369,17 +480,22 @@ def test_stm_masks_exactly_the_surprising_completion_tokens(tmp_path, tokenizer,
     assert torch.equal(stm.transform_batch(stranger, ctx)["labels"], stranger["labels"])  # e.g. a replayed row
 
 
-def test_stm_ablations_drop_as_many_tokens_per_example(tmp_path, tokenizer, base_llama, pc_file):
+def test_stm_matched_ablations_drop_as_many_tokens_per_example(tmp_path, tokenizer, base_llama, pc_file):
     ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file])
     counts = {}
     masks = {}
-    for mode in ("highest", "random", "lowest"):
+    for mode in ("highest", "random_matched", "lowest_matched", "lowest_all"):
         stm = build_strategy("stm", {"threshold": 100.0, "mode": mode})
         stm.before_task(ctx.tasks[0], ctx)
         counts[mode] = [int(m.sum()) for m in torch.split(stm._drop[0].bool(), stm._lengths[0].tolist())]
         masks[mode] = stm._drop[0]
-    assert counts["highest"] == counts["random"] == counts["lowest"]
-    assert not torch.equal(masks["highest"], masks["lowest"])
+        eligible = stm._counts[0][1]
+    assert counts["highest"] == counts["random_matched"] == counts["lowest_matched"]
+    assert not torch.equal(masks["highest"], masks["lowest_matched"])
+    # the official ablation: every eligible token below the threshold, the complement of highest
+    assert not (masks["lowest_all"].bool() & masks["highest"].bool()).any()
+    assert sum(counts["lowest_all"]) + sum(counts["highest"]) == eligible
+    assert counts["lowest_all"] != counts["highest"]
 
 
 def test_stm_keeps_one_token_when_a_batch_would_lose_them_all(tmp_path, tokenizer, base_llama, pc_file):

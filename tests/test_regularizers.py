@@ -25,12 +25,20 @@ from retain.losses.quadratic import (
     layer_of,
     penalty_per_layer,
     quadratic_penalty,
+    restoring_force,
+    top_elements,
     weighted_square,
 )
 from retain.models.adapters import lora_layers
 from retain.models.tiny import char_tokenizer, tiny_model
 from retain.stats.fisher import diagonal_fisher, lora_delta_fisher, online_update
-from retain.stats.path_integral import path_integral_importance, si_importance, si_path_step_
+from retain.stats.path_integral import (
+    build_path_optimizer,
+    path_integral_importance,
+    record_path,
+    si_importance,
+    si_path_step_,
+)
 from retain.stats.per_example import (
     add_squared_,
     example_generator,
@@ -40,6 +48,7 @@ from retain.stats.per_example import (
 )
 from retain.strategies.ewc import Ewc, EwcConfig
 from retain.strategies.ewc_lora import EwcLora, layer_delta, merge_and_reset
+from retain.strategies.importance import Importance, ImportanceConfig
 from retain.strategies.registry import available_strategies, build_strategy
 from retain.train import finetune
 
@@ -190,33 +199,49 @@ def test_linear_per_example_gradients_match_autograd():
 # Statistics against brute force
 
 
+def _tokens(example) -> int:
+    return sum(1 for label in example.labels[1:] if label != -100)
+
+
 def test_empirical_fisher_matches_brute_force_per_example(llama, files):
     examples = _examples(files["task"])[:5]
     params = dict(llama.named_parameters())
     fisher, count = diagonal_fisher(llama, params, examples, lambda e: collate(e, 0), estimator="empirical")
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    tokens = sum(_tokens(e) for e in examples)
     llama.eval()
-    for example in examples:  # independent path: HF's own loss and .grad
+    for example in examples:  # independent path: HF's own (mean) loss times the example's tokens, and .grad
         llama.zero_grad()
         batch = collate([example], 0)
-        llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        (llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss * _tokens(example)).backward()
         for n, p in params.items():
-            expected[n] += p.grad ** 2 / len(examples)
+            expected[n] += p.grad ** 2 / tokens  # per scored token
     assert count == 5
     worst = max(((fisher[n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12)).item() for n in params)
     assert worst < 1e-5
-    # per-example squares are not the square of the batch-mean gradient
+    # the previous convention: squared gradients of each example's mean loss, averaged over examples
+    per_example, _ = diagonal_fisher(
+        llama, params, examples, lambda e: collate(e, 0), estimator="empirical", normalize="example"
+    )
+    name = "model.layers.0.mlp.up_proj.weight"
+    by_hand = torch.zeros_like(params[name])
+    for example in examples:
+        llama.zero_grad()
+        batch = collate([example], 0)
+        llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        by_hand += params[name].grad ** 2 / len(examples)
+    assert torch.allclose(per_example[name], by_hand, rtol=1e-4, atol=1e-12)
+    # per-example squares are not the square of the batch gradient
     batch_fisher, batches = diagonal_fisher(
         llama, params, examples, lambda e: collate(e, 0), estimator="empirical_batch", batch_size=5
     )
     llama.zero_grad()
     batch = collate(examples, 0)
     logits = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_example_nll(logits, batch["labels"]).mean().backward()
-    name = "model.layers.0.mlp.up_proj.weight"
+    per_example_nll(logits, batch["labels"], "sum").sum().backward()
     assert batches == 1
-    assert torch.allclose(batch_fisher[name], params[name].grad ** 2, rtol=1e-4, atol=1e-12)
-    assert batch_fisher[name].sum() < 0.9 * fisher[name].sum()
+    assert torch.allclose(batch_fisher[name], params[name].grad ** 2 / tokens, rtol=1e-4, atol=1e-12)
+    assert not torch.allclose(batch_fisher[name], fisher[name], rtol=0.1)  # the cross terms count
 
 
 def test_sampled_fisher_is_per_example_deterministic_and_differs_from_empirical(llama, files):
@@ -237,8 +262,8 @@ def test_sampled_fisher_is_per_example_deterministic_and_differs_from_empirical(
         logits = llama(input_ids=batch["input_ids"]).logits
         labels = sampled_labels(logits, batch["labels"], [example_generator(0, index, logits.device)])
         llama.zero_grad()
-        llama(input_ids=batch["input_ids"], labels=labels).loss.backward()
-        expected += params[name].grad ** 2 / len(examples)
+        (llama(input_ids=batch["input_ids"], labels=labels).loss * _tokens(example)).backward()
+        expected += params[name].grad ** 2 / sum(_tokens(e) for e in examples)
     assert torch.allclose(first[name], expected, rtol=1e-4, atol=1e-12)
     empirical = diagonal_fisher(llama, params, examples, lambda e: collate(e, 0), estimator="empirical")[0]
     assert not torch.allclose(first[name], empirical[name], rtol=0.05)
@@ -259,11 +284,13 @@ def test_lora_delta_fisher_matches_base_weight_fisher(arch, tokenizer, files):
     for weight in bases.values():
         weight.requires_grad_(True)
     expected = {name: torch.zeros_like(w) for name, w in bases.items()}
+    tokens = sum(_tokens(e) for e in examples)
     for example in examples:
         batch = collate([example], 0)
-        grads = torch.autograd.grad(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss, list(bases.values()))
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss * _tokens(example)
+        grads = torch.autograd.grad(loss, list(bases.values()))
         for name, g in zip(bases, grads):
-            expected[name] += g ** 2 / len(examples)
+            expected[name] += g ** 2 / tokens
     for name, module in layers.items():
         want = expected[name].T if module.fan_in_fan_out else expected[name]  # Delta W is (out, in)
         assert fisher[name].shape == layer_delta(module).shape
@@ -274,17 +301,20 @@ def test_general_pass_importance_is_sgd_path_integral_and_restores_weights(llama
     examples = _examples(files["general"])[:8]
     params = {n: p for n, p in llama.named_parameters() if "layers.0.mlp" in n}
     before = {n: p.detach().clone() for n, p in params.items()}
-    importance, steps = path_integral_importance(llama, params, examples, lambda e: collate(e, 0), lr=0.05, batch_size=4, xi=1e-3)
+    importance, steps = path_integral_importance(
+        llama, params, examples, lambda e: collate(e, 0), lr=0.05, batch_size=4, xi=1e-3, optimizer="sgd"
+    )
     assert steps == 2
     assert all(torch.equal(p, before[n]) for n, p in params.items())
-    # by hand: two SGD steps, omega = lr * sum g^2, Omega = omega / (Delta^2 + xi)
+    # by hand: two SGD steps on the batch's token-mean loss, omega = lr * sum g^2, Omega = omega / (Delta^2 + xi)
     llama.eval()
     omega = {n: torch.zeros_like(p) for n, p in params.items()}
     with torch.no_grad():
         moved = {n: p.clone() for n, p in params.items()}
     for chunk in (examples[:4], examples[4:]):
         batch = collate(chunk, 0)
-        loss = per_example_nll(llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]).mean()
+        logits = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = per_example_nll(logits, batch["labels"], "sum").sum() / sum(_tokens(e) for e in chunk)
         grads = torch.autograd.grad(loss, list(params.values()))
         with torch.no_grad():
             for (n, p), g in zip(params.items(), grads):
@@ -295,6 +325,80 @@ def test_general_pass_importance_is_sgd_path_integral_and_restores_weights(llama
             expected = omega[n] / ((p - moved[n]) ** 2 + 1e-3)
             assert torch.allclose(importance[n], expected, rtol=1e-3, atol=1e-9), n
             p.copy_(moved[n])
+
+
+def _two_parameter_path(optimizer: str, lr: float, xi: float, steps: int = 2) -> dict[str, float]:
+    """SI of L = 0.5 (3 a^2 + b^2) from (a, b) = (1, -2), recorded by ``record_path``."""
+    a, b = nn.Parameter(torch.tensor(1.0, dtype=torch.float64)), nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
+    params = {"a": a, "b": b}
+
+    def gradient() -> dict[str, torch.Tensor]:
+        loss = 0.5 * (3 * a**2 + b**2)
+        ga, gb = torch.autograd.grad(loss, [a, b])
+        return {"a": ga, "b": gb}
+
+    walker = build_path_optimizer([a, b], optimizer, lr)
+    omega, change, taken = record_path(params, [gradient] * steps, walker)
+    assert taken == steps
+    return {n: v.item() for n, v in si_importance(omega, change, xi).items()}
+
+
+def test_si_along_an_adam_path_equals_the_hand_computation():
+    """Two-parameter problem, two steps. SGD: omega = lr * sum g^2. Adam: the steps are not -lr g, and
+    the recorded omega / (Delta^2 + xi) must follow Adam's actual moves."""
+    # SGD, lr 0.1: g1 = (3, -2), step (-0.3, 0.2); g2 = (2.1, -1.8), step (-0.21, 0.18)
+    sgd = _two_parameter_path("sgd", 0.1, xi=0.1)
+    assert sgd["a"] == pytest.approx((0.9 + 0.441) / (0.51**2 + 0.1))
+    assert sgd["b"] == pytest.approx((0.4 + 0.324) / (0.38**2 + 0.1))
+    # Adam, lr 0.1, betas (0.9, 0.999), eps 1e-8, by hand
+    beta1, beta2, lr, eps = 0.9, 0.999, 0.1, 1e-8
+    expected = {}
+    for name, (theta, curvature) in {"a": (1.0, 3.0), "b": (-2.0, 1.0)}.items():
+        m = v = omega = 0.0
+        start = theta
+        for t in (1, 2):
+            g = curvature * theta
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            step = -lr * (m / (1 - beta1**t)) / (math.sqrt(v / (1 - beta2**t)) + eps)
+            omega -= g * step
+            theta += step
+        expected[name] = omega / ((theta - start) ** 2 + 0.1)
+    adam = _two_parameter_path("adamw", 0.1, xi=0.1)
+    assert adam["a"] == pytest.approx(expected["a"], rel=1e-6)  # float32 accumulation
+    assert adam["b"] == pytest.approx(expected["b"], rel=1e-6)
+    assert adam["a"] / adam["b"] != pytest.approx(sgd["a"] / sgd["b"], rel=0.05)  # the trajectory matters
+    assert _two_parameter_path("adamw", 0.1, xi=1.0)["a"] != pytest.approx(adam["a"], rel=0.05)  # and xi
+
+
+def test_default_general_pass_depends_on_xi_and_the_optimizer(llama, files):
+    """The old pass (plain SGD at a fine-tuning lr) gave Omega = lr * sum g^2 / xi: after normalization
+    xi changed nothing. Along the default AdamW path the displacement is comparable to sqrt(xi)."""
+    examples = _examples(files["general"])[:16]
+    params = {n: p for n, p in llama.named_parameters() if "layers.0" in n}
+
+    def omega(optimizer: str, xi: float) -> torch.Tensor:
+        out, _ = path_integral_importance(
+            llama, params, examples, lambda e: collate(e, 0), lr=3e-3, batch_size=4, xi=xi, optimizer=optimizer
+        )
+        flat = torch.cat([t.reshape(-1) for t in out.values()])
+        return flat / flat.mean()
+
+    adam_default, adam_large = omega("adamw", 1e-3), omega("adamw", 1e-1)
+    assert ((adam_default - adam_large).abs() / adam_large.clamp_min(1e-3)).max() > 0.05
+    sgd_default, sgd_large = omega("sgd", 1e-3), omega("sgd", 1e-1)
+    assert torch.allclose(sgd_default, sgd_large, rtol=2e-3, atol=1e-6)  # the old behaviour: xi has no effect
+
+
+def test_default_layer_balance_holds_a_layer_harder_the_further_it_drifts():
+    """The restoring force c_l(T_l) * dT_l/d drift must not fall as the drift grows."""
+    default = ImportanceConfig().layer_balance
+    drifts = [0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    for balance in (default, "uniform"):
+        forces = [restoring_force(balance, d) for d in drifts]
+        assert all(b >= a for a, b in zip(forces, forces[1:])), (balance, forces)
+    old = [restoring_force("task_share", d) for d in (1.0, 4.0, 16.0)]
+    assert old == pytest.approx([1.0, 8 / 17, 32 / 257], rel=1e-6)  # c = 1/(1 + d^2), force = 2 d c
+    assert old[2] < old[1] < old[0]  # task_share lets a far-drifted layer go (kept only for comparison)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +468,35 @@ def test_ewc_lora_merge_keeps_outputs_and_restarts_a_fresh_adapter(tokenizer, ar
     for module in layers.values():
         weight = module.lora_A["default"].weight
         assert weight.abs().max() <= 1 / math.sqrt(weight.shape[1])
+
+
+def test_ewc_lora_merge_is_exact_with_a_bfloat16_base(tokenizer):
+    """A 1e-4 update merged into bfloat16 weights mostly rounds away; the merge keeps the merged
+    weights in float32 so it survives exactly, and the model still runs on bfloat16 activations."""
+    model = _peft_llama(tokenizer, r=2).to(torch.bfloat16)
+    layers = lora_layers(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for module in layers.values():  # Delta W = s B A with entries of about 1e-4
+            module.lora_A["default"].weight.fill_(1.0)
+            module.lora_B["default"].weight.uniform_(0.5e-4, 1.5e-4)
+            module.lora_B["default"].weight.div_(module.scaling["default"] * module.lora_A["default"].weight.shape[0])
+    deltas = {n: layer_delta(m).detach().float() for n, m in layers.items()}
+    before = {n: m.get_base_layer().weight.detach().float().clone() for n, m in layers.items()}
+    # the old merge, into bfloat16: a share of the update is lost
+    name = sorted(layers)[0]
+    rounded = (before[name] + deltas[name]).to(torch.bfloat16).float() - before[name]
+    lost = ((rounded - deltas[name]).abs().sum() / deltas[name].abs().sum()).item()
+    assert lost > 0.2
+    merge_and_reset(layers, torch.Generator().manual_seed(0))
+    for n, module in layers.items():
+        weight = module.get_base_layer().weight
+        assert weight.dtype == torch.float32
+        assert torch.allclose(weight - before[n], deltas[n], rtol=1e-3, atol=1e-9), n
+    ids = torch.randint(4, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
 def test_ewc_lora_penalty_is_on_delta_w(tokenizer):
@@ -544,11 +677,12 @@ def test_bfloat16_state_is_stored_in_bfloat16(tiny_model_dir, files, tmp_path):
 
 
 def test_sigkill_then_resume_matches_for_full_hybrid(tiny_model_dir, files, tmp_path):
-    """ewc (Fisher from before_task), importance (path integral in progress) and l2 state, in one hybrid."""
+    """ewc (Fisher from before_task), importance (path integral in progress, sparse top-k state) and l2
+    state, in one hybrid."""
     strategies = [
         "full",
         {"name": "ewc", "max_examples": 8, "lambda_": 50.0},
-        {"name": "importance", "source": "general+training", "max_examples": 8},
+        {"name": "importance", "source": "general+training", "max_examples": 8, "state": "topk", "keep_fraction": 0.2},
         {"name": "l2", "lambda_": 0.1},
     ]
     assert_kill_resume_matches(
@@ -579,3 +713,75 @@ def test_sigkill_then_resume_matches_for_ewc_lora(tiny_model_dir, files, tmp_pat
     assert expected.keys() == got.keys() and any(".base_layer." in k for k in expected)
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     assert worst <= 1e-6, worst
+
+
+def test_fisher_scale_does_not_depend_on_how_long_the_examples_are(llama, tokenizer):
+    """The same text cut into examples scoring 8, 32 or 128 tokens: per scored token the sampled
+    Fisher's trace stays put; per example (the old convention) it falls as 1/length."""
+    from retain.data.tokenize import Example
+
+    text = ("the cat sat on the mat and the dog ran in the park. " * 30)[: 128 * 6]
+    ids = tokenizer(text)["input_ids"]
+    params = dict(llama.named_parameters())
+
+    def trace(scored: int, normalize: str) -> float:
+        examples = [Example(input_ids=ids[i : i + scored + 1], labels=ids[i : i + scored + 1]) for i in range(0, len(ids) - scored, scored)]
+        fisher, _ = diagonal_fisher(llama, params, examples, lambda e: collate(e, 0), estimator="sampled", normalize=normalize)
+        return sum(float(f.sum()) for f in fisher.values())
+
+    token = [trace(n, "token") for n in (8, 32, 128)]
+    example = [trace(n, "example") for n in (8, 32, 128)]
+    assert max(token) / min(token) < 1.5, token
+    assert example[0] / example[2] > 8, example  # ~16x between 8 and 128 scored tokens
+
+
+def _state_bytes(node) -> int:
+    if isinstance(node, torch.Tensor):
+        return node.numel() * node.element_size()
+    if isinstance(node, dict):
+        return sum(_state_bytes(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return sum(_state_bytes(v) for v in node)
+    return 0
+
+
+def test_top_elements_keep_the_requested_share_of_all_elements():
+    values = {"a": torch.arange(10.0), "b": torch.arange(10.0, 30.0).view(4, 5)}
+    kept = top_elements(values, 0.25)  # 30 elements: the 8 largest are 22..29, all in b
+    assert kept["a"].tolist() == [] and kept["b"].tolist() == list(range(12, 20))
+    assert sum(len(v) for v in top_elements(values, 1.0).values()) == 30
+
+
+def test_importance_topk_state_is_the_dense_penalty_on_the_kept_elements(llama):
+    """state: topk keeps the most important 10% (index, anchor, Omega normalized with the dense mean):
+    its penalty equals the dense one with Omega zeroed elsewhere, at about 12.5% of the bytes."""
+    params = dict(llama.named_parameters())
+    torch.manual_seed(0)
+    omega = {n: torch.rand_like(p) ** 4 for n, p in params.items()}  # heavy-tailed, like SI importance
+    anchor = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in params.items()}
+    dense = Importance(ImportanceConfig(lambda_=2.0, layer_balance="uniform"))
+    dense.anchor = anchor
+    dense._set_omega(omega, anchor)
+    sparse = Importance(ImportanceConfig(lambda_=2.0, layer_balance="uniform", state="topk", keep_fraction=0.1, state_dtype="bfloat16"))
+    sparse._set_omega(omega, anchor)
+    ctx = _fake_ctx(llama)
+    outputs = SimpleNamespace(loss=torch.tensor(1.0))
+    term = sparse.extra_losses(outputs, {}, ctx)["penalty"]
+    kept = top_elements(omega, 0.1)
+    mean = sum(float(t.sum()) for t in omega.values()) / sum(t.numel() for t in omega.values())
+    expected = 0.0
+    for n, p in params.items():
+        mask = torch.zeros(p.numel(), dtype=torch.bool)
+        mask[kept[n]] = True
+        weight = (omega[n].reshape(-1) / mean).to(torch.bfloat16).float()
+        expected += (weight * mask * (p.detach().reshape(-1) - anchor[n].reshape(-1)) ** 2).sum().item()
+    assert term.item() == pytest.approx(expected, rel=1e-4)
+    assert sum(len(k) for k in kept.values()) == pytest.approx(0.1 * sum(p.numel() for p in params.values()), rel=0.01)
+    dense_bytes, sparse_bytes = _state_bytes(dense.state_dict()), _state_bytes(sparse.state_dict())
+    assert sparse_bytes < 0.13 * dense_bytes, (sparse_bytes, dense_bytes)
+    term.backward()  # the gradient reaches the kept elements only
+    name = next(iter(params))
+    grad = params[name].grad.reshape(-1)
+    outside = torch.ones(grad.numel(), dtype=torch.bool)
+    outside[kept[name]] = False
+    assert torch.all(grad[outside] == 0) and grad[kept[name]].abs().sum() > 0

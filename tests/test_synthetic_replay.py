@@ -22,6 +22,7 @@ from retain.strategies.synthetic_replay.generation import (
     jaccard,
     kmeans,
     load_jsonl,
+    proportional_quotas,
     records_to_examples,
     relabel,
     shingles,
@@ -50,15 +51,61 @@ def test_near_duplicates_are_dropped_and_the_first_kept():
     assert drop_near_duplicates(texts, threshold=1.0) == [0, 1, 2, 4]
 
 
-def test_kmeans_picks_one_example_per_cluster():
-    generator = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    points = torch.cat([c + 0.1 * torch.randn(8, 2, generator=generator) for c in centres])
-    _, assign = kmeans(points, 3, seed=1)
-    assert sorted(torch.bincount(assign).tolist()) == [8, 8, 8]
-    chosen = diverse_subset(points, 3, seed=1)
-    assert sorted(i // 8 for i in chosen) == [0, 1, 2]
-    assert diverse_subset(points, 30) == list(range(24))
+def _directional_blobs(sizes, dim=8, seed=0, spread=0.05):
+    """Points around a few directions, at random norms (L2 normalization must make norm irrelevant)."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.eye(dim)[: len(sizes)]
+    blobs = [
+        (d + spread * torch.randn(n, dim, generator=generator)) * (1 + 4 * torch.rand(n, 1, generator=generator))
+        for d, n in zip(directions, sizes)
+    ]
+    return torch.cat(blobs)
+
+
+def test_proportional_quotas_by_hand():
+    assert proportional_quotas([5, 3, 2], 4) == [2, 1, 1]  # round(2.0), round(1.2), round(0.8)
+    assert proportional_quotas([66, 66, 68, 1, 1], 40) == [13, 13, 14, 0, 0]  # 13.07, 13.07, 13.47, 0.2
+    # round(0.5) = 1 for each singleton and round(3.5) = 4: 7 > 5, so seats go back from the clusters
+    # with the fewest members per seat (a singleton, 1/1), lower index first
+    assert proportional_quotas([1, 1, 1, 7], 5) == [0, 0, 1, 4]
+    # short: the seat goes to the cluster with the most members per seat it would then give
+    assert proportional_quotas([30, 30, 1], 3) == [2, 1, 0]  # rounds to 1, 1, 0; 30/2 beats 1/1, lower index
+    assert sum(proportional_quotas([3, 2], 10)) == 5  # never more than there are points
+
+
+def test_kmeans_selection_is_proportional_and_nearest_the_centroids():
+    points = _directional_blobs([30, 20, 10])
+    chosen = diverse_subset(points, 12, seed=1, clusters=3)
+    assert len(chosen) == 12
+    blob = lambda i: 0 if i < 30 else (1 if i < 50 else 2)  # noqa: E731
+    assert [sum(blob(i) == b for i in chosen) for b in range(3)] == [6, 4, 2]  # 12 * 30/60, 20/60, 10/60
+    unit = points / points.norm(dim=1, keepdim=True)
+    for b, (lo, hi) in enumerate([(0, 30), (30, 50), (50, 60)]):
+        centre = unit[lo:hi].mean(0)
+        kept = [i for i in chosen if lo <= i < hi]
+        distances = (unit[lo:hi] - centre).norm(dim=1)
+        nearest = sorted((torch.argsort(distances)[: len(kept)] + lo).tolist())
+        assert kept == nearest, b
+    assert diverse_subset(points, 100) == list(range(60))
+
+
+def test_planted_outliers_are_not_kept():
+    """SSR keeps representative points. One cluster per kept example on raw states (the previous
+    selection) keeps every one of 20 planted outliers here; proportional quotas over 20 clusters of
+    the normalized states keep none, for every seed tried."""
+    for seed in range(3):
+        points = _directional_blobs([120, 100, 100, 80], dim=16, seed=seed)
+        generator = torch.Generator().manual_seed(3 + seed)
+        outliers = torch.randn(20, 16, generator=generator) * 10  # scattered directions, large norms
+        features = torch.cat([points, outliers])
+        chosen = diverse_subset(features, 40, seed=0)
+        assert len(chosen) == 40
+        assert not [i for i in chosen if i >= 400], f"seed {seed}: outliers were kept"
+        # the previous selection, for contrast: 40 clusters, the member nearest each centroid
+        centroids, assign = kmeans(features, 40, seed=0)
+        distances = torch.cdist(features, centroids)
+        old = [int(m[distances[m, j].argmin()]) for j in range(40) if len(m := (assign == j).nonzero().flatten())]
+        assert sum(i >= 400 for i in old) == 20
 
 
 def test_icl_prompt_layout():

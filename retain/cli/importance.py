@@ -43,8 +43,9 @@ def compute(
     max_examples: int = typer.Option(128, "--max-examples", help="Examples used (seeded subset)."),
     max_length: int = typer.Option(256, "--max-length", help="Tokens per example."),
     batch_size: int = typer.Option(8, "--batch-size", help="Batch size."),
-    lr: float = typer.Option(1e-4, "--lr", help="importance: SGD learning rate of the pass."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="importance: SGD steps (default one pass)."),
+    lr: float = typer.Option(1e-4, "--lr", help="importance: learning rate of the pass (use the fine-tuning lr)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="importance: optimizer steps (default one pass)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="importance: adamw (the training optimizer) or sgd."),
     xi: float = typer.Option(1e-3, "--xi", help="importance: SI damping."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subset and of sampled labels."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype at load time."),
@@ -54,7 +55,7 @@ def compute(
     path, seconds, count = compute_importance(
         model=model, data=data, method=method, out=out, estimator=estimator, samples=samples,
         max_examples=max_examples, max_length=max_length, batch_size=batch_size, lr=lr, steps=steps,
-        xi=xi, seed=seed, dtype=dtype, overwrite=overwrite,
+        xi=xi, seed=seed, dtype=dtype, overwrite=overwrite, optimizer=optimizer,
     )
     console.print(f"[green]wrote[/] {path} ({method}, {count} examples/steps, {seconds:.1f}s)")
 
@@ -76,6 +77,7 @@ def compute_importance(
     seed: int = 0,
     dtype: str = "float32",
     overwrite: bool = False,
+    optimizer: str = "adamw",
 ) -> tuple[Path, float, int]:
     """The library form of the command: returns (path, seconds, examples or steps)."""
     from accelerate import Accelerator
@@ -90,6 +92,8 @@ def compute_importance(
 
     if method not in ("ewc", "importance"):
         raise ConfigError(f"--method must be ewc or importance, got '{method}'")
+    if method == "importance" and optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"--optimizer must be adamw or sgd, got '{optimizer}'")
     if method == "ewc" and estimator not in ESTIMATORS:
         raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got '{estimator}'")
     # a bad or taken --out fails before the model loads and the statistics are computed
@@ -109,14 +113,14 @@ def compute_importance(
             network, params, examples, lambda items: collate(items, pad_id), estimator=estimator,  # type: ignore[arg-type]
             samples=samples, seed=seed, batch_size=batch_size, accelerator=accelerator,
         )
-        extra = {"max_length": max_length}
+        extra = {"max_length": max_length, "normalize": "token"}
     else:
         stats, count = path_integral_importance(
             network, params, examples, lambda items: collate(items, pad_id), lr=lr, batch_size=batch_size,
-            steps=steps, xi=xi, accelerator=accelerator,
+            steps=steps, xi=xi, accelerator=accelerator, optimizer=optimizer,  # type: ignore[arg-type]
         )
         estimator, samples = "si_general_pass", 0
-        extra = {"lr": lr, "steps": count, "xi": xi, "batch_size": batch_size, "max_length": max_length}
+        extra = {"lr": lr, "steps": count, "xi": xi, "batch_size": batch_size, "max_length": max_length, "optimizer": optimizer}
     seconds = time.perf_counter() - start
     if accelerator.is_main_process:
         save_importance(

@@ -1,8 +1,8 @@
 """Pure tensor math for keeping a model's function: distillation, Bhattacharyya distance, token masks.
 
 Shapes: logits are ``(batch, seq, vocab)``; ``mask`` is ``(batch, seq)`` with 1 where a position
-counts (0 on padding). Every reduction is a mean over counted positions, so a term's size does not
-depend on batch size or sequence length. Everything is computed in float32 whatever the logits'
+counts (0 on padding). Reductions are means over counted positions, so a term's size does not
+depend on batch size or sequence length, except where named otherwise (FIP's ``sum_sequences``). Everything is computed in float32 whatever the logits'
 dtype, because log-softmax differences of bf16 logits lose the small probabilities KL depends on.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
-StmMode = Literal["highest", "random", "lowest"]
+StmMode = Literal["highest", "lowest_all", "lowest_matched", "random_official", "random_matched"]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,10 +106,23 @@ def bhattacharyya_per_token(logits: torch.Tensor, anchor_logits: torch.Tensor, e
 
 
 def bhattacharyya_distance(
-    logits: torch.Tensor, anchor_logits: torch.Tensor, mask: torch.Tensor, eps_add: float = 0.0
+    logits: torch.Tensor,
+    anchor_logits: torch.Tensor,
+    mask: torch.Tensor,
+    eps_add: float = 0.0,
+    reduction: Literal["mean_tokens", "sum_sequences"] = "mean_tokens",
 ) -> torch.Tensor:
-    """Mean Bhattacharyya distance between per-token output distributions over counted positions."""
-    return masked_mean(bhattacharyya_per_token(logits, anchor_logits, eps_add), mask)
+    """Bhattacharyya distance between per-token output distributions: the mean over counted positions
+    (``mean_tokens``), or the sum over sequences of each sequence's mean over its counted positions
+    (``sum_sequences``: the authors' sum over a batch of examples, a sequence being one example)."""
+    per_token = bhattacharyya_per_token(logits, anchor_logits, eps_add)
+    if reduction == "mean_tokens":
+        return masked_mean(per_token, mask)
+    if reduction != "sum_sequences":
+        raise ValueError(f"unknown reduction '{reduction}'; choose mean_tokens or sum_sequences")
+    weights = mask.to(per_token.dtype)
+    per_sequence = (per_token * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return per_sequence.sum()
 
 
 def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -134,26 +147,45 @@ def stm_drop_mask(
     """Which tokens of one example Selective Token Masking drops from the loss (1-D bool).
 
     ``token_ce`` are the base model's per-token CEs, ``eligible`` marks the labelled tokens that a
-    causal LM predicts (completion tokens; never position 0). ``highest`` (the method) drops every
-    eligible token whose perplexity exp(CE) exceeds ``threshold``. The ablations drop as many tokens
-    of the same example: ``random`` uniformly among eligible ones (``generator`` makes it
-    reproducible), ``lowest`` the ones with the lowest perplexity (ties: earliest first).
+    causal LM predicts (completion tokens; never position 0). Modes (Wu et al. 2025, and their code
+    ``appier-research/robust-llm-finetunes``, ``collate_fn.py``):
+
+    - ``highest`` (the method): every eligible token whose perplexity exp(CE) exceeds ``threshold``.
+    - ``lowest_all`` (the official "lowest" ablation): every eligible token whose perplexity is
+      *below* ``threshold``, however many that is.
+    - ``random_official`` (the official "random" ablation): as many draws as ``highest`` would drop,
+      positions drawn uniformly **with replacement over the whole sequence** (prompt included), so
+      repeats and prompt positions mask nothing: fewer tokens leave the loss than ``highest`` drops.
+    - ``lowest_matched`` / ``random_matched``: exactly as many eligible tokens as ``highest`` drops,
+      the least surprising ones (ties: earliest first) / uniformly without replacement. A matched
+      count isolates *which* tokens are dropped from *how many*.
+
+    ``generator`` makes the random modes reproducible.
     """
     eligible = eligible.bool()
-    high = eligible & (token_ce > math.log(threshold))
+    cut = math.log(threshold)
+    high = eligible & (token_ce > cut)
     if mode == "highest":
         return high
+    if mode == "lowest_all":
+        return eligible & (token_ce < cut)
     count = int(high.sum())
     drop = torch.zeros_like(eligible)
     if count == 0:
         return drop
+    if mode == "random_official":
+        positions = torch.randint(len(eligible), (count,), generator=generator)
+        drop[positions] = True
+        return drop & eligible
     candidates = eligible.nonzero().squeeze(1)
-    if mode == "random":
+    if mode == "random_matched":
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-    elif mode == "lowest":
+    elif mode == "lowest_matched":
         order = torch.sort(token_ce[candidates], stable=True).indices
         chosen = candidates[order[:count]]
     else:
-        raise ValueError(f"unknown STM mode '{mode}'; choose highest, random or lowest")
+        raise ValueError(
+            f"unknown STM mode '{mode}'; choose highest, lowest_all, lowest_matched, random_official or random_matched"
+        )
     drop[chosen] = True
     return drop

@@ -90,29 +90,92 @@ def penalty_per_layer(
 
 
 def layer_coefficients(
-    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "task_share"
+    layer_terms: Mapping[str, Tensor], task_loss: Tensor, balance: LayerBalance = "penalty_share"
 ) -> dict[str, Tensor]:
     """Per-layer multipliers (detached: they steer, they are not optimized) of each layer's penalty term.
 
-    ``layer_terms`` are the already-scaled penalty terms ``lambda/2 * R_l``; ``task_loss`` is the
-    current task loss L.
+    ``layer_terms`` are the already-scaled penalty terms ``T_l = lambda/2 * R_l``; ``task_loss`` is the
+    current task loss L. Because ``c_l`` is detached, the force pulling layer l back is
+    ``c_l * dT_l/dtheta``; a sensible balance holds a layer that drifted further at least as hard.
 
-    - ``task_share`` (default): ``c_l = L / (T_l + L)``: each layer's weighted term ``c_l T_l`` stays
-      below both ``T_l`` and ``L``, so no layer's penalty can drown the task loss, while a layer that
-      barely moved is penalized in full.
-    - ``penalty_share``: ``c_l = T_l / (T_l + L)``: each layer's term weighted by its share of the
-      pair (its penalty, the task loss): a layer that drifted far is held harder, one that barely
-      moved hardly at all.
-    - ``uniform``: ``c_l = 1`` (plain element-wise penalty, no layer balancing).
+    - ``penalty_share`` (default): ``c_l = T_l / (T_l + L)``, the layer's share of the pair (its
+      penalty, the task loss). Monotone: with ``T = a d^2`` (drift d) the force ``2 a d * T/(T+L)``
+      grows with d, faster than linearly while ``T < L`` and like ``uniform`` beyond; a layer that
+      barely moved is hardly held, one that drifted far is held in full.
+    - ``uniform``: ``c_l = 1`` (plain element-wise penalty, no layer balancing). Monotone.
+    - ``task_share``: ``c_l = L / (T_l + L)``. **Not monotone** (kept for comparison): the force is
+      the gradient of ``L log(1 + T_l/L)``, which *falls* as a layer drifts past ``T_l = L`` (1.71 at
+      drift 1, 0.92 at 4, 0.25 at 16 for ``a = L = 1``), so a layer that moved far is let go.
+
+    Song et al. 2025 (arXiv 2501.13669) §4.3 define the paper's coefficient; its formula could not be
+    read here, so none of these is claimed to be it.
     """
     if balance == "uniform":
         return {layer: torch.ones((), device=term.device) for layer, term in layer_terms.items()}
+    if balance not in ("penalty_share", "task_share"):
+        raise ValueError(f"unknown layer balance '{balance}'; choose penalty_share, uniform or task_share")
     loss = task_loss.detach().float().clamp_min(0.0)
     out = {}
     for layer, term in layer_terms.items():
         t = term.detach().float().clamp_min(0.0)
         denominator = (t + loss).clamp_min(torch.finfo(torch.float32).tiny)
         out[layer] = (t if balance == "penalty_share" else loss) / denominator
+    return out
+
+
+def restoring_force(balance: LayerBalance, drift: float, curvature: float = 1.0, task_loss: float = 1.0) -> float:
+    """The pull back on a layer whose penalty is ``T = curvature * drift^2`` under ``balance``:
+    ``c(T) * dT/d drift`` with ``c`` held fixed (detached), as the optimizer sees it."""
+    term = torch.tensor(curvature * drift * drift)
+    c = layer_coefficients({"layer": term}, torch.tensor(task_loss), balance)["layer"]
+    return float(c) * 2.0 * curvature * drift
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse (top-k) statistics: the penalty over the kept elements only
+
+
+def global_threshold(values: Mapping[str, Tensor], keep_fraction: float, iterations: int = 48) -> float:
+    """The value above which ``keep_fraction`` of all elements lie (bisection on counts, so no
+    concatenated copy of every element is made; ties at the threshold are all kept)."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    total = sum(t.numel() for t in values.values())
+    want = max(int(round(keep_fraction * total)), 1)
+    if want >= total:
+        return float("-inf")
+    low = min(float(t.float().min()) for t in values.values())
+    high = max(float(t.float().max()) for t in values.values())
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        count = sum(int((t.float() >= middle).sum()) for t in values.values())
+        if count >= want:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def top_elements(values: Mapping[str, Tensor], keep_fraction: float) -> dict[str, Tensor]:
+    """Per tensor, the flat indices (int64) of its elements among the top ``keep_fraction`` of all."""
+    threshold = global_threshold(values, keep_fraction)
+    return {name: (t.reshape(-1).float() >= threshold).nonzero().squeeze(1) for name, t in values.items()}
+
+
+def sparse_weighted_square(value: Tensor, index: Tensor, anchor: Tensor, weight: Tensor) -> Tensor:
+    """``sum_k w_k (value.flat[index_k] - anchor_k)^2``: the quadratic penalty on kept elements only."""
+    picked = value.reshape(-1).index_select(0, index.to(value.device, torch.int64))
+    return (weight.to(value.dtype) * (picked - anchor.to(value.dtype)).pow(2)).sum()
+
+
+def sparse_penalty_per_layer(params: Mapping[str, Tensor], sparse: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """``penalty_per_layer`` for sparse statistics ``{name: {index, anchor, weight}}``."""
+    out: dict[str, Tensor] = {}
+    for name, value in params.items():
+        entry = sparse[name]
+        term = sparse_weighted_square(value, entry["index"], entry["anchor"], entry["weight"])
+        layer = layer_of(name)
+        out[layer] = term if layer not in out else out[layer] + term
     return out
 
 

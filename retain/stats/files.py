@@ -30,7 +30,7 @@ from retain.models.adapters import canonical_name, is_adapter_parameter
 from retain.models.fingerprint import base_fingerprint
 
 FORMAT = "retain-importance"
-FORMAT_VERSION = "2"  # 2: the fingerprint is retain.models.fingerprint.base_fingerprint
+FORMAT_VERSION = "3"  # 2: base_fingerprint; 3: Fisher per scored token, SI along an AdamW path
 METHODS = ("ewc", "importance")
 
 
@@ -106,7 +106,9 @@ def load_importance(path: str | Path, *, model: nn.Module | None = None, methods
         raise ImportanceFileError(f"{path}: not a retain importance file (no '{FORMAT}' metadata)")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ImportanceFileError(
-            f"{path}: importance file version {metadata.get('format_version')} is not {FORMAT_VERSION}; recompute it"
+            f"{path}: importance file version {metadata.get('format_version')} is not {FORMAT_VERSION} (version 3 "
+            "normalizes the Fisher per scored token and records importance along an AdamW path); recompute it "
+            "with `retain importance compute`"
         )
     loaded = ImportanceFile(
         tensors=tensors,

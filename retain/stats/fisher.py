@@ -2,15 +2,24 @@
 
 Estimators (see ``retain.stats.per_example`` for what an example and a sampled label are):
 
-- ``empirical``: ``F = 1/N sum_n g_n^2``, ``g_n`` the gradient of example n's loss on its own tokens.
-  Computed **per example**: a loop of one forward/backward per example (batch of one, no padding).
-  ``torch.func.vmap`` was not used: it fails on GPT-2 (data-dependent control flow) and falls back to
-  slow per-sample SDPA kernels on others, while the loop works for any model, wrapped or not, with the
-  memory of one gradient.
+- ``empirical``: ``F = sum_n g_n^2 / N_tokens``, ``g_n`` the gradient of example n's *summed* token
+  NLL on its own tokens, ``N_tokens`` the scored tokens of all examples. Computed **per example**: a
+  loop of one forward/backward per example (batch of one, no padding). ``torch.func.vmap`` was not
+  used: it fails on GPT-2 (data-dependent control flow) and falls back to slow per-sample SDPA kernels
+  on others, while the loop works for any model, wrapped or not, with the memory of one gradient.
 - ``sampled``: as above, with the labels drawn from the model itself, ``samples`` draws per example,
   averaged.
-- ``empirical_batch``: the square of batch-mean gradients, ``1/B sum_b (mean_{n in b} g_n)^2`` (what
-  Avalanche computes). Cheaper, a different quantity; only used when asked for by name.
+- ``empirical_batch``: the square of each batch's gradient of its summed token NLL, over the scored
+  tokens: ``sum_b (sum_{n in b} g_n)^2 / N_tokens`` (Avalanche squares batch-mean gradients). Cheaper, a
+  different quantity; only used when asked for by name.
+
+Normalization (``normalize``): ``token`` (default) divides by scored tokens, so the same text cut
+into 8-, 32- or 128-token examples gives the same Fisher and one lambda transfers between datasets
+(for a sampled Fisher the cross terms between a sequence's tokens vanish in expectation, so this is
+the per-token Fisher). ``example`` is the previous convention, the squared gradient of each
+example's *mean* token NLL averaged over examples; its trace falls as 1/length (measured on
+stories260K: see ``bench/importance_cost.py``). A lambda tuned under ``example`` at length T is about
+T times the same strength under ``token``.
 
 With several processes each process takes every ``world``-th example, and sums and counts are added
 across processes before dividing.
@@ -33,21 +42,37 @@ from retain.stats.per_example import (
     linear_per_example_grad_sq,
     per_example_nll,
     sampled_labels,
+    scored_tokens,
     sum_across_processes,
     to_device,
     world_of,
 )
 
 Estimator = Literal["empirical", "sampled", "empirical_batch"]
+Normalize = Literal["token", "example"]
 
 
 def _losses_for(
-    logits: Tensor, labels: Tensor, estimator: Estimator, samples: int, generators: Sequence[torch.Generator]
+    logits: Tensor,
+    labels: Tensor,
+    estimator: Estimator,
+    samples: int,
+    generators: Sequence[torch.Generator],
+    normalize: Normalize = "token",
 ) -> list[Tensor]:
-    """Per-row losses, one tensor (B,) per label draw: the data's labels, or ``samples`` sampled draws."""
+    """Per-row losses, one tensor (B,) per label draw: the data's labels, or ``samples`` sampled draws.
+    Summed over each row's scored tokens (``token``) or averaged (``example``)."""
+    reduction = "sum" if normalize == "token" else "mean"
     if estimator == "sampled":
-        return [per_example_nll(logits, sampled_labels(logits, labels, generators)) for _ in range(samples)]
-    return [per_example_nll(logits, labels)]
+        return [per_example_nll(logits, sampled_labels(logits, labels, generators), reduction) for _ in range(samples)]
+    return [per_example_nll(logits, labels, reduction)]
+
+
+def _check(estimator: str, normalize: str) -> None:
+    if estimator not in ("empirical", "sampled", "empirical_batch"):
+        raise ValueError(f"unknown Fisher estimator '{estimator}'; choose empirical, sampled or empirical_batch")
+    if normalize not in ("token", "example"):
+        raise ValueError(f"unknown Fisher normalization '{normalize}'; choose token or example")
 
 
 def diagonal_fisher(
@@ -61,24 +86,26 @@ def diagonal_fisher(
     seed: int = 0,
     batch_size: int = 8,
     accelerator: Any | None = None,
+    normalize: Normalize = "token",
 ) -> tuple[dict[str, Tensor], int]:
     """Diagonal Fisher (float32, on the parameters' device) of ``params`` over ``examples``.
 
     Returns (Fisher, number of examples or batches it averages). ``.grad`` is not touched
     (``torch.autograd.grad``), so it is safe between training steps. Pass the unwrapped model.
     """
-    if estimator not in ("empirical", "sampled", "empirical_batch"):
-        raise ValueError(f"unknown Fisher estimator '{estimator}'; choose empirical, sampled or empirical_batch")
+    _check(estimator, normalize)
     names = list(params)
     tensors = [params[n] for n in names]
     device = model_device(model)
     world, rank = world_of(accelerator)
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    count = torch.zeros(1, dtype=torch.float32, device=device)
+    count = torch.zeros(1, dtype=torch.float32, device=device)  # examples or batches
+    tokens = torch.zeros(1, dtype=torch.float32, device=device)
+    per_token = normalize == "token"
 
-    def add_grads(loss: Tensor, scale: float, retain: bool) -> dict[str, Tensor]:
+    def add_grads(loss: Tensor, retain: bool) -> dict[str, Tensor]:
         grads = torch.autograd.grad(loss, tensors, retain_graph=retain, allow_unused=True)
-        return {n: (g if g is not None else torch.zeros_like(p)) * scale for n, g, p in zip(names, grads, tensors)}
+        return {n: (g if g is not None else torch.zeros_like(p)) for n, g, p in zip(names, grads, tensors)}
 
     with eval_mode(model, no_grad=False):
         if estimator == "empirical_batch":
@@ -87,12 +114,14 @@ def diagonal_fisher(
                 grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
                 if mine:
                     batch = to_device(collate(mine), device)
-                    loss = per_example_nll(forward_logits(model, batch), batch["labels"]).sum() / len(batch_examples)
-                    grads = {n: g.float() for n, g in add_grads(loss, 1.0, False).items()}
-                grads = sum_across_processes(grads, accelerator)  # the mean gradient of the whole batch
+                    losses = per_example_nll(forward_logits(model, batch), batch["labels"], "sum" if per_token else "mean")
+                    loss = losses.sum() if per_token else losses.sum() / len(batch_examples)
+                    grads = {n: g.float() for n, g in add_grads(loss, False).items()}
+                    tokens += float(scored_tokens(batch["labels"]).sum())
+                grads = sum_across_processes(grads, accelerator)  # the whole batch's gradient
                 for n in names:
                     total[n].add_(grads[n].pow(2))
-                count += 1
+                count += 1 if rank == 0 else 0
         else:
             for index in range(rank, len(examples), world):
                 example = examples[index]
@@ -101,16 +130,19 @@ def diagonal_fisher(
                 batch = to_device(collate([example]), device)
                 logits = forward_logits(model, batch)
                 generators = [example_generator(seed, index, device)] if estimator == "sampled" else []
-                losses = _losses_for(logits, batch["labels"], estimator, samples, generators)
+                losses = _losses_for(logits, batch["labels"], estimator, samples, generators, normalize)
                 for i, loss in enumerate(losses):
-                    grads = add_grads(loss.sum(), 1.0, retain=i < len(losses) - 1)
+                    grads = add_grads(loss.sum(), retain=i < len(losses) - 1)
                     for n in names:
                         total[n].add_(grads[n].float().pow(2), alpha=1.0 / len(losses))
                 count += 1
-    total = sum_across_processes(total, accelerator)
-    count = sum_across_processes({"count": count}, accelerator)["count"]
-    n = max(int(round(count.item())), 1)
-    return {name: value / n for name, value in total.items()}, n
+                tokens += float(scored_tokens(batch["labels"]).sum())
+    if estimator != "empirical_batch":
+        total = sum_across_processes(total, accelerator)
+    sums = sum_across_processes({"count": count, "tokens": tokens}, accelerator)
+    n = max(int(round(sums["count"].item())), 1)
+    divisor = max(float(sums["tokens"].item()), 1.0) if per_token else float(n)
+    return {name: value / divisor for name, value in total.items()}, n
 
 
 def lora_delta_fisher(
@@ -124,18 +156,23 @@ def lora_delta_fisher(
     seed: int = 0,
     batch_size: int = 8,
     accelerator: Any | None = None,
+    normalize: Normalize = "token",
 ) -> tuple[dict[str, Tensor], int]:
-    """Per-example diagonal Fisher of ``Delta W`` (shape out x in) of each LoRA layer.
+    """Per-example diagonal Fisher of ``Delta W`` (shape out x in) of each LoRA layer, normalized as
+    ``diagonal_fisher`` (per scored token by default).
 
     The gradient of a loss with respect to a layer's ``Delta W`` equals the gradient with respect to
     its base weight: ``sum_t delta_t x_t^T`` from the layer's input ``x`` and output gradient
     ``delta``. Forward hooks catch both, so one backward per batch yields every example's gradient
     exactly (``linear_per_example_grad_sq``); ``empirical_batch`` squares the batch's mean instead.
     """
+    _check(estimator, normalize)
     device = model_device(model)
     world, rank = world_of(accelerator)
     total: dict[str, Tensor] = {}
     count = torch.zeros(1, dtype=torch.float32, device=device)
+    tokens = torch.zeros(1, dtype=torch.float32, device=device)
+    per_token = normalize == "token"
     captured: dict[str, tuple[Tensor, Tensor]] = {}
 
     def hook_for(name: str):
@@ -162,14 +199,16 @@ def lora_delta_fisher(
                     batch = to_device(collate([e for _, e in local]), device)
                     logits = forward_logits(model, batch)
                     generators = [example_generator(seed, i, device) for i, _ in local] if estimator == "sampled" else []
-                    losses = _losses_for(logits, batch["labels"], estimator, samples, generators)
+                    losses = _losses_for(logits, batch["labels"], estimator, samples, generators, normalize)
+                    tokens += float(scored_tokens(batch["labels"]).sum())
                     outputs = [captured[n][1] for n in names]
+                    batch_scale = 1.0 if per_token else 1.0 / len(batch_items)
                     for k, loss in enumerate(losses):
                         grads = torch.autograd.grad(loss.sum(), outputs, retain_graph=k < len(losses) - 1)
                         for n, grad in zip(names, grads):
                             x = captured[n][0]
                             if estimator == "empirical_batch":
-                                stats[n].add_(torch.einsum("nto,nti->oi", grad.float(), x.float()) / len(batch_items))
+                                stats[n].add_(torch.einsum("nto,nti->oi", grad.float(), x.float()) * batch_scale)
                             else:
                                 stats[n].add_(linear_per_example_grad_sq(x, grad), alpha=1.0 / len(losses))
                 if estimator == "empirical_batch":
@@ -187,10 +226,10 @@ def lora_delta_fisher(
         captured.clear()
     if estimator != "empirical_batch":
         total = sum_across_processes(total, accelerator)
-    count = sum_across_processes({"count": count}, accelerator)["count"]
-    n = max(int(round(count.item())), 1)
-    return {name: value / n for name, value in total.items()}, n
-
+    sums = sum_across_processes({"count": count, "tokens": tokens}, accelerator)
+    n = max(int(round(sums["count"].item())), 1)
+    divisor = max(float(sums["tokens"].item()), 1.0) if per_token else float(n)
+    return {name: value / divisor for name, value in total.items()}, n
 
 
 def online_update(previous: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], gamma: float) -> dict[str, Tensor]:

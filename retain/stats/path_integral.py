@@ -7,7 +7,7 @@ of a loss along an optimization path, divided by how far it moved.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from retain.stats.per_example import (
     forward_logits,
     has_label_tokens,
     per_example_nll,
+    scored_tokens,
     sum_across_processes,
     to_device,
     world_of,
@@ -51,6 +52,60 @@ def si_importance(
 
 
 
+GeneralOptimizer = Literal["adamw", "sgd"]
+
+
+def build_path_optimizer(
+    tensors: Sequence[Tensor],
+    kind: GeneralOptimizer,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """A fresh optimizer for the importance pass: ``adamw`` (what ``retain train`` uses) or plain ``sgd``."""
+    if kind == "adamw":
+        return torch.optim.AdamW(list(tensors), lr=lr, betas=betas, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(list(tensors), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{kind}' for the importance pass; choose adamw or sgd")
+
+
+def record_path(
+    params: Mapping[str, Tensor],
+    gradients: Iterable[Callable[[], Mapping[str, Tensor]]],
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """Walk an optimizer along a path and integrate Synaptic Intelligence on the way.
+
+    ``gradients`` yields, per step, a function returning the loss gradient at the current weights;
+    the optimizer takes its step from it and ``omega -= g * (theta_after - theta_before)`` credits each
+    weight with its first-order share of the loss decrease (whatever the optimizer: Adam's steps are
+    not ``-lr g``, which is why the actual displacement is used). Returns (omega, total change
+    ``Delta``, steps). The weights are left where the path ends; ``.grad`` is restored.
+    """
+    names = list(params)
+    start = {n: params[n].detach().float().clone() for n in names}
+    omega = {n: torch.zeros_like(start[n]) for n in names}
+    saved = {n: params[n].grad for n in names}
+    steps = 0
+    try:
+        for gradient_at in gradients:
+            grads = {n: g.float() for n, g in gradient_at().items()}
+            before = {n: params[n].detach().float().clone() for n in names}
+            for n in names:
+                params[n].grad = grads[n].to(params[n].dtype)
+            optimizer.step()
+            with torch.no_grad():
+                deltas = {n: params[n].detach().float() - before[n] for n in names}
+            si_path_step_(omega, grads, deltas)
+            steps += 1
+    finally:
+        for n in names:
+            params[n].grad = saved[n]
+    change = {n: params[n].detach().float() - start[n] for n in names}
+    return omega, change, steps
+
+
 def path_integral_importance(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -62,45 +117,56 @@ def path_integral_importance(
     steps: int | None = None,
     xi: float = 1e-3,
     accelerator: Any | None = None,
+    optimizer: GeneralOptimizer = "adamw",
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
 ) -> tuple[dict[str, Tensor], int]:
-    """Element-wise importance from plain SGD steps on general data; the weights are restored after.
+    """Element-wise SI importance recorded along a real optimization path on general data; the weights
+    are restored after.
 
-    Each step takes the mean gradient of a batch (``omega -= g * delta``, ``delta = -lr g``), then
-    ``Omega = omega / (Delta^2 + xi)`` with ``Delta`` the pass's total change (Zenke et al. 2017).
-    One forward/backward per batch, no per-example gradients: this is why it is cheap. Returns
-    (importance, steps taken). Dropout is off so the pass is deterministic.
+    ``optimizer`` (default ``adamw``, the training optimizer, at the run's ``lr``) takes ``steps`` steps
+    (default: one pass over ``examples``; more cycle over them again) on batches' token-mean NLL,
+    the training loss. Then ``Omega = omega / (Delta^2 + xi)`` (Zenke et al. 2017) with ``Delta`` the
+    pass's total change. Adam moves every weight by about ``lr`` per step, so at a fine-tuning learning
+    rate ``Delta^2`` is comparable to ``xi`` and both the path and ``xi`` shape Omega. (Plain SGD at
+    such a rate moves weights by ``lr * g``, far below sqrt(xi): Omega is then ``lr * sum g^2 / xi``, a
+    batch-gradient Fisher whatever ``xi`` and ``lr``.) One forward/backward per batch, no per-example
+    gradients. Returns (importance, steps taken). Dropout is off so the pass is deterministic.
     """
     names = list(params)
     tensors = [params[n] for n in names]
     device = model_device(model)
     world, rank = world_of(accelerator)
-    start = {n: p.detach().clone() for n, p in params.items()}
-    omega = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     scored = [e for e in examples if has_label_tokens(e)]
-    taken = 0
+    groups = list(batches(scored, batch_size))
+    total_steps = len(groups) if steps is None else (steps if groups else 0)
+
+    def gradient_for(batch_examples: list[Any]) -> Callable[[], dict[str, Tensor]]:
+        def compute() -> dict[str, Tensor]:
+            mine = batch_examples[rank::world]
+            grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            local = torch.zeros(1, dtype=torch.float32, device=device)
+            batch = None
+            if mine:
+                batch = to_device(collate(mine), device)
+                local += float(scored_tokens(batch["labels"]).sum())
+            count = sum_across_processes({"tokens": local}, accelerator)["tokens"].clamp_min(1.0)
+            if batch is not None:
+                loss = per_example_nll(forward_logits(model, batch), batch["labels"], "sum").sum() / count
+                raw = torch.autograd.grad(loss, tensors, allow_unused=True)
+                grads = {n: (g.float() if g is not None else torch.zeros_like(grads[n])) for n, g in zip(names, raw)}
+            return sum_across_processes(grads, accelerator)
+
+        return compute
+
+    schedule = (gradient_for(groups[i % len(groups)]) for i in range(total_steps))
+    start = {n: p.detach().clone() for n, p in params.items()}
+    walker = build_path_optimizer(tensors, optimizer, lr, betas, weight_decay)
     try:
         with eval_mode(model, no_grad=False):
-            for batch_examples in batches(scored, batch_size):
-                if steps is not None and taken >= steps:
-                    break
-                mine = batch_examples[rank::world]
-                grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-                if mine:
-                    batch = to_device(collate(mine), device)
-                    loss = per_example_nll(forward_logits(model, batch), batch["labels"]).sum() / len(batch_examples)
-                    raw = torch.autograd.grad(loss, tensors, allow_unused=True)
-                    grads = {n: (g.float() if g is not None else torch.zeros_like(grads[n])) for n, g in zip(names, raw)}
-                grads = sum_across_processes(grads, accelerator)
-                deltas = {n: -lr * grads[n] for n in names}
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.add_(deltas[n].to(p.dtype))
-                si_path_step_(omega, grads, deltas)
-                taken += 1
-        change = {n: (params[n].detach().float() - start[n].float()) for n in names}
+            omega, change, taken = record_path(params, schedule, walker)
     finally:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n])
     return si_importance(omega, change, xi), taken
-

@@ -4,6 +4,12 @@ Definitions (stated because papers and libraries differ):
 
 - An *example* is one sequence; its loss is the mean next-token negative log-likelihood over its
   label tokens (the same value ``model(input_ids, labels=labels).loss`` gives for a batch of one).
+- Weight statistics are normalized **per scored token**: the Fisher uses each example's *summed*
+  token NLL, ``g_n = sum_t grad nll_t``, and divides ``sum_n g_n^2`` by the number of scored tokens,
+  so the same text cut into short or long examples gives the same scale (the token gradients'
+  cross terms vanish in expectation under sampled labels). With the mean loss instead, the
+  trace falls as 1/length (a 128-token example counts 1/16 of an 8-token one), and a penalty
+  strength tuned on one dataset would not transfer to another.
 - A *sampled* label replaces every scored token by one drawn from the model's own predictive
   distribution there (teacher-forced on the data's context); each example draws with a generator
   seeded by (seed, example index), so results do not depend on how examples are split across processes.
@@ -34,15 +40,26 @@ def has_label_tokens(example: Any) -> bool:
     return any(label != IGNORE_INDEX for label in example.labels[1:])
 
 
-def per_example_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token NLL of each row over its label tokens, shape (B,); 0 for rows with none."""
+def per_example_nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token NLL of each row over its label tokens, shape (B,): the ``mean`` (0 for rows with none)
+    or the ``sum`` over the row's scored tokens."""
     shifted_logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     token_nll = nn.functional.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.clamp_min(0).reshape(-1), reduction="none"
     ).view_as(targets)
-    return (token_nll * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    total = (token_nll * mask).sum(dim=1)
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be mean or sum, got '{reduction}'")
+    return total / mask.sum(dim=1).clamp_min(1)
+
+
+def scored_tokens(labels: Tensor) -> Tensor:
+    """Number of next tokens each row scores, shape (B,) (labels are shifted by one)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 def sampled_labels(logits: Tensor, labels: Tensor, generators: Sequence[torch.Generator]) -> Tensor:

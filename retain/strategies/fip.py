@@ -4,14 +4,24 @@ The paper treats weight space as a Riemannian manifold whose metric measures how
 move, and walks the path that learns the new task while the outputs on old inputs stay put, in
 small steps (||d|| <= eps). The authors' code turns this into a loss, implemented here for LLMs:
 
-    L = L_task + weight * mean_tokens BD(p_theta(.|x), p_anchor(.|x)),  x from a fixed pool
+    L = L_task + weight * D,   D = reduction over the pool batch of BD(p_theta(.|x), p_anchor(.|x))
     BD(p, q) = -log sum_c sqrt(p(c) q(c))            (Bhattacharyya distance, per token)
 
-Anchor (``anchor``): ``start`` (the authors' code): the model at the start of the task. ``path``
-(the paper's geometry): re-anchor to the current point every ``reanchor_every`` steps, so each
-segment of the path is kept functionally close to the previous point. ``max_step_norm`` bounds the
-L2 norm of every optimizer update (over all trainable weights): a longer update is scaled back onto
-the ball, as in the paper's constrained step.
+Reduction (``reduction``): ``sum_sequences`` (default; the authors' scripts): each pool sequence's
+distance is the mean BD over its tokens (a sequence is one "example" of the authors' classifiers),
+and the sequences' distances are **summed** over the pool batch, beside the task's mean cross-entropy.
+``weight: 1``, ``reduction: sum_sequences`` and ``pool_batch: 8`` is the authors' BERT/Yelp setting
+(8 old reviews per step; their ViT script sums over 512 images, their MNIST notebook over 50).
+``mean_tokens`` averages over every pool token instead (the previous behaviour), ``pool_batch``
+times weaker at the same weight.
+
+Anchor (``anchor``): ``task_start`` (the authors' code; ``start`` is accepted for it): the model at
+the start of the current task. ``run_start``: the model at the start of the first task, kept for the
+whole run (refused with a strategy that merges adapters into the base weights, where a snapshot of
+the trainable weights no longer describes that model). ``path`` (the paper's geometry): re-anchor to
+the current point every ``reanchor_every`` steps, so each segment of the path is kept functionally
+close to the previous point. ``max_step_norm`` bounds the L2 norm of every optimizer update (over all
+trainable weights): a longer update is scaled back onto the ball, as in the paper's constrained step.
 
 Pool (``pool``): ``general`` text (the strategy's ``data`` or the run's ``general_data``) or
 ``past`` tasks' training sequences; on the first task ``past`` falls back to general text if any is
@@ -33,7 +43,7 @@ import logging
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.func import functional_call
 
@@ -50,22 +60,32 @@ from retain.strategies.base import (
     TaskInfo,
     has_general_text,
 )
-from retain.strategies.registry import register_strategy
+from retain.strategies.registry import get_strategy_class, register_strategy
 
 logger = logging.getLogger("retain")
 
 
 class FipConfig(StrategyConfig):
-    weight: float = Field(1.0, ge=0.0, description="Weight of the Bhattacharyya term (authors: 1).")
+    weight: float = Field(1.0, ge=0.0, description="Weight of the Bhattacharyya term (authors: 1, with sum_sequences).")
+    reduction: Literal["sum_sequences", "mean_tokens"] = Field(
+        "sum_sequences", description="Sum over pool sequences of their mean token BD (authors), or mean over tokens."
+    )
     pool: Literal["general", "past"] = Field("general", description="Where the anchor sequences come from.")
     data: DataConfig | None = Field(None, description="General pool text; default the run's general_data.")
     pool_size: int = Field(64, gt=0, description="Sequences in the fixed pool, drawn once per task.")
     pool_batch: int = Field(4, gt=0, description="Pool sequences per micro-batch.")
-    anchor: Literal["start", "path"] = Field("start", description="Anchor at the task start, or re-anchor along the path.")
+    anchor: Literal["task_start", "run_start", "path"] = Field(
+        "task_start", description="Anchor at the task's start (start), at the run's start, or re-anchor along the path."
+    )
     reanchor_every: int = Field(10, gt=0, description="Steps between re-anchors (anchor=path).")
     max_step_norm: float | None = Field(None, gt=0.0, description="Bound on each update's L2 norm (null: none).")
     eps_add: float = Field(0.0, ge=0.0, description="Added inside the square root (authors' stabiliser); 0: exact.")
     seed: int | None = Field(None, description="Seed of the pool's choice and order; default: train.seed.")
+
+    @field_validator("anchor", mode="before")
+    @classmethod
+    def _start_means_task_start(cls, value: Any) -> Any:
+        return "task_start" if value == "start" else value
 
 
 def snapshot(parameters: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -104,6 +124,13 @@ class FunctionallyInvariantPaths(Strategy):
         self._picks: dict[int, list[int]] = {}  # pool rows of each micro-batch of the step, chosen in transform_batch
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
+        merging = [s.name for s in run.strategies if get_strategy_class(s.name).modifies_frozen_weights]
+        if self.config.anchor == "run_start" and merging and len(run.tasks) > 1:
+            return [
+                f"anchor: run_start keeps a snapshot of the trainable weights, and {', '.join(merging)} merges "
+                f"them into the base after each task, so the snapshot would no longer be the run's start. "
+                f"Set {where}.anchor: task_start"
+            ]
         if has_general_text(self.config.data, run):
             return []
         if self.config.pool == "general":
@@ -138,7 +165,8 @@ class FunctionallyInvariantPaths(Strategy):
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         self._use_pool(task, ctx, None)
         self._cursor = 0
-        self._anchor = None  # taken at the first step, after every strategy's before_task has run
+        if self.config.anchor != "run_start":
+            self._anchor = None  # taken at the first step, after every strategy's before_task has run
         self._reanchors = 0
         self._report(ctx)
 
@@ -191,7 +219,9 @@ class FunctionallyInvariantPaths(Strategy):
         # hooks driven by hand, without transform_batch: the anchor is the current point (not stored)
         current = {n: p.detach() for n, p in trainable_parameters(model).items()} if self._anchor is None else None
         anchor = self._anchor_logits(model, pool_batch, current)
-        distance = bhattacharyya_distance(student, anchor, pool_batch["attention_mask"], self.config.eps_add)
+        distance = bhattacharyya_distance(
+            student, anchor, pool_batch["attention_mask"], self.config.eps_add, self.config.reduction
+        )
         return {"bhattacharyya": self.config.weight * distance}
 
     def after_backward(self, model: nn.Module, ctx: StrategyContext) -> None:

@@ -2,13 +2,16 @@
 
     L = L_task + sum_l c_l * lambda/2 * sum_{i in layer l} Omega_i (theta_i - theta*_i)^2
 
-``Omega`` is a Synaptic-Intelligence importance (``omega_i = -sum_t g_i dtheta_i``,
-``Omega_i = omega_i / (Delta_i^2 + xi)``), obtained without any Fisher pass:
+``Omega`` is a Synaptic-Intelligence importance recorded along a real optimization trajectory
+(``omega_i = -sum_t g_i dtheta_i`` over the steps, ``Omega_i = omega_i / (Delta_i^2 + xi)``, Zenke et
+al. 2017), without any Fisher pass:
 
-- ``general``: a short pass of plain SGD steps over general text at the base weights (one
-  forward/backward per batch), weights restored after; the anchor is the base weights. This is the
-  paper's "general importance recording" phase; or read from ``file``
-  (``retain importance compute --method importance``).
+- ``general``: the paper's "general importance recording": ``general_steps`` steps of the training
+  optimizer (``general_optimizer: adamw`` at ``general_lr``, default the run's ``train.lr``, betas and
+  weight decay) on general text from the base weights, weights restored after; the anchor is the
+  base weights. Adam moves each weight by about ``lr`` per step, so the displacement and ``xi`` both
+  shape Omega (with ``sgd`` at a fine-tuning rate Omega collapses to ``lr * sum g^2 / xi``). Or read
+  from ``file`` (``retain importance compute --method importance``).
 - ``training``: a by-product of training each task (the loop's own gradients and steps; this
   strategy's own penalty gradient is subtracted so only the task loss is credited), consolidated
   after the task, the anchor moving to the task's final weights (as SI).
@@ -16,17 +19,25 @@
 
 Layer coefficients ``c_l`` (``layer_balance``, see ``retain.losses.quadratic.layer_coefficients``)
 weigh each transformer block's penalty against the current task loss; recomputed every micro-batch,
-detached. To credit only the task loss, ``after_backward`` needs the step's mean ``c_l``: the penalty
-carries, per layer, a zero-valued term ``c_l * (s_l - s_l.detach())`` on a scalar leaf ``s_l`` made in
-``transform_batch``, so backward leaves ``mean c_l`` in ``s_l.grad`` beside the weights' gradients and
-the loss hook changes no state. Choices where the paper's formula could not be checked here (named in the README): the
-default ``task_share`` form ``c_l = L_task / (T_l + L_task)`` (each layer's weighted term stays below
-both its own penalty and the task loss; on stories-contracts it learned more than ``penalty_share``
-at the same retention, and matched ``uniform``); Omega normalized to mean 1 (``normalize``) so
-lambda means the same across models and learning rates; negative omega clamped to 0; the general
-pass uses plain SGD at the run's learning rate.
-State: anchor + Omega (2 x trainable); during training with ``training``: + omega, and for one
-step a gradient and a weight copy.
+detached. The paper's §4.3 formula could not be read here; the default ``penalty_share``,
+``c_l = T_l / (T_l + L_task)``, is chosen because it is monotone (a layer that drifts further is held
+at least as hard), which ``task_share`` (the previous default) is not. To credit only the task loss,
+``after_backward`` needs the step's mean ``c_l``: the penalty carries, per layer, a zero-valued term
+``c_l * (s_l - s_l.detach())`` on a scalar leaf ``s_l`` made in ``transform_batch``, so backward leaves
+``mean c_l`` in ``s_l.grad`` beside the weights' gradients and the loss hook changes no state. Other
+choices: Omega normalized to mean 1 (``normalize``) so lambda means the same across models and
+learning rates; negative omega clamped to 0.
+
+Default ``lambda_ = 1``: on ``retain bench stories-contracts`` (300 steps, full fine-tuning, 32 AdamW
+steps of general text at the run's lr) it keeps 65% of full fine-tuning's new-task gain with 35% of its
+forgetting; 10 keeps 25% / 10% (``bench/strength_sweep.py``).
+
+State (``state``): ``dense`` keeps anchor + Omega (2 x trainable; Omega in ``state_dtype``).
+``topk`` keeps only the ``keep_fraction`` most important elements over the whole model (their flat
+index, anchor value and Omega; normalized with the dense mean, so lambda keeps its meaning): at
+0.1 and bfloat16 Omega, 10 bytes per kept element, 12.5% of dense float32. With ``training`` the
+running path integral and the anchor stay dense while a task trains (and, for one step, a gradient
+and a weight copy).
 """
 
 from __future__ import annotations
@@ -40,10 +51,17 @@ from torch import Tensor, nn
 
 from retain.config import DataConfig, RunConfig
 from retain.data.sampling import seeded_subset
-from retain.losses.quadratic import LayerBalance, layer_coefficients, layer_of, penalty_per_layer
+from retain.losses.quadratic import (
+    LayerBalance,
+    layer_coefficients,
+    layer_of,
+    penalty_per_layer,
+    sparse_penalty_per_layer,
+    top_elements,
+)
 from retain.models.runtime import trainable_parameters
 from retain.stats.files import load_importance, statistics_for
-from retain.stats.path_integral import path_integral_importance, si_importance
+from retain.stats.path_integral import GeneralOptimizer, path_integral_importance, si_importance
 from retain.strategies._shared.calibration import DTYPES, check_same_parameters, detached_copy, on_device
 from retain.strategies.base import (
     Batch,
@@ -59,20 +77,32 @@ from retain.strategies.registry import register_strategy
 
 class ImportanceConfig(StrategyConfig):
     lambda_: float = Field(
-        3.0, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength (Omega has mean 1)."
+        1.0,
+        ge=0,
+        validation_alias=AliasChoices("lambda_", "lambda"),
+        description="Penalty strength (Omega has mean 1; 1: the stories-contracts knee).",
     )
     xi: float = Field(1e-3, gt=0, description="SI damping in Omega = omega / (Delta^2 + xi).")
     source: Literal["auto", "general", "training", "general+training"] = Field(
         "auto", description="general pass, training by-product, or both; auto = general if general text/file, else training."
     )
-    layer_balance: LayerBalance = Field("task_share", description="task_share | penalty_share | uniform.")
+    layer_balance: LayerBalance = Field(
+        "penalty_share", description="penalty_share (monotone) | uniform | task_share (not monotone; see layer_coefficients)."
+    )
     normalize: bool = Field(True, description="Scale Omega to mean 1 over all weights.")
     data: DataConfig | None = Field(None, description="General text for the pass; default: the run's general_data.")
     file: str | None = Field(None, description="Importance file (method importance) replacing the general pass.")
     max_examples: int = Field(256, gt=0, description="Examples in the general pass (seeded subset).")
     batch_size: int = Field(8, gt=0, description="Batch size of the general pass.")
-    general_steps: int | None = Field(None, gt=0, description="SGD steps of the pass; default one pass over the examples.")
-    general_lr: float | None = Field(None, gt=0, description="SGD learning rate of the pass; default train.lr.")
+    general_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps of the pass; default one pass over the examples (more cycle over them)."
+    )
+    general_lr: float | None = Field(None, gt=0, description="Learning rate of the pass; default train.lr.")
+    general_optimizer: GeneralOptimizer = Field(
+        "adamw", description="adamw (the training optimizer, with train.betas/weight_decay) or sgd."
+    )
+    state: Literal["dense", "topk"] = Field("dense", description="dense Omega + anchor, or only the top keep_fraction.")
+    keep_fraction: float = Field(0.1, gt=0, le=1, description="Share of elements kept with state: topk.")
     state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored Omega.")
     seed: int | None = Field(None, description="Seed of the general pass's example subset; default: train.seed.")
 
@@ -85,6 +115,33 @@ def normalized(omega: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: t / mean for n, t in omega.items()} if mean > 0 else dict(omega)
 
 
+def sparse_state(
+    omega: dict[str, Tensor], anchor: dict[str, Tensor], keep_fraction: float, dtype: torch.dtype
+) -> dict[str, dict[str, Tensor]]:
+    """The top ``keep_fraction`` of Omega over every element: per tensor its flat indices (int32 when
+    they fit), the anchor's values there and Omega's (in ``dtype``)."""
+    kept = top_elements(omega, keep_fraction)
+    out = {}
+    for name, index in kept.items():
+        small = omega[name].numel() < 2**31
+        out[name] = {
+            "index": index.to(torch.int32 if small else torch.int64),
+            "anchor": anchor[name].reshape(-1).index_select(0, index).detach().clone(),
+            "omega": omega[name].reshape(-1).index_select(0, index).to(dtype),
+        }
+    return out
+
+
+def densify(sparse: dict[str, dict[str, Tensor]], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sparse Omega back to dense tensors (zeros where nothing was kept)."""
+    out = {}
+    for name, entry in sparse.items():
+        flat = torch.zeros(like[name].numel(), dtype=torch.float32, device=like[name].device)
+        flat[entry["index"].to(flat.device, torch.int64)] = entry["omega"].to(flat.device, torch.float32)
+        out[name] = flat.view_as(like[name])
+    return out
+
+
 @register_strategy("importance")
 class Importance(Strategy):
     Config = ImportanceConfig
@@ -92,13 +149,16 @@ class Importance(Strategy):
 
     def __init__(self, config: ImportanceConfig | None = None) -> None:
         super().__init__(config)
-        self.anchor: dict[str, Tensor] | None = None
-        self.omega_raw: dict[str, Tensor] | None = None  # accumulated SI importance, before normalization
+        self.anchor: dict[str, Tensor] | None = None  # dense; dropped with state: topk unless tracking training
+        self.omega_raw: dict[str, Tensor] | None = None  # dense SI importance, before normalization
+        self.sparse: dict[str, dict[str, Tensor]] | None = None  # state: topk: index, anchor, omega
+        self.omega_mean = 1.0  # the dense mean that normalizes sparse Omega
         self.path: dict[str, Tensor] | None = None  # the running path integral of the current task
         self.general_done = False
         self._source: str | None = None
         self._params: dict[str, nn.Parameter] | None = None
-        self._weights: dict[str, Tensor] | None = None  # Omega as the penalty uses it
+        self._weights: dict[str, Tensor] | None = None  # dense Omega as the penalty uses it
+        self._sparse_weights: dict[str, dict[str, Tensor]] | None = None  # topk: index, anchor, weight
         self._scales: dict[str, Tensor] | None = None  # per layer, a leaf whose grad is the step's mean c_l
         self._step_grads: dict[str, Tensor] | None = None
         self._step_start: dict[str, Tensor] | None = None
@@ -133,13 +193,15 @@ class Importance(Strategy):
 
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         params = self._live(ctx)
-        if self.anchor is None:
+        if self.anchor is None and self.sparse is None:
             self.anchor = detached_copy(params)
         if self._source in ("general", "general+training") and not self.general_done:
-            self._set_omega(self._general_importance(params, ctx))
+            self._set_omega(self._general_importance(params, ctx), self.anchor)
             self.general_done = True
         if self._tracks_training:
             self.path = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        elif self.config.state == "topk" and self.sparse is not None:
+            self.anchor = None  # the kept elements carry their own anchor values
 
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
         """Before the step's first forward: fresh leaves that will carry the step's mean coefficients."""
@@ -154,10 +216,11 @@ class Importance(Strategy):
         if not self._penalizing:
             return {}
         params = self._live(ctx)
-        terms = {
-            layer: 0.5 * self.config.lambda_ * value
-            for layer, value in penalty_per_layer(params, self.anchor, self._weights).items()
-        }
+        if self._sparse_weights is not None:
+            per_layer = sparse_penalty_per_layer(params, self._sparse_weights)
+        else:
+            per_layer = penalty_per_layer(params, self.anchor, self._weights)
+        terms = {layer: 0.5 * self.config.lambda_ * value for layer, value in per_layer.items()}
         coefficients = layer_coefficients(terms, outputs.loss, self.config.layer_balance)
         penalty = sum(coefficients[layer].to(term.dtype) * term for layer, term in terms.items())
         if self._scales is not None:  # zero in value and for the weights; d/ds_l = c_l
@@ -173,7 +236,7 @@ class Importance(Strategy):
         unscale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
         scales, self._scales = self._scales, None
         mean_c = {}
-        if scales is not None and self._weights is not None:
+        if scales is not None and self._penalizing:
             # the mean over the step's micro-batches of each layer's c_l (the loss is divided by grad_accum)
             mean_c = {layer: float(s.grad) * unscale for layer, s in scales.items() if s.grad is not None}
         grads = {}
@@ -182,9 +245,7 @@ class Importance(Strategy):
                 grad = p.grad.detach().float() * unscale if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
                 c = mean_c.get(layer_of(name))
                 if c:
-                    # remove this strategy's own penalty gradient: lambda * mean_micro(c_l) * Omega * (theta - anchor)
-                    own = self.config.lambda_ * c * self._weights[name].float() * (p.detach().float() - self.anchor[name].float())
-                    grad = grad - own
+                    grad = grad - self._own_gradient(name, p, self.config.lambda_ * c)
                 grads[name] = grad
         self._step_grads = grads
         self._step_start = {n: p.detach().float().clone() for n, p in params.items()}
@@ -205,20 +266,23 @@ class Importance(Strategy):
         params = self._live(ctx)
         change = {n: p.detach().float() - self.anchor[n].float() for n, p in params.items()}
         new = si_importance(self.path, change, self.config.xi)
-        if self.omega_raw is not None:
-            new = {n: self.omega_raw[n].float() + new[n] for n in new}
-        self._set_omega(new)
+        previous = self._dense_raw(params)
+        if previous is not None:
+            new = {n: previous[n].float() + new[n] for n in new}
         self.anchor = detached_copy(params)
+        self._set_omega(new, self.anchor)
         self.path = None
 
     # state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"general_done": self.general_done}
-        for key in ("anchor", "omega_raw", "path"):
+        for key in ("anchor", "omega_raw", "path", "sparse"):
             value = getattr(self, key)
             if value is not None:
                 state[key] = value
+        if self.sparse is not None:
+            state["omega_mean"] = self.omega_mean
         return state
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
@@ -228,15 +292,17 @@ class Importance(Strategy):
         self._params = None
         self._scales = None
         self._weights = None
-        self.omega_raw = None
-        if "omega_raw" in state:
-            self._set_omega(dict(state["omega_raw"]))
+        self._sparse_weights = None
+        self.omega_raw = dict(state["omega_raw"]) if "omega_raw" in state else None
+        self.sparse = {n: dict(e) for n, e in state["sparse"].items()} if "sparse" in state else None
+        self.omega_mean = float(state.get("omega_mean", 1.0))
+        self._refresh_weights()
 
     # internals --------------------------------------------------------------------------
 
     @property
     def _penalizing(self) -> bool:
-        return self._weights is not None and self.config.lambda_ != 0
+        return (self._weights is not None or self._sparse_weights is not None) and self.config.lambda_ != 0
 
     @property
     def _tracks_training(self) -> bool:
@@ -250,13 +316,57 @@ class Importance(Strategy):
                 if value is not None:
                     check_same_parameters(value, self._params, self.name)
                     setattr(self, key, on_device(value, self._params))
+            for key in ("sparse", "_sparse_weights"):
+                value = getattr(self, key)
+                if value is not None:
+                    check_same_parameters(value, self._params, self.name)
+                    device = {n: p.device for n, p in self._params.items()}
+                    setattr(self, key, {n: {k: t.to(device[n]) for k, t in e.items()} for n, e in value.items()})
         return self._params
 
-    def _set_omega(self, omega: dict[str, Tensor]) -> None:
+    def _own_gradient(self, name: str, p: Tensor, scale: float) -> Tensor:
+        """This strategy's penalty gradient on ``p`` at coefficient ``scale`` (= lambda * mean c_l), dense."""
+        if self._sparse_weights is None:
+            return scale * self._weights[name].float() * (p.detach().float() - self.anchor[name].float())
+        entry = self._sparse_weights[name]
+        index = entry["index"].to(torch.int64)
+        picked = p.detach().reshape(-1).index_select(0, index).float()
+        values = scale * entry["weight"].float() * (picked - entry["anchor"].float())
+        return torch.zeros(p.numel(), dtype=torch.float32, device=p.device).index_add_(0, index, values).view_as(p)
+
+    def _dense_raw(self, like: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        if self.omega_raw is not None:
+            return self.omega_raw
+        if self.sparse is not None:
+            return densify(self.sparse, like)
+        return None
+
+    def _set_omega(self, omega: dict[str, Tensor], anchor: dict[str, Tensor] | None) -> None:
         dtype = DTYPES[self.config.state_dtype]
-        self.omega_raw = {n: t.to(dtype) for n, t in omega.items()}
-        weights = normalized(self.omega_raw) if self.config.normalize else self.omega_raw
-        self._weights = {n: t.to(dtype) for n, t in weights.items()}
+        if self.config.state == "topk":
+            assert anchor is not None
+            total = sum(float(t.float().sum()) for t in omega.values())
+            count = sum(t.numel() for t in omega.values())
+            self.omega_mean = total / max(count, 1) if total > 0 else 1.0
+            self.sparse = sparse_state(omega, anchor, self.config.keep_fraction, dtype)
+            self.omega_raw = None
+        else:
+            self.omega_raw = {n: t.to(dtype) for n, t in omega.items()}
+        self._refresh_weights()
+
+    def _refresh_weights(self) -> None:
+        dtype = DTYPES[self.config.state_dtype]
+        if self.sparse is not None:
+            scale = 1.0 / self.omega_mean if self.config.normalize and self.omega_mean > 0 else 1.0
+            self._sparse_weights = {
+                n: {"index": e["index"], "anchor": e["anchor"], "weight": (e["omega"].float() * scale).to(dtype)}
+                for n, e in self.sparse.items()
+            }
+            self._weights = None
+        elif self.omega_raw is not None:
+            weights = normalized(self.omega_raw) if self.config.normalize else self.omega_raw
+            self._weights = {n: t.to(dtype) for n, t in weights.items()}
+            self._sparse_weights = None
 
     def _general_importance(self, params: dict[str, nn.Parameter], ctx: StrategyContext) -> dict[str, Tensor]:
         if self.config.file is not None:
@@ -265,17 +375,21 @@ class Importance(Strategy):
             return {n: stats[n].to(params[n].device, torch.float32) for n in params}
         seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
         examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
+        train = ctx.config.train
         start = time.perf_counter()
         omega, steps = path_integral_importance(
             ctx.unwrapped_model,
             params,
             examples,
             ctx.collate,
-            lr=self.config.general_lr or ctx.config.train.lr,
+            lr=self.config.general_lr or train.lr,
             batch_size=self.config.batch_size,
             steps=self.config.general_steps,
             xi=self.config.xi,
             accelerator=ctx.accelerator,
+            optimizer=self.config.general_optimizer,
+            betas=tuple(train.betas),
+            weight_decay=train.weight_decay,
         )
         ctx.log(f"{self.name}/importance_seconds", time.perf_counter() - start)
         ctx.log(f"{self.name}/importance_steps", steps)

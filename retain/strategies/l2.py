@@ -4,6 +4,11 @@
 fresh adapters with ``lora``). Every weight counts the same, which is exactly what the
 importance-weighted regularizers (ewc, ewc-lora, importance) claim to improve on: they must beat
 this baseline at the same budget to earn their cost. State: one copy of the trainable weights.
+
+Default ``lambda_ = 0.1``: on ``retain bench stories-contracts`` (300 steps, full fine-tuning) it keeps
+76% of full fine-tuning's new-task gain with 57% of its forgetting; 0.3 keeps 59% / 48%, 1 keeps 33% /
+28% (``bench/strength_sweep.py``). Its scale depends on how far the weights move (learning rate,
+steps), not on the data.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from retain.strategies.registry import register_strategy
 
 class L2Config(StrategyConfig):
     lambda_: float = Field(
-        1.0, ge=0, validation_alias=AliasChoices("lambda_", "lambda"), description="Penalty strength."
+        0.1,
+        ge=0,
+        validation_alias=AliasChoices("lambda_", "lambda"),
+        description="Penalty strength (0.1: the knee of the stories-contracts sweep, bench/strength_sweep.py).",
     )
 
 

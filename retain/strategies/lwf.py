@@ -8,15 +8,30 @@ student's logits come free from the task forward, so only the teacher runs), or 
 from a text pool (the strategy's ``data`` or the run's ``general_data``), which costs one more
 student forward and backward per step but pulls toward the original where it matters for retention.
 
-Teacher (``teacher``), always the model as it was before any fine-tuning:
+Which model teaches (``teacher_at``):
+- ``task_start`` (default; Li & Hoiem, and Avalanche's LwF plugin, which copies the model after each
+  experience): the model as it was when the current task started. For the first task that is the
+  loaded model; for later ones it keeps what tasks 1..t-1 taught on the anchor inputs instead of
+  pulling it back to the base. It is consistent with ``ewc-lora``'s merges (the model at a task's
+  start is the merged model with a fresh adapter).
+- ``base``: always the loaded model (refused with a strategy that merges adapters into the base
+  weights and an adapters-off teacher, which would then be the merged model, not the base; use
+  ``teacher: copy`` for a true base).
+
+How the first task's teacher (and every teacher with ``teacher_at: base``) is evaluated (``teacher``):
 - ``adapters_off``: with LoRA or prompt tuning, the training model itself under
-  ``model.disable_adapter()``: no copy in memory. (If another strategy merges adapters into the base
-  weights, the teacher becomes the merged model, i.e. the model at the start of the current task.)
+  ``model.disable_adapter()``: no copy in memory.
 - ``copy``: a frozen deep copy (full fine-tuning).
 - ``cached_topk``: the teacher's top-k probabilities at temperature T (plus the mass of all other
   tokens as one bucket) over every anchor example, computed before training and cached on disk,
-  for when teacher and student do not both fit; k = vocabulary size is exact.
+  for when teacher and student do not both fit; k = vocabulary size is exact. With ``task_start``
+  the table is recomputed at each later task's start from the model as it is then.
 - ``auto``: ``adapters_off`` when the model is PEFT-wrapped, else ``copy``.
+
+From the second task on, ``task_start`` (except ``cached_topk``) evaluates the training model
+functionally (``torch.func.functional_call``) with a snapshot of its *trainable* weights taken at the
+task's first step, as ``fip`` does: with LoRA the snapshot is the adapters (a few MB), with full
+fine-tuning one copy of the weights, which replaces the frozen copy. It is part of the checkpoint.
 
 With prompt tuning the student's logits carry extra virtual-token positions at the front; they are
 dropped so teacher and student are compared on the same input positions.
@@ -30,6 +45,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import nn
+from torch.func import functional_call
 
 from retain.config import DataConfig, RunConfig
 from retain.data.identity import batch_rows, example_key, examples_hash
@@ -37,8 +53,8 @@ from retain.data.sampling import sample_indices, subset_indices
 from retain.errors import ConfigError
 from retain.losses.distill import kl_with_temperature, kl_with_temperature_topk, topk_teacher
 from retain.models.adapters import is_peft_model
-from retain.models.fingerprint import base_fingerprint
-from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward
+from retain.models.fingerprint import base_fingerprint, model_fingerprint
+from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward, trainable_parameters
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies.base import (
     Batch,
@@ -64,7 +80,10 @@ class LwfConfig(StrategyConfig):
     anchor_batch_size: int = Field(4, gt=0, description="Anchor sequences per micro-batch (anchor=general).")
     pool_size: int | None = Field(None, gt=0, description="Use at most this many general anchor examples (seeded).")
     teacher: Literal["auto", "adapters_off", "copy", "cached_topk"] = Field(
-        "auto", description="Where the original model's outputs come from (see the module docstring)."
+        "auto", description="How the teacher is evaluated (see the module docstring)."
+    )
+    teacher_at: Literal["task_start", "base"] = Field(
+        "task_start", description="The model at the current task's start (LwF; the base for the first task) or always the base."
     )
     top_k: int = Field(32, gt=0, description="Teacher tokens kept per position (teacher=cached_topk).")
     cache_batch_size: int = Field(16, gt=0, description="Batch size of the top-k precompute pass.")
@@ -115,17 +134,28 @@ class LearningWithoutForgetting(Strategy):
         self._table_name: str | None = None
         self._table_keys: dict[bytes, int] = {}
         self._picks: dict[int, list[int]] = {}  # pool rows anchoring each micro-batch of the step (anchor=general)
+        self._task_weights: dict[str, torch.Tensor] | None = None  # trainable weights at this task's start
+        self._task_weights_index = -1  # the task they belong to
+        self._table_fingerprint: str | None = None  # cached_topk + task_start: the teacher table's model
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         problems = []
         if self.config.anchor == "general" and not has_general_text(self.config.data, run):
             problems.append(f"anchor: general needs text: set general_data or {where}.data")
-        if self.config.teacher == "adapters_off" and not any(
-            get_strategy_class(spec.name).peft_wrapper for spec in run.strategies
-        ):
+        peft = any(get_strategy_class(spec.name).peft_wrapper for spec in run.strategies)
+        if self.config.teacher == "adapters_off" and not peft:
             problems.append(
                 "teacher: adapters_off needs a PEFT-wrapped model: list lora or prompt-tuning with it, "
                 f"or set {where}.teacher: copy (or cached_topk)"
+            )
+        merging = [s.name for s in run.strategies if get_strategy_class(s.name).modifies_frozen_weights]
+        if self.config.teacher_at == "base" and merging and (
+            self.config.teacher == "adapters_off" or (self.config.teacher == "auto" and peft)
+        ):
+            problems.append(
+                f"teacher_at: base with an adapters-off teacher: {', '.join(merging)} merges adapters into the base "
+                f"weights, so that teacher would be the merged model, not the base. Set {where}.teacher: copy for a "
+                f"true base teacher, or {where}.teacher_at: task_start"
             )
         return problems
 
@@ -147,12 +177,6 @@ class LearningWithoutForgetting(Strategy):
                     "lwf.teacher=adapters_off needs a PEFT-wrapped model (add 'lora' or 'prompt-tuning' to the "
                     "strategies), or use teacher: copy / cached_topk."
                 )
-            merging = [s.name for s in ctx.config.strategies if get_strategy_class(s.name).modifies_frozen_weights]
-            if merging:
-                logger.warning(
-                    "lwf: %s changes the base weights, so the adapters-off teacher is the merged model "
-                    "(the model at the start of each task), not the original.", ", ".join(merging),
-                )
         if source == "copy":
             self._teacher_copy = frozen_copy(model)
         if self.config.anchor == "general":
@@ -171,11 +195,14 @@ class LearningWithoutForgetting(Strategy):
             return {"pool": self._pool}
         return {f"task{t.index}": t.train_examples for t in ctx.tasks}
 
-    def _topk_table(self, ctx: StrategyContext, name: str, examples: list, compute_if_missing: bool) -> TokenTable:
+    def _topk_table(
+        self, ctx: StrategyContext, name: str, examples: list, compute_if_missing: bool, adapters_off: bool = True
+    ) -> TokenTable:
         data_hash = examples_hash(examples)
         k, t = self.config.top_k, self.config.temperature
-        path = cache_file(ctx.cache_dir, "lwf", self._fingerprint or "", data_hash, f"-top{k}-T{t:g}")
-        metadata = {"kind": "lwf-topk", "fingerprint": self._fingerprint or "", "data_hash": data_hash,
+        fingerprint = self._table_fingerprint or self._fingerprint or ""
+        path = cache_file(ctx.cache_dir, "lwf", fingerprint, data_hash, f"-top{k}-T{t:g}")
+        metadata = {"kind": "lwf-topk", "fingerprint": fingerprint, "data_hash": data_hash,
                     "top_k": str(k), "temperature": repr(t)}
         if not compute_if_missing:
             table = TokenTable.load(path, metadata)
@@ -192,7 +219,7 @@ class LearningWithoutForgetting(Strategy):
                 return {"log_q": log_q, "indices": indices.to(torch.int32), "log_rest": log_rest}
 
             return compute_table(ctx.unwrapped_model, examples, ctx.collate, per_token,
-                                 batch_size=self.config.cache_batch_size, device=ctx.device, adapters_off=True,
+                                 batch_size=self.config.cache_batch_size, device=ctx.device, adapters_off=adapters_off,
                                  accelerator=ctx.accelerator)
 
         table, hit = cached_table(path, metadata, compute, ctx.accelerator)
@@ -208,11 +235,38 @@ class LearningWithoutForgetting(Strategy):
         return self._table
 
     def _teacher_logits(self, ctx: StrategyContext, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._task_weights is not None:  # the model at this task's start, evaluated functionally
+            model = ctx.unwrapped_model
+            with reference_forward(model):
+                logits = functional_call(
+                    model, self._task_weights, args=(),
+                    kwargs={"input_ids": input_ids, "attention_mask": attention_mask}, strict=False,
+                ).logits
+            return align_to_inputs(logits, input_ids.shape[1])
         module = ctx.unwrapped_model if self._source == "adapters_off" else self._teacher_copy
         assert module is not None
         with reference_forward(module, adapters_off=is_peft_model(module)):
             logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
         return align_to_inputs(logits, input_ids.shape[1])
+
+    @property
+    def _follows_tasks(self) -> bool:
+        return self.config.teacher_at == "task_start"
+
+    def _take_task_weights(self, ctx: StrategyContext, task_index: int) -> None:
+        """The trainable weights as the task starts (after every strategy's before_task: merges, new adapters)."""
+        self._task_weights = {n: p.detach().clone() for n, p in trainable_parameters(ctx.unwrapped_model).items()}
+        self._task_weights_index = task_index
+        self._teacher_copy = None  # the snapshot replaces the base copy from here on
+
+    def _refresh_table(self, ctx: StrategyContext, task: TaskInfo) -> None:
+        """cached_topk + task_start: the teacher tables recomputed from the model at this task's start."""
+        self._table_fingerprint = model_fingerprint(ctx.unwrapped_model)
+        self._table_name = None
+        sets = self._anchor_sets(ctx)
+        wanted = {"pool": sets["pool"]} if "pool" in sets else {f"task{task.index}": task.train_examples}
+        for name, examples in wanted.items():
+            self._topk_table(ctx, name, examples, compute_if_missing=True, adapters_off=False)
 
     # ------------------------------------------------------------------ hooks
 
@@ -221,12 +275,23 @@ class LearningWithoutForgetting(Strategy):
             self._prepare(ctx)
         if self._teacher_copy is not None:
             self._teacher_copy.to(ctx.device)
+        if self._follows_tasks and task.index > 0:
+            self._task_weights = None  # taken at the task's first micro-batch
+            if self._source == "cached_topk":
+                self._refresh_table(ctx, task)
 
     def _picks_at(self, ctx: StrategyContext, cursor: int) -> list[int]:
         return sample_indices(len(self._pool), ctx.seed_for(self), cursor, self.config.anchor_batch_size)
 
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
-        """Before each forward: this micro-batch's general anchors (the cursor moves here, not in the loss)."""
+        """Before each forward: the task-start teacher (first micro-batch of a later task) and this
+        micro-batch's general anchors (the cursor moves here, not in the loss)."""
+        task = ctx.task
+        if (
+            self._follows_tasks and task is not None and task.index > 0 and self._source != "cached_topk"
+            and self._task_weights_index != task.index
+        ):
+            self._take_task_weights(ctx, task.index)
         if self.config.anchor == "general" and self.config.alpha != 0.0:
             self._picks[ctx.micro_batch] = self._picks_at(ctx, self._cursor)
             self._cursor += self.config.anchor_batch_size
@@ -274,9 +339,21 @@ class LearningWithoutForgetting(Strategy):
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self._cursor}
+        state: dict[str, Any] = {"cursor": self._cursor, "task_weights_index": self._task_weights_index}
+        if self._task_weights is not None:
+            state["task_weights"] = self._task_weights
+        if self._table_fingerprint is not None:
+            state["table_fingerprint"] = self._table_fingerprint
+        return state
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
         self._cursor = int(state.get("cursor", 0))
         self._picks = {}
         self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model
+        self._task_weights_index = int(state.get("task_weights_index", -1))
+        self._task_weights = None
+        if "task_weights" in state:
+            self._task_weights = {n: t.to(ctx.device) for n, t in state["task_weights"].items()}
+            self._teacher_copy = None
+        self._table_fingerprint = state.get("table_fingerprint")
+        self._table_name = None

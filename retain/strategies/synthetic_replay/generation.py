@@ -11,8 +11,11 @@ The pipeline, each step a small function usable on its own:
      demonstrations in context;
    - or from general prompts ("Once upon a time"): the example is the prompt plus its continuation.
 2. **Remove near-duplicates**: character n-gram (shingle) Jaccard similarity above a threshold.
-3. **Select a diverse subset** (optional): k-means on the mean last-layer hidden state of each
-   candidate, keeping the candidate nearest each centroid (SSR keeps 200 per task).
+3. **Select a representative subset** (optional), as SSR's ``kmeans_self.py`` does: the mean
+   last-layer hidden state of each candidate (SSR: a sentence encoder's pooled output), L2-normalized,
+   clustered by k-means into 20 clusters; each cluster gets a share of the kept set proportional to
+   its size, filled by its members nearest the centroid (SSR keeps 200 per task). Outliers form
+   small clusters whose share rounds to nothing, so they are not kept.
 4. **Relabel** (optional, prompt/completion only): the latest model completes each synthetic prompt
    greedily, so rehearsal teaches what the model answered when it knew the task.
 5. **Save** the set as JSONL, one record per line (``text`` or ``prompt`` + ``completion``), to inspect
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,19 +325,50 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> tupl
     return c, assign
 
 
-def diverse_subset(x: torch.Tensor, k: int, seed: int = 0) -> list[int]:
-    """Sorted indices of ``k`` points: in each k-means cluster, the member nearest its centroid."""
+def l2_normalized(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (zero rows left at zero)."""
+    x = x.float()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def proportional_quotas(sizes: Sequence[int], total: int) -> list[int]:
+    """How many points each cluster gives: ``round(total * n_c / N)`` (SSR, half rounded up), capped by
+    the cluster's size, then fixed up so the quotas sum to exactly ``min(total, N)``: while short, one
+    more to the cluster with the most members per point it gives (``n_c / (q_c + 1)``, largest first);
+    while over, one less from the one with the fewest (``n_c / q_c``); ties go to the lower index.
+    Both favour large clusters, so a fix-up never hands a seat to an outlier's tiny cluster before a
+    dense one."""
+    n = sum(sizes)
+    want = min(total, n)
+    quotas = [min(size, int(math.floor(total * size / n + 0.5))) if n else 0 for size in sizes]
+    while sum(quotas) < want:
+        open_ = [c for c in range(len(sizes)) if quotas[c] < sizes[c]]
+        best = max(open_, key=lambda c: (sizes[c] / (quotas[c] + 1), -c))
+        quotas[best] += 1
+    while sum(quotas) > want:
+        given = [c for c in range(len(sizes)) if quotas[c] > 0]
+        worst = min(given, key=lambda c: (sizes[c] / quotas[c], c))
+        quotas[worst] -= 1
+    return quotas
+
+
+def diverse_subset(x: torch.Tensor, k: int, seed: int = 0, clusters: int = 20) -> list[int]:
+    """Sorted indices of ``k`` representative points, SSR's selection: k-means (k-means++, seeded) with
+    ``clusters`` clusters on the L2-normalized rows, then per cluster its ``proportional_quotas`` share,
+    the members nearest its centroid (cosine geometry, as the rows are unit length)."""
     if k >= x.shape[0]:
         return list(range(x.shape[0]))
-    centroids, assign = kmeans(x, k, seed)
-    distances = torch.cdist(x.float(), centroids)
-    chosen = []
-    for j in range(k):
-        members = (assign == j).nonzero().flatten()
-        if len(members):
-            chosen.append(int(members[distances[members, j].argmin()]))
-    unused = [i for i in range(x.shape[0]) if i not in set(chosen)]
-    chosen += unused[: k - len(chosen)]
+    unit = l2_normalized(x)
+    centroids, assign = kmeans(unit, min(clusters, unit.shape[0]), seed)
+    members = [(assign == j).nonzero().flatten() for j in range(centroids.shape[0])]
+    quotas = proportional_quotas([len(m) for m in members], k)
+    chosen: list[int] = []
+    for j, (group, quota) in enumerate(zip(members, quotas)):
+        if quota == 0:
+            continue
+        distances = (unit[group] - centroids[j]).norm(dim=1)
+        order = torch.sort(distances, stable=True).indices[:quota]
+        chosen += [int(i) for i in group[order]]
     return sorted(chosen)
 
 
@@ -354,9 +389,10 @@ def synthesize(
     dedup_threshold: float | None = 0.8,
     select: str = "kmeans",
     seed: int = 0,
+    clusters: int = 20,
 ) -> list[Record]:
     """Generate ``candidates`` (default 2 x ``keep``), drop near-duplicates, keep ``keep`` of them
-    (k-means-diverse or the first ones)."""
+    (SSR's k-means selection with ``clusters`` clusters, or the first ones)."""
     records = generate_candidates(
         model,
         tokenizer,
@@ -373,7 +409,7 @@ def synthesize(
         return records
     if select == "kmeans":
         features = mean_hidden_states(model, tokenizer, [record_text(r) for r in records], settings.batch_size)
-        return [records[i] for i in diverse_subset(features, keep, seed)]
+        return [records[i] for i in diverse_subset(features, keep, seed, clusters)]
     return records[:keep]
 
 
