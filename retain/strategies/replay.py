@@ -81,6 +81,13 @@ class Replay(Strategy):
             ]
         return []
 
+    def set_strength(self, value: float) -> None:
+        """A new ratio applies to the rows trained from now on: the schedule restarts its count (keeping the
+        old count would replace whole batches until the new share of all earlier rows was caught up)."""
+        super().set_strength(value)
+        if getattr(self, "schedule", None) is not None:
+            self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         self.buffer = ReplayBuffer(self.config.buffer_size, seed=ctx.seed_for(self) + 104729)
         self.schedule = RatioSchedule(self.config.ratio, self.config.mode)

@@ -149,6 +149,13 @@ class SyntheticReplay(Strategy):
                 problems.append(f"{where}.tasks.{name}: give a description or demonstrations (or both)")
         return problems
 
+    def set_strength(self, value: float) -> None:
+        """A new ratio applies to the rows trained from now on: the schedule restarts its count (keeping the
+        old count would replace whole batches until the new share of all earlier rows was caught up)."""
+        super().set_strength(value)
+        if getattr(self, "schedule", None) is not None:
+            self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
         self.seed = ctx.seed_for(self)
