@@ -35,14 +35,20 @@ def test_dual_step_holds_inside_the_margin_and_is_bounded():
     assert dual_step(0.01, eta=0.5, max_step=1.0, margin=0.02) == pytest.approx(0.25)
     assert dual_step(5.0, eta=0.5, max_step=1.0, margin=0.02) == 1.0
     assert dual_step(-0.5, eta=0.5, max_step=1.0, margin=0.02) == -1.0
+    # below the band the step grows from zero at its edge: slack 0.03 is 0.01 beyond a 0.02 margin
+    assert dual_step(-0.03, eta=0.5, max_step=1.0, margin=0.02) == pytest.approx(-0.25)
+    assert dual_step(-0.0201, eta=1.0, max_step=1.0, margin=0.02) == pytest.approx(-0.005)
 
 
 def test_a_strength_that_protects_less_when_higher_moves_the_other_way():
     threshold = StrengthState("stm", "threshold", 10.0, 1.25, 100.0, protects_more_when_higher=False)
     threshold.move(math.log(2.0))  # more protection
     assert threshold.value == pytest.approx(5.0)
+    assert not threshold.at_protective_limit
     threshold.move(-10.0)
     assert threshold.value == 100.0  # clipped to the declared range
+    threshold.move(10.0)
+    assert threshold.value == 1.25 and threshold.at_protective_limit  # the lowest threshold protects most
 
 
 def _run_toy(start: float, checks: int = 15) -> tuple[BudgetController, float]:

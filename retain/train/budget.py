@@ -7,7 +7,8 @@ slack. Each protective strategy's strength (EWC's lambda, LwF's alpha, replay's 
 the multiplier's role, so the controller moves every declared strength the same way:
 
     g       = max_i g_i                    the worst normalized violation (> 0: over budget)
-    log s  += clip(eta * g / margin, -max_step, +max_step)   over budget, or comfortably inside
+    log s  += clip(eta * g / margin, -max_step, +max_step)              while over budget (g > 0)
+    log s  += clip(eta * (g + margin) / margin, -max_step, +max_step)   while comfortably inside (g < -margin)
     log s   unchanged                       while -margin <= g <= 0 (in budget, no slack to spend)
 
 in log space (strengths span decades), clipped to the strategy's declared range, and in the opposite
@@ -69,14 +70,16 @@ def within_budget(measured: Measurement, bounds: Bounds) -> bool:
 
 def dual_step(violation: float, *, eta: float, max_step: float, margin: float) -> float:
     """The change of log(strength) for one check: up while over budget, down while comfortably inside
-    (slack beyond ``margin``), none in between; bounded by ``max_step`` (natural-log units).
+    (by the slack beyond ``margin``, so the step is continuous at the band's edge), none in between;
+    bounded by ``max_step`` (natural-log units).
 
     The violation is measured in units of ``margin``, so one setting works for retention floors near
     1 (where the slack can never exceed a few percent) and for KL ceilings alike.
     """
     if -margin <= violation <= 0.0:
         return 0.0
-    return max(-max_step, min(max_step, eta * violation / margin))
+    excess = violation if violation > 0 else violation + margin
+    return max(-max_step, min(max_step, eta * excess / margin))
 
 
 @dataclass
@@ -89,6 +92,15 @@ class StrengthState:
     low: float
     high: float
     protects_more_when_higher: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy}.{self.key}"
+
+    @property
+    def at_protective_limit(self) -> bool:
+        """No more protection is available from this strength: it sits at the end of its range that protects most."""
+        return self.value >= self.high if self.protects_more_when_higher else self.value <= self.low
 
     def move(self, log_change: float) -> float:
         """Apply a change in log space (towards more protection when positive); returns the new value."""
@@ -108,7 +120,7 @@ class BudgetController:
 
     bounds: Bounds
     strengths: list[StrengthState]
-    eta: float = 0.5
+    eta: float = 1.0
     max_step: float = math.log(10.0)  # at most one decade per check
     margin: float = 0.02
     step_scale: float = 1.0
@@ -135,7 +147,7 @@ class BudgetController:
                 "task_forgetting": measured.task_forgetting,
                 "violation": worst,
                 "log_change": change,
-                **{f"{s.strategy}.{s.key}": s.value for s in self.strengths},
+                **{s.label: s.value for s in self.strengths},
             }
         )
         return worst
