@@ -69,6 +69,19 @@ def capped(task: EvalTaskConfig, examples: int) -> EvalTaskConfig:
     return task
 
 
+class KeptInputs(SharedWork):
+    """``SharedWork`` across measurements: what does not depend on the model (records read from disk,
+    tokenized windows: keys starting with ``"records"`` or ``"inputs"``) is kept; scores are forgotten,
+    so each measurement scores its own model state."""
+
+    MODEL_FREE = ("records", "inputs")
+
+    def fresh(self) -> "KeptInputs":
+        """For the next model state: the model-free entries only."""
+        self._values = {k: v for k, v in self._values.items() if isinstance(k, tuple) and k and k[0] in self.MODEL_FREE}
+        return self
+
+
 @dataclass
 class Probe:
     """One measurement; None where a quantity is not measured (or not measurable yet)."""
@@ -95,6 +108,7 @@ class BudgetMeter:
     reference: ProbeReference | None = field(init=False, default=None)
     #: task -> its subset scores at each task end since it was learned (forgetting's maximum runs over them)
     history: dict[str, list[float]] = field(init=False, default_factory=dict)
+    inputs: KeptInputs = field(init=False, default_factory=KeptInputs)
 
     def __post_init__(self) -> None:
         tasks = [capped(t, self.probe_examples) for t in self.suite.tasks]
@@ -116,7 +130,7 @@ class BudgetMeter:
 
     def _scores(self, model: nn.Module, tokenizer: Any, tasks: list[EvalTaskConfig],
                 shared: SharedWork | None = None) -> dict[str, Score]:
-        shared = shared or SharedWork()
+        shared = shared or self.inputs.fresh()
         scores: dict[str, Score] = {}
         for task in tasks:
             scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared))
@@ -124,7 +138,7 @@ class BudgetMeter:
 
     def task_score(self, model: nn.Module, tokenizer: Any, task: str, shared: SharedWork | None = None) -> float | None:
         """``task``'s primary score on the subset: its evals in suite order, up to the first bounded one."""
-        shared = shared or SharedWork()
+        shared = shared or self.inputs.fresh()
         scores: dict[str, Score] = {}
         for each in self.by_task.get(task, []):
             scores.update(evaluate_task(model, tokenizer, each, self.batch_size, shared))
@@ -135,7 +149,7 @@ class BudgetMeter:
 
     def measure(self, model: nn.Module, tokenizer: Any, task: str, earlier: Sequence[str]) -> Probe:
         """Everything budgeted, at the model's current state (``earlier``: the tasks trained before ``task``)."""
-        shared = SharedWork()
+        shared = self.inputs.fresh()
         probe = Probe()
         if self.measure_retention and self.base_general:
             now = general_score(StepRecord(index=0, scores=self._scores(model, tokenizer, self.general, shared)))
@@ -160,7 +174,7 @@ class BudgetMeter:
         """After a task: each trained task's subset score, the points forgetting is measured from."""
         if not self.measure_forgetting:
             return
-        shared = SharedWork()
+        shared = self.inputs.fresh()
         for name in trained:
             score = self.task_score(model, tokenizer, name, shared)
             if score is not None:
