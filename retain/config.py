@@ -141,13 +141,17 @@ class BudgetConfig(StrictModel):
     in-budget point of each task is kept."""
 
     min_general_retention: float | None = Field(
-        None, gt=0, le=1, description="Floor on general score after / before (mean bounded general evals)."
+        None, gt=0, lt=1, description="Floor on general score after / before (mean bounded general evals)."
     )
     max_kl: float | None = Field(None, gt=0, description="Ceiling on KL(base || model), nats/token, on the probe prompts.")
     max_task_forgetting: float | None = Field(
-        None, ge=0, le=1, description="Ceiling on the mean Chaudhry forgetting of earlier tasks (needs 2+ tasks)."
+        None, gt=0, le=1, description="Ceiling on the mean Chaudhry forgetting of earlier tasks (needs 2+ tasks)."
     )
     check_every: int = Field(25, gt=0, description="Optimizer steps between measurements.")
+    early_checks: int = Field(
+        2, ge=0, le=6, description="Extra checks in each task's first interval, at check_every/2, /4, ... (most "
+        "forgetting happens early)."
+    )
     on_exhausted: Literal["rollback", "stop", "warn"] = Field(
         "rollback",
         description="A task that ends over budget: rollback restores its best in-budget point; stop also ends the "
@@ -158,8 +162,9 @@ class BudgetConfig(StrictModel):
         32, gt=0, description="Per eval, at most this many windows/records (a fixed seeded subset) between task ends."
     )
     margin: float = Field(
-        0.02, gt=0, lt=1,
-        description="Slack (normalized, as the violation) kept without moving the strengths; more slack lowers them.",
+        0.2, gt=0, lt=1,
+        description="Share of each bound's allowance (e.g. the drop 1 - min_general_retention) left unspent without "
+        "moving the strengths; more slack than that lowers them.",
     )
     max_step: float = Field(1.0, gt=0, le=3, description="Largest change of a strength per check, in decades.")
 

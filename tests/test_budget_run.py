@@ -223,7 +223,7 @@ def test_rollback_restores_the_best_in_budget_point_exactly(wrapper, files, tiny
     scripted(monkeypatch, script)
     strategies = ["full"] if wrapper == "full" else [{"name": "lora", "r": 2, "dropout": 0.0}]
     outcome, run = budgeted_run(tiny_model_dir, files, tmp_path / "run", strategies,
-                                {"min_general_retention": 0.95, "check_every": 2})
+                                {"min_general_retention": 0.95, "check_every": 2, "early_checks": 0})
     assert script.calls == 5
     assert run.budget.mode == "rollback baseline" and run.budget.final == {}
     decision = run.budget.tasks[0]
@@ -259,7 +259,7 @@ def _write(outcome: Any, run: Any, tmp_path: Path) -> Path:
 def test_a_task_that_ends_within_budget_keeps_its_last_model(files, tiny_model_dir, tmp_path, monkeypatch):
     script = Scripted([1.0, 0.90, 0.97, 0.99, 0.96], [0.1, 0.9, 0.2, 0.3, 0.2])
     scripted(monkeypatch, script)
-    _, run = budgeted_run(tiny_model_dir, files, tmp_path / "run", ["full"], {"min_general_retention": 0.95, "check_every": 2})
+    _, run = budgeted_run(tiny_model_dir, files, tmp_path / "run", ["full"], {"min_general_retention": 0.95, "check_every": 2, "early_checks": 0})
     decision = run.budget.tasks[0]
     assert (decision.kept_step, decision.rolled_back) == (8, False) and "within budget" in decision.reason
 
@@ -267,7 +267,7 @@ def test_a_task_that_ends_within_budget_keeps_its_last_model(files, tiny_model_d
 def test_warn_keeps_the_last_model_and_says_so(files, tiny_model_dir, tmp_path, monkeypatch):
     scripted(monkeypatch, Scripted([1.0, 0.99, 0.90, 0.90, 0.90], [0.1, 0.2, 0.3, 0.4, 0.5]))
     _, run = budgeted_run(tiny_model_dir, files, tmp_path / "run", ["full"],
-                          {"min_general_retention": 0.95, "check_every": 2, "on_exhausted": "warn"})
+                          {"min_general_retention": 0.95, "check_every": 2, "early_checks": 0, "on_exhausted": "warn"})
     decision = run.budget.tasks[0]
     assert (decision.kept_step, decision.rolled_back, decision.within_budget) == (8, False, False)
     assert "on_exhausted: warn" in decision.reason
@@ -277,7 +277,7 @@ def test_stop_ends_the_run_with_the_kept_point_exported(files, tiny_model_dir, t
     script = Scripted([1.0, 0.99, 0.90, 0.90, 0.90], [0.1, 0.2, 0.3, 0.4, 0.5])
     scripted(monkeypatch, script)
     config = make_config(tiny_model_dir, files, tmp_path / "run", ["full"],
-                         {"min_general_retention": 0.95, "check_every": 2, "on_exhausted": "stop"})
+                         {"min_general_retention": 0.95, "check_every": 2, "early_checks": 0, "on_exhausted": "stop"})
     observer = SuiteObserver(make_suite(files), name="full", run_dir=tmp_path / "run", config=config.model_dump(mode="json"))
     with pytest.raises(GateError, match="budget exhausted at task 't1' step 4") as caught:
         finetune(config, observer=observer)
@@ -376,10 +376,10 @@ def test_set_budget_on_train_reaches_the_run_and_results(files, tiny_model_dir, 
     data["tasks"] = data["tasks"][:1]
     data["train"]["steps_per_task"] = 4
     path.write_text(yaml.safe_dump(data))
-    result = CliRunner().invoke(app, ["train", str(path), "--set", "budget.max_kl=0.5", "--set", "budget.check_every=2"])
+    result = CliRunner().invoke(app, ["train", str(path), "--set", "budget.max_kl=0.5", "--set", "budget.check_every=4"])
     assert result.exit_code == 0, result.output[-3000:]
     budget = Results.load(tmp_path / "cli" / "results.json").runs[0].budget
-    assert budget.bounds == {"max_kl": 0.5} and [c.step for c in budget.checks] == [0, 2, 4]
+    assert budget.bounds == {"max_kl": 0.5} and [c.step for c in budget.checks] == [0, 1, 2, 4]  # 2 early checks
 
 
 def _scenario(files: dict[str, Path], model_dir: Path, suite: SuiteConfig) -> Scenario:

@@ -65,7 +65,7 @@ class ReplayConfig(StrategyConfig):
 @register_strategy("replay")
 class Replay(Strategy):
     Config = ReplayConfig
-    strength = Strength("ratio", 0.01, 0.5)
+    strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         general = has_general_text(self.config.data, run)

@@ -14,9 +14,16 @@ the multiplier's role, so the controller moves every declared strength the same 
 in log space (strengths span decades), clipped to the strategy's declared range, and in the opposite
 direction for a strength that protects less when it grows (STM's threshold). Each time the direction
 reverses, the step bound halves (as in Rprop), so the strength settles instead of oscillating around
-the budget line. Normalized violations:
-``(R - retention) / R`` for a retention floor, ``(kl - K) / K`` for a KL ceiling, ``f - F`` for
-forgetting (already a fraction of the score).
+the budget line. Each violation is measured in units of what the bound allows the run to lose, so
+that -1 means "nothing spent", 0 "exactly at the bound" and +1 "twice the allowance":
+``(R - retention) / (1 - R)`` for a retention floor (the allowed drop is 1 - R),
+``(kl - K) / K`` for a KL ceiling and ``(f - F) / F`` for a forgetting ceiling. One margin (the
+share of the allowance kept unspent without moving, 0.2 by default) then means the same for every
+bound, and a run that has spent nothing moves at full speed whatever the floor.
+
+Checks come every ``check_every`` steps, plus ``early`` extra ones in a task's first interval (at
+``check_every / 2``, ``/ 4``, ...): most forgetting happens in a task's first steps, and a strength
+that starts far too weak should not wait a whole interval to be corrected.
 """
 
 from __future__ import annotations
@@ -45,15 +52,16 @@ class Bounds:
 
 
 def violations(measured: Measurement, bounds: Bounds) -> dict[str, float]:
-    """Normalized violation per bounded quantity (> 0 over budget, < 0 slack), skipping unmeasured ones."""
+    """Violation per bounded quantity in units of its allowance (> 0 over budget, -1 nothing spent),
+    skipping unmeasured ones."""
     out: dict[str, float] = {}
     if bounds.min_general_retention is not None and measured.general_retention is not None:
         floor = bounds.min_general_retention
-        out["general_retention"] = (floor - measured.general_retention) / max(floor, 1e-12)
+        out["general_retention"] = (floor - measured.general_retention) / max(1.0 - floor, 1e-12)
     if bounds.max_kl is not None and measured.kl is not None:
         out["kl"] = (measured.kl - bounds.max_kl) / max(bounds.max_kl, 1e-12)
     if bounds.max_task_forgetting is not None and measured.task_forgetting is not None:
-        out["task_forgetting"] = measured.task_forgetting - bounds.max_task_forgetting
+        out["task_forgetting"] = (measured.task_forgetting - bounds.max_task_forgetting) / max(bounds.max_task_forgetting, 1e-12)
     return out
 
 
@@ -73,13 +81,21 @@ def dual_step(violation: float, *, eta: float, max_step: float, margin: float) -
     (by the slack beyond ``margin``, so the step is continuous at the band's edge), none in between;
     bounded by ``max_step`` (natural-log units).
 
-    The violation is measured in units of ``margin``, so one setting works for retention floors near
-    1 (where the slack can never exceed a few percent) and for KL ceilings alike.
+    The violation is measured in units of ``margin`` (itself a share of the bound's allowance), so a
+    step means the same for a retention floor and a KL ceiling.
     """
     if -margin <= violation <= 0.0:
         return 0.0
     excess = violation if violation > 0 else violation + margin
     return max(-max_step, min(max_step, eta * excess / margin))
+
+
+def is_check_step(step: int, check_every: int, early: int = 0) -> bool:
+    """Whether the budget measures after ``step`` (steps into the task, from 1): every ``check_every``
+    steps, and at ``check_every // 2**k`` for k = 1..``early`` (distinct, at least 1) in the first interval."""
+    if step % check_every == 0:
+        return True
+    return step < check_every and any(step == check_every >> k for k in range(1, early + 1) if check_every >> k >= 1)
 
 
 @dataclass
@@ -122,7 +138,7 @@ class BudgetController:
     strengths: list[StrengthState]
     eta: float = 1.0
     max_step: float = math.log(10.0)  # at most one decade per check
-    margin: float = 0.02
+    margin: float = 0.2
     step_scale: float = 1.0
     last_direction: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)

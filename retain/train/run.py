@@ -31,6 +31,7 @@ from retain.models.tasks import export_task_choices
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
+from retain.train.budget import is_check_step
 from retain.train.budgeted import BudgetExhausted, BudgetRuntime, referenced_kept_files
 from retain.train.interrupt import StopRequest, TrainingInterrupted
 from retain.train.loop import (
@@ -331,7 +332,8 @@ class FineTune:
         every = self.config.checkpoint.every
         position = ckpt.Position(task.index, step_in_task, self.ctx.global_step, True)
         budget = self.config.budget
-        if self.budget is not None and step_in_task % budget.check_every == 0:  # before the checkpoint: it holds the result
+        if self.budget is not None and is_check_step(step_in_task, budget.check_every, budget.early_checks):
+            # before the checkpoint, which holds what the check changed
             self.budget.check(self.accelerator.unwrap_model(self.model), task, step_in_task)
         saved = None
         if every and step_in_task % every == 0 and step_in_task < task.steps:

@@ -129,7 +129,7 @@ class SyntheticReplayConfig(StrategyConfig):
 @register_strategy("synthetic-replay")
 class SyntheticReplay(Strategy):
     Config = SyntheticReplayConfig
-    strength = Strength("ratio", 0.01, 0.5)
+    strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         config = self.config
