@@ -84,6 +84,7 @@ def test_controller_state_round_trips():
     clone.load_state_dict(controller.state_dict())
     assert clone.values() == controller.values()
     assert clone.step_scale == controller.step_scale and clone.last_direction == controller.last_direction
+    assert clone.last_violation == controller.last_violation
     assert clone.history == controller.history
 
 
@@ -91,3 +92,16 @@ def test_check_steps_are_every_interval_plus_early_ones_in_the_first():
     assert [s for s in range(1, 80) if is_check_step(s, 25)] == [25, 50, 75]
     assert [s for s in range(1, 80) if is_check_step(s, 25, early=2)] == [6, 12, 25, 50, 75]
     assert [s for s in range(1, 9) if is_check_step(s, 2, early=3)] == [1, 2, 4, 6, 8]  # 2 >> 2 = 0 is no step
+
+
+def test_an_increase_that_is_working_is_held_and_a_reversal_halves_the_step():
+    controller = BudgetController(Bounds(min_general_retention=0.95), [StrengthState("ewc", "lambda_", 1e4, 1e1, 1e8)])
+    controller.update(Measurement(general_retention=0.80), step=6)  # violation 3: up a decade
+    assert controller.strengths[0].value == pytest.approx(1e5)
+    controller.update(Measurement(general_retention=0.89), step=12)  # violation 1.2 <= 3 / 2: recovering, hold
+    assert controller.strengths[0].value == pytest.approx(1e5)
+    controller.update(Measurement(general_retention=0.88), step=25)  # violation 1.4, no longer halving: up again
+    assert controller.strengths[0].value == pytest.approx(1e6)
+    controller.update(Measurement(general_retention=1.0), step=50)  # nothing spent: down, at half the bound
+    assert controller.step_scale == 0.5
+    assert controller.strengths[0].value == pytest.approx(1e6 / 10**0.5)

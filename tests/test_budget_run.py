@@ -405,3 +405,16 @@ def test_set_budget_on_bench_reaches_every_item_and_is_checked_against_the_suite
     assert [r.budget.mode for r in results.runs] == ["rollback baseline", "adaptive"]
     assert results.runs[1].budget.start == {"l2.lambda_": 0.5}
     assert "Forgetting budget" in (tmp_path / "bench" / "report.html").read_text()
+
+
+def test_resume_refuses_a_changed_budget(files, tmp_path):
+    from retain.errors import StateError
+    from retain.train.resume import check_resume_changes
+
+    started = make_config(tmp_path, files, tmp_path / "run", ["full", "ewc"], {"min_general_retention": 0.95})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(started.model_dump(mode="json")))
+    assert check_resume_changes(tmp_path / "run", started) == []
+    changed = make_config(tmp_path, files, tmp_path / "run", ["full", "ewc"], {"min_general_retention": 0.9})
+    with pytest.raises(StateError, match="budget.min_general_retention"):
+        check_resume_changes(tmp_path / "run", changed)

@@ -156,7 +156,7 @@ def run_bench(
     """
     from retain.eval.runner import SuiteObserver
     from retain.report.html import write_report
-    from retain.report.markdown import print_score_changes, print_summary
+    from retain.report.markdown import print_budget, print_score_changes, print_summary
     from retain.train import finetune
 
     console = console or Console()
@@ -208,6 +208,7 @@ def run_bench(
     write_report(results, out / "report.html")
     print_summary(results, console)
     print_score_changes(results, console)
+    print_budget(results, console)
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
     if stopped:
         raise GateError(f"the forgetting budget stopped {', '.join(stopped)} (on_exhausted: stop); their kept points are "

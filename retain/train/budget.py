@@ -141,16 +141,28 @@ class BudgetController:
     margin: float = 0.2
     step_scale: float = 1.0
     last_direction: int = 0
+    last_violation: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def update(self, measured: Measurement, step: int) -> float | None:
-        """Record a check and move the strengths; returns the worst violation (None: nothing measured)."""
+        """Record a check and move the strengths; returns the worst violation (None: nothing measured).
+
+        Two rules keep the strengths from swinging around the budget line, since a strength acts on the
+        model with a lag (the weights must move back first): a reversal of direction halves the step bound
+        (Rprop), and while over budget right after an increase, a violation that at least halved since
+        the last check means the increase is working: hold instead of adding more.
+        """
         worst = worst_violation(measured, self.bounds)
-        bound = self.max_step * self.step_scale
-        change = 0.0 if worst is None else dual_step(worst, eta=self.eta, max_step=bound, margin=self.margin)
-        direction = (change > 0) - (change < 0)
+        raw = 0.0 if worst is None else dual_step(worst, eta=self.eta, max_step=math.inf, margin=self.margin)
+        direction = (raw > 0) - (raw < 0)
         if direction and self.last_direction and direction != self.last_direction:
             self.step_scale = max(self.step_scale / 2, 1 / 64)
+        bound = self.max_step * self.step_scale
+        change = max(-bound, min(bound, raw))
+        previous, self.last_violation = self.last_violation, worst
+        recovering = previous is not None and previous > 0 and worst is not None and 0 < worst <= previous / 2
+        if direction > 0 and self.last_direction > 0 and recovering:
+            change, direction = 0.0, 0
         if direction:
             self.last_direction = direction
         for strength in self.strengths:
@@ -176,6 +188,7 @@ class BudgetController:
             "values": [[s.strategy, s.key, s.value] for s in self.strengths],
             "step_scale": self.step_scale,
             "last_direction": self.last_direction,
+            "last_violation": self.last_violation,
             "history": [dict(row) for row in self.history],
         }
 
@@ -186,4 +199,6 @@ class BudgetController:
                 s.value = stored[(s.strategy, s.key)]
         self.step_scale = float(state.get("step_scale", 1.0))
         self.last_direction = int(state.get("last_direction", 0))
+        last = state.get("last_violation")
+        self.last_violation = None if last is None else float(last)
         self.history = [dict(row) for row in state.get("history", [])]

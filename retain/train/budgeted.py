@@ -255,7 +255,10 @@ class BudgetRuntime:
                 with atomic_file(self.run_dir / KEPT_DIR / point.file) as tmp:
                     save_tensors(weights, tmp)
             self.ctx.accelerator.wait_for_everyone()
+        replaced = self.kept
         self.kept = point
+        if replaced is not None and replaced.file and replaced.file != point.file:
+            self.prune(referenced_kept_files(self.run_dir))  # the one it replaces, unless a checkpoint needs it
 
     def _restore(self, model: nn.Module, point: KeptPoint) -> None:
         from safetensors.torch import load_file
