@@ -418,3 +418,22 @@ def test_resume_refuses_a_changed_budget(files, tmp_path):
     changed = make_config(tmp_path, files, tmp_path / "run", ["full", "ewc"], {"min_general_retention": 0.9})
     with pytest.raises(StateError, match="budget.min_general_retention"):
         check_resume_changes(tmp_path / "run", changed)
+
+
+def test_report_plots_the_trajectory_against_the_bound():
+    from retain.report.html import render_html
+    from retain.results.schema import BudgetCheck, BudgetResult, BudgetTask, StepRecord, StrategyRun
+    from retain.results.summary import budget_series
+
+    checks = [BudgetCheck(task="t1", step=s, global_step=s, general_retention=r, strengths={"ewc.lambda_": lam})
+              for s, r, lam in [(0, 1.0, 1e4), (25, 0.9, 1e5), (50, 0.97, 3e4)]]
+    budget = BudgetResult(mode="adaptive", bounds={"min_general_retention": 0.95}, checks=checks,
+                          start={"ewc.lambda_": 1e4}, final={"ewc.lambda_": 3e4},
+                          tasks=[BudgetTask(task="t1", end_step=50, kept_step=50, reason="the task ended within budget")])
+    run = StrategyRun(name="full+ewc", task_names=["t1"], records=[StepRecord(index=0)], budget=budget)
+    strengths, quantities = budget_series(run)
+    assert strengths == [("ewc.lambda_", [0.0, 25.0, 50.0], [1e4, 1e5, 3e4])]
+    (series, bound), = quantities.values()
+    assert bound == 0.95 and series[0][2] == [1.0, 0.9, 0.97] and series[1] == ("kept (task end)", [50.0], [0.97])
+    page = render_html(Results(base_model="m", runs=[run]))
+    assert "Forgetting budget" in page and "ewc.lambda_: 1e+04 → 3e+04" in page and page.count("<svg") >= 2

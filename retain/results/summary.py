@@ -222,11 +222,14 @@ def budget_series(run: StrategyRun) -> tuple[list[Series], dict[str, tuple[list[
     labels = list(dict.fromkeys(k for c in checks for k in c.strengths))
     strengths: list[Series] = [(label, xs, [c.strengths.get(label) for c in checks]) for label in labels]
     quantities: dict[str, tuple[list[Series], float]] = {}
+    kept = [next((c for c in checks if c.task == d.task and c.step == d.kept_step), None) for d in run.budget.tasks]
+    kept_checks = [c for c in kept if c is not None]
     for key, (bound, label) in BUDGET_QUANTITIES.items():
         if bound in run.budget.bounds:
             ys = [getattr(c, key) for c in checks]
             if any(y is not None for y in ys):
-                quantities[label] = ([(run.name, xs, ys)], run.budget.bounds[bound])
+                marks: Series = ("kept (task end)", [float(c.global_step) for c in kept_checks], [getattr(c, key) for c in kept_checks])
+                quantities[label] = ([(run.name, xs, ys), marks], run.budget.bounds[bound])
     return strengths, quantities
 
 
