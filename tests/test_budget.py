@@ -13,6 +13,7 @@ from retain.train.budget import (
     StrengthState,
     dual_step,
     is_check_step,
+    next_check_step,
     violations,
     within_budget,
 )
@@ -94,14 +95,22 @@ def test_check_steps_are_every_interval_plus_early_ones_in_the_first():
     assert [s for s in range(1, 9) if is_check_step(s, 2, early=3)] == [1, 2, 4, 6, 8]  # 2 >> 2 = 0 is no step
 
 
-def test_an_increase_that_is_working_is_held_and_a_reversal_halves_the_step():
+def test_a_recovering_violation_steps_on_its_trend_and_a_reversal_halves_the_step():
     controller = BudgetController(Bounds(min_general_retention=0.95), [StrengthState("ewc", "lambda_", 1e4, 1e1, 1e8)])
-    controller.update(Measurement(general_retention=0.80), step=6)  # violation 3: up a decade
+    controller.update(Measurement(general_retention=0.80), step=6, next_step=12)  # violation 3: up a decade
     assert controller.strengths[0].value == pytest.approx(1e5)
-    controller.update(Measurement(general_retention=0.89), step=12)  # violation 1.2 <= 3 / 2: recovering, hold
+    # violation 2 at step 12 (from 3 at step 6); the trend reaches 2 - 1 * 13 / 6 < 0 by step 25: hold
+    controller.update(Measurement(general_retention=0.85), step=12, next_step=25)
     assert controller.strengths[0].value == pytest.approx(1e5)
-    controller.update(Measurement(general_retention=0.88), step=25)  # violation 1.4, no longer halving: up again
+    # 1.9 at step 25: the trend gives 1.9 - 0.1 * 25 / 13 = 1.71 at step 50, still far over: up a decade
+    controller.update(Measurement(general_retention=0.855), step=25, next_step=50)
     assert controller.strengths[0].value == pytest.approx(1e6)
-    controller.update(Measurement(general_retention=1.0), step=50)  # nothing spent: down, at half the bound
+    controller.update(Measurement(general_retention=1.0), step=50, next_step=75)  # nothing spent: down, half the bound
     assert controller.step_scale == 0.5
     assert controller.strengths[0].value == pytest.approx(1e6 / 10**0.5)
+    controller.new_task()
+    assert controller.last_violation is None
+
+
+def test_next_check_step_follows_the_schedule():
+    assert [next_check_step(s, 25, 2, 150) for s in (0, 6, 12, 25, 140)] == [6, 12, 25, 50, 150]

@@ -90,6 +90,11 @@ def dual_step(violation: float, *, eta: float, max_step: float, margin: float) -
     return max(-max_step, min(max_step, eta * excess / margin))
 
 
+def next_check_step(step: int, check_every: int, early: int, last: int) -> int:
+    """The first check step after ``step`` (a task's last step, ``last``, is always measured)."""
+    return next((s for s in range(step + 1, last) if is_check_step(s, check_every, early)), last)
+
+
 def is_check_step(step: int, check_every: int, early: int = 0) -> bool:
     """Whether the budget measures after ``step`` (steps into the task, from 1): every ``check_every``
     steps, and at ``check_every // 2**k`` for k = 1..``early`` (distinct, at least 1) in the first interval."""
@@ -142,27 +147,36 @@ class BudgetController:
     step_scale: float = 1.0
     last_direction: int = 0
     last_violation: float | None = None
+    last_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def update(self, measured: Measurement, step: int) -> float | None:
+    def new_task(self) -> None:
+        """A task starts: its violations are not a continuation of the last task's (no trend across tasks)."""
+        self.last_violation, self.last_step = None, None
+
+    def update(self, measured: Measurement, step: int, next_step: int | None = None) -> float | None:
         """Record a check and move the strengths; returns the worst violation (None: nothing measured).
 
         Two rules keep the strengths from swinging around the budget line, since a strength acts on the
         model with a lag (the weights must move back first): a reversal of direction halves the step bound
-        (Rprop), and while over budget right after an increase, a violation that at least halved since
-        the last check means the increase is working: hold instead of adding more.
+        (Rprop), and while over budget but recovering (the violation shrank since the last check), the
+        step follows the violation predicted at the next check (``next_step``) by extending the trend:
+        none if the run should be back in budget by then.
         """
         worst = worst_violation(measured, self.bounds)
-        raw = 0.0 if worst is None else dual_step(worst, eta=self.eta, max_step=math.inf, margin=self.margin)
+        signal = worst
+        previous, since = self.last_violation, self.last_step
+        if (worst is not None and previous is not None and since is not None and next_step is not None
+                and 0 < worst < previous and step > since):
+            signal = worst + (worst - previous) * (next_step - step) / (step - since)  # the trend, extended
+            signal = max(signal, 0.0)
+        self.last_violation, self.last_step = worst, step
+        raw = 0.0 if signal is None else dual_step(signal, eta=self.eta, max_step=math.inf, margin=self.margin)
         direction = (raw > 0) - (raw < 0)
         if direction and self.last_direction and direction != self.last_direction:
             self.step_scale = max(self.step_scale / 2, 1 / 64)
         bound = self.max_step * self.step_scale
         change = max(-bound, min(bound, raw))
-        previous, self.last_violation = self.last_violation, worst
-        recovering = previous is not None and previous > 0 and worst is not None and 0 < worst <= previous / 2
-        if direction > 0 and self.last_direction > 0 and recovering:
-            change, direction = 0.0, 0
         if direction:
             self.last_direction = direction
         for strength in self.strengths:
@@ -189,6 +203,7 @@ class BudgetController:
             "step_scale": self.step_scale,
             "last_direction": self.last_direction,
             "last_violation": self.last_violation,
+            "last_step": self.last_step,
             "history": [dict(row) for row in self.history],
         }
 
@@ -199,6 +214,7 @@ class BudgetController:
                 s.value = stored[(s.strategy, s.key)]
         self.step_scale = float(state.get("step_scale", 1.0))
         self.last_direction = int(state.get("last_direction", 0))
-        last = state.get("last_violation")
+        last, since = state.get("last_violation"), state.get("last_step")
         self.last_violation = None if last is None else float(last)
+        self.last_step = None if since is None else int(since)
         self.history = [dict(row) for row in state.get("history", [])]

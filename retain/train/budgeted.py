@@ -42,7 +42,14 @@ from retain.io import append_jsonl, atomic_file
 from retain.models.runtime import eval_mode
 from retain.results.schema import BudgetCheck, BudgetResult, BudgetTask
 from retain.strategies import Strategy, TaskInfo
-from retain.train.budget import Bounds, BudgetController, Measurement, StrengthState, worst_violation
+from retain.train.budget import (
+    Bounds,
+    BudgetController,
+    Measurement,
+    StrengthState,
+    next_check_step,
+    worst_violation,
+)
 from retain.train.checkpoint import save_tensors
 
 log = logging.getLogger("retain")
@@ -177,7 +184,8 @@ class BudgetRuntime:
         measured = Measurement(probe.general_retention, probe.kl, probe.task_forgetting)
         global_step = self.ctx.global_step
         if update:
-            worst = self.controller.update(measured, global_step)
+            upcoming = next_check_step(step, self.config.check_every, self.config.early_checks, task.steps)
+            worst = self.controller.update(measured, global_step, global_step + upcoming - step if step < task.steps else None)
             self.apply()
         else:
             worst = worst_violation(measured, self.bounds)
@@ -243,6 +251,7 @@ class BudgetRuntime:
         total = sum(p.numel() for p in model.parameters())
         self.in_memory = sum(p.numel() for p in trainable.values()) <= IN_MEMORY_SHARE * max(total, 1)
         self.kept = None
+        self.controller.new_task()
         self.check(model, task, 0, update=False)
 
     def _keep(self, model: nn.Module, task: TaskInfo, point: KeptPoint) -> None:
