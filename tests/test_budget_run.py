@@ -437,3 +437,14 @@ def test_report_plots_the_trajectory_against_the_bound():
     assert bound == 0.95 and series[0][2] == [1.0, 0.9, 0.97] and series[1] == ("kept (task end)", [50.0], [0.97])
     page = render_html(Results(base_model="m", runs=[run]))
     assert "Forgetting budget" in page and "ewc.lambda_: 1e+04 → 3e+04" in page and page.count("<svg") >= 2
+
+
+def test_stop_exits_1_from_the_cli_with_results_written(files, tiny_model_dir, tmp_path, monkeypatch):
+    scripted(monkeypatch, Scripted([1.0, 0.99, 0.90], [0.1, 0.2, 0.3]))
+    path = _budget_yaml(tmp_path, files, tiny_model_dir, tmp_path / "stop", ["full"])
+    result = CliRunner().invoke(app, ["train", str(path), "--set", "budget={min_general_retention: 0.95, check_every: 2, "
+                                      "early_checks: 0, on_exhausted: stop}"])
+    assert result.exit_code == 1 and "budget exhausted at task 'first' step 4" in result.output
+    budget = Results.load(tmp_path / "stop" / "results.json").runs[0].budget
+    assert budget.stopped and [d.kept_step for d in budget.tasks] == [2]
+    assert (tmp_path / "stop" / "final").is_dir()
