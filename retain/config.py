@@ -134,6 +134,47 @@ class OutputConfig(StrictModel):
     save_per_task: bool = Field(True, description="Save a model/adapter directory after every task.")
 
 
+class BudgetConfig(StrictModel):
+    """A forgetting budget the run enforces (``retain.train.budget``): bounds on what the model may lose,
+    measured every ``check_every`` steps on a fixed subset of the eval suite. Every declared strength of
+    the hybrid adapts to hold the bounds (its configured value is only the starting point), and the best
+    in-budget point of each task is kept."""
+
+    min_general_retention: float | None = Field(
+        None, gt=0, lt=1, description="Floor on general score after / before (mean bounded general evals)."
+    )
+    max_kl: float | None = Field(None, gt=0, description="Ceiling on KL(base || model), nats/token, on the probe prompts.")
+    max_task_forgetting: float | None = Field(
+        None, gt=0, le=1, description="Ceiling on the mean Chaudhry forgetting of earlier tasks (needs 2+ tasks)."
+    )
+    check_every: int = Field(25, gt=0, description="Optimizer steps between measurements.")
+    early_checks: int = Field(
+        2, ge=0, le=6, description="Extra checks in each task's first interval, at check_every/2, /4, ... (most "
+        "forgetting happens early)."
+    )
+    on_exhausted: Literal["rollback", "stop", "warn"] = Field(
+        "rollback",
+        description="A task that ends over budget: rollback restores its best in-budget point; stop also ends the "
+        "run (exit 1), as does a check over budget with every strength at its limit; warn prints and goes on.",
+    )
+    adapt: bool = Field(True, description="Move the strategies' strengths; false: keep them, only roll back.")
+    probe_examples: int = Field(
+        32, gt=0, description="Per eval, at most this many windows/records (a fixed seeded subset) between task ends."
+    )
+    margin: float = Field(
+        0.2, gt=0, lt=1,
+        description="Share of each bound's allowance (e.g. the drop 1 - min_general_retention) left unspent without "
+        "moving the strengths; more slack than that lowers them.",
+    )
+    max_step: float = Field(1.0, gt=0, le=3, description="Largest change of a strength per check, in decades.")
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> "BudgetConfig":
+        if self.min_general_retention is None and self.max_kl is None and self.max_task_forgetting is None:
+            raise ValueError("a budget needs at least one bound: min_general_retention, max_kl or max_task_forgetting")
+        return self
+
+
 class StrategySpec(BaseModel):
     """One entry of ``strategies``: a registered name and that strategy's own parameters."""
 
@@ -158,6 +199,9 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    budget: BudgetConfig | None = Field(
+        None, description="A forgetting budget the run enforces: strengths adapt, the best in-budget model is kept."
+    )
 
     @field_validator("strategies", mode="before")
     @classmethod

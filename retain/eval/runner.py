@@ -28,7 +28,7 @@ from retain.eval.tasks import SharedWork
 from retain.eval.tasks.generate import generate_samples
 from retain.io import append_jsonl, atomic_write_text
 from retain.models.fingerprint import model_fingerprint
-from retain.results.schema import Drift, Results, Score, StepRecord, StrategyRun
+from retain.results.schema import BudgetResult, Drift, Results, Score, StepRecord, StrategyRun
 from retain.results.summary import build_run
 
 
@@ -69,6 +69,7 @@ class SuiteObserver:
         self.base_scores: dict[str, Score] = {}
         self.task_names: list[str] = []
         self.trainable_params: int | None = None
+        self.budget: BudgetResult | None = None
 
     @classmethod
     def from_config(cls, run_config: Any, console: Console | None = None) -> "SuiteObserver":
@@ -192,8 +193,14 @@ class SuiteObserver:
 
     # -- results ----------------------------------------------------------------------------
 
+    def set_budget(self, budget: BudgetResult | None) -> None:
+        """The run's forgetting budget so far (trajectory, kept points); it goes into results.json."""
+        self.budget = budget
+
     def strategy_run(self) -> StrategyRun:
-        return build_run(self.name, self.task_names, list(self.records.values()), self.config, self.trainable_params)
+        run = build_run(self.name, self.task_names, list(self.records.values()), self.config, self.trainable_params)
+        run.budget = self.budget
+        return run
 
     def results(self, scenario: str | None = None) -> Results:
         base_model = str(self.config.get("model", {}).get("name_or_path", ""))

@@ -17,6 +17,7 @@ from retain.results.schema import Results, StepRecord, StrategyRun
 from retain.results.summary import (
     SUMMARY_HEADERS,
     Series,
+    budget_series,
     fmt_bytes,
     fmt_num,
     retention_series,
@@ -122,6 +123,40 @@ def _heatmaps_section(results: Results) -> str:
     return _section("Accuracy matrices", intro + f'<div class="figs">{"".join(figs)}</div>')
 
 
+def _budget_run(run: StrategyRun) -> str:
+    budget = run.budget
+    assert budget is not None
+    bounds = ", ".join(f"{k} = {v:g}" for k, v in budget.bounds.items())
+    moved = "; ".join(f"{k}: {budget.start[k]:.3g} → {v:.3g}" for k, v in budget.final.items() if k in budget.start)
+    meta = (
+        f"<p>{_e(budget.mode)} · {_e(bounds)} · on_exhausted: {_e(budget.on_exhausted)} · a check every "
+        f"{budget.check_every} steps on {budget.probe_examples} windows/records per eval · {fmt_num(budget.seconds)} s"
+        + (f" · strengths {_e(moved)}" if moved else " · no adaptable strength: the budget only rolls back")
+        + (f" · <b>stopped</b>: {_e(budget.stopped)}" if budget.stopped else "") + "</p>"
+    )
+    rows = [[d.task, str(d.end_step), str(d.kept_step), "yes" if d.rolled_back else "no",
+             "yes" if d.within_budget else "no", d.reason] for d in budget.tasks]
+    table = _table(["task", "last step", "kept step", "rolled back", "in budget", "why"], rows, numeric_from=1)
+    strengths, quantities = budget_series(run)
+    figs = [_fig(plots.budget_quantity_svg(series, bound, label, f"{run.name}: {label}"))
+            for label, (series, bound) in quantities.items()]
+    if strengths:
+        figs.append(_fig(plots.budget_strengths_svg(strengths, f"{run.name}: strengths")))
+    return f"<h3>{_e(run.name)}</h3>{meta}{table}" + (f'<div class="figs">{"".join(figs)}</div>' if figs else "")
+
+
+def _budget_section(results: Results) -> str:
+    parts = [_budget_run(run) for run in results.runs if run.budget is not None]
+    if not parts:
+        return ""
+    intro = (
+        '<p class="muted">Measured every check on a fixed subset of the suite (the dashed line is the bound); each '
+        "declared strength moves in log space to hold the bound, and a task that ends over budget restores its best "
+        "in-budget point (kept step). Task-end scores above are those of the kept model.</p>"
+    )
+    return _section("Forgetting budget", intro + "".join(parts))
+
+
 def _eval_columns(records: Sequence[StepRecord]) -> list[str]:
     names: list[str] = []
     for rec in records:
@@ -202,6 +237,7 @@ def render_html(results: Results, sweeps: Mapping[str, Sequence[Series]] | None 
             _header(results),
             _summary_section(results),
             _plots_section(results, sweeps),
+            _budget_section(results),
             _heatmaps_section(results),
             _records_section(results),
             _samples_section(results),

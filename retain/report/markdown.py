@@ -70,3 +70,19 @@ def print_score_changes(results: Results, console: Console | None = None) -> Non
     """Print :func:`score_changes_table` (the bench and ``retain train`` end with it)."""
     if results.runs:
         (console or Console()).print(score_changes_table(results))
+
+
+def print_budget(results: Results, console: Console | None = None) -> None:
+    """One line per budgeted run: how its strengths moved and which step each task kept."""
+    console = console or Console()
+    for run in results.runs:
+        budget = run.budget
+        if budget is None:
+            continue
+        moved = ", ".join(f"{k} {budget.start[k]:.3g} → {v:.3g}" for k, v in budget.final.items() if k in budget.start)
+        kept = "; ".join(
+            f"{d.task}: kept step {d.kept_step} of {d.end_step}" + (" (rolled back)" if d.rolled_back else "")
+            for d in budget.tasks
+        )
+        line = f"budget · {run.name} ({budget.mode}): {moved or 'no strength to adapt'}; {kept}"
+        console.print(Text(line + (f"; stopped: {budget.stopped}" if budget.stopped else "")))

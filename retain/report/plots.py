@@ -156,6 +156,19 @@ def sweep_plot_svg(series: Sequence[Series], param: str) -> str:
     return figure_to_svg(fig)
 
 
+def budget_strengths_svg(series: Sequence[Series], title: str) -> str:
+    """Each adapted strength against the global step (log y: strengths move in decades)."""
+    fig = line_figure(series, xlabel="global step", ylabel="strength", title=title)
+    for ax in fig.axes:
+        ax.set_yscale("log")
+    return figure_to_svg(fig)
+
+
+def budget_quantity_svg(series: Sequence[Series], bound: float, ylabel: str, title: str) -> str:
+    """A budgeted quantity at every check, with its bound as a dashed line."""
+    return figure_to_svg(line_figure(series, xlabel="global step", ylabel=ylabel, title=title, reference=bound))
+
+
 # --- learning vs forgetting --------------------------------------------------------------------
 
 

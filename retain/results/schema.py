@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from retain.errors import DataError
 from retain.io import atomic_write_text
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: StrategyRun.budget
 
 
 def _major(version: str) -> str:
@@ -128,6 +128,52 @@ class Summary(SchemaModel):
     trainable_params: int | None = Field(None, description="Number of parameters the strategy trained.")
 
 
+class BudgetCheck(SchemaModel):
+    """One budget measurement during training (a fixed subset of the suite) and the strengths after it."""
+
+    task: str = Field(description="Training task being trained.")
+    step: int = Field(ge=0, description="Optimizer steps into that task (0: its start).")
+    global_step: int = Field(ge=0, description="Optimizer steps since the start of the run.")
+    general_retention: float | None = Field(None, description="Subset general score / the base model's on it.")
+    kl: float | None = Field(None, description="KL(base || model) on the probe prompts, nats/token.")
+    task_forgetting: float | None = Field(None, description="Mean forgetting of earlier tasks on their subsets.")
+    new_task_score: float | None = Field(None, description="What the kept point maximizes (subset score of the task).")
+    violation: float | None = Field(None, description="Worst normalized violation (> 0: over budget).")
+    within_budget: bool = Field(True, description="Every measured bound held.")
+    strengths: dict[str, float] = Field(
+        default_factory=dict, description='"strategy.key" -> value in force after this check.'
+    )
+
+
+class BudgetTask(SchemaModel):
+    """What the budget decided at the end of one task: which step's model was kept, and why."""
+
+    task: str
+    end_step: int = Field(ge=0, description="The task's last step.")
+    kept_step: int = Field(ge=0, description="Step (into the task) of the model kept; end_step unless rolled back.")
+    rolled_back: bool = Field(False, description="The task ended over budget and an earlier point was restored.")
+    within_budget: bool = Field(True, description="The kept point was within budget when measured.")
+    reason: str = Field("", description="Why this point was kept, in words.")
+
+
+class BudgetResult(SchemaModel):
+    """A forgetting budget the run enforced (``budget:`` in the run config)."""
+
+    mode: str = Field(
+        description='"adaptive" (strengths moved), or "rollback baseline" (no adaptable strength, or adapt: false).'
+    )
+    bounds: dict[str, float] = Field(default_factory=dict, description="The bounds, by name, as configured.")
+    on_exhausted: str = Field("rollback", description="rollback | stop | warn")
+    check_every: int = Field(0, ge=0)
+    probe_examples: int = Field(0, ge=0, description="Windows/records per eval measured between task ends.")
+    start: dict[str, float] = Field(default_factory=dict, description="Strengths at the start of the run.")
+    final: dict[str, float] = Field(default_factory=dict, description="Strengths at the end of the run.")
+    checks: list[BudgetCheck] = Field(default_factory=list, description="The trajectory, one row per measurement.")
+    tasks: list[BudgetTask] = Field(default_factory=list, description="One decision per finished task.")
+    stopped: str | None = Field(None, description="Why the run stopped early (on_exhausted: stop), else None.")
+    seconds: float = Field(0.0, ge=0, description="Wall-clock seconds spent measuring and keeping points.")
+
+
 class StrategyRun(SchemaModel):
     """One strategy (or hybrid) trained through the whole task sequence."""
 
@@ -139,6 +185,7 @@ class StrategyRun(SchemaModel):
         default_factory=list, description="R, (T+1) x T: R[i][j] = task j's primary score after task i."
     )
     summary: Summary = Field(default_factory=Summary, description="Headline numbers.")
+    budget: BudgetResult | None = Field(None, description="The forgetting budget, when the run had one (1.1).")
 
 
 class Results(SchemaModel):

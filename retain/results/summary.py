@@ -204,6 +204,35 @@ def sweep_series(results: Results) -> dict[str, list[Series]]:
     return out
 
 
+BUDGET_QUANTITIES = {
+    "general_retention": ("min_general_retention", "general retention (subset)"),
+    "kl": ("max_kl", "KL from base (nats/token)"),
+    "task_forgetting": ("max_task_forgetting", "forgetting of earlier tasks (subset)"),
+}
+"""Measured quantity -> (its bound's name, axis label), for the budget plots."""
+
+
+def budget_series(run: StrategyRun) -> tuple[list[Series], dict[str, tuple[list[Series], float]]]:
+    """A budgeted run's trajectory against the global step: one series per adapted strength, and per
+    bounded quantity its measured series with the bound (the line the run must stay on the right side of)."""
+    if run.budget is None:
+        return [], {}
+    checks = run.budget.checks
+    xs = [float(c.global_step) for c in checks]
+    labels = list(dict.fromkeys(k for c in checks for k in c.strengths))
+    strengths: list[Series] = [(label, xs, [c.strengths.get(label) for c in checks]) for label in labels]
+    quantities: dict[str, tuple[list[Series], float]] = {}
+    kept = [next((c for c in checks if c.task == d.task and c.step == d.kept_step), None) for d in run.budget.tasks]
+    kept_checks = [c for c in kept if c is not None]
+    for key, (bound, label) in BUDGET_QUANTITIES.items():
+        if bound in run.budget.bounds:
+            ys = [getattr(c, key) for c in checks]
+            if any(y is not None for y in ys):
+                marks: Series = ("kept (task end)", [float(c.global_step) for c in kept_checks], [getattr(c, key) for c in kept_checks])
+                quantities[label] = ([(run.name, xs, ys), marks], run.budget.bounds[bound])
+    return strengths, quantities
+
+
 # --- table cells shared by the HTML and markdown summaries -------------------------------------
 
 MISSING = "—"

@@ -17,7 +17,8 @@ import yaml
 from rich.console import Console
 
 from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
-from retain.errors import ConfigError, RetainError
+from retain.errors import ConfigError, GateError, RetainError
+from retain.eval.budget import budget_problems
 from retain.io import empty_folder, prepare_output, refuse_inputs
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
@@ -108,6 +109,10 @@ def build_run_config(
     source = f"bench item '{item}'"
     config = load_config_dict(data, overrides, source=source)
     validate_run_config(config, source)
+    if config.budget is not None:  # --set budget.min_general_retention=0.95: measured on the scenario's suite
+        problems = budget_problems(config.budget, scenario.suite, [t.name for t in config.tasks], f"the {scenario.name} suite")
+        if problems:
+            raise ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(problems))
     return config
 
 
@@ -151,7 +156,7 @@ def run_bench(
     """
     from retain.eval.runner import SuiteObserver
     from retain.report.html import write_report
-    from retain.report.markdown import print_score_changes, print_summary
+    from retain.report.markdown import print_budget, print_score_changes, print_summary
     from retain.train import finetune
 
     console = console or Console()
@@ -184,6 +189,7 @@ def run_bench(
         empty_folder(out)
     runs: list[StrategyRun] = []
     results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
+    stopped: list[str] = []
     for item, config in configs.items():
         console.print(f"[bold]{scenario.name}[/]: training [cyan]{item}[/] for {config.train.steps_per_task} steps/task")
         run_dir = Path(config.output.dir)
@@ -191,12 +197,20 @@ def run_bench(
             scenario.suite, name=item, run_dir=run_dir, config=config.model_dump(mode="json"),
             batch_size=config.eval.batch_size, progress=progress, console=console,
         )
-        finetune(config, observer=observer, console=console)
+        try:
+            finetune(config, observer=observer, console=console)
+        except GateError as err:  # a budget with on_exhausted: stop ended this item; the others still run
+            console.print(f"[red]{item}[/]: {err}", highlight=False)
+            stopped.append(item)
         runs.append(observer.strategy_run())
         results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
         results.save(out / "results.json")
     write_report(results, out / "report.html")
     print_summary(results, console)
     print_score_changes(results, console)
+    print_budget(results, console)
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
+    if stopped:
+        raise GateError(f"the forgetting budget stopped {', '.join(stopped)} (on_exhausted: stop); their kept points are "
+                        f"in {out / 'results.json'}")
     return results

@@ -239,6 +239,18 @@ class Strategy:
     def after_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         return None
 
+    def set_strength(self, value: float) -> None:
+        """Apply a new value of the declared ``strength`` while the run goes on (a forgetting budget moves it).
+
+        The default replaces the config value; hooks that read ``self.config`` on every step then use it
+        from the next step. Override when state derived from the value must follow (a replay schedule,
+        token masks). It may be called after ``setup`` and before ``load_state_dict`` (a resumed run
+        applies the budget's current value first), so an override must not assume a task has started.
+        """
+        if self.strength is None:
+            raise TypeError(f"strategy '{self.name}' declares no strength to set")
+        self.config = self.config.model_copy(update={self.strength.key: float(value)})
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and JSON-able values needed to resume; tensors go to safetensors."""
         return {}

@@ -163,6 +163,11 @@ class EwcLora(Strategy):
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         return calibration_requirements(self.config, run, where)
 
+    def set_strength(self, value: float) -> None:
+        super().set_strength(value)
+        if self._adapter_ewc is not None:  # the adapter variant's penalty is the inner EWC's
+            self._adapter_ewc.set_strength(value)
+
     # hooks ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

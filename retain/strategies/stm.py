@@ -130,6 +130,9 @@ class SelectiveTokenMasking(Strategy):
         self._cache_hits = 0
         self._lookup: dict[bytes, tuple[torch.Tensor, int, float]] = {}
         self._lookup_task: int | None = None
+        self._seed = 0
+        self._tables: dict[int, TokenTable] = {}  # per-token CEs, held only when a budget may move the threshold
+        self._examples: dict[int, list] = {}
 
     # ------------------------------------------------------------------ precompute
 
@@ -159,19 +162,34 @@ class SelectiveTokenMasking(Strategy):
             )
         else:
             table, hit = compute(), False
-        generator = seeded_generator(ctx.seed_for(self), task.index)
-        masks, keep_position, keep_ce = drop_masks(examples, table, self.config, generator)
-        self._keep_position[task.index], self._keep_ce[task.index] = keep_position, keep_ce
-        self._drop[task.index] = torch.cat(masks).to(torch.uint8) if masks else torch.zeros(0, dtype=torch.uint8)
-        self._lengths[task.index] = torch.tensor([len(m) for m in masks], dtype=torch.int64)
-        eligible = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
-        self._counts[task.index] = [int(self._drop[task.index].sum()), eligible]
+        self._seed = ctx.seed_for(self)
+        if ctx.config.budget is not None and ctx.config.budget.adapt:  # the threshold may move: keep the CEs
+            self._tables[task.index], self._examples[task.index] = table, examples
+        self._set_masks(task.index, examples, table)
         self._seconds += time.perf_counter() - start
         self._cache_hits += int(hit)
         logger.info(
             "stm: task '%s': %s per-token perplexities (%.2fs)", task.name, "reused cached" if hit else "computed",
             time.perf_counter() - start,
         )
+
+    def _set_masks(self, index: int, examples: list, table: TokenTable) -> None:
+        """Task ``index``'s drop masks at the current threshold (the random ablation's draw is seeded per task)."""
+        generator = seeded_generator(self._seed, index)
+        masks, keep_position, keep_ce = drop_masks(examples, table, self.config, generator)
+        self._keep_position[index], self._keep_ce[index] = keep_position, keep_ce
+        self._drop[index] = torch.cat(masks).to(torch.uint8) if masks else torch.zeros(0, dtype=torch.uint8)
+        self._lengths[index] = torch.tensor([len(m) for m in masks], dtype=torch.int64)
+        eligible = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
+        self._counts[index] = [int(self._drop[index].sum()), eligible]
+
+    def set_strength(self, value: float) -> None:
+        """A new threshold re-derives the masks of every task whose per-token CEs are held (a budgeted run
+        holds them); before any task started (a resume applying the budget first) only the value changes."""
+        super().set_strength(value)
+        for index, table in self._tables.items():
+            self._set_masks(index, self._examples[index], table)
+        self._lookup, self._lookup_task = {}, None
 
     def _report(self, task: TaskInfo, ctx: StrategyContext, quiet: bool = False) -> None:
         """Into the next log row (rows do not repeat it): how many tokens this task loses. Called when the
@@ -246,6 +264,9 @@ class SelectiveTokenMasking(Strategy):
             "emptied_batches": self._emptied_batches,
             "precompute_seconds": self._seconds,
             "cache_hits": self._cache_hits,
+            "seed": self._seed,
+            **({"tables": {str(i): {"ce": t.tensors["ce"], "lengths": t.lengths} for i, t in self._tables.items()}}
+               if self._tables else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
@@ -257,4 +278,8 @@ class SelectiveTokenMasking(Strategy):
         self._emptied_batches = int(state.get("emptied_batches", 0))
         self._seconds = float(state.get("precompute_seconds", 0.0))
         self._cache_hits = int(state.get("cache_hits", 0))
+        self._seed = int(state.get("seed", ctx.seed_for(self)))
+        tables = state.get("tables", {})
+        self._tables = {int(i): TokenTable({"ce": t["ce"].float()}, t["lengths"].to(torch.int64)) for i, t in tables.items()}
+        self._examples = {i: ctx.tasks[i].train_examples for i in self._tables}
         self._lookup, self._lookup_task = {}, None

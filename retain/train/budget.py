@@ -7,15 +7,23 @@ slack. Each protective strategy's strength (EWC's lambda, LwF's alpha, replay's 
 the multiplier's role, so the controller moves every declared strength the same way:
 
     g       = max_i g_i                    the worst normalized violation (> 0: over budget)
-    log s  += clip(eta * g / margin, -max_step, +max_step)   over budget, or comfortably inside
+    log s  += clip(eta * g / margin, -max_step, +max_step)              while over budget (g > 0)
+    log s  += clip(eta * (g + margin) / margin, -max_step, +max_step)   while comfortably inside (g < -margin)
     log s   unchanged                       while -margin <= g <= 0 (in budget, no slack to spend)
 
 in log space (strengths span decades), clipped to the strategy's declared range, and in the opposite
 direction for a strength that protects less when it grows (STM's threshold). Each time the direction
 reverses, the step bound halves (as in Rprop), so the strength settles instead of oscillating around
-the budget line. Normalized violations:
-``(R - retention) / R`` for a retention floor, ``(kl - K) / K`` for a KL ceiling, ``f - F`` for
-forgetting (already a fraction of the score).
+the budget line. Each violation is measured in units of what the bound allows the run to lose, so
+that -1 means "nothing spent", 0 "exactly at the bound" and +1 "twice the allowance":
+``(R - retention) / (1 - R)`` for a retention floor (the allowed drop is 1 - R),
+``(kl - K) / K`` for a KL ceiling and ``(f - F) / F`` for a forgetting ceiling. One margin (the
+share of the allowance kept unspent without moving, 0.2 by default) then means the same for every
+bound, and a run that has spent nothing moves at full speed whatever the floor.
+
+Checks come every ``check_every`` steps, plus ``early`` extra ones in a task's first interval (at
+``check_every / 2``, ``/ 4``, ...): most forgetting happens in a task's first steps, and a strength
+that starts far too weak should not wait a whole interval to be corrected.
 """
 
 from __future__ import annotations
@@ -44,15 +52,16 @@ class Bounds:
 
 
 def violations(measured: Measurement, bounds: Bounds) -> dict[str, float]:
-    """Normalized violation per bounded quantity (> 0 over budget, < 0 slack), skipping unmeasured ones."""
+    """Violation per bounded quantity in units of its allowance (> 0 over budget, -1 nothing spent),
+    skipping unmeasured ones."""
     out: dict[str, float] = {}
     if bounds.min_general_retention is not None and measured.general_retention is not None:
         floor = bounds.min_general_retention
-        out["general_retention"] = (floor - measured.general_retention) / max(floor, 1e-12)
+        out["general_retention"] = (floor - measured.general_retention) / max(1.0 - floor, 1e-12)
     if bounds.max_kl is not None and measured.kl is not None:
         out["kl"] = (measured.kl - bounds.max_kl) / max(bounds.max_kl, 1e-12)
     if bounds.max_task_forgetting is not None and measured.task_forgetting is not None:
-        out["task_forgetting"] = measured.task_forgetting - bounds.max_task_forgetting
+        out["task_forgetting"] = (measured.task_forgetting - bounds.max_task_forgetting) / max(bounds.max_task_forgetting, 1e-12)
     return out
 
 
@@ -69,14 +78,29 @@ def within_budget(measured: Measurement, bounds: Bounds) -> bool:
 
 def dual_step(violation: float, *, eta: float, max_step: float, margin: float) -> float:
     """The change of log(strength) for one check: up while over budget, down while comfortably inside
-    (slack beyond ``margin``), none in between; bounded by ``max_step`` (natural-log units).
+    (by the slack beyond ``margin``, so the step is continuous at the band's edge), none in between;
+    bounded by ``max_step`` (natural-log units).
 
-    The violation is measured in units of ``margin``, so one setting works for retention floors near
-    1 (where the slack can never exceed a few percent) and for KL ceilings alike.
+    The violation is measured in units of ``margin`` (itself a share of the bound's allowance), so a
+    step means the same for a retention floor and a KL ceiling.
     """
     if -margin <= violation <= 0.0:
         return 0.0
-    return max(-max_step, min(max_step, eta * violation / margin))
+    excess = violation if violation > 0 else violation + margin
+    return max(-max_step, min(max_step, eta * excess / margin))
+
+
+def next_check_step(step: int, check_every: int, early: int, last: int) -> int:
+    """The first check step after ``step`` (a task's last step, ``last``, is always measured)."""
+    return next((s for s in range(step + 1, last) if is_check_step(s, check_every, early)), last)
+
+
+def is_check_step(step: int, check_every: int, early: int = 0) -> bool:
+    """Whether the budget measures after ``step`` (steps into the task, from 1): every ``check_every``
+    steps, and at ``check_every // 2**k`` for k = 1..``early`` (distinct, at least 1) in the first interval."""
+    if step % check_every == 0:
+        return True
+    return step < check_every and any(step == check_every >> k for k in range(1, early + 1) if check_every >> k >= 1)
 
 
 @dataclass
@@ -89,6 +113,15 @@ class StrengthState:
     low: float
     high: float
     protects_more_when_higher: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy}.{self.key}"
+
+    @property
+    def at_protective_limit(self) -> bool:
+        """No more protection is available from this strength: it sits at the end of its range that protects most."""
+        return self.value >= self.high if self.protects_more_when_higher else self.value <= self.low
 
     def move(self, log_change: float) -> float:
         """Apply a change in log space (towards more protection when positive); returns the new value."""
@@ -108,21 +141,42 @@ class BudgetController:
 
     bounds: Bounds
     strengths: list[StrengthState]
-    eta: float = 0.5
+    eta: float = 1.0
     max_step: float = math.log(10.0)  # at most one decade per check
-    margin: float = 0.02
+    margin: float = 0.2
     step_scale: float = 1.0
     last_direction: int = 0
+    last_violation: float | None = None
+    last_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def update(self, measured: Measurement, step: int) -> float | None:
-        """Record a check and move the strengths; returns the worst violation (None: nothing measured)."""
+    def new_task(self) -> None:
+        """A task starts: its violations are not a continuation of the last task's (no trend across tasks)."""
+        self.last_violation, self.last_step = None, None
+
+    def update(self, measured: Measurement, step: int, next_step: int | None = None) -> float | None:
+        """Record a check and move the strengths; returns the worst violation (None: nothing measured).
+
+        Two rules keep the strengths from swinging around the budget line, since a strength acts on the
+        model with a lag (the weights must move back first): a reversal of direction halves the step bound
+        (Rprop), and while over budget but recovering (the violation shrank since the last check), the
+        step follows the violation predicted at the next check (``next_step``) by extending the trend:
+        none if the run should be back in budget by then.
+        """
         worst = worst_violation(measured, self.bounds)
-        bound = self.max_step * self.step_scale
-        change = 0.0 if worst is None else dual_step(worst, eta=self.eta, max_step=bound, margin=self.margin)
-        direction = (change > 0) - (change < 0)
+        signal = worst
+        previous, since = self.last_violation, self.last_step
+        if (worst is not None and previous is not None and since is not None and next_step is not None
+                and 0 < worst < previous and step > since):
+            signal = worst + (worst - previous) * (next_step - step) / (step - since)  # the trend, extended
+            signal = max(signal, 0.0)
+        self.last_violation, self.last_step = worst, step
+        raw = 0.0 if signal is None else dual_step(signal, eta=self.eta, max_step=math.inf, margin=self.margin)
+        direction = (raw > 0) - (raw < 0)
         if direction and self.last_direction and direction != self.last_direction:
             self.step_scale = max(self.step_scale / 2, 1 / 64)
+        bound = self.max_step * self.step_scale
+        change = max(-bound, min(bound, raw))
         if direction:
             self.last_direction = direction
         for strength in self.strengths:
@@ -135,7 +189,7 @@ class BudgetController:
                 "task_forgetting": measured.task_forgetting,
                 "violation": worst,
                 "log_change": change,
-                **{f"{s.strategy}.{s.key}": s.value for s in self.strengths},
+                **{s.label: s.value for s in self.strengths},
             }
         )
         return worst
@@ -148,6 +202,8 @@ class BudgetController:
             "values": [[s.strategy, s.key, s.value] for s in self.strengths],
             "step_scale": self.step_scale,
             "last_direction": self.last_direction,
+            "last_violation": self.last_violation,
+            "last_step": self.last_step,
             "history": [dict(row) for row in self.history],
         }
 
@@ -158,4 +214,7 @@ class BudgetController:
                 s.value = stored[(s.strategy, s.key)]
         self.step_scale = float(state.get("step_scale", 1.0))
         self.last_direction = int(state.get("last_direction", 0))
+        last, since = state.get("last_violation"), state.get("last_step")
+        self.last_violation = None if last is None else float(last)
+        self.last_step = None if since is None else int(since)
         self.history = [dict(row) for row in state.get("history", [])]

@@ -238,6 +238,7 @@ def save_checkpoint(
     strategy_state: dict[str, Any],
     extra: dict[str, Any] | None = None,
     keep: int = 1,
+    budget_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed.
 
@@ -256,6 +257,8 @@ def save_checkpoint(
             torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_nested(rng_state(), tmp, "rng")
         save_nested(strategy_state, tmp, "strategies")
+        if budget_state is not None:  # a forgetting budget's controller, trajectory and kept point
+            save_nested(budget_state, tmp, "budget")
         meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights}
         meta["extra"] = extra or {}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -286,6 +289,7 @@ class LoadedCheckpoint:
     rng: dict[str, Any]
     strategies: dict[str, Any]
     extra: dict[str, Any]
+    budget: dict[str, Any] | None = None
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -304,4 +308,5 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         rng=load_nested(path, "rng"),
         strategies=load_nested(path, "strategies"),
         extra=meta.get("extra", {}),
+        budget=load_nested(path, "budget") if (path / "budget.json").is_file() else None,
     )

@@ -16,8 +16,10 @@ Keys that may change on resume (``RESUMABLE_KEYS``; a key also matches everythin
   ``output.merge``, ``output.save_per_task``.
 
 Refused: the model, the tasks and their data settings, the strategies and their settings,
-``general_data``, ``train.steps_per_task``/``batch_size``/``grad_accum``/``seed``/``mixed_precision``, and
-any key not listed above.
+``general_data``, ``train.steps_per_task``/``batch_size``/``grad_accum``/``seed``/``mixed_precision``,
+``budget.*`` (the checkpoint holds the strengths, trajectory and kept point a budget produced; other
+bounds, check steps or controller settings would make the resumed run take other decisions than the
+uninterrupted one), and any key not listed above.
 """
 
 from __future__ import annotations

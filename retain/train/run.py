@@ -24,6 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from retain.config import RunConfig, load_config
+from retain.errors import ConfigError
 from retain.io import atomic_write_text, default_cache_dir
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
@@ -31,6 +32,8 @@ from retain.models.tasks import export_task_choices
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
+from retain.train.budget import is_check_step
+from retain.train.budgeted import BudgetExhausted, BudgetRuntime, referenced_kept_files
 from retain.train.interrupt import StopRequest, TrainingInterrupted
 from retain.train.loop import (
     TaskStats,
@@ -88,6 +91,10 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """A run YAML validated completely: keys and values, then every strategy's parameters and needs."""
     config = load_config(path, overrides)
     validate_run_config(config, str(path))
+    if config.budget is not None and not config.eval.suite:
+        from retain.eval.budget import budget_problems
+
+        raise ConfigError(f"invalid config in {path}:\n  " + "\n  ".join(budget_problems(config.budget, None, [], "eval.suite")))
     return config
 
 
@@ -166,6 +173,7 @@ class FineTune:
     tasks: list[TaskInfo]
     ctx: StrategyContext
     full_weights: bool
+    budget: Any = None  # a BudgetRuntime when config.budget is set
 
     def __init__(self, config: RunConfig, *, observer: RunObserver | None = None, console: Console | None = None) -> None:
         self.config = config
@@ -184,6 +192,8 @@ class FineTune:
 
         config = self.config
         self.hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
+        if config.budget is not None:
+            self._check_budget_suite()
         check_quantized_training(config.model, trains_adapters=any(s.peft_wrapper for s in self.hybrid.strategies))
         self.run_dir = Path(config.output.dir)
         self.accelerator = Accelerator(
@@ -195,6 +205,12 @@ class FineTune:
         )
         check_process_count(self.accelerator.num_processes, os.environ)
         check_data_parallel(self.accelerator.distributed_type)
+        if config.budget is not None and self.accelerator.num_processes > 1:
+            raise ConfigError(
+                "budget: a forgetting budget runs on one process (its measurements and kept points are the main "
+                "process's)",
+                hint="remove the budget section, or launch one process",
+            )
         if not self.accelerator.is_main_process:
             self.observer = None  # evaluation and results are the main process's
         self.loaded = _prepare_run_dir_once(
@@ -220,11 +236,47 @@ class FineTune:
         )
         if self.observer is not None:
             self.observer.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
+        meter = self._budget_meter(model) if config.budget is not None else None
         self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
         model = prepare_for_training(model, config.model, gradient_checkpointing=config.train.gradient_checkpointing)
         model = self.hybrid.setup(model, self.ctx)
         self.model = self.ctx.model = self.accelerator.prepare(model)
         self.layout = parameter_layout(model)
+        if meter is not None:
+            self.budget = BudgetRuntime(config.budget, self.hybrid.strategies, meter, run_dir=self.run_dir, ctx=self.ctx,
+                                        console=self.console)
+
+    def _check_budget_suite(self) -> None:
+        """A budget measures on the eval suite: refuse early when the suite lacks what a bound needs."""
+        from retain.eval.budget import budget_problems
+
+        suite = getattr(self.observer, "suite", None)
+        problems = budget_problems(self.config.budget, suite, [t.name for t in self.config.tasks], "eval.suite")
+        if problems:
+            raise ConfigError("invalid budget:\n  " + "\n  ".join(problems))
+
+    def _budget_meter(self, base: nn.Module) -> Any:
+        """The budget's measurements, with the base model's side taken now (before any strategy wraps it)."""
+        from retain.eval.budget import BudgetMeter
+
+        budget = self.config.budget
+        meter = BudgetMeter(
+            self.observer.suite, budget.probe_examples, self.config.eval.batch_size,  # type: ignore[union-attr]
+            measure_retention=budget.min_general_retention is not None, measure_kl=budget.max_kl is not None,
+            measure_forgetting=budget.max_task_forgetting is not None,
+        )
+        meter.start(base, self.tokenizer)
+        if budget.min_general_retention is not None and not meter.base_general:
+            raise ConfigError(
+                "budget.min_general_retention: the suite's general evals gave no bounded score on the base model "
+                "(e.g. next_token_accuracy); add one to eval.suite"
+            )
+        return meter
+
+    def _report_budget(self) -> None:
+        setter = getattr(self.observer, "set_budget", None)
+        if self.budget is not None and setter is not None:
+            setter(self.budget.result())
 
     # -- restore ------------------------------------------------------------------------------
 
@@ -234,6 +286,9 @@ class FineTune:
         if loaded is None:
             return ckpt.Position(task_index=0, step_in_task=0, global_step=0, task_started=False)
         self.ctx.resuming = True
+        if self.budget is not None and loaded.budget is not None:
+            self.budget.load_state_dict(loaded.budget)  # its strengths first: strategy state derived from them follows
+            self._report_budget()
         self.hybrid.load_state_dict(loaded.strategies, self.ctx)  # may rebuild structure the weights need
         ckpt.load_weights(self.accelerator.unwrap_model(self.model), loaded.weights)
         self.ctx.global_step = loaded.position.global_step
@@ -265,7 +320,12 @@ class FineTune:
         """Each task from ``start`` on, in order; a checkpoint after each."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.full_weights = self.hybrid.modifies_frozen_weights or not is_peft_model(unwrapped)
-        return [self.train_one_task(task, start) for task in self.tasks[start.task_index:]]
+        done = []
+        for task in self.tasks[start.task_index:]:
+            done.append(self.train_one_task(task, start))
+            if self.budget is not None and self.budget.stopped:
+                break  # on_exhausted: stop
+        return done
 
     def train_one_task(self, task: TaskInfo, start: ckpt.Position) -> TaskStats:
         """before_task, a fresh optimizer (restored mid-task), the loop, after_task, outputs, checkpoint."""
@@ -276,6 +336,8 @@ class FineTune:
         if not mid_task:
             hybrid.before_task(task, ctx)
             self.rewrap_if_changed()
+            if self.budget is not None:
+                self.budget.start_task(accelerator.unwrap_model(self.model), task)
         first_step = start.step_in_task if resumed_here else 0
         optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
         scheduler = build_scheduler(optimizer, config.train, task.steps)
@@ -286,20 +348,29 @@ class FineTune:
                 scheduler.load_state_dict(self.loaded.scheduler)
 
         enabled = config.train.progress and accelerator.is_main_process
+        exhausted = None
         with TaskProgress(f"{hybrid.name} · {task.name}", task.steps, first_step, enabled, self.console) as progress, \
                 self.stop.installed():
-            stats = train_task(
-                model=self.model,
-                hybrid=hybrid,
-                ctx=ctx,
-                task=task,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                start_step=first_step,
-                on_step_end=functools.partial(self.end_of_step, task, optimizer, scheduler),
-                progress=progress,
-                stop=self.stop,
-            )
+            try:
+                stats = train_task(
+                    model=self.model,
+                    hybrid=hybrid,
+                    ctx=ctx,
+                    task=task,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    start_step=first_step,
+                    on_step_end=functools.partial(self.end_of_step, task, optimizer, scheduler),
+                    progress=progress,
+                    stop=self.stop,
+                )
+            except BudgetExhausted as err:  # on_exhausted: stop, over budget with every strength at its limit
+                exhausted = err
+                stats = TaskStats(steps=ctx.step_in_task + 1 - first_step,
+                                  trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+        if self.budget is not None:  # over budget: restore the kept point before anything is exported or scored
+            self.budget.end_task(accelerator.unwrap_model(self.model), task,
+                                 end_step=ctx.step_in_task + 1 if exhausted is not None else None, stop=exhausted)
         hybrid.after_task(task, ctx)
         stats.peak_memory = peak_memory_bytes(accelerator.device)
         ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
@@ -311,6 +382,11 @@ class FineTune:
         if self.observer is not None:
             self.observer.on_task_end(self.model, ctx, task, stats)
         accelerator.wait_for_everyone()
+        if self.budget is not None:
+            self.budget.record_task_end(accelerator.unwrap_model(self.model), task)
+            self._report_budget()
+            if self.budget.stopped:
+                return stats  # no task-end checkpoint: a resume repeats the stop rather than go on past it
         # The task is complete: the next position is the start of the next task, before its setup.
         self.save_checkpoint(ckpt.Position(task.index + 1, 0, ctx.global_step, task_started=False))
         return stats
@@ -319,6 +395,10 @@ class FineTune:
         """After each optimizer step: the periodic checkpoint, the step evaluation, and a Ctrl-C's stop."""
         every = self.config.checkpoint.every
         position = ckpt.Position(task.index, step_in_task, self.ctx.global_step, True)
+        budget = self.config.budget
+        if self.budget is not None and is_check_step(step_in_task, budget.check_every, budget.early_checks):
+            # before the checkpoint, which holds what the check changed
+            self.budget.check(self.accelerator.unwrap_model(self.model), task, step_in_task)
         saved = None
         if every and step_in_task % every == 0 and step_in_task < task.steps:
             saved = self.save_checkpoint(position, optimizer, scheduler)
@@ -350,8 +430,12 @@ class FineTune:
                 scheduler=scheduler,
                 strategy_state=self.hybrid.state_dict(),
                 keep=self.config.checkpoint.keep,
+                budget_state=self.budget.state_dict() if self.budget is not None else None,
+                extra={"budget_kept_files": sorted(self.budget.kept_files())} if self.budget is not None else None,
             )
         self.accelerator.wait_for_everyone()
+        if self.budget is not None:
+            self.budget.prune(referenced_kept_files(self.run_dir))
         return ckpt.checkpoint_dir(self.run_dir, position.global_step, position.task_index)
 
     # -- export -------------------------------------------------------------------------------
@@ -394,7 +478,13 @@ def finetune(
     recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
     start = recipe.restore()
     task_stats = recipe.train_tasks(start)
-    return recipe.export(task_stats)
+    outcome = recipe.export(task_stats)
+    if recipe.budget is not None and recipe.budget.stopped:  # on_exhausted: stop; the kept point is exported
+        write = getattr(observer, "write_results", None)
+        if write is not None:
+            write(outcome)
+        raise recipe.budget.stop_error()
+    return outcome
 
 
 def _flat_hparams(config: RunConfig) -> dict[str, Any]:

@@ -139,11 +139,21 @@ class WindowEval(DataEval):
         key = ("windows", source, self.window, self.max_examples, self.seed, batch_size)
         return shared.get(key, lambda: self._compute_stats(model, tokenizer, batch_size, shared))
 
-    def _compute_stats(self, model: nn.Module, tokenizer: Any, batch_size: int, shared: SharedWork) -> WindowStats:
+    def windows(self, tokenizer: Any, shared: SharedWork) -> list[list[int]]:
+        """The scored windows (the seeded subsample), tokenized once per ``shared`` (a model-independent key,
+        ``("inputs", ...)``, so a caller measuring many model states may keep it between them)."""
+        source = self.data.model_dump_json(exclude={"max_length"})
+        key = ("inputs", "windows", source, self.window, self.max_examples, self.seed)
+        return shared.get(key, lambda: self._cut_windows(tokenizer, shared))
+
+    def _cut_windows(self, tokenizer: Any, shared: SharedWork) -> list[list[int]]:
         windows = text_windows(tokenizer, self.texts(shared), self.window)
         if not windows:
             raise DataError(f"eval '{self.name}': {self.data.path} has no text to score (every record is empty).")
-        return window_stats(model, seeded_subset(windows, self.max_examples, self.seed), batch_size)
+        return seeded_subset(windows, self.max_examples, self.seed)
+
+    def _compute_stats(self, model: nn.Module, tokenizer: Any, batch_size: int, shared: SharedWork) -> WindowStats:
+        return window_stats(model, self.windows(tokenizer, shared), batch_size)
 
 
 @register_eval_type("loss")

@@ -129,7 +129,7 @@ class SyntheticReplayConfig(StrategyConfig):
 @register_strategy("synthetic-replay")
 class SyntheticReplay(Strategy):
     Config = SyntheticReplayConfig
-    strength = Strength("ratio", 0.01, 0.5)
+    strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         config = self.config
@@ -148,6 +148,13 @@ class SyntheticReplay(Strategy):
             if not seed.demonstrations and not seed.description.strip():
                 problems.append(f"{where}.tasks.{name}: give a description or demonstrations (or both)")
         return problems
+
+    def set_strength(self, value: float) -> None:
+        """A new ratio applies to the rows trained from now on: the schedule restarts its count (keeping the
+        old count would replace whole batches until the new share of all earlier rows was caught up)."""
+        super().set_strength(value)
+        if getattr(self, "schedule", None) is not None:
+            self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
