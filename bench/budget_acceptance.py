@@ -47,10 +47,10 @@ class Item:
 
 FAMILIES = {
     # family: (budgeted item, grid item template, grid values)
-    "ewc": ("full+ewc", "full+ewc@ewc.lambda_={}", [3e3, 1e4, 3e4, 1e5]),
+    "ewc": ("full+ewc", "full+ewc@ewc.lambda_={}", [3.0, 10.0, 30.0, 100.0]),
     "lwf": ("full+lwf", "full+lwf@lwf.alpha={}", [0.3, 1.0, 3.0, 10.0]),
     "replay": ("full+replay", "full+replay@replay.ratio={}", [0.1, 0.25, 0.5, 0.75]),
-    "ewc-lora": ("lora+ewc-lora@ewc-lora.lambda_=1e7", "lora+ewc-lora@ewc-lora.lambda_={}", [1e2, 1e3, 1e4, 1e5]),
+    "ewc-lora": ("lora+ewc-lora@ewc-lora.lambda_=1e7", "lora+ewc-lora@ewc-lora.lambda_={}", [3.0, 10.0, 30.0, 100.0]),
 }
 
 
