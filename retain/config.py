@@ -369,11 +369,26 @@ def _normalize_strategy_list(data: dict[str, Any]) -> None:
         data["strategies"] = [{"name": s} if isinstance(s, str) else s for s in strategies]
 
 
+def placeholder_keys(node: Any, prefix: str = "") -> list[str]:
+    """Key paths whose value is still a ``<REPLACE ...>`` placeholder (``retain recommend --out`` writes them)."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in placeholder_keys(value, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(node, list):
+        return [k for i, value in enumerate(node) for k in placeholder_keys(value, f"{prefix}[{i}]")]
+    return [prefix] if isinstance(node, str) and "<REPLACE " in node else []  # also under a resolved folder
+
+
 def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> RunConfig:
     data = dict(data)
     _normalize_strategy_list(data)
     if overrides:
         data = apply_overrides(data, overrides)
+    unfilled = placeholder_keys(data)
+    if unfilled:
+        raise ConfigError(
+            f"{source}: still holds placeholders at {', '.join(unfilled)}",
+            hint="replace each <REPLACE ...> value with your model, data or suite (or pass --set KEY=VALUE)",
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

@@ -85,8 +85,12 @@ def test_recommend_out_writes_a_yaml_that_loads_once_placeholders_are_replaced(t
         ["prompts"] if "synthetic-replay" in text else []), "general_data", "suite"]
     for key in placeholders_in(text):
         assert f"#   {key}" in text  # listed in the header
+    from retain.errors import ConfigError
     from retain.guide.evidence import load_evidence
 
+    with pytest.raises(ConfigError, match=r"placeholders at model.name_or_path, tasks\[0\].data.path") as refused:
+        load_run_config(out)  # unfilled: named by key, not reported as a missing file
+    assert "<REPLACE" in refused.value.hint
     top = recommend(Constraints(privacy="strict", tasks=2), load_evidence())[0].hybrid
     filled = tmp_path / "filled.yaml"
     filled.write_text(_fill(text, tmp_path, tiny_model_dir, text_file))
