@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -17,6 +17,19 @@ def _check(value: str, allowed: tuple[str, ...], option: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
     return value
+
+
+def constraints_from_options(compute: str, privacy: str, stakes: str, adapters: bool | None, tasks: int = 1) -> Any:
+    """The ``Constraints`` of the options ``recommend`` and ``tune`` share, each value checked by name."""
+    from retain.guide.rules import Constraints
+
+    return Constraints(
+        compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
+        privacy=_check(privacy, ("strict", "normal"), "--privacy"),  # type: ignore[arg-type]
+        stakes=_check(stakes, ("high", "normal"), "--stakes"),  # type: ignore[arg-type]
+        weights="any" if adapters is None else ("adapters" if adapters else "full"),
+        tasks=tasks,
+    )
 
 
 @app.command()
@@ -36,17 +49,11 @@ def recommend(
 
     from retain.guide.catalogue import display_name
     from retain.guide.evidence import load_evidence
-    from retain.guide.rules import Constraints, rank
+    from retain.guide.rules import rank
     from retain.guide.template import run_yaml
     from retain.io import atomic_write_text, output_errors
 
-    constraints = Constraints(
-        compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
-        privacy=_check(privacy, ("strict", "normal"), "--privacy"),  # type: ignore[arg-type]
-        stakes=_check(stakes, ("high", "normal"), "--stakes"),  # type: ignore[arg-type]
-        weights="any" if adapters is None else ("adapters" if adapters else "full"),
-        tasks=tasks,
-    )
+    constraints = constraints_from_options(compute, privacy, stakes, adapters, tasks)
     evidence = load_evidence()
     allowed, excluded = rank(constraints, evidence)
     if not allowed:  # pragma: no cover - the catalogue always has an adapter and a full-weight hybrid that fit

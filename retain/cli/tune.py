@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from retain.cli.app import app, command, console
-from retain.cli.recommend import _check
+from retain.cli.recommend import constraints_from_options
 
 
 class _Bar:
@@ -68,17 +68,11 @@ def tune(
     """Search hybrids and their strengths by training each for a short budget; write the best as best.yaml."""
     from rich.markup import escape
 
-    from retain.guide.rules import Constraints
     from retain.guide.target import load_target
     from retain.guide.tune import MARKER, TuneOptions, Tuner, check_folder
     from retain.guide.tune_report import front_tables
 
-    constraints = Constraints(
-        compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
-        privacy=_check(privacy, ("strict", "normal"), "--privacy"),  # type: ignore[arg-type]
-        stakes=_check(stakes, ("high", "normal"), "--stakes"),  # type: ignore[arg-type]
-        weights="any" if adapters is None else ("adapters" if adapters else "full"),
-    )
+    constraints = constraints_from_options(compute, privacy, stakes, adapters)
     if not (out / MARKER).is_file():
         check_folder(out, {})  # refuse a foreign non-empty folder before any data loads
     options = TuneOptions(trials=trials, steps=steps, min_general_retention=min_general_retention,
