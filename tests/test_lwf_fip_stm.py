@@ -366,7 +366,7 @@ def test_fip_default_reduction_is_the_authors_sum_over_sequences(tmp_path, token
 
     assert build_strategy("fip", {}).config.reduction == "sum_sequences"
     ctx = make_ctx(tmp_path, base_llama, tokenizer, [pc_file], general=text_file)
-    fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 4})
+    fip = build_strategy("fip", {"pool_size": 8, "pool_batch": 4, "weight": 1.0})  # the authors' weight
     train(base_llama, fip, ctx, ctx.tasks[0], steps=3, lr=2e-2)
     ctx.task = ctx.tasks[0]
     batch = fip.transform_batch(batch_of(ctx, ctx.tasks[0], 0), ctx)
