@@ -12,10 +12,11 @@ hybrids that did best on the packaged benchmark at their default strengths; optu
 there. ``ladder`` walks the prototyping path instead (lora, then + distillation, then + rehearsal or
 fip, ...) and stops after the first rung that keeps R.
 
-What keeps R for a few steps need not keep it for a whole run (retention falls as training goes on),
-so when trials are shorter than the target's own budget, ``confirm`` promising trials (spread along
-the front of those that kept R, from the best new-task score to the most retention) are retrained
-at the full budget, and best.yaml is the best of those.
+What keeps R for a few steps need not keep it for a whole run, and what misses it may keep it (a
+protected run's retention recovers as the learning rate decays), so when trials are shorter than the
+target's own budget, ``confirm`` promising trials (spread along the front of those within 0.1 of R,
+from the best new-task score to the most retention) are retrained at the full budget, and best.yaml
+is the best of those.
 
 The study lives in ``DIR/study.db`` (sqlite), so a killed tune resumes: finished trials stay, a trial
 that was running when the process died is run again with the same settings.
@@ -36,7 +37,7 @@ import yaml
 from retain.errors import ConfigError, DivergenceError, OutputError, RetainError, StateError
 from retain.guide.catalogue import Hybrid, display_name
 from retain.guide.evidence import Evidence, load_evidence
-from retain.guide.monitor import DOMINANCE_MARGIN, TrialObserver, below_floor, dominated, floor_value
+from retain.guide.monitor import DOMINANCE_MARGIN, TrialObserver, dominated, floor_value
 from retain.guide.rules import Constraints, ladder, rank
 from retain.guide.space import default_values, knobs
 from retain.guide.target import TuneTarget
@@ -432,9 +433,7 @@ class Tuner:
         finetune(config, observer=observer)
 
     def _prune_reason(self, trial: Any, step: int, new_task: float, retention: float) -> str | None:
-        if self.floor is not None:
-            if below_floor(retention, self.floor):
-                return f"general retention {retention:.3f} at step {step} is already below {self.floor:g}"
+        if self.floor is not None:  # no absolute cut on retention: it can recover later (confirm_candidates)
             trial.report(floor_value(new_task, retention, self.floor), step)
             if trial.should_prune():
                 return f"below the median of earlier trials at step {step}"
