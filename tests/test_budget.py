@@ -10,13 +10,16 @@ from retain.train.budget import (
     Bounds,
     BudgetController,
     Measurement,
-    StrengthState,
     dual_step,
     is_check_step,
     next_check_step,
     violations,
     within_budget,
 )
+from retain.strategies.base import Strength
+
+#: an l2 strength bound to its strategy, as ``Strength.of`` binds a declared one
+L2 = Strength("lambda_", 1e-4, 1e6, strategy="l2")
 
 
 def test_violations_are_normalized_by_hand():
@@ -44,33 +47,32 @@ def test_dual_step_holds_inside_the_margin_and_is_bounded():
 
 
 def test_a_strength_that_protects_less_when_higher_moves_the_other_way():
-    threshold = StrengthState("stm", "threshold", 10.0, 1.25, 100.0, protects_more_when_higher=False)
-    threshold.move(math.log(2.0))  # more protection
-    assert threshold.value == pytest.approx(5.0)
-    assert not threshold.at_protective_limit
-    threshold.move(-10.0)
-    assert threshold.value == 100.0  # clipped to the declared range
-    threshold.move(10.0)
-    assert threshold.value == 1.25 and threshold.at_protective_limit  # the lowest threshold protects most
+    threshold = Strength("threshold", 1.25, 100.0, protects_more_when_higher=False, strategy="stm")
+    value = threshold.moved(10.0, math.log(2.0))  # more protection
+    assert value == pytest.approx(5.0)
+    assert not threshold.at_protective_limit(value)
+    assert threshold.moved(value, -10.0) == 100.0  # clipped to the declared range
+    value = threshold.moved(value, 10.0)
+    assert value == 1.25 and threshold.at_protective_limit(value)  # the lowest threshold protects most
 
 
 def _run_toy(start: float, checks: int = 15) -> tuple[BudgetController, float]:
     """Training minimizes (theta - 1)^2 + lam * theta^2, so theta*(lam) = 1 / (1 + lam). 'General
     ability' is 1 - theta^2: retention >= 0.96 <=> theta <= 0.2 <=> lam >= 4, so the best new-task fit
     within budget is lam = 4. The controller only sees the measured retention."""
-    controller = BudgetController(Bounds(min_general_retention=0.96), [StrengthState("l2", "lambda_", start, 1e-4, 1e6)])
+    controller = BudgetController(Bounds(min_general_retention=0.96), [L2], values={L2.label: start})
     theta = 0.0
     for check in range(checks):
-        lam = controller.strengths[0].value
+        lam = controller.values[L2.label]
         theta = 1.0 / (1.0 + lam)  # training between checks reaches the penalized optimum
         controller.update(Measurement(general_retention=1.0 - theta**2), step=25 * (check + 1))
-    return controller, 1.0 - (1.0 / (1.0 + controller.strengths[0].value)) ** 2
+    return controller, 1.0 - (1.0 / (1.0 + controller.values[L2.label])) ** 2
 
 
 @pytest.mark.parametrize("start", [1e-3, 1.0, 1e5])
 def test_controller_finds_the_constrained_optimum_from_too_weak_and_too_strong(start):
     controller, retention = _run_toy(start)
-    lam = controller.strengths[0].value
+    lam = controller.values[L2.label]
     # in budget, and no more protection than the hold band allows (80-100% of the 0.04 drop spent):
     # theta^2 in [0.032, 0.04], so lambda in [4, 1 / sqrt(0.032) - 1 = 4.59]
     assert retention >= 0.96
@@ -81,9 +83,9 @@ def test_controller_finds_the_constrained_optimum_from_too_weak_and_too_strong(s
 
 def test_controller_state_round_trips():
     controller, _ = _run_toy(1e5, checks=4)
-    clone = BudgetController(Bounds(min_general_retention=0.96), [StrengthState("l2", "lambda_", 1.0, 1e-4, 1e6)])
+    clone = BudgetController(Bounds(min_general_retention=0.96), [L2], values={L2.label: 1.0})
     clone.load_state_dict(controller.state_dict())
-    assert clone.values() == controller.values()
+    assert clone.values == controller.values
     assert clone.step_scale == controller.step_scale and clone.last_direction == controller.last_direction
     assert clone.last_violation == controller.last_violation
     assert clone.history == controller.history
@@ -96,18 +98,19 @@ def test_check_steps_are_every_interval_plus_early_ones_in_the_first():
 
 
 def test_a_recovering_violation_steps_on_its_trend_and_a_reversal_halves_the_step():
-    controller = BudgetController(Bounds(min_general_retention=0.95), [StrengthState("ewc", "lambda_", 1e4, 1e1, 1e8)])
+    controller = BudgetController(Bounds(min_general_retention=0.95), [Strength("lambda_", 1e1, 1e8, strategy="ewc")],
+                                  values={"ewc.lambda_": 1e4})
     controller.update(Measurement(general_retention=0.80), step=6, next_step=12)  # violation 3: up a decade
-    assert controller.strengths[0].value == pytest.approx(1e5)
+    assert controller.values["ewc.lambda_"] == pytest.approx(1e5)
     # violation 2 at step 12 (from 3 at step 6); the trend reaches 2 - 1 * 13 / 6 < 0 by step 25: hold
     controller.update(Measurement(general_retention=0.85), step=12, next_step=25)
-    assert controller.strengths[0].value == pytest.approx(1e5)
+    assert controller.values["ewc.lambda_"] == pytest.approx(1e5)
     # 1.9 at step 25: the trend gives 1.9 - 0.1 * 25 / 13 = 1.71 at step 50, still far over: up a decade
     controller.update(Measurement(general_retention=0.855), step=25, next_step=50)
-    assert controller.strengths[0].value == pytest.approx(1e6)
+    assert controller.values["ewc.lambda_"] == pytest.approx(1e6)
     controller.update(Measurement(general_retention=1.0), step=50, next_step=75)  # nothing spent: down, half the bound
     assert controller.step_scale == 0.5
-    assert controller.strengths[0].value == pytest.approx(1e6 / 10**0.5)
+    assert controller.values["ewc.lambda_"] == pytest.approx(1e6 / 10**0.5)
     controller.new_task()
     assert controller.last_violation is None
 

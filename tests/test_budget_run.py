@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from retain.cli import app
 from retain.config import DataConfig, TaskConfig, load_config, load_config_dict
 from retain.errors import ConfigError, GateError
-from retain.eval.budget import BudgetMeter, Probe, budget_problems, capped
+from retain.eval.budget import BudgetMeter, Measurement, budget_problems, capped
 from retain.eval.runner import SuiteObserver
 from retain.eval.suite import SuiteConfig
 from retain.eval.tasks import LossEval, NextTokenAccuracyEval
@@ -205,11 +205,11 @@ class Scripted:
         self.retention, self.scores, self.calls = retention, scores, 0
         self.weights: list[dict[str, torch.Tensor]] = []
 
-    def __call__(self, meter: BudgetMeter, model: Any, tokenizer: Any, task: str, earlier: Any) -> Probe:
+    def __call__(self, meter: BudgetMeter, model: Any, tokenizer: Any, task: str, earlier: Any) -> Measurement:
         i = self.calls
         self.calls += 1
         self.weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return Probe(general_retention=self.retention[i], task_score=self.scores[i])
+        return Measurement(general_retention=self.retention[i], task_score=self.scores[i])
 
 
 def scripted(monkeypatch: pytest.MonkeyPatch, script: Scripted) -> None:

@@ -13,30 +13,33 @@ import retain
 from retain.config import load_config_dict
 from retain.errors import ConfigError
 from retain.models.tasks import MANIFEST, task_dir
+from retain.eval.participant import GO_ON, Decision, Participant
+from retain.eval.suite import SuiteConfig
 from retain.train import finetune
 
 PROBE = torch.tensor([[1, 20, 30, 40, 50, 60, 9, 12], [1, 33, 34, 35, 36, 37, 38, 39]])
 
 
-class LogitsAtTaskEnd:
-    """A run observer that records the model's logits on PROBE at the end of every task."""
+class LogitsAtTaskEnd(Participant):
+    """A run observer that records the model's logits on PROBE at the end of every task (the only point
+    it needs: the others are the base's no-ops)."""
+
+    suite = SuiteConfig(tasks=[])
 
     def __init__(self) -> None:
         self.logits: dict[str, torch.Tensor] = {}
 
-    def on_start(self, model, ctx) -> None:
+    def set_budget(self, budget) -> None:
         pass
 
-    def on_step(self, model, ctx, task) -> None:
-        pass
-
-    def on_task_end(self, model, ctx, task, stats) -> None:
+    def on_task_end(self, model, ctx, task, stats) -> Decision:
         unwrapped = ctx.unwrapped_model
         flags = unwrapped.training
         unwrapped.eval()
         with torch.no_grad():
             self.logits[task.name] = unwrapped(input_ids=PROBE).logits[:, -PROBE.shape[1]:].clone()
         unwrapped.train(flags)
+        return GO_ON
 
 
 def _logits(model) -> torch.Tensor:

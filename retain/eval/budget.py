@@ -21,11 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
+from retain.data.tokenize import IGNORE_INDEX
 from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference
 from retain.eval.suite import SuiteConfig, evaluate_task
 from retain.eval.tasks import EvalTaskConfig, SharedWork
+from retain.models.runtime import eval_mode
 from retain.results.schema import Score, StepRecord
 from retain.results.summary import general_score, primary_task_score
 
@@ -83,8 +86,12 @@ class KeptInputs(SharedWork):
 
 
 @dataclass
-class Probe:
-    """One measurement; None where a quantity is not measured (or not measurable yet)."""
+class Measurement:
+    """What one budget check measured; None where a quantity is not budgeted or not measurable (yet).
+
+    The same record feeds the controller (the bounded quantities), the kept point (``task_score``) and
+    the trajectory row of results.json.
+    """
 
     general_retention: float | None = None
     kl: float | None = None
@@ -147,10 +154,10 @@ class BudgetMeter:
                 return found
         return None
 
-    def measure(self, model: nn.Module, tokenizer: Any, task: str, earlier: Sequence[str]) -> Probe:
+    def measure(self, model: nn.Module, tokenizer: Any, task: str, earlier: Sequence[str]) -> Measurement:
         """Everything budgeted, at the model's current state (``earlier``: the tasks trained before ``task``)."""
         shared = self.inputs.fresh()
-        probe = Probe()
+        probe = Measurement()
         if self.measure_retention and self.base_general:
             now = general_score(StepRecord(index=0, scores=self._scores(model, tokenizer, self.general, shared)))
             probe.general_retention = None if now is None else now / self.base_general
@@ -179,3 +186,17 @@ class BudgetMeter:
             score = self.task_score(model, tokenizer, name, shared)
             if score is not None:
                 self.history.setdefault(name, []).append(score)
+
+
+def mean_task_loss(model: nn.Module, examples: list, collate: Any, device: torch.device, batch_size: int) -> float:
+    """Token-weighted mean loss on ``examples``: the new-task score's fallback (negated) when the suite has
+    no eval for the task."""
+    total, tokens = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(out.loss) * n
+            tokens += n
+    return total / tokens if tokens else float("nan")

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from retain.eval.cache import cached_scores
+from retain.eval.participant import GO_ON, Decision, Participant
 from retain.eval.drift import (
     ProbeReference,
     compute_probe_reference,
@@ -40,8 +41,16 @@ def perplexity_delta(base: dict[str, Score], scores: dict[str, Score]) -> float 
     return None
 
 
-class SuiteObserver:
-    """A ``RunObserver`` (see ``retain.train.run``) that produces the rows of results.json."""
+def step_eval_due(ctx: Any, step: int) -> bool:
+    """Whether ``eval.every_n_steps`` asks for a mid-task evaluation after ``step`` steps of the task."""
+    every = ctx.config.eval.every_n_steps
+    return bool(every) and step % every == 0
+
+
+class SuiteObserver(Participant):
+    """The run participant (``retain.eval.participant``) that produces the rows of results.json."""
+
+    name = "suite"
 
     def __init__(
         self,
@@ -156,8 +165,14 @@ class SuiteObserver:
             self.records[0] = StepRecord(index=0, scores=self.base_scores, samples=samples)
             self._save_records()
 
-    def on_step(self, model: nn.Module, ctx: Any, task: Any) -> None:
-        """Mid-task scores go to the trackers and ``step_evals.jsonl`` (the matrix uses task ends)."""
+    def on_step_end(self, model: nn.Module, ctx: Any, task: Any, step: int, *, stopping: bool) -> Decision:
+        """Every ``eval.every_n_steps`` steps (not when the run is stopping): mid-task scores go to the
+        trackers and ``step_evals.jsonl`` (the matrix uses task ends)."""
+        if step_eval_due(ctx, step) and not stopping:
+            self.score_step(ctx, task)
+        return GO_ON
+
+    def score_step(self, ctx: Any, task: Any) -> None:
         unwrapped = ctx.unwrapped_model
         scores = self.evaluate(unwrapped, ctx.tokenizer, f"{task.name} at global step {ctx.global_step}")
         row = {"task": task.name, "global_step": ctx.global_step, **{k: s.value for k, s in scores.items()}}
@@ -165,7 +180,7 @@ class SuiteObserver:
         append_jsonl(self.run_dir / "step_evals.jsonl", row)
         unwrapped.train()
 
-    def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> None:
+    def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> Decision:
         unwrapped = ctx.unwrapped_model
         tokenizer = ctx.tokenizer
         scores = self.evaluate(unwrapped, tokenizer, f"after task '{task.name}'")
@@ -190,6 +205,11 @@ class SuiteObserver:
         )
         self._save_records()
         unwrapped.train()
+        return GO_ON
+
+    def on_run_end(self, outcome: Any) -> None:
+        """results.json beside the run (also for a run a participant stopped: its kept point is what was exported)."""
+        self.write_results(outcome)
 
     # -- results ----------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ teacher that avoids a model copy, distillation on general text), written as a ``
 name it the same way. Strength values are *not* fixed here: they come from each strategy's own
 defaults and declared :class:`~retain.strategies.base.Strength` range, which ``retain tune`` searches.
 
-Facts are read from the strategy classes where they declare them (``peft_wrapper``, ``min_tasks``,
-``strength``); the rest (which methods keep real examples, which hold a frozen model) are stated
-here once, each with the reason from the method's own docstring.
+Every fact is read from the strategy classes, which declare them (``peft_wrapper``, ``min_tasks``,
+``preserves_function``, ``quadratic_state``, ``stores_real_data``, ``extra_passes``,
+``holds_model_copy``, ``strength``): a new strategy needs no line here.
 """
 
 from __future__ import annotations
@@ -16,16 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from retain.strategies.base import Strategy, StrategyConfig
 from retain.strategies.registry import get_strategy_class
-
-#: Strategies that keep real training examples (in a buffer that also lands in checkpoints).
-STORES_REAL_DATA = frozenset({"replay"})
-#: Strategies that keep the model's outputs close to the original's (distillation, functional paths).
-FUNCTION_PRESERVING = frozenset({"lwf", "fip"})
-#: Strategies that keep an anchor and an importance per trainable weight (2 x trainable parameters).
-QUADRATIC_STATE = frozenset({"ewc", "ewc-lora", "importance", "l2"})
-#: Strategies that run one more forward+backward per step on a second batch (anchor or pool text).
-EXTRA_PASS = frozenset({"fip"})
 
 
 @dataclass(frozen=True)
@@ -136,30 +128,37 @@ def uses_adapters(h: Hybrid) -> bool:
     return any(get_strategy_class(name).peft_wrapper for name in h.names)
 
 
+def _members(h: Hybrid) -> list[tuple[type[Strategy], StrategyConfig]]:
+    """Each strategy class of ``h`` with its config as the hybrid sets it (the rest at defaults)."""
+    found = []
+    for name in h.names:
+        cls = get_strategy_class(name)
+        found.append((cls, cls.Config.model_validate(h.params(name))))
+    return found
+
+
 def stores_real_data(h: Hybrid) -> bool:
     """Keeps real training examples, or (synthetic replay) real demonstrations taken from the data."""
-    demos = h.params("synthetic-replay").get("demonstrations_from_data")
-    return bool(STORES_REAL_DATA & set(h.names)) or bool(demos and int(demos) > 0)
+    return any(cls.stores_real_data(config) for cls, config in _members(h))
 
 
 def preserves_function(h: Hybrid) -> bool:
-    return bool(FUNCTION_PRESERVING & set(h.names))
+    return any(cls.preserves_function for cls in map(get_strategy_class, h.names))
 
 
 def lwf_teacher(h: Hybrid) -> str | None:
     """Where lwf's teacher outputs come from in this hybrid (``auto`` resolved as lwf does)."""
-    if "lwf" not in h.names:
-        return None
-    teacher = str(h.params("lwf").get("teacher", "auto"))
-    if teacher == "auto":
-        return "adapters_off" if uses_adapters(h) else "copy"
-    return teacher
+    for cls, config in _members(h):
+        if cls.name == "lwf":
+            return cls.teacher_source(config, adapters=uses_adapters(h))  # type: ignore[attr-defined]
+    return None
 
 
 def holds_frozen_copy(h: Hybrid) -> bool:
-    """Holds a second copy of the model's weights while training: lwf's ``copy`` teacher, or fip's anchor
-    when every weight trains (fip snapshots the trainable weights; on LoRA that is the adapters)."""
-    return lwf_teacher(h) == "copy" or ("fip" in h.names and not uses_adapters(h))
+    """Holds a second copy of the model's weights while training (lwf's ``copy`` teacher, fip's anchor
+    when every weight trains)."""
+    adapters = uses_adapters(h)
+    return any(cls.holds_model_copy(config, adapters=adapters) for cls, config in _members(h))
 
 
 def min_tasks(h: Hybrid) -> int:
@@ -174,20 +173,13 @@ def memory_in_models(h: Hybrid) -> float:
     total = 1.0 if adapters else 4.0
     if holds_frozen_copy(h):
         total += 1.0
-    if QUADRATIC_STATE & set(h.names) and not adapters:
+    if any(get_strategy_class(name).quadratic_state for name in h.names) and not adapters:
         total += 2.0
     return total
 
 
 def extra_passes(h: Hybrid) -> float:
-    """Extra work per step relative to plain training (one forward+backward = 1, one forward = 1/3):
-    lwf on general anchors adds a student forward+backward and a teacher forward (on cached top-k
-    teachers, the student's only), on task anchors a teacher forward; fip adds both on its pool."""
-    extra = 0.0
-    if "lwf" in h.names:
-        general = str(h.params("lwf").get("anchor", "task")) == "general"
-        teacher = 0.0 if lwf_teacher(h) == "cached_topk" else 1 / 3
-        extra += (1.0 if general else 0.0) + teacher
-    if EXTRA_PASS & set(h.names):
-        extra += 1.0 + 1 / 3
-    return extra
+    """Extra work per step relative to plain training (one forward+backward = 1, one forward = 1/3), as
+    each strategy declares it for its settings."""
+    adapters = uses_adapters(h)
+    return sum(cls.extra_passes(config, adapters=adapters) for cls, config in _members(h))

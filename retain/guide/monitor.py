@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from retain.eval.runner import SuiteObserver
+from retain.eval.participant import GO_ON, Decision, Participant
+from retain.eval.runner import SuiteObserver, step_eval_due
 from retain.eval.suite import SuiteConfig, evaluate_suite
 from retain.results import metrics
 from retain.results.schema import Score, StepRecord
@@ -58,29 +59,45 @@ def point_from_scores(base: dict[str, Score], scores: dict[str, Score], task: st
     return primary_task_score(now, task), retention
 
 
-class TrialObserver:
-    """A RunObserver around the SuiteObserver: the same results, plus ``report(step, new_task, retention)``
+class TrialObserver(Participant):
+    """A run observer around the SuiteObserver: the same results, plus ``report(step, new_task, retention)``
     at intermediate points (which may raise ``optuna.TrialPruned`` to stop the run)."""
+
+    name = "trial"
 
     def __init__(self, inner: SuiteObserver, report: Callable[[int, float | None, float | None], None]) -> None:
         self.inner = inner
         self.report = report
         self._suites: dict[str, SuiteConfig] = {}
 
+    @property
+    def suite(self) -> SuiteConfig:
+        return self.inner.suite
+
+    def set_budget(self, budget: Any) -> None:
+        self.inner.set_budget(budget)
+
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         self.inner.on_start(model, ctx)
 
-    def on_step(self, model: nn.Module, ctx: Any, task: Any) -> None:
-        if ctx.step_in_task + 1 >= task.steps:
-            return  # the task end is scored in full by on_task_end
+    def on_run_end(self, outcome: Any) -> None:
+        self.inner.on_run_end(outcome)
+
+    def on_step_end(self, model: nn.Module, ctx: Any, task: Any, step: int, *, stopping: bool) -> Decision:
+        if step_eval_due(ctx, step) and not stopping and step < task.steps:  # a task end is scored by on_task_end
+            self.score_step(ctx, task)
+        return GO_ON
+
+    def score_step(self, ctx: Any, task: Any) -> None:
         suite = self._suites.setdefault(task.name, intermediate_suite(self.inner.suite, task.name))
         unwrapped = ctx.unwrapped_model
         scores = evaluate_suite(unwrapped, ctx.tokenizer, suite, self.inner.batch_size)
         unwrapped.train()
         self.report(ctx.global_step, *point_from_scores(self.inner.base_scores, scores, task.name))
 
-    def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> None:
+    def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> Decision:
         self.inner.on_task_end(model, ctx, task, stats)
         if task.index < len(ctx.tasks) - 1:
             record = self.inner.records[task.index + 1]
             self.report(ctx.global_step, *point_from_scores(self.inner.base_scores, record.scores, task.name))
+        return GO_ON

@@ -30,7 +30,8 @@ checks it before any model loads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -159,9 +160,11 @@ def has_general_text(own: "DataConfig | None", run: "RunConfig") -> bool:
 class Strength:
     """Which config key sets how strongly a strategy protects what the model knew, and its sensible range.
 
-    A forgetting budget adapts this value during a run and ``retain tune`` searches it; both move it in
-    log space when ``log`` is true. ``protects_more_when_higher`` is false for a key where a larger
-    value protects less (STM's perplexity threshold masks fewer tokens as it grows).
+    The one description of a strength knob, used by the strategy (``set_strength``), a forgetting budget
+    (which moves it during a run), ``retain tune`` (which searches it) and the report (which labels it
+    ``strategy.key``). Both move it in log space when ``log`` is true. ``protects_more_when_higher`` is
+    false for a key where a larger value protects less (STM's perplexity threshold masks fewer tokens
+    as it grows). A class declares it without ``strategy``/``default``; :meth:`of` binds them.
     """
 
     key: str
@@ -169,9 +172,35 @@ class Strength:
     high: float
     log: bool = True
     protects_more_when_higher: bool = True
+    strategy: str = ""  # the registered name of the strategy that declares it (bound by ``of``)
+    default: float | None = None  # that strategy's config default, clipped into the range (bound by ``of``)
+
+    @classmethod
+    def of(cls, strategy: type["Strategy"]) -> "Strength | None":
+        """The strategy class's declared strength, bound to its name and config default (None if it has none)."""
+        declared = strategy.strength
+        if declared is None:
+            return None
+        field_default = strategy.Config.model_fields[declared.key].default
+        default = float(field_default) if isinstance(field_default, (int, float)) else math.sqrt(declared.low * declared.high)
+        return replace(declared, strategy=strategy.name, default=declared.clip(default))
+
+    @property
+    def label(self) -> str:
+        """``strategy.key``: how results, the budget and tune's search space name it."""
+        return f"{self.strategy}.{self.key}"
 
     def clip(self, value: float) -> float:
         return min(max(float(value), self.low), self.high)
+
+    def moved(self, value: float, log_change: float) -> float:
+        """``value`` moved by ``log_change`` in log space towards more protection (positive) or less, clipped."""
+        sign = 1.0 if self.protects_more_when_higher else -1.0
+        return self.clip(math.exp(math.log(value) + sign * log_change))
+
+    def at_protective_limit(self, value: float) -> bool:
+        """No more protection is available: ``value`` sits at the end of the range that protects most."""
+        return value >= self.high if self.protects_more_when_higher else value <= self.low
 
 
 class Strategy:
@@ -193,6 +222,16 @@ class Strategy:
 
     And, for methods with a single strength knob, ``strength``: a :class:`Strength` naming that config
     key and its sensible range (None for strategies without one, e.g. full or lora).
+
+    And the facts ``retain recommend``/``tune`` reason with and the config reads, declared here so that a
+    new strategy is its own file and nothing else (checked at registration, ``declaration_problems``):
+    - ``preserves_function``: keeps the model's outputs close to the original's (distillation, paths).
+    - ``quadratic_state``: keeps an anchor and an importance per trainable weight (2 x trainable weights).
+    - ``input_path_keys`` / ``output_path_keys``: config keys naming a file or folder the strategy reads /
+      writes (resolved against the run YAML's folder; an output never replaces an input).
+    - ``stores_real_data(config)``, ``extra_passes(config, adapters=)``, ``holds_model_copy(config,
+      adapters=)``: the facts that depend on the strategy's settings (and on whether the hybrid trains
+      adapters), from its validated config.
     """
 
     name: ClassVar[str] = ""
@@ -204,6 +243,44 @@ class Strategy:
     needs_strategies: ClassVar[frozenset[str]] = frozenset()
     min_tasks: ClassVar[int] = 1
     strength: ClassVar[Strength | None] = None
+    preserves_function: ClassVar[bool] = False
+    quadratic_state: ClassVar[bool] = False
+    input_path_keys: ClassVar[tuple[str, ...]] = ()
+    output_path_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def stores_real_data(cls, config: StrategyConfig) -> bool:
+        """Keeps real training examples (in a buffer that also lands in checkpoints, or as demonstrations)."""
+        return False
+
+    @classmethod
+    def extra_passes(cls, config: StrategyConfig, *, adapters: bool) -> float:
+        """Extra work per step relative to plain training: one forward+backward = 1, one forward = 1/3."""
+        return 0.0
+
+    @classmethod
+    def holds_model_copy(cls, config: StrategyConfig, *, adapters: bool) -> bool:
+        """Holds a second copy of the model's (trained) weights while training."""
+        return False
+
+    @classmethod
+    def declaration_problems(cls) -> list[str]:
+        """What is wrong with the class's declared facts (checked when it registers): every key it names
+        must be a field of its ``Config``, and a strength's default must lie in its range."""
+        fields = cls.Config.model_fields
+        problems = [f"{kind} '{key}' is not a field of {cls.Config.__name__}"
+                    for kind, keys in (("input path key", cls.input_path_keys), ("output path key", cls.output_path_keys))
+                    for key in keys if key not in fields]
+        if cls.strength is not None:
+            if cls.strength.key not in fields:
+                problems.append(f"strength key '{cls.strength.key}' is not a field of {cls.Config.__name__}")
+            elif not 0 < cls.strength.low < cls.strength.high:
+                problems.append(f"strength range [{cls.strength.low}, {cls.strength.high}] is not 0 < low < high")
+            elif isinstance(fields[cls.strength.key].default, (int, float)) and not (
+                    cls.strength.low <= fields[cls.strength.key].default <= cls.strength.high):
+                problems.append(f"strength default {fields[cls.strength.key].default} is outside "
+                                f"[{cls.strength.low}, {cls.strength.high}]")
+        return problems
 
     def __init__(self, config: StrategyConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -68,6 +68,8 @@ class EwcConfig(CalibrationConfig):
 class Ewc(Strategy):
     Config = EwcConfig
     strength = Strength("lambda_", 1e-2, 1e5)
+    quadratic_state = True
+    input_path_keys = ("file",)
 
     def __init__(self, config: EwcConfig | None = None) -> None:
         super().__init__(config)

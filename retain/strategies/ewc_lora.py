@@ -143,6 +143,8 @@ def merge_and_reset(layers: dict[str, nn.Module], generator: torch.Generator) ->
 class EwcLora(Strategy):
     Config = EwcLoraConfig
     strength = Strength("lambda_", 1e-2, 1e6)
+    quadratic_state = True
+    input_path_keys = ("file",)
     modifies_frozen_weights = True
     needs_strategies = frozenset({"lora"})
 

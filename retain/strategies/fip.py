@@ -114,6 +114,17 @@ def project_update(parameters: dict[str, nn.Parameter], previous: dict[str, torc
 class FunctionallyInvariantPaths(Strategy):
     Config = FipConfig
     strength = Strength("weight", 1e-2, 1e3)
+    preserves_function = True
+
+    @classmethod
+    def extra_passes(cls, config: StrategyConfig, *, adapters: bool) -> float:
+        """A student forward+backward and an anchor forward on the pool batch."""
+        return 1.0 + 1 / 3
+
+    @classmethod
+    def holds_model_copy(cls, config: StrategyConfig, *, adapters: bool) -> bool:
+        """The anchor is a snapshot of the trainable weights: every weight when they all train."""
+        return not adapters
 
     def __init__(self, config: FipConfig | None = None) -> None:
         super().__init__(config)

@@ -149,6 +149,8 @@ def densify(sparse: dict[str, dict[str, Tensor]], like: dict[str, Tensor]) -> di
 class Importance(Strategy):
     Config = ImportanceConfig
     strength = Strength("lambda_", 1e-2, 1e4)
+    quadratic_state = True
+    input_path_keys = ("file",)
 
     def __init__(self, config: ImportanceConfig | None = None) -> None:
         super().__init__(config)

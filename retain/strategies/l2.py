@@ -38,6 +38,7 @@ class L2Config(StrategyConfig):
 class L2ToBase(Strategy):
     Config = L2Config
     strength = Strength("lambda_", 1e-3, 1e3)
+    quadratic_state = True
 
     def __init__(self, config: L2Config | None = None) -> None:
         super().__init__(config)

@@ -70,6 +70,10 @@ class Replay(Strategy):
     Config = ReplayConfig
     strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 
+    @classmethod
+    def stores_real_data(cls, config: StrategyConfig) -> bool:
+        return True
+
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         general = has_general_text(self.config.data, run)
         if self.config.source in ("general", "both") and not general:

@@ -32,14 +32,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Measurement:
-    """What one budget check measured; None where the quantity is not budgeted or not measurable."""
-
-    general_retention: float | None = None
-    kl: float | None = None
-    task_forgetting: float | None = None
+from retain.eval.budget import Measurement
+from retain.strategies.base import Strength
 
 
 @dataclass(frozen=True)
@@ -104,34 +98,6 @@ def is_check_step(step: int, check_every: int, early: int = 0) -> bool:
 
 
 @dataclass
-class StrengthState:
-    """One adapted strength: the strategy and key it belongs to, its range and current value."""
-
-    strategy: str
-    key: str
-    value: float
-    low: float
-    high: float
-    protects_more_when_higher: bool = True
-
-    @property
-    def label(self) -> str:
-        return f"{self.strategy}.{self.key}"
-
-    @property
-    def at_protective_limit(self) -> bool:
-        """No more protection is available from this strength: it sits at the end of its range that protects most."""
-        return self.value >= self.high if self.protects_more_when_higher else self.value <= self.low
-
-    def move(self, log_change: float) -> float:
-        """Apply a change in log space (towards more protection when positive); returns the new value."""
-        sign = 1.0 if self.protects_more_when_higher else -1.0
-        moved = math.exp(math.log(self.value) + sign * log_change)
-        self.value = min(max(moved, self.low), self.high)
-        return self.value
-
-
-@dataclass
 class BudgetController:
     """Dual ascent on every declared strength, from the measured worst violation of the budget.
 
@@ -140,7 +106,8 @@ class BudgetController:
     """
 
     bounds: Bounds
-    strengths: list[StrengthState]
+    strengths: list[Strength]  # bound to their strategies (``Strength.of``)
+    values: dict[str, float] = field(default_factory=dict)  # label -> value now (the defaults when not given)
     eta: float = 1.0
     max_step: float = math.log(10.0)  # at most one decade per check
     margin: float = 0.2
@@ -149,6 +116,15 @@ class BudgetController:
     last_violation: float | None = None
     last_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for strength in self.strengths:
+            start = self.values.get(strength.label, strength.default)
+            self.values[strength.label] = strength.clip(start if start is not None else strength.low)
+
+    def at_protective_limit(self) -> bool:
+        """Every strength sits at the end of its range that protects most (true when there are none)."""
+        return all(s.at_protective_limit(self.values[s.label]) for s in self.strengths)
 
     def new_task(self) -> None:
         """A task starts: its violations are not a continuation of the last task's (no trend across tasks)."""
@@ -180,7 +156,7 @@ class BudgetController:
         if direction:
             self.last_direction = direction
         for strength in self.strengths:
-            strength.move(change)
+            self.values[strength.label] = strength.moved(self.values[strength.label], change)
         self.history.append(
             {
                 "step": step,
@@ -189,17 +165,14 @@ class BudgetController:
                 "task_forgetting": measured.task_forgetting,
                 "violation": worst,
                 "log_change": change,
-                **{s.label: s.value for s in self.strengths},
+                **self.values,
             }
         )
         return worst
 
-    def values(self) -> dict[tuple[str, str], float]:
-        return {(s.strategy, s.key): s.value for s in self.strengths}
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "values": [[s.strategy, s.key, s.value] for s in self.strengths],
+            "values": [[s.strategy, s.key, self.values[s.label]] for s in self.strengths],
             "step_scale": self.step_scale,
             "last_direction": self.last_direction,
             "last_violation": self.last_violation,
@@ -211,7 +184,7 @@ class BudgetController:
         stored = {(strategy, key): float(value) for strategy, key, value in state.get("values", [])}
         for s in self.strengths:
             if (s.strategy, s.key) in stored:
-                s.value = stored[(s.strategy, s.key)]
+                self.values[s.label] = stored[(s.strategy, s.key)]
         self.step_scale = float(state.get("step_scale", 1.0))
         self.last_direction = int(state.get("last_direction", 0))
         last, since = state.get("last_violation"), state.get("last_step")

@@ -1,15 +1,18 @@
-"""A forgetting budget inside a run: measure every ``check_every`` steps, move the strengths, keep the best
-in-budget point of each task, and roll back to it when a task ends over budget.
+"""A forgetting budget inside a run, as a run participant (``retain.eval.participant``): measure every
+``check_every`` steps, move the strengths, keep the best in-budget point of each task, and roll back to
+it when a task ends over budget. It decides; the recipe stops where a decision says so.
 
 What happens, per task::
 
-    start      measure the model as the task starts (a candidate: it learned nothing of the task yet)
-    each check measure (``retain.eval.budget``), let the controller move every declared strength
-               (``retain.train.budget``), apply them (``Strategy.set_strength``), and remember the point
-               if it is within budget with the best new-task score so far
-    end        measure again if the last step was not a check; over budget -> ``on_exhausted``:
-               rollback/stop restore the kept point before ``after_task``, the task-end evaluation and
-               the exports; stop then ends the run; warn keeps the last model and says so
+    on_task_start  measure the model as the task starts (a candidate: it learned nothing of the task yet)
+    on_step_end    at check steps: measure (``retain.eval.budget``), let the controller move every
+                   declared strength (``retain.train.budget``), apply them (``Strategy.set_strength``),
+                   remember the point if it is within budget with the best new-task score so far;
+                   over budget with every strength at its limit and ``on_exhausted: stop``: a stop decision
+    on_train_end   measure again if the last step was not a check; over budget -> ``on_exhausted``:
+                   rollback/stop restore the kept point before ``after_task``, the task-end evaluation
+                   and the exports; warn keeps the last model and says so
+    on_task_end    record the trained tasks' scores (forgetting's reference); stop: a stop decision
 
 The kept point is the trainable weights only (nothing else moves within a task: the one strategy that
 changes frozen weights, ewc-lora, merges in ``after_task``, which runs after the rollback). They stay
@@ -29,28 +32,25 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from retain.config import BudgetConfig
+from retain.config import BudgetConfig, RunConfig
 from retain.data.sampling import seeded_subset
-from retain.errors import GateError
-from retain.eval.budget import BudgetMeter, Probe
+from retain.errors import ConfigError, GateError
+from retain.eval.budget import BudgetMeter, Measurement, budget_problems, mean_task_loss
+from retain.eval.participant import GO_ON, Decision, Participant
+from retain.eval.suite import SuiteConfig
 from retain.io import append_jsonl, atomic_file
-from retain.models.runtime import eval_mode
+from retain.models.runtime import trainable_parameters
 from retain.results.schema import BudgetCheck, BudgetResult, BudgetTask
 from retain.strategies import Strategy, TaskInfo
-from retain.train.budget import (
-    Bounds,
-    BudgetController,
-    Measurement,
-    StrengthState,
-    next_check_step,
-    worst_violation,
-)
+from retain.strategies.base import Strength
+from retain.train.budget import Bounds, BudgetController, is_check_step, next_check_step, worst_violation
 from retain.train.checkpoint import save_tensors
+from retain.train.progress import console_print
 
 log = logging.getLogger("retain")
 
@@ -96,26 +96,36 @@ def _gt(a: float | None, b: float | None) -> bool:
     return b is None or a > b
 
 
-def trainable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def budget_participant(
+    config: RunConfig, strategies: list[Strategy], suite: SuiteConfig | None, *, processes: int,
+    report: Callable[[BudgetResult], None] | None, run_dir: Path, console: Any = None,
+) -> "BudgetParticipant | None":
+    """The run's budget participant, or None without a ``budget:`` section; refuses, before any model loads,
+    a budget the suite cannot measure or one on several processes."""
+    if config.budget is None:
+        return None
+    problems = budget_problems(config.budget, suite, [t.name for t in config.tasks], "eval.suite")
+    if problems:
+        raise ConfigError("invalid budget:\n  " + "\n  ".join(problems))
+    if processes > 1:
+        raise ConfigError(
+            "budget: a forgetting budget runs on one process (its measurements and kept points are the main "
+            "process's)",
+            hint="remove the budget section, or launch one process",
+        )
+    assert suite is not None  # budget_problems refuses a budget without a suite
+    meter = BudgetMeter(
+        suite, config.budget.probe_examples, config.eval.batch_size,
+        measure_retention=config.budget.min_general_retention is not None, measure_kl=config.budget.max_kl is not None,
+        measure_forgetting=config.budget.max_task_forgetting is not None,
+    )
+    return BudgetParticipant(config.budget, strategies, meter, run_dir=run_dir, report=report, console=console)
 
 
-def mean_task_loss(model: nn.Module, examples: list, collate: Any, device: torch.device, batch_size: int) -> float:
-    """Token-weighted mean loss on ``examples``: the new-task score's fallback (negated) when the suite has no eval
-    for the task."""
-    total, tokens = 0.0, 0
-    with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(out.loss) * n
-            tokens += n
-    return total / tokens if tokens else float("nan")
-
-
-class BudgetRuntime:
+class BudgetParticipant(Participant):
     """The budget of one run: controller, measurements, the kept point and the per-task decisions."""
+
+    name = "budget"  # its checkpoint state is ``budget.json``
 
     def __init__(
         self,
@@ -124,33 +134,32 @@ class BudgetRuntime:
         meter: BudgetMeter,
         *,
         run_dir: Path,
-        ctx: Any,
+        report: Callable[[BudgetResult], None] | None = None,
         console: Any = None,
     ) -> None:
         self.config = config
         self.meter = meter
         self.run_dir = Path(run_dir)
-        self.ctx = ctx
+        self.report = report
         self.console = console
+        self.ctx: Any = None  # the run's StrategyContext, bound in on_start
         self.strategies = {s.name: s for s in strategies}
-        strengths = [
-            StrengthState(s.name, s.strength.key, s.strength.clip(getattr(s.config, s.strength.key)), s.strength.low,
-                          s.strength.high, s.strength.protects_more_when_higher)
-            for s in strategies
-            if s.strength is not None and config.adapt
-        ]
+        strengths = [Strength.of(type(s)) for s in strategies if s.strength is not None and config.adapt]
+        start = {x.label: x.clip(getattr(self.strategies[x.strategy].config, x.key)) for x in strengths if x}
         self.bounds = Bounds(config.min_general_retention, config.max_kl, config.max_task_forgetting)
         self.controller = BudgetController(
-            self.bounds, strengths, eta=1.0, max_step=config.max_step * math.log(10.0), margin=config.margin
+            self.bounds, [x for x in strengths if x], values=dict(start), eta=1.0,
+            max_step=config.max_step * math.log(10.0), margin=config.margin,
         )
-        self.start_values = {s.label: s.value for s in strengths}
-        self.checks: list[dict[str, Any]] = []
-        self.decisions: list[dict[str, Any]] = []
+        self.start_values = dict(start)
+        self.checks: list[BudgetCheck] = []
+        self.decisions: list[BudgetTask] = []
         self.kept: KeptPoint | None = None
         self.in_memory = True
         self.seconds = 0.0
         self.stopped: str | None = None
         self._stop: GateError | None = None
+        self._stopped_at: int | None = None  # the step a mid-task stop decision ended the task at
         self.apply()
 
     # -- strengths ----------------------------------------------------------------------------
@@ -161,27 +170,67 @@ class BudgetRuntime:
 
     def apply(self) -> None:
         """Hand each strategy its current strength (only where it changed)."""
-        for state in self.controller.strengths:
-            strategy = self.strategies[state.strategy]
-            if getattr(strategy.config, state.key) != state.value:
-                strategy.set_strength(state.value)
+        for strength in self.controller.strengths:
+            strategy, value = self.strategies[strength.strategy], self.controller.values[strength.label]
+            if getattr(strategy.config, strength.key) != value:
+                strategy.set_strength(value)
+
+    # -- participant points -------------------------------------------------------------------
+
+    def on_start(self, model: nn.Module, ctx: Any) -> None:
+        """The base model's side of every measurement, taken before any strategy wraps the model."""
+        self.ctx = ctx
+        self.meter.start(model, ctx.tokenizer)
+        if self.config.min_general_retention is not None and not self.meter.base_general:
+            raise ConfigError(
+                "budget.min_general_retention: the suite's general evals gave no bounded score on the base model "
+                "(e.g. next_token_accuracy); add one to eval.suite"
+            )
+
+    def on_task_start(self, model: nn.Module, ctx: Any, task: TaskInfo) -> None:
+        """The task's first candidate: the model as the task starts (no strength moves on it)."""
+        trainable = trainable_parameters(model)
+        total = sum(p.numel() for p in model.parameters())
+        self.in_memory = sum(p.numel() for p in trainable.values()) <= IN_MEMORY_SHARE * max(total, 1)
+        self.kept = None
+        self._stopped_at = None
+        self.controller.new_task()
+        self.check(model, task, 0, update=False)
+
+    def on_step_end(self, model: nn.Module, ctx: Any, task: TaskInfo, step: int, *, stopping: bool) -> Decision:
+        """Measure at check steps (before the step's checkpoint, which holds what the check changed)."""
+        if not is_check_step(step, self.config.check_every, self.config.early_checks):
+            return GO_ON
+        row = self.check(ctx.unwrapped_model, task, step)
+        if not row.within_budget:
+            return self._over_budget(row, task)
+        return GO_ON
+
+    def on_train_end(self, model: nn.Module, ctx: Any, task: TaskInfo) -> None:
+        self.end_task(ctx.unwrapped_model, task, end_step=self._stopped_at)
+
+    def on_task_end(self, model: nn.Module, ctx: Any, task: TaskInfo, stats: Any) -> Decision:
+        """Record what forgetting is measured from; a run the budget stopped ends here (no task-end
+        checkpoint: a resume repeats the stop rather than go on past it)."""
+        self.record_task_end(ctx.unwrapped_model, task)
+        self._report()
+        return Decision(stop=self.stop_error()) if self.stopped else GO_ON
 
     # -- measuring ----------------------------------------------------------------------------
 
-    def _probe(self, model: nn.Module, task: TaskInfo) -> Probe:
+    def _measure(self, model: nn.Module, task: TaskInfo) -> Measurement:
         earlier = [t.name for t in self.ctx.tasks[: task.index]]
-        probe = self.meter.measure(model, self.ctx.tokenizer, task.name, earlier)
-        if probe.task_score is None:  # no eval of this task in the suite: held-out (or a fixed subset of) its data
+        measured = self.meter.measure(model, self.ctx.tokenizer, task.name, earlier)
+        if measured.task_score is None:  # no eval of this task in the suite: held-out (or a fixed subset of) its data
             examples = task.data.validation or task.train_examples
             subset = seeded_subset(examples, self.meter.probe_examples, self.ctx.config.train.seed)
-            probe.task_score = -mean_task_loss(model, subset, self.ctx.collate, self.ctx.device, self.meter.batch_size)
-        return probe
+            measured.task_score = -mean_task_loss(model, subset, self.ctx.collate, self.ctx.device, self.meter.batch_size)
+        return measured
 
-    def check(self, model: nn.Module, task: TaskInfo, step: int, *, update: bool = True) -> dict[str, Any]:
+    def check(self, model: nn.Module, task: TaskInfo, step: int, *, update: bool = True) -> BudgetCheck:
         """Measure, move the strengths (``update``), remember the point if it is the best so far; one trajectory row."""
         start = time.perf_counter()
-        probe = self._probe(model, task)
-        measured = Measurement(probe.general_retention, probe.kl, probe.task_forgetting)
+        measured = self._measure(model, task)
         global_step = self.ctx.global_step
         if update:
             upcoming = next_check_step(step, self.config.check_every, self.config.early_checks, task.steps)
@@ -191,71 +240,60 @@ class BudgetRuntime:
             worst = worst_violation(measured, self.bounds)
         within = worst is None or worst <= 0.0
         row = BudgetCheck(
-            task=task.name, step=step, global_step=global_step, general_retention=probe.general_retention, kl=probe.kl,
-            task_forgetting=probe.task_forgetting, new_task_score=probe.task_score, violation=worst, within_budget=within,
-            strengths={s.label: s.value for s in self.controller.strengths},
-        ).model_dump()
+            task=task.name, step=step, global_step=global_step, general_retention=measured.general_retention,
+            kl=measured.kl, task_forgetting=measured.task_forgetting, new_task_score=measured.task_score,
+            violation=worst, within_budget=within, strengths=dict(self.controller.values),
+        )
         self.checks.append(row)
-        candidate = KeptPoint(step, global_step, probe.task_score, within, worst)
+        candidate = KeptPoint(step, global_step, measured.task_score, within, worst)
         if candidate.better_than(self.kept):
             self._keep(model, task, candidate)
         self._log(row)
         self.seconds += time.perf_counter() - start
-        if not within:
-            self._over_budget(row, task)
         return row
 
-    def _over_budget(self, row: dict[str, Any], task: TaskInfo) -> None:
+    def _over_budget(self, row: BudgetCheck, task: TaskInfo) -> Decision:
         what = self.describe(row)
         if self.config.on_exhausted == "warn":
-            _print(self.console, f"budget: over at task '{task.name}' step {row['step']} ({what}); going on (on_exhausted: warn)")
-        elif self.config.on_exhausted == "stop" and all(s.at_protective_limit for s in self.controller.strengths):
-            limits = ", ".join(f"{s.label}={s.value:.3g}" for s in self.controller.strengths) or "no adaptable strength"
-            raise BudgetExhausted(
-                f"budget exhausted at task '{task.name}' step {row['step']}: {what}, with every strength at its most "
+            console_print(self.console, f"budget: over at task '{task.name}' step {row.step} ({what}); going on (on_exhausted: warn)")
+        elif self.config.on_exhausted == "stop" and self.controller.at_protective_limit():
+            limits = ", ".join(f"{k}={v:.3g}" for k, v in self.controller.values.items()) or "no adaptable strength"
+            self._stopped_at = row.step
+            self._stop = BudgetExhausted(
+                f"budget exhausted at task '{task.name}' step {row.step}: {what}, with every strength at its most "
                 f"protective limit ({limits})",
                 hint="loosen the budget, lower train.lr, or add a protective strategy; the best in-budget point was kept",
             )
+            return Decision(stop=self._stop)
+        return GO_ON
 
-    def describe(self, row: dict[str, Any]) -> str:
+    def describe(self, row: BudgetCheck) -> str:
         """The measured bounded quantities against their bounds, in words."""
         parts = []
-        if self.bounds.min_general_retention is not None and row.get("general_retention") is not None:
-            parts.append(f"general retention {row['general_retention']:.4f} (floor {self.bounds.min_general_retention:g})")
-        if self.bounds.max_kl is not None and row.get("kl") is not None:
-            parts.append(f"KL {row['kl']:.4g} (ceiling {self.bounds.max_kl:g})")
-        if self.bounds.max_task_forgetting is not None and row.get("task_forgetting") is not None:
-            parts.append(f"forgetting {row['task_forgetting']:.4f} (ceiling {self.bounds.max_task_forgetting:g})")
+        if self.bounds.min_general_retention is not None and row.general_retention is not None:
+            parts.append(f"general retention {row.general_retention:.4f} (floor {self.bounds.min_general_retention:g})")
+        if self.bounds.max_kl is not None and row.kl is not None:
+            parts.append(f"KL {row.kl:.4g} (ceiling {self.bounds.max_kl:g})")
+        if self.bounds.max_task_forgetting is not None and row.task_forgetting is not None:
+            parts.append(f"forgetting {row.task_forgetting:.4f} (ceiling {self.bounds.max_task_forgetting:g})")
         return ", ".join(parts) or "nothing budgeted was measurable"
 
-    def _log(self, row: dict[str, Any]) -> None:
-        values = {
-            f"budget/{key}": float(row[key])
-            for key in ("general_retention", "kl", "task_forgetting", "new_task_score", "violation")
-            if row[key] is not None
-        }
-        values["budget/within"] = float(row["within_budget"])
-        values.update({f"budget/{k}": v for k, v in row["strengths"].items()})
+    def _log(self, row: BudgetCheck) -> None:
+        measured = ("general_retention", "kl", "task_forgetting", "new_task_score", "violation")
+        values = {f"budget/{key}": float(getattr(row, key)) for key in measured if getattr(row, key) is not None}
+        values["budget/within"] = float(row.within_budget)
+        values.update({f"budget/{k}": v for k, v in row.strengths.items()})
         accelerator = self.ctx.accelerator
-        accelerator.log({f"{row['task']}/{k}": v for k, v in values.items()}, step=row["global_step"])
+        accelerator.log({f"{row.task}/{k}": v for k, v in values.items()}, step=row.global_step)
         if accelerator.is_main_process:
             append_jsonl(self.run_dir / "train_log.jsonl",
-                         {"task": row["task"], "step": row["step"], "global_step": row["global_step"], **values})
-        log.info("budget check at task '%s' step %d: %s", row["task"], row["step"], self.describe(row))
+                         {"task": row.task, "step": row.step, "global_step": row.global_step, **values})
+        log.info("budget check at task '%s' step %d: %s", row.task, row.step, self.describe(row))
 
     # -- the kept point -----------------------------------------------------------------------
 
-    def start_task(self, model: nn.Module, task: TaskInfo) -> None:
-        """The task's first candidate: the model as the task starts (no strength moves on it)."""
-        trainable = trainable_weights(model)
-        total = sum(p.numel() for p in model.parameters())
-        self.in_memory = sum(p.numel() for p in trainable.values()) <= IN_MEMORY_SHARE * max(total, 1)
-        self.kept = None
-        self.controller.new_task()
-        self.check(model, task, 0, update=False)
-
     def _keep(self, model: nn.Module, task: TaskInfo, point: KeptPoint) -> None:
-        weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable_weights(model).items()}
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable_parameters(model).items()}
         if self.in_memory:
             point.tensors = weights
         else:
@@ -267,48 +305,46 @@ class BudgetRuntime:
         replaced = self.kept
         self.kept = point
         if replaced is not None and replaced.file and replaced.file != point.file:
-            self.prune(referenced_kept_files(self.run_dir))  # the one it replaces, unless a checkpoint needs it
+            self.after_checkpoint()  # the one it replaces, unless a checkpoint needs it
 
     def _restore(self, model: nn.Module, point: KeptPoint) -> None:
         from safetensors.torch import load_file
 
         tensors = point.tensors if point.tensors is not None else load_file(str(self.run_dir / KEPT_DIR / str(point.file)))
-        own = trainable_weights(model)
+        own = trainable_parameters(model)
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value.to(own[name].device, own[name].dtype))
 
-    def end_task(self, model: nn.Module, task: TaskInfo, end_step: int | None = None,
-                 stop: GateError | None = None) -> dict[str, Any]:
+    def end_task(self, model: nn.Module, task: TaskInfo, end_step: int | None = None) -> BudgetTask:
         """The task's decision: keep the last model, or restore the kept point (rollback/stop over budget).
 
-        ``end_step``/``stop``: the task stopped early at that step with that error (on_exhausted: stop)."""
-        end_step = task.steps if end_step is None else end_step
+        ``end_step``: the task stopped early at that step (a stop decision, ``on_exhausted: stop``)."""
+        stop, end_step = self._stop, task.steps if end_step is None else end_step
         last = self.checks[-1] if self.checks else None
-        if last is None or last["task"] != task.name or last["step"] != end_step:
+        if last is None or last.task != task.name or last.step != end_step:
             last = self.check(model, task, end_step)
         start = time.perf_counter()
         kept, policy = self.kept, self.config.on_exhausted
-        decision = {"task": task.name, "end_step": end_step, "kept_step": end_step, "rolled_back": False,
-                    "within_budget": last["within_budget"]}
-        if last["within_budget"]:
-            decision["reason"] = f"the task ended within budget ({self.describe(last)})"
+        decision = BudgetTask(task=task.name, end_step=end_step, kept_step=end_step, within_budget=last.within_budget)
+        if last.within_budget:
+            decision.reason = f"the task ended within budget ({self.describe(last)})"
         elif policy == "warn":
-            decision["reason"] = f"the task ended over budget ({self.describe(last)}); kept anyway (on_exhausted: warn)"
+            decision.reason = f"the task ended over budget ({self.describe(last)}); kept anyway (on_exhausted: warn)"
         elif kept is None or kept.step == end_step:
-            decision["reason"] = f"the task ended over budget ({self.describe(last)}) and no earlier point was better"
+            decision.reason = f"the task ended over budget ({self.describe(last)}) and no earlier point was better"
         else:
             self._restore(model, kept)
-            kept_row = next(r for r in reversed(self.checks) if r["task"] == task.name and r["step"] == kept.step)
+            kept_row = next(r for r in reversed(self.checks) if r.task == task.name and r.step == kept.step)
             score = "" if kept.score is None else f", new-task score {kept.score:.4f}"
             why = (f"the best new-task score within budget ({self.describe(kept_row)}{score})" if kept.within
                    else f"no point was within budget; the least over it ({self.describe(kept_row)})")
-            decision.update(kept_step=kept.step, rolled_back=True, within_budget=kept.within,
-                            reason=f"the task ended over budget ({self.describe(last)}); restored step {kept.step}: {why}")
-            _print(self.console, f"budget: task '{task.name}' {decision['reason']}")
+            decision.kept_step, decision.rolled_back, decision.within_budget = kept.step, True, kept.within
+            decision.reason = f"the task ended over budget ({self.describe(last)}); restored step {kept.step}: {why}"
+            console_print(self.console, f"budget: task '{task.name}' {decision.reason}")
         if stop is not None:
-            self.stopped, self._stop = str(stop), stop
-        elif policy == "stop" and not last["within_budget"]:
+            self.stopped = str(stop)
+        elif policy == "stop" and not last.within_budget:
             self.stopped = f"task '{task.name}' ended over budget ({self.describe(last)})"
         self.decisions.append(decision)
         self.kept = None
@@ -331,13 +367,17 @@ class BudgetRuntime:
     def kept_files(self) -> set[str]:
         return {self.kept.file} if self.kept is not None and self.kept.file else set()
 
-    def prune(self, referenced: set[str]) -> None:
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"budget_kept_files": sorted(self.kept_files())}
+
+    def after_checkpoint(self) -> None:
         """Delete kept-weight files neither this run nor a checkpoint on disk refers to."""
         folder = self.run_dir / KEPT_DIR
         if not folder.is_dir() or not self.ctx.accelerator.is_main_process:
             return
+        referenced = referenced_kept_files(self.run_dir) | self.kept_files()
         for path in folder.glob("kept-*.safetensors"):
-            if path.name not in referenced | self.kept_files():
+            if path.name not in referenced:
                 path.unlink(missing_ok=True)
 
     # -- checkpoint and results ---------------------------------------------------------------
@@ -348,34 +388,40 @@ class BudgetRuntime:
             kept = {**self.kept.meta(), **({"tensors": self.kept.tensors} if self.kept.tensors is not None else {})}
         return {
             "controller": self.controller.state_dict(),
-            "checks": [dict(r) for r in self.checks],
-            "decisions": [dict(d) for d in self.decisions],
+            "checks": [r.model_dump() for r in self.checks],
+            "decisions": [d.model_dump() for d in self.decisions],
             "kept": kept,
             "in_memory": self.in_memory,
             "seconds": self.seconds,
             "history": {k: list(v) for k, v in self.meter.history.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore, then apply the restored strengths (before the strategies load their own state)."""
+        if state is None:
+            return
         self.controller.load_state_dict(state["controller"])
-        self.checks = [dict(r) for r in state.get("checks", [])]
-        self.decisions = [dict(d) for d in state.get("decisions", [])]
+        self.checks = [BudgetCheck.model_validate(r) for r in state.get("checks", [])]
+        self.decisions = [BudgetTask.model_validate(d) for d in state.get("decisions", [])]
         kept = state.get("kept")
         self.kept = None if kept is None else KeptPoint(**kept)
         self.in_memory = bool(state.get("in_memory", True))
         self.seconds = float(state.get("seconds", 0.0))
         self.meter.history = {k: [float(x) for x in v] for k, v in state.get("history", {}).items()}
         self.apply()
+        self._report()
+
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(self.result())
 
     def result(self) -> BudgetResult:
         bounds = {k: v for k, v in asdict(self.bounds).items() if v is not None}
         return BudgetResult(
             mode=self.mode, bounds=bounds, on_exhausted=self.config.on_exhausted, check_every=self.config.check_every,
             probe_examples=self.config.probe_examples, start=dict(self.start_values),
-            final={s.label: s.value for s in self.controller.strengths},
-            checks=[BudgetCheck.model_validate(r) for r in self.checks],
-            tasks=[BudgetTask.model_validate(d) for d in self.decisions], stopped=self.stopped, seconds=self.seconds,
+            final=dict(self.controller.values), checks=list(self.checks), tasks=list(self.decisions),
+            stopped=self.stopped, seconds=self.seconds,
         )
 
 
@@ -388,10 +434,3 @@ def referenced_kept_files(run_dir: Path) -> set[str]:
         except (OSError, ValueError):
             continue
     return names
-
-
-def _print(console: Any, message: str) -> None:
-    if console is not None:
-        console.print(message, markup=False, highlight=False)
-    else:
-        log.warning("%s", message)

@@ -13,7 +13,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +238,7 @@ def save_checkpoint(
     strategy_state: dict[str, Any],
     extra: dict[str, Any] | None = None,
     keep: int = 1,
-    budget_state: dict[str, Any] | None = None,
+    participant_state: dict[str, dict[str, Any] | None] | None = None,
 ) -> Path:
     """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed.
 
@@ -257,9 +257,11 @@ def save_checkpoint(
             torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_nested(rng_state(), tmp, "rng")
         save_nested(strategy_state, tmp, "strategies")
-        if budget_state is not None:  # a forgetting budget's controller, trajectory and kept point
-            save_nested(budget_state, tmp, "budget")
-        meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights}
+        stateful = {name: state for name, state in (participant_state or {}).items() if state is not None}
+        for name, state in stateful.items():  # e.g. a forgetting budget's controller, trajectory and kept point
+            save_nested(state, tmp, name)
+        meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights,
+                "participants": sorted(stateful)}
         meta["extra"] = extra or {}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _prune(Path(run_dir) / "checkpoints", keep)
@@ -289,7 +291,7 @@ class LoadedCheckpoint:
     rng: dict[str, Any]
     strategies: dict[str, Any]
     extra: dict[str, Any]
-    budget: dict[str, Any] | None = None
+    participants: dict[str, dict[str, Any]] = field(default_factory=dict)  # by participant name
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -308,5 +310,12 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         rng=load_nested(path, "rng"),
         strategies=load_nested(path, "strategies"),
         extra=meta.get("extra", {}),
-        budget=load_nested(path, "budget") if (path / "budget.json").is_file() else None,
+        participants={name: load_nested(path, name) for name in _participant_names(path, meta)},
     )
+
+
+def _participant_names(path: Path, meta: dict[str, Any]) -> list[str]:
+    """The participants with state in a checkpoint; one written before they were listed holds at most a budget."""
+    if "participants" in meta:
+        return list(meta["participants"])
+    return ["budget"] if (path / "budget.json").is_file() else []

@@ -329,13 +329,14 @@ def train_task(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     start_step: int,
-    on_step_end: Callable[[int], None],
+    on_step_end: Callable[[int], bool],
     progress: Any | None = None,
     stop: Any = None,
 ) -> TaskStats:
     """Run optimizer steps ``start_step .. task.steps`` of one task.
 
-    ``on_step_end(step_in_task)`` is called after each completed step (checkpoints, step evaluation).
+    ``on_step_end(step_in_task)`` is called after each completed step (checkpoints, step evaluation);
+    when it returns True the task ends there (a run participant decided to stop).
     ``stop`` (a :class:`~retain.train.interrupt.StopRequest`) is agreed on across processes: when any
     process's flag is set during a step, every process's flag is set after it, so all stop together.
     """
@@ -414,7 +415,8 @@ def train_task(
                 progress.update(step + 1, metrics)
             stats.tokens += window.tokens
             window = LogWindow()
-        on_step_end(step + 1)
+        if on_step_end(step + 1):
+            break
     return stats
 
 

@@ -43,3 +43,9 @@ class TaskProgress:
         if extras:
             info += "  " + "  ".join(extras)
         self._progress.update(self._task, completed=completed, info=info)
+
+
+def console_print(console: Console | None, message: str) -> None:
+    """One line for the person running the command: on ``console``, else on standard error. Plain text
+    (no markup), so paths and key names with brackets print as they are."""
+    (console or Console(stderr=True)).print(message, markup=False, highlight=False)

@@ -32,8 +32,9 @@ from retain.models.tasks import export_task_choices
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
-from retain.train.budget import is_check_step
-from retain.train.budgeted import BudgetExhausted, BudgetRuntime, referenced_kept_files
+from retain.eval.participant import GO_ON, Decision, Participant, first_stop
+from retain.results.schema import BudgetResult
+from retain.train.budgeted import budget_participant
 from retain.train.interrupt import StopRequest, TrainingInterrupted
 from retain.train.loop import (
     TaskStats,
@@ -52,21 +53,19 @@ from retain.train.processes import (
     parameter_layout,
     process_group_kwargs,
 )
-from retain.train.progress import TaskProgress
+from retain.train.progress import TaskProgress, console_print
 from retain.train.resume import check_resume_changes, check_run_dir
 
 log = logging.getLogger("retain")
 
 
-class RunObserver(Protocol):
-    """Evaluation hooks of a run (see ``retain.eval.runner``)."""
+class RunObserver(Participant, Protocol):
+    """The participant that evaluates (``retain.eval.runner.SuiteObserver``): its suite is an input of the
+    run, and a budget measures on it and reports into its results."""
 
-    def on_start(self, model: nn.Module, ctx: StrategyContext) -> None:
-        """The base model, before strategies wrap it; called on resume too (records persist)."""
+    suite: Any
 
-    def on_step(self, model: nn.Module, ctx: StrategyContext, task: TaskInfo) -> None: ...
-
-    def on_task_end(self, model: nn.Module, ctx: StrategyContext, task: TaskInfo, stats: TaskStats) -> None: ...
+    def set_budget(self, budget: BudgetResult | None) -> None: ...
 
 
 @dataclass
@@ -114,10 +113,9 @@ def _load_tasks(config: RunConfig, tokenizer: Any) -> list[TaskInfo]:
     return tasks
 
 
-def run_inputs(config: RunConfig, observer: Any = None) -> list[str]:
+def run_inputs(config: RunConfig, observer: RunObserver | None = None) -> list[str]:
     """Every local path the run reads, the eval suite's data files included: output.dir must not touch them."""
-    suite = getattr(observer, "suite", None)
-    suite_files = [p for task in getattr(suite, "tasks", []) for p in task.input_files().values()]
+    suite_files = [p for task in observer.suite.tasks for p in task.input_files().values()] if observer is not None else []
     return [*config.input_paths(), *suite_files]
 
 
@@ -161,6 +159,9 @@ class FineTune:
     """The recipe, in named steps: ``setup`` -> ``restore`` -> ``train_tasks`` -> ``export``.
 
     The object only carries what ``setup`` built to the later steps; each step reads top to bottom.
+    Evaluation and a forgetting budget take part through ``participants`` (``retain.eval.participant``),
+    called at the same points in list order; a participant that wants the run to stop returns a
+    :class:`Decision`, and the recipe stops at the next boundary it owns.
     """
 
     config: RunConfig
@@ -173,13 +174,14 @@ class FineTune:
     tasks: list[TaskInfo]
     ctx: StrategyContext
     full_weights: bool
-    budget: Any = None  # a BudgetRuntime when config.budget is set
+    participants: list[Participant]
 
     def __init__(self, config: RunConfig, *, observer: RunObserver | None = None, console: Console | None = None) -> None:
         self.config = config
         self.observer = observer
         self.console = console
         self.stop = StopRequest()
+        self.decision: Decision = GO_ON
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -192,8 +194,6 @@ class FineTune:
 
         config = self.config
         self.hybrid = Hybrid(validate_run_config(config))  # every config mistake, before any work
-        if config.budget is not None:
-            self._check_budget_suite()
         check_quantized_training(config.model, trains_adapters=any(s.peft_wrapper for s in self.hybrid.strategies))
         self.run_dir = Path(config.output.dir)
         self.accelerator = Accelerator(
@@ -205,14 +205,12 @@ class FineTune:
         )
         check_process_count(self.accelerator.num_processes, os.environ)
         check_data_parallel(self.accelerator.distributed_type)
-        if config.budget is not None and self.accelerator.num_processes > 1:
-            raise ConfigError(
-                "budget: a forgetting budget runs on one process (its measurements and kept points are the main "
-                "process's)",
-                hint="remove the budget section, or launch one process",
-            )
-        if not self.accelerator.is_main_process:
-            self.observer = None  # evaluation and results are the main process's
+        observer = self.observer if self.accelerator.is_main_process else None  # evaluation is the main process's
+        budget = budget_participant(
+            config, self.hybrid.strategies, self.observer.suite if self.observer is not None else None, processes=self.accelerator.num_processes,
+            report=observer.set_budget if observer is not None else None, run_dir=self.run_dir, console=self.console,
+        )
+        self.participants = [p for p in (observer, budget) if p is not None]
         self.loaded = _prepare_run_dir_once(
             self.accelerator, config, self.run_dir, resume, overwrite=overwrite,
             inputs=run_inputs(config, self.observer), console=self.console,
@@ -234,61 +232,25 @@ class FineTune:
             cache_dir=default_cache_dir(),
             collate=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
         )
-        if self.observer is not None:
-            self.observer.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
-        meter = self._budget_meter(model) if config.budget is not None else None
+        for participant in self.participants:
+            participant.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
         self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
         model = prepare_for_training(model, config.model, gradient_checkpointing=config.train.gradient_checkpointing)
         model = self.hybrid.setup(model, self.ctx)
         self.model = self.ctx.model = self.accelerator.prepare(model)
         self.layout = parameter_layout(model)
-        if meter is not None:
-            self.budget = BudgetRuntime(config.budget, self.hybrid.strategies, meter, run_dir=self.run_dir, ctx=self.ctx,
-                                        console=self.console)
-
-    def _check_budget_suite(self) -> None:
-        """A budget measures on the eval suite: refuse early when the suite lacks what a bound needs."""
-        from retain.eval.budget import budget_problems
-
-        suite = getattr(self.observer, "suite", None)
-        problems = budget_problems(self.config.budget, suite, [t.name for t in self.config.tasks], "eval.suite")
-        if problems:
-            raise ConfigError("invalid budget:\n  " + "\n  ".join(problems))
-
-    def _budget_meter(self, base: nn.Module) -> Any:
-        """The budget's measurements, with the base model's side taken now (before any strategy wraps it)."""
-        from retain.eval.budget import BudgetMeter
-
-        budget = self.config.budget
-        meter = BudgetMeter(
-            self.observer.suite, budget.probe_examples, self.config.eval.batch_size,  # type: ignore[union-attr]
-            measure_retention=budget.min_general_retention is not None, measure_kl=budget.max_kl is not None,
-            measure_forgetting=budget.max_task_forgetting is not None,
-        )
-        meter.start(base, self.tokenizer)
-        if budget.min_general_retention is not None and not meter.base_general:
-            raise ConfigError(
-                "budget.min_general_retention: the suite's general evals gave no bounded score on the base model "
-                "(e.g. next_token_accuracy); add one to eval.suite"
-            )
-        return meter
-
-    def _report_budget(self) -> None:
-        setter = getattr(self.observer, "set_budget", None)
-        if self.budget is not None and setter is not None:
-            setter(self.budget.result())
 
     # -- restore ------------------------------------------------------------------------------
 
     def restore(self) -> ckpt.Position:
-        """Apply the checkpoint read by ``setup`` (strategy state, weights, rng); the position to start at."""
+        """Apply the checkpoint read by ``setup`` (participant and strategy state, weights, rng); the
+        position to start at."""
         loaded = self.loaded
         if loaded is None:
             return ckpt.Position(task_index=0, step_in_task=0, global_step=0, task_started=False)
         self.ctx.resuming = True
-        if self.budget is not None and loaded.budget is not None:
-            self.budget.load_state_dict(loaded.budget)  # its strengths first: strategy state derived from them follows
-            self._report_budget()
+        for participant in self.participants:  # a budget's strengths first: strategy state derived from them follows
+            participant.load_state_dict(loaded.participants.get(participant.name))
         self.hybrid.load_state_dict(loaded.strategies, self.ctx)  # may rebuild structure the weights need
         ckpt.load_weights(self.accelerator.unwrap_model(self.model), loaded.weights)
         self.ctx.global_step = loaded.position.global_step
@@ -317,14 +279,14 @@ class FineTune:
     # -- train --------------------------------------------------------------------------------
 
     def train_tasks(self, start: ckpt.Position) -> list[TaskStats]:
-        """Each task from ``start`` on, in order; a checkpoint after each."""
+        """Each task from ``start`` on, in order; a checkpoint after each; until a participant stops the run."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.full_weights = self.hybrid.modifies_frozen_weights or not is_peft_model(unwrapped)
         done = []
         for task in self.tasks[start.task_index:]:
             done.append(self.train_one_task(task, start))
-            if self.budget is not None and self.budget.stopped:
-                break  # on_exhausted: stop
+            if self.decision.stops:
+                break
         return done
 
     def train_one_task(self, task: TaskInfo, start: ckpt.Position) -> TaskStats:
@@ -336,8 +298,8 @@ class FineTune:
         if not mid_task:
             hybrid.before_task(task, ctx)
             self.rewrap_if_changed()
-            if self.budget is not None:
-                self.budget.start_task(accelerator.unwrap_model(self.model), task)
+            for participant in self.participants:
+                participant.on_task_start(accelerator.unwrap_model(self.model), ctx, task)
         first_step = start.step_in_task if resumed_here else 0
         optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
         scheduler = build_scheduler(optimizer, config.train, task.steps)
@@ -348,29 +310,15 @@ class FineTune:
                 scheduler.load_state_dict(self.loaded.scheduler)
 
         enabled = config.train.progress and accelerator.is_main_process
-        exhausted = None
         with TaskProgress(f"{hybrid.name} · {task.name}", task.steps, first_step, enabled, self.console) as progress, \
                 self.stop.installed():
-            try:
-                stats = train_task(
-                    model=self.model,
-                    hybrid=hybrid,
-                    ctx=ctx,
-                    task=task,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    start_step=first_step,
-                    on_step_end=functools.partial(self.end_of_step, task, optimizer, scheduler),
-                    progress=progress,
-                    stop=self.stop,
-                )
-            except BudgetExhausted as err:  # on_exhausted: stop, over budget with every strength at its limit
-                exhausted = err
-                stats = TaskStats(steps=ctx.step_in_task + 1 - first_step,
-                                  trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
-        if self.budget is not None:  # over budget: restore the kept point before anything is exported or scored
-            self.budget.end_task(accelerator.unwrap_model(self.model), task,
-                                 end_step=ctx.step_in_task + 1 if exhausted is not None else None, stop=exhausted)
+            stats = train_task(
+                model=self.model, hybrid=hybrid, ctx=ctx, task=task, optimizer=optimizer, scheduler=scheduler,
+                start_step=first_step, on_step_end=functools.partial(self.end_of_step, task, optimizer, scheduler),
+                progress=progress, stop=self.stop,
+            )
+        for participant in self.participants:  # a budget restores its kept point before anything is exported or scored
+            participant.on_train_end(self.model, ctx, task)
         hybrid.after_task(task, ctx)
         stats.peak_memory = peak_memory_bytes(accelerator.device)
         ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
@@ -379,38 +327,35 @@ class FineTune:
                 accelerator.unwrap_model(self.model), self.tokenizer, self.run_dir / "tasks" / f"{task.index:02d}-{task.name}",
                 as_full_model=hybrid.modifies_frozen_weights,
             )
-        if self.observer is not None:
-            self.observer.on_task_end(self.model, ctx, task, stats)
+        self.decision = first_stop([p.on_task_end(self.model, ctx, task, stats) for p in self.participants])
         accelerator.wait_for_everyone()
-        if self.budget is not None:
-            self.budget.record_task_end(accelerator.unwrap_model(self.model), task)
-            self._report_budget()
-            if self.budget.stopped:
-                return stats  # no task-end checkpoint: a resume repeats the stop rather than go on past it
-        # The task is complete: the next position is the start of the next task, before its setup.
-        self.save_checkpoint(ckpt.Position(task.index + 1, 0, ctx.global_step, task_started=False))
+        if not self.decision.stops:  # a stopped run keeps no task-end checkpoint: a resume repeats the stop
+            # The task is complete: the next position is the start of the next task, before its setup.
+            self.save_checkpoint(ckpt.Position(task.index + 1, 0, ctx.global_step, task_started=False))
         return stats
 
-    def end_of_step(self, task: TaskInfo, optimizer: Any, scheduler: Any, step_in_task: int) -> None:
-        """After each optimizer step: the periodic checkpoint, the step evaluation, and a Ctrl-C's stop."""
-        every = self.config.checkpoint.every
+    def end_of_step(self, task: TaskInfo, optimizer: Any, scheduler: Any, step_in_task: int) -> bool:
+        """After each optimizer step: the participants (a budget check, a step evaluation), the periodic
+        checkpoint, and a Ctrl-C's stop. True when a participant ends the task here."""
+        stopping = self.stop.requested
+        decision = first_stop([
+            p.on_step_end(self.model, self.ctx, task, step_in_task, stopping=stopping) for p in self.participants
+        ])
+        if decision.stops:
+            self.decision = decision
+            return True
+        every, eval_every = self.config.checkpoint.every, self.config.eval.every_n_steps
+        if eval_every and step_in_task % eval_every == 0 and not stopping:
+            self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
         position = ckpt.Position(task.index, step_in_task, self.ctx.global_step, True)
-        budget = self.config.budget
-        if self.budget is not None and is_check_step(step_in_task, budget.check_every, budget.early_checks):
-            # before the checkpoint, which holds what the check changed
-            self.budget.check(self.accelerator.unwrap_model(self.model), task, step_in_task)
         saved = None
         if every and step_in_task % every == 0 and step_in_task < task.steps:
             saved = self.save_checkpoint(position, optimizer, scheduler)
-        eval_every = self.config.eval.every_n_steps
-        if eval_every and step_in_task % eval_every == 0 and not self.stop.requested:
-            if self.observer is not None:
-                self.observer.on_step(self.model, self.ctx, task)
-            self.accelerator.wait_for_everyone()
-        if self.stop.requested:
-            self.stop_here(task, position, optimizer, scheduler, saved)
+        if stopping:
+            self.stop_here(position, optimizer, scheduler, saved)
+        return False
 
-    def stop_here(self, task: TaskInfo, position: ckpt.Position, optimizer: Any, scheduler: Any, saved: Path | None) -> None:
+    def stop_here(self, position: ckpt.Position, optimizer: Any, scheduler: Any, saved: Path | None) -> None:
         """Ctrl-C: checkpoint the step just completed (a second Ctrl-C skips that) and stop."""
         if saved is None:  # after a task's last step too: resuming there runs the task's end (outputs, evaluation)
             if self.accelerator.is_main_process:
@@ -430,12 +375,12 @@ class FineTune:
                 scheduler=scheduler,
                 strategy_state=self.hybrid.state_dict(),
                 keep=self.config.checkpoint.keep,
-                budget_state=self.budget.state_dict() if self.budget is not None else None,
-                extra={"budget_kept_files": sorted(self.budget.kept_files())} if self.budget is not None else None,
+                participant_state={p.name: p.state_dict() for p in self.participants},
+                extra={k: v for p in self.participants for k, v in p.checkpoint_meta().items()},
             )
         self.accelerator.wait_for_everyone()
-        if self.budget is not None:
-            self.budget.prune(referenced_kept_files(self.run_dir))
+        for participant in self.participants:
+            participant.after_checkpoint()
         return ckpt.checkpoint_dir(self.run_dir, position.global_step, position.task_index)
 
     # -- export -------------------------------------------------------------------------------
@@ -453,8 +398,11 @@ class FineTune:
                                 [s.name for s in self.hybrid.strategies], full_model=self.full_weights)
         self.accelerator.wait_for_everyone()
         end_training(self.accelerator)
-        return RunOutcome(self.run_dir, final_dir, unwrapped, self.tokenizer, task_stats, self.observer,
-                          self.accelerator.is_main_process)
+        outcome = RunOutcome(self.run_dir, final_dir, unwrapped, self.tokenizer, task_stats, self.observer,
+                             self.accelerator.is_main_process)
+        for participant in self.participants:
+            participant.on_run_end(outcome)
+        return outcome
 
 
 def finetune(
@@ -479,11 +427,8 @@ def finetune(
     start = recipe.restore()
     task_stats = recipe.train_tasks(start)
     outcome = recipe.export(task_stats)
-    if recipe.budget is not None and recipe.budget.stopped:  # on_exhausted: stop; the kept point is exported
-        write = getattr(observer, "write_results", None)
-        if write is not None:
-            write(outcome)
-        raise recipe.budget.stop_error()
+    if recipe.decision.stop is not None:  # a participant ended the run (a budget's on_exhausted: stop)
+        raise recipe.decision.stop
     return outcome
 
 
@@ -515,6 +460,3 @@ def describe_position(position: ckpt.Position, tasks: list[TaskInfo]) -> str:
         return f"{where}, before its first step (global step {position.global_step})"
     return f"{where}, after step {position.step_in_task} of {task.steps} (global step {position.global_step})"
 
-
-def console_print(console: Console | None, message: str) -> None:
-    (console or Console(stderr=True)).print(message)

@@ -130,6 +130,13 @@ class SyntheticReplayConfig(StrategyConfig):
 class SyntheticReplay(Strategy):
     Config = SyntheticReplayConfig
     strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
+    input_path_keys = ("reuse_dir",)
+    output_path_keys = ("output_dir",)
+
+    @classmethod
+    def stores_real_data(cls, config: StrategyConfig) -> bool:
+        """Only the demonstrations it takes from the task's own data are real examples."""
+        return bool(getattr(config, "demonstrations_from_data", 0))
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         config = self.config
