@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retain.config import DataConfig, TaskConfig
-from retain.errors import ConfigError
 from retain.eval.suite import SuiteConfig
+from retain.registry import Registry
 
 
 @dataclass
@@ -31,23 +31,22 @@ class Scenario:
 
 Builder = Callable[..., Scenario]
 
+#: Scenario builders by name. Each scenario module registers its builder with ``@register_scenario``;
+#: the modules are imported on the first read, so this module never imports them (they import it).
+SCENARIOS: Registry[Builder] = Registry("scenario", package="retain.scenarios", exclude={"base", "bench"})
 
-def _builders() -> dict[str, Builder]:
-    from retain.scenarios.stories_contracts import build_stories_contracts
-    from retain.scenarios.synthetic import build_synthetic
 
-    return {"synthetic": build_synthetic, "stories-contracts": build_stories_contracts}
+def register_scenario(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make a builder (keyword options -> ``Scenario``) available as ``name``."""
+    return SCENARIOS.register(name)
 
 
 def scenario_names() -> list[str]:
-    return sorted(_builders())
+    return SCENARIOS.names()
 
 
 def get_scenario(name: str, **options: Any) -> Scenario:
-    builders = _builders()
-    if name not in builders:
-        raise ConfigError(f"unknown scenario '{name}'. Available: {', '.join(sorted(builders))}")
-    return builders[name](**options)
+    return SCENARIOS.get(name)(**options)
 
 
 def default_data_dir() -> Path | None:

@@ -32,7 +32,7 @@ from retain.config import DataConfig, TaskConfig
 from retain.errors import ConfigError, DataError
 from retain.eval.suite import SuiteConfig
 from retain.eval.tasks import LossEval, MultipleChoiceEval, NextTokenAccuracyEval
-from retain.scenarios.base import Scenario, default_data_dir
+from retain.scenarios.base import Scenario, default_data_dir, register_scenario
 
 log = logging.getLogger("retain")
 
@@ -199,6 +199,7 @@ def write_data(data_dir: Path, out: Path, with_shakespeare: bool = True) -> dict
     return written
 
 
+@register_scenario("stories-contracts")
 def build_stories_contracts(
     data_dir: Path | None = None,
     cache_dir: Path | None = None,

@@ -23,7 +23,7 @@ from retain.eval.suite import SuiteConfig
 from retain.eval.tasks import GenerationEval, LossEval
 from retain.io import atomic_dir
 from retain.models.tiny import char_tokenizer, tiny_model
-from retain.scenarios.base import Scenario
+from retain.scenarios.base import Scenario, register_scenario
 
 SCENARIO_VERSION = 2
 DIGITS, LOWER, UPPER = "0123456789", "abcdefghij", "ABCDEFGHIJ"
@@ -123,6 +123,7 @@ def pretrain_base(root: Path, data: Path, steps: int = 300, seed: int = 0) -> Pa
     return out
 
 
+@register_scenario("synthetic")
 def build_synthetic(cache_dir: Path | None = None, quick: bool = False, pretrain_steps: int = 300, **_: object) -> Scenario:
     from retain.io import default_cache_dir
 

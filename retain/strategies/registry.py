@@ -3,63 +3,49 @@ one new file with one ``@register_strategy`` line and no edit anywhere else."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pydantic import ValidationError
 
 from retain.config import closest_name
 from retain.errors import ConfigError
+from retain.registry import Registry
 
 if TYPE_CHECKING:
     from retain.config import RunConfig, StrategySpec
     from retain.strategies.base import Strategy
 
-_REGISTRY: dict[str, type["Strategy"]] = {}
-_INFRASTRUCTURE = {"base", "registry", "compose"}
-_discovered = False
+
+def _take_name(name: str, cls: type["Strategy"]) -> None:
+    """A strategy knows its registered name: results, errors and hybrids refer to it by that name."""
+    cls.name = name
+
+
+#: Every strategy by name. The package's modules other than base, registry and compose (infrastructure)
+#: are imported on the first read. ``_REGISTRY`` is the old name; tests ``pop`` their temporary strategies.
+STRATEGIES: Registry[type["Strategy"]] = Registry(
+    "strategy", package="retain.strategies", exclude={"base", "registry", "compose"}, validate=_take_name
+)
+_REGISTRY = STRATEGIES
 
 S = TypeVar("S", bound=type["Strategy"])
 
 
 def register_strategy(name: str) -> Callable[[S], S]:
     """Class decorator: make a strategy available by ``name`` in configs and on the CLI."""
-
-    def decorate(cls: S) -> S:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"strategy '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return STRATEGIES.register(name)  # type: ignore[return-value]  # returns the class it was given
 
 
 def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import retain.strategies as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    STRATEGIES.discover()
 
 
 def available_strategies() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return STRATEGIES.names()
 
 
 def get_strategy_class(name: str) -> type["Strategy"]:
-    _discover()
-    if name not in _REGISTRY:
-        hint = closest_name(name, list(_REGISTRY))
-        extra = f" Did you mean '{hint}'?" if hint else ""
-        raise ConfigError(f"unknown strategy '{name}'.{extra} Available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return STRATEGIES.get(name)
 
 
 def build_strategy(name: str, params: dict[str, Any], where: str = "strategies") -> "Strategy":

@@ -15,8 +15,6 @@ read, so nothing else needs editing.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +23,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 from pydantic import Field, model_validator
 from torch import nn
 
-from retain.config import StrictModel, closest_name
-from retain.errors import ConfigError
+from retain.config import StrictModel
+from retain.registry import Registry
 
 V = TypeVar("V")
 
@@ -103,52 +101,34 @@ class EvalTaskConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # Registry
 
-_REGISTRY: dict[str, type[EvalTaskConfig]] = {}
-_discovered = False
+
+def _declares_its_type(name: str, cls: type[EvalTaskConfig]) -> None:
+    """The ``type`` Literal is the suite's discriminator: a class registered under another name would
+    be chosen for the wrong entries."""
+    declared = get_args(cls.model_fields["type"].annotation)
+    if declared != (name,):
+        raise TypeError(f"{cls.__name__} registers type '{name}' but declares type: Literal{list(declared)}")
+
+
+#: Every eval type by its ``type:`` name; the modules of this package are imported on the first read.
+EVAL_TYPES: Registry[type[EvalTaskConfig]] = Registry(
+    "eval type", package="retain.eval.tasks", exclude={"base"}, validate=_declares_its_type, listing="Registered types"
+)
 E = TypeVar("E", bound=type[EvalTaskConfig])
 
 
 def register_eval_type(name: str) -> Callable[[E], E]:
     """Class decorator: make an eval type available as ``type: name`` in suites."""
-
-    def decorate(cls: E) -> E:
-        declared = get_args(cls.model_fields["type"].annotation)
-        if declared != (name,):
-            raise TypeError(f"{cls.__name__} registers type '{name}' but declares type: Literal{list(declared)}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"eval type '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _discover() -> None:
-    """Import every module of this package once, so each built-in type registers itself."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import retain.eval.tasks as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    return EVAL_TYPES.register(name)  # type: ignore[return-value]  # returns the class it was given
 
 
 def eval_types() -> dict[str, type[EvalTaskConfig]]:
     """Registered eval types by name, sorted."""
-    _discover()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(EVAL_TYPES.items())
 
 
 def get_eval_type(name: str) -> type[EvalTaskConfig]:
-    types = eval_types()
-    if name not in types:
-        hint = closest_name(name, list(types))
-        extra = f" Did you mean '{hint}'?" if hint else ""
-        raise ConfigError(f"unknown eval type '{name}'.{extra} Registered types: {', '.join(types)}")
-    return types[name]
+    return EVAL_TYPES.get(name)
 
 
 def eval_task_union() -> Any:
