@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -234,7 +234,7 @@ class RunConfig(StrictModel):
             params = spec.params
             data = params.get("data")
             paths.append(data.get("path") if isinstance(data, dict) else None)
-            paths += [params.get(key) for key in STRATEGY_INPUT_KEYS]
+            paths += [params.get(key) for key in _strategy_path_keys(spec.name)[0]]
         return [p for p in paths if isinstance(p, str) and p]
 
 
@@ -400,10 +400,17 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, s
 
 #: File suffixes of local data files (``retain.data.records`` reads these).
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
-#: Strategy parameters that name a file or folder the run reads.
-STRATEGY_INPUT_KEYS = ("file", "reuse_dir")
-#: Strategy parameters that name a folder the run writes.
-STRATEGY_OUTPUT_KEYS = ("output_dir",)
+#: (input, output) config keys of a strategy that name a file or folder it reads / writes. Strategies
+#: declare them (``Strategy.input_path_keys``); the strategy registry, a layer above, installs the
+#: look-up when it is imported (``use_strategy_path_keys``), so this module never names a strategy.
+StrategyPathKeys = Callable[[str], tuple[tuple[str, ...], tuple[str, ...]]]
+_strategy_path_keys: StrategyPathKeys = lambda name: ((), ())
+
+
+def use_strategy_path_keys(look_up: StrategyPathKeys) -> None:
+    """Install the look-up of the path keys each strategy declares (``retain.strategies.registry``)."""
+    global _strategy_path_keys
+    _strategy_path_keys = look_up
 
 
 def resolve_path(value: str, base: Path, kind: Literal["path", "data", "model"]) -> str:
@@ -435,7 +442,8 @@ def resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Resolve the path keys of a raw run mapping against ``base`` (in place; also returned).
 
     Keys: ``model.name_or_path``, ``model.tokenizer``, ``tasks[i].data.path``, ``general_data.path``,
-    ``eval.suite``, ``output.dir``, and per strategy ``data.path``, ``file``, ``reuse_dir``, ``output_dir``.
+    ``eval.suite``, ``output.dir``, and per strategy ``data.path`` and the path keys it declares
+    (``file``, ``reuse_dir``, ``output_dir``).
     """
     _resolve_at(data.get("model"), "name_or_path", base, "model")
     _resolve_at(data.get("model"), "tokenizer", base, "model")
@@ -448,7 +456,8 @@ def resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for spec in data.get("strategies") if isinstance(data.get("strategies"), list) else []:
         if isinstance(spec, dict):
             _resolve_at(spec.get("data"), "path", base, "data")
-            for key in (*STRATEGY_INPUT_KEYS, *STRATEGY_OUTPUT_KEYS):
+            inputs, outputs = _strategy_path_keys(str(spec.get("name", "")))
+            for key in (*inputs, *outputs):
                 _resolve_at(spec, key, base, "path")
     return data
 

@@ -99,6 +99,11 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.kind} '{name}'.{extra} {self._listing}: {', '.join(self.names())}")
         return self._entries[name]
 
+    def find(self, name: str) -> T | None:
+        """The object registered as ``name``, or None (for callers that report unknown names themselves)."""
+        self.discover()
+        return self._entries.get(name)
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         self.discover()

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from retain.models.tiny import char_tokenizer, tiny_model  # noqa: E402
+import retain.strategies  # noqa: E402,F401  (installs the path keys strategies declare, read by retain.config.load_config)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -223,7 +223,7 @@ def test_fixed_settings_are_not_searched_and_specs_layer_settings():
     h = hybrid("lora+lwf@lwf.alpha=3", "")
     assert knobs(h) == []
     h = find_hybrid("lora+lwf+replay@lwf.anchor=general@lwf.teacher=adapters_off")
-    assert [k.name for k in knobs(h)] == ["lwf.alpha", "replay.ratio"]
+    assert [k.label for k in knobs(h)] == ["lwf.alpha", "replay.ratio"]
     specs = strategy_specs(h, {"lwf.alpha": 0.5, "replay.ratio": 0.2},
                            own={"lora": {"r": 16}, "lwf": {"temperature": 3.0, "anchor": "task"}})
     assert specs == [

@@ -2,50 +2,26 @@
 
 Every strategy with a strength knob declares it (:class:`~retain.strategies.base.Strength`: the config
 key, its sensible range, whether to search it in log space); its default is the strategy's own config
-default. Nothing here repeats a range or a default, so when a strategy is retuned the search follows.
+default. The same type is what the budget moves and the report labels. Nothing here repeats a range or a default, so when a strategy is retuned the search follows.
 A parameter is named ``<strategy>.<key>`` and shared by every hybrid containing that strategy, so what
 one trial learns about lwf's alpha informs the next hybrid with lwf.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 from retain.guide.catalogue import Hybrid
+from retain.strategies.base import Strength
 from retain.strategies.registry import get_strategy_class
 
 
-@dataclass(frozen=True)
-class Knob:
-    """One searchable strength: ``strategy.key`` in [low, high] (log-scaled when ``log``)."""
-
-    strategy: str
-    key: str
-    low: float
-    high: float
-    log: bool
-    default: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.strategy}.{self.key}"
+def knob(strategy: str) -> Strength | None:
+    """The strategy's declared strength bound to its name and config default (clipped into the range), or None."""
+    return Strength.of(get_strategy_class(strategy))
 
 
-def knob(strategy: str) -> Knob | None:
-    """The strategy's declared strength with its config default (clipped into the range), or None."""
-    cls = get_strategy_class(strategy)
-    strength = cls.strength
-    if strength is None:
-        return None
-    field = cls.Config.model_fields[strength.key]
-    default = field.default if isinstance(field.default, (int, float)) else math.sqrt(strength.low * strength.high)
-    return Knob(strategy, strength.key, float(strength.low), float(strength.high), bool(strength.log),
-                strength.clip(float(default)))
-
-
-def knobs(h: Hybrid) -> list[Knob]:
+def knobs(h: Hybrid) -> list[Strength]:
     """The strengths a trial of ``h`` searches: those its fixed settings leave free."""
     found = []
     for name in h.names:
@@ -55,13 +31,13 @@ def knobs(h: Hybrid) -> list[Knob]:
     return found
 
 
-def all_knobs(hybrids: list[Hybrid]) -> dict[str, Knob]:
+def all_knobs(hybrids: list[Hybrid]) -> dict[str, Strength]:
     """Every knob of every hybrid, by name (one per strategy)."""
-    return {k.name: k for h in hybrids for k in knobs(h)}
+    return {k.label: k for h in hybrids for k in knobs(h)}
 
 
 def default_values(h: Hybrid) -> dict[str, float]:
-    return {k.name: k.default for k in knobs(h)}
+    return {k.label: k.default for k in knobs(h)}
 
 
 def strategy_specs(
@@ -73,8 +49,8 @@ def strategy_specs(
     for name in h.names:
         spec: dict[str, Any] = {"name": name, **(own or {}).get(name, {}), **h.params(name)}
         k = knob(name)
-        if k is not None and k.name in values:
-            spec[k.key] = float(values[k.name])
+        if k is not None and k.label in values:
+            spec[k.key] = float(values[k.label])
         specs.append(spec)
     return specs
 

@@ -338,7 +338,7 @@ class Tuner:
     def objective(self, trial: Any) -> Any:
         optuna = _optuna()
         h = self.by_key[trial.suggest_categorical("hybrid", [h.key for h in self.eligible])]
-        values = {k.name: trial.suggest_float(k.name, k.low, k.high, log=k.log) for k in knobs(h)}
+        values = {k.label: trial.suggest_float(k.label, k.low, k.high, log=k.log) for k in knobs(h)}
         earlier = self._same_settings(trial.params)
         if earlier is not None:
             return self._repeat(trial, earlier)

@@ -122,6 +122,27 @@ def gather_topk(table: TokenTable, indices: list[int | None], seq_len: int, rows
 class LearningWithoutForgetting(Strategy):
     Config = LwfConfig
     strength = Strength("alpha", 1e-2, 1e2)
+    preserves_function = True
+
+    @classmethod
+    def teacher_source(cls, config: StrategyConfig, *, adapters: bool) -> str:
+        """Where the teacher's outputs come from: ``auto`` is the adapters switched off when the model
+        trains adapters (no second model in memory), else a frozen copy."""
+        assert isinstance(config, LwfConfig)
+        if config.teacher == "auto":
+            return "adapters_off" if adapters else "copy"
+        return config.teacher
+
+    @classmethod
+    def holds_model_copy(cls, config: StrategyConfig, *, adapters: bool) -> bool:
+        return cls.teacher_source(config, adapters=adapters) == "copy"
+
+    @classmethod
+    def extra_passes(cls, config: StrategyConfig, *, adapters: bool) -> float:
+        """General anchors add a student forward+backward; every teacher but cached top-k a forward."""
+        assert isinstance(config, LwfConfig)
+        teacher = 0.0 if cls.teacher_source(config, adapters=adapters) == "cached_topk" else 1 / 3
+        return (1.0 if config.anchor == "general" else 0.0) + teacher
 
     def __init__(self, config: LwfConfig | None = None) -> None:
         super().__init__(config)
@@ -168,9 +189,7 @@ class LearningWithoutForgetting(Strategy):
         (which runs before the checkpoint's weights are loaded), so both see the original model.
         """
         model = ctx.unwrapped_model
-        source = self.config.teacher
-        if source == "auto":
-            source = "adapters_off" if is_peft_model(model) else "copy"
+        source = self.teacher_source(self.config, adapters=is_peft_model(model))
         if source == "adapters_off":
             if not is_peft_model(model):
                 raise ConfigError(

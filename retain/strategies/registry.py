@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pydantic import ValidationError
 
-from retain.config import closest_name
+from retain.config import closest_name, use_strategy_path_keys
 from retain.errors import ConfigError
 from retain.registry import Registry
 
@@ -17,8 +17,19 @@ if TYPE_CHECKING:
 
 
 def _take_name(name: str, cls: type["Strategy"]) -> None:
-    """A strategy knows its registered name: results, errors and hybrids refer to it by that name."""
+    """A strategy knows its registered name (results, errors and hybrids refer to it by that name), and
+    the facts it declares must hold (as PEFT's ``register_peft_method`` checks a tuner's prefix)."""
+    problems = cls.declaration_problems()
+    if problems:
+        raise TypeError(f"strategy '{name}' ({cls.__module__}): " + "; ".join(problems))
     cls.name = name
+
+
+def strategy_path_keys(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input, output) path keys the strategy ``name`` declares; none for an unknown name (the config's
+    validation names that mistake)."""
+    cls = STRATEGIES.find(name)
+    return (cls.input_path_keys, cls.output_path_keys) if cls is not None else ((), ())
 
 
 #: Every strategy by name. The package's modules other than base, registry and compose (infrastructure)
@@ -27,6 +38,7 @@ STRATEGIES: Registry[type["Strategy"]] = Registry(
     "strategy", package="retain.strategies", exclude={"base", "registry", "compose"}, validate=_take_name
 )
 _REGISTRY = STRATEGIES
+use_strategy_path_keys(strategy_path_keys)  # the config resolves and protects the paths strategies declare
 
 S = TypeVar("S", bound=type["Strategy"])
 

@@ -135,8 +135,9 @@ class SyntheticReplay(Strategy):
 
     @classmethod
     def stores_real_data(cls, config: StrategyConfig) -> bool:
-        """Only the demonstrations it takes from the task's own data are real examples."""
-        return bool(getattr(config, "demonstrations_from_data", 0))
+        """Only demonstrations taken from the task's own data are real examples; counted when the settings ask
+        for them (the guide's hybrids write from general prompts, which ``retain tune`` fills from general text)."""
+        return "demonstrations_from_data" in config.model_fields_set and bool(getattr(config, "demonstrations_from_data"))
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         config = self.config
