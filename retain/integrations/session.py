@@ -14,7 +14,6 @@ points; the Trainer keeps its optimizer, scheduler, data order, mixed precision 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.base import Strategy
 from retain.strategies.registry import validate_run_config
 from retain.train.loop import TaskStats, seed_everything
-from retain.train.run import peak_memory_bytes
+from retain.train.run import load_tasks, peak_memory_bytes
 
 log = logging.getLogger("retain")
 
@@ -126,26 +125,15 @@ class RetainSession:
         Seeds the global RNGs with the session's seed first, as ``retain train`` does, so adapter and prompt
         initialisations are the same as in a ``retain train`` run with that seed.
         """
-        from retain.data import build_task_data, collate, ensure_pad_token
+        from retain.data import ensure_pad_token
 
         ensure_dir(self.run_dir, "create the output folder")
         seed_everything(self.config.train.seed)
         self.tokenizer = ensure_pad_token(tokenizer)
-        seed = self.config.train.seed
-        self.tasks = [
-            TaskInfo(index=i, name=t.name, steps=self.config.steps_for(t), data=build_task_data(t.data, self.tokenizer, seed))
-            for i, t in enumerate(self.config.tasks)
-        ]
-        self.ctx = StrategyContext(
-            config=self.config,
-            accelerator=None,  # the Trainer's, bound in train(); setup hooks do not use it
-            tokenizer=self.tokenizer,
-            model=model,
-            tasks=self.tasks,
-            run_dir=self.run_dir,
-            cache_dir=default_cache_dir(),
-            collate=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )
+        self.tasks = load_tasks(self.config, self.tokenizer)
+        # the Trainer's accelerator is bound in train(); setup hooks do not use it
+        self.ctx = StrategyContext.for_run(self.config, None, self.tokenizer, model, self.tasks, self.run_dir,
+                                           default_cache_dir())
         self.observer = self._observer()
         if self.observer is not None:
             self.observer.on_start(model, self.ctx)

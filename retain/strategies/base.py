@@ -29,6 +29,7 @@ checks it before any model loads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -92,6 +93,17 @@ class StrategyContext:
     step_tokens: torch.Tensor | None = None  # attention tokens of the step's batches, every process (in the loop)
     step_parts: int = 1  # micro-batches per step times processes: what the loop averages terms over
     _loaded: dict[str, list["Example"]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_run(cls, config: "RunConfig", accelerator: Any, tokenizer: Any, model: nn.Module, tasks: list[TaskInfo],
+                run_dir: Path, cache_dir: Path) -> "StrategyContext":
+        """The context of a run (``retain train``'s recipe, or a Trainer session), collating with the
+        tokenizer's pad token."""
+        from retain.data import collate
+
+        return cls(config=config, accelerator=accelerator, tokenizer=tokenizer, model=model, tasks=tasks,
+                   run_dir=run_dir, cache_dir=cache_dir,
+                   collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id))
 
     @property
     def device(self) -> torch.device:

@@ -96,6 +96,13 @@ def _gt(a: float | None, b: float | None) -> bool:
     return b is None or a > b
 
 
+def budget_config_problems(config: RunConfig) -> list[str]:
+    """What the run config alone shows a budget lacks (no eval suite to measure on), before the suite loads."""
+    if config.budget is None or config.eval.suite:
+        return []
+    return budget_problems(config.budget, None, [], "eval.suite")
+
+
 def budget_participant(
     config: RunConfig, strategies: list[Strategy], suite: SuiteConfig | None, *, processes: int,
     report: Callable[[BudgetResult], None] | None, run_dir: Path, console: Any = None,

@@ -34,7 +34,7 @@ from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
 from retain.eval.participant import GO_ON, Decision, Participant, first_stop
 from retain.results.schema import BudgetResult
-from retain.train.budgeted import budget_participant
+from retain.train.budgeted import budget_config_problems, budget_participant
 from retain.train.interrupt import StopRequest, TrainingInterrupted
 from retain.train.loop import (
     TaskStats,
@@ -90,14 +90,14 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """A run YAML validated completely: keys and values, then every strategy's parameters and needs."""
     config = load_config(path, overrides)
     validate_run_config(config, str(path))
-    if config.budget is not None and not config.eval.suite:
-        from retain.eval.budget import budget_problems
-
-        raise ConfigError(f"invalid config in {path}:\n  " + "\n  ".join(budget_problems(config.budget, None, [], "eval.suite")))
+    problems = budget_config_problems(config)
+    if problems:
+        raise ConfigError(f"invalid config in {path}:\n  " + "\n  ".join(problems))
     return config
 
 
-def _load_tasks(config: RunConfig, tokenizer: Any) -> list[TaskInfo]:
+def load_tasks(config: RunConfig, tokenizer: Any) -> list[TaskInfo]:
+    """Every task of the run, tokenized, with a warning for a task smaller than one batch."""
     from retain.data import build_task_data
 
     tasks = []
@@ -189,7 +189,7 @@ class FineTune:
         """Validate, prepare the run folder, load model and data, and let strategies wrap the model."""
         from accelerate import Accelerator
 
-        from retain.data import collate, ensure_pad_token
+        from retain.data import ensure_pad_token
         from retain.models.loading import check_quantized_training, load_model, prepare_for_training
 
         config = self.config
@@ -221,17 +221,9 @@ class FineTune:
         if model is None:
             model, tokenizer = load_model(config.model)
         self.tokenizer = ensure_pad_token(tokenizer)
-        self.tasks = _load_tasks(config, self.tokenizer)
-        self.ctx = StrategyContext(
-            config=config,
-            accelerator=self.accelerator,
-            tokenizer=self.tokenizer,
-            model=model,
-            tasks=self.tasks,
-            run_dir=self.run_dir,
-            cache_dir=default_cache_dir(),
-            collate=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )
+        self.tasks = load_tasks(config, self.tokenizer)
+        self.ctx = StrategyContext.for_run(config, self.accelerator, self.tokenizer, model, self.tasks, self.run_dir,
+                                           default_cache_dir())
         for participant in self.participants:
             participant.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
         self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
