@@ -64,6 +64,7 @@ from retain.strategies._shared.teachers import (
     Teacher,
     distill_kl,
     gather_topk,
+    live_model,
 )
 from retain.strategies.base import (
     Batch,
@@ -164,7 +165,7 @@ class LearningWithoutForgetting(Strategy):
         if source == "copy":
             self._teacher = FrozenCopy(model)
         elif source == "adapters_off":
-            self._teacher = AdaptersOff(lambda: ctx.unwrapped_model)
+            self._teacher = AdaptersOff(live_model(ctx))
         else:
             tasks = ctx.tasks if self.config.anchor == "task" else [None]  # every task's examples, or the pool
             self._teacher = self._cached(ctx, base_fingerprint(model), base=True).compute(
@@ -229,7 +230,7 @@ class LearningWithoutForgetting(Strategy):
         micro-batch's general anchors (the cursor moves here, not in the loss)."""
         if self._needs_snapshot(ctx.task):
             assert ctx.task is not None
-            self._teacher = Snapshot.take(lambda: ctx.unwrapped_model, ctx.task.index)  # the base copy goes with it
+            self._teacher = Snapshot.take(live_model(ctx), ctx.task.index)  # the base copy goes with it
         if self.config.anchor == "general" and self.config.alpha != 0.0:
             self._picks[ctx.micro_batch] = self._picks_at(ctx, self._cursor)
             self._cursor += self.config.anchor_batch_size
@@ -258,6 +259,7 @@ class LearningWithoutForgetting(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         teacher = self._teacher.state_dict() if self._teacher is not None else {}
+        # a snapshot's own task_weights_index (and weights), or a later task's table_fingerprint, over the defaults
         return {"cursor": self._cursor, "task_weights_index": -1, **teacher}
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
@@ -266,6 +268,6 @@ class LearningWithoutForgetting(Strategy):
         self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model
         if "task_weights" in state:  # the model at the current task's start
             weights = {n: t.to(ctx.device) for n, t in state["task_weights"].items()}
-            self._teacher = Snapshot(lambda: ctx.unwrapped_model, weights, int(state.get("task_weights_index", -1)))
+            self._teacher = Snapshot(live_model(ctx), weights, int(state.get("task_weights_index", -1)))
         if state.get("table_fingerprint") is not None and self._source == "cached_topk":
             self._teacher = self._cached(ctx, state["table_fingerprint"], base=False)  # tables on disk already

@@ -44,6 +44,10 @@ logger = logging.getLogger("retain")
 #: The training model as it is at the call. Looked up each time, not held: the loop may re-wrap it.
 ModelRef = Callable[[], nn.Module]
 
+
+def live_model(ctx: StrategyContext) -> ModelRef:
+    return lambda: ctx.unwrapped_model
+
 #: Optional batch field: each row's index in the anchor set, for rows drawn by index (general anchors).
 #: Without it a cached teacher finds rows by their token ids, and rows it does not know are not distilled.
 ANCHOR_INDEX = "anchor_index"
