@@ -35,27 +35,37 @@ fine-tuning one copy of the weights, which replaces the frozen copy. It is part 
 
 With prompt tuning the student's logits carry extra virtual-token positions at the front; they are
 dropped so teacher and student are compared on the same input positions.
+
+Each teacher is a small object (:mod:`retain.strategies._shared.teachers`); the strategy holds one and
+replaces it at a task's start, so which model teaches is always a single object, never a fallback chain.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch.func import functional_call
 
 from retain.config import DataConfig, RunConfig
-from retain.data.identity import batch_rows, example_key, examples_hash
 from retain.data.sampling import sample_indices, subset_indices
 from retain.errors import ConfigError
-from retain.losses.distill import kl_with_temperature, kl_with_temperature_topk, topk_teacher
 from retain.models.adapters import is_peft_model
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
-from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward, trainable_parameters
-from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
+from retain.models.runtime import align_to_inputs
+from retain.strategies._shared.teachers import (
+    ANCHOR_INDEX,
+    AdaptersOff,
+    AnchorSet,
+    CachedTopK,
+    FrozenCopy,
+    Snapshot,
+    Teacher,
+    distill_kl,
+    gather_topk,
+    live_model,
+)
 from retain.strategies.base import (
     Batch,
     Strategy,
@@ -67,7 +77,7 @@ from retain.strategies.base import (
 )
 from retain.strategies.registry import get_strategy_class, register_strategy
 
-logger = logging.getLogger("retain")
+__all__ = ["LearningWithoutForgetting", "LwfConfig", "gather_topk"]
 
 
 class LwfConfig(StrategyConfig):
@@ -94,28 +104,6 @@ class LwfConfig(StrategyConfig):
         if self.anchor == "task" and (self.data is not None or self.pool_size is not None):
             raise ValueError("'data' and 'pool_size' choose general anchors: set anchor: general to use them")
         return self
-
-
-def gather_topk(table: TokenTable, indices: list[int | None], seq_len: int, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch's cached teacher, ``(batch, seq, k)`` / ``(batch, seq)``, and ``known``: positions that have one.
-
-    ``indices[b]`` is row b's example in ``table`` (None: unknown, e.g. a replayed row, not distilled);
-    ``rows[b]`` are the batch positions of its real tokens. Unknown positions hold finite fillers.
-    """
-    k = table.tensors["log_q"].shape[-1]
-    out = {
-        "log_q": torch.zeros(len(indices), seq_len, k),
-        "indices": torch.zeros(len(indices), seq_len, k, dtype=torch.int64),
-        "log_rest": torch.zeros(len(indices), seq_len),
-        "known": torch.zeros(len(indices), seq_len),
-    }
-    for b, (index, positions) in enumerate(zip(indices, rows)):
-        if index is None or int(table.lengths[index]) != len(positions):
-            continue
-        for name in ("log_q", "indices", "log_rest"):
-            out[name][b, positions] = table.example(index, name).to(out[name].dtype)
-        out["known"][b, positions] = 1.0
-    return out
 
 
 @register_strategy("lwf")
@@ -146,18 +134,11 @@ class LearningWithoutForgetting(Strategy):
 
     def __init__(self, config: LwfConfig | None = None) -> None:
         super().__init__(config)
-        self._source: str | None = None  # resolved teacher source
-        self._teacher_copy: nn.Module | None = None
+        self._source: str | None = None  # the resolved ``teacher`` (auto decided); None until prepared
+        self._teacher: Teacher | None = None  # the model that teaches the current task
         self._pool: list = []
         self._cursor = 0  # anchor examples drawn so far (general anchors): the only state that evolves
-        self._fingerprint: str | None = None
-        self._table: TokenTable | None = None  # cached top-k for the current task (or the pool)
-        self._table_name: str | None = None
-        self._table_keys: dict[bytes, int] = {}
         self._picks: dict[int, list[int]] = {}  # pool rows anchoring each micro-batch of the step (anchor=general)
-        self._task_weights: dict[str, torch.Tensor] | None = None  # trainable weights at this task's start
-        self._task_weights_index = -1  # the task they belong to
-        self._table_fingerprint: str | None = None  # cached_topk + task_start: the teacher table's model
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         problems = []
@@ -190,102 +171,62 @@ class LearningWithoutForgetting(Strategy):
         """
         model = ctx.unwrapped_model
         source = self.teacher_source(self.config, adapters=is_peft_model(model))
-        if source == "adapters_off":
-            if not is_peft_model(model):
-                raise ConfigError(
-                    "lwf.teacher=adapters_off needs a PEFT-wrapped model (add 'lora' or 'prompt-tuning' to the "
-                    "strategies), or use teacher: copy / cached_topk."
-                )
-        if source == "copy":
-            self._teacher_copy = frozen_copy(model)
+        if source == "adapters_off" and not is_peft_model(model):
+            raise ConfigError(
+                "lwf.teacher=adapters_off needs a PEFT-wrapped model (add 'lora' or 'prompt-tuning' to the "
+                "strategies), or use teacher: copy / cached_topk."
+            )
         if self.config.anchor == "general":
             examples = ctx.general_examples(self.config.data, "lwf")
             self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, ctx.seed_for(self))]
             if not self._pool:
                 raise ConfigError("lwf: the general anchor data has no examples")
-        if source == "cached_topk":
-            self._fingerprint = base_fingerprint(model)
-            for name, examples in self._anchor_sets(ctx).items():
-                self._topk_table(ctx, name, examples, compute_if_missing=True)
+        if source == "copy":
+            self._teacher = FrozenCopy(model)
+        elif source == "adapters_off":
+            self._teacher = AdaptersOff(live_model(ctx))
+        else:
+            tasks = ctx.tasks if self.config.anchor == "task" else [None]  # every task's examples, or the pool
+            self._teacher = self._cached(ctx, base_fingerprint(model), base=True).compute(
+                dict(self._anchor_set(t) for t in tasks)
+            )
         self._source = source
 
-    def _anchor_sets(self, ctx: StrategyContext) -> dict[str, list]:
+    def _anchor_set(self, task: TaskInfo | None) -> AnchorSet:
+        """The examples anchoring ``task`` (the pool with general anchors), named for the top-k cache."""
         if self.config.anchor == "general":
-            return {"pool": self._pool}
-        return {f"task{t.index}": t.train_examples for t in ctx.tasks}
+            return "pool", self._pool
+        assert task is not None
+        return f"task{task.index}", task.train_examples
 
-    def _topk_table(
-        self, ctx: StrategyContext, name: str, examples: list, compute_if_missing: bool, adapters_off: bool = True
-    ) -> TokenTable:
-        data_hash = examples_hash(examples)
-        k, t = self.config.top_k, self.config.temperature
-        fingerprint = self._table_fingerprint or self._fingerprint or ""
-        path = cache_file(ctx.cache_dir, "lwf", fingerprint, data_hash, f"-top{k}-T{t:g}")
-        metadata = {"kind": "lwf-topk", "fingerprint": fingerprint, "data_hash": data_hash,
-                    "top_k": str(k), "temperature": repr(t)}
-        if not compute_if_missing:
-            table = TokenTable.load(path, metadata)
-            if table is None:
-                raise RuntimeError(
-                    f"lwf: the cached teacher outputs {path} disappeared during the run; resume the run "
-                    "(they are recomputed from the original model) or start it again."
-                )
-            return table
-
-        def compute() -> TokenTable:
-            def per_token(logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-                log_q, indices, log_rest = topk_teacher(logits, k, t)
-                return {"log_q": log_q, "indices": indices.to(torch.int32), "log_rest": log_rest}
-
-            return compute_table(ctx.unwrapped_model, examples, ctx.collate, per_token,
-                                 batch_size=self.config.cache_batch_size, device=ctx.device, adapters_off=adapters_off,
-                                 accelerator=ctx.accelerator)
-
-        table, hit = cached_table(path, metadata, compute, ctx.accelerator)
-        logger.info("lwf: teacher top-%d for %s %s (%s)", k, name, "reused" if hit else "cached", path)
-        return table
-
-    def _use_table(self, ctx: StrategyContext, name: str, examples: list) -> TokenTable:
-        if self._table_name != name:
-            self._table = self._topk_table(ctx, name, examples, compute_if_missing=False)
-            self._table_keys = {example_key(e.input_ids): i for i, e in enumerate(examples)}
-            self._table_name = name
-        assert self._table is not None
-        return self._table
-
-    def _teacher_logits(self, ctx: StrategyContext, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self._task_weights is not None:  # the model at this task's start, evaluated functionally
-            model = ctx.unwrapped_model
-            with reference_forward(model):
-                logits = functional_call(
-                    model, self._task_weights, args=(),
-                    kwargs={"input_ids": input_ids, "attention_mask": attention_mask}, strict=False,
-                ).logits
-            return align_to_inputs(logits, input_ids.shape[1])
-        module = ctx.unwrapped_model if self._source == "adapters_off" else self._teacher_copy
-        assert module is not None
-        with reference_forward(module, adapters_off=is_peft_model(module)):
-            logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
-        return align_to_inputs(logits, input_ids.shape[1])
+    def _cached(self, ctx: StrategyContext, fingerprint: str, base: bool) -> CachedTopK:
+        return CachedTopK(
+            ctx, lambda: self._anchor_set(ctx.task), top_k=self.config.top_k, temperature=self.config.temperature,
+            batch_size=self.config.cache_batch_size, fingerprint=fingerprint, base=base,
+        )
 
     @property
     def _follows_tasks(self) -> bool:
         return self.config.teacher_at == "task_start"
 
-    def _take_task_weights(self, ctx: StrategyContext, task_index: int) -> None:
-        """The trainable weights as the task starts (after every strategy's before_task: merges, new adapters)."""
-        self._task_weights = {n: p.detach().clone() for n, p in trainable_parameters(ctx.unwrapped_model).items()}
-        self._task_weights_index = task_index
-        self._teacher_copy = None  # the snapshot replaces the base copy from here on
+    @property
+    def _teacher_copy(self) -> nn.Module | None:
+        """The frozen copy while it teaches (also read by tests and bench/function_preservation_overhead.py)."""
+        return self._teacher.module if isinstance(self._teacher, FrozenCopy) else None
 
-    def _refresh_table(self, ctx: StrategyContext, task: TaskInfo) -> None:
-        """cached_topk + task_start: the teacher tables recomputed from the model at this task's start."""
-        self._table_fingerprint = model_fingerprint(ctx.unwrapped_model)
-        self._table_name = None
-        sets = self._anchor_sets(ctx)
-        wanted = {"pool": sets["pool"]} if "pool" in sets else {f"task{task.index}": task.train_examples}
-        for name, examples in wanted.items():
-            self._topk_table(ctx, name, examples, compute_if_missing=True, adapters_off=False)
+    def _teacher_logits(
+        self, ctx: StrategyContext, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The live teacher's logits on a batch (for tests that probe the teacher directly)."""
+        assert self._teacher is not None
+        return self._teacher.logits({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def _needs_snapshot(self, task: TaskInfo | None) -> bool:
+        """task_start with a live teacher: a later task's first micro-batch (after every strategy's
+        before_task: merges, new adapters) takes the model as it is then, once per task."""
+        if not (self._follows_tasks and task is not None and task.index > 0 and self._source != "cached_topk"):
+            return False
+        return not (isinstance(self._teacher, Snapshot) and self._teacher.task == task.index)
 
     # ------------------------------------------------------------------ hooks
 
@@ -294,10 +235,11 @@ class LearningWithoutForgetting(Strategy):
             self._prepare(ctx)
         if self._teacher_copy is not None:
             self._teacher_copy.to(ctx.device)
-        if self._follows_tasks and task.index > 0:
-            self._task_weights = None  # taken at the task's first micro-batch
-            if self._source == "cached_topk":
-                self._refresh_table(ctx, task)
+        if self._follows_tasks and task.index > 0 and self._source == "cached_topk":
+            # the tables recomputed from the model at this task's start (adapters on)
+            self._teacher = self._cached(ctx, model_fingerprint(ctx.unwrapped_model), base=False).compute(
+                dict([self._anchor_set(task)])
+            )
 
     def _picks_at(self, ctx: StrategyContext, cursor: int) -> list[int]:
         return sample_indices(len(self._pool), ctx.seed_for(self), cursor, self.config.anchor_batch_size)
@@ -305,12 +247,9 @@ class LearningWithoutForgetting(Strategy):
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
         """Before each forward: the task-start teacher (first micro-batch of a later task) and this
         micro-batch's general anchors (the cursor moves here, not in the loss)."""
-        task = ctx.task
-        if (
-            self._follows_tasks and task is not None and task.index > 0 and self._source != "cached_topk"
-            and self._task_weights_index != task.index
-        ):
-            self._take_task_weights(ctx, task.index)
+        if self._needs_snapshot(ctx.task):
+            assert ctx.task is not None
+            self._teacher = Snapshot.take(live_model(ctx), ctx.task.index)  # the base copy goes with it
         if self.config.anchor == "general" and self.config.alpha != 0.0:
             self._picks[ctx.micro_batch] = self._picks_at(ctx, self._cursor)
             self._cursor += self.config.anchor_batch_size
@@ -320,59 +259,34 @@ class LearningWithoutForgetting(Strategy):
         if self.config.alpha == 0.0:
             return {}
         if self.config.anchor == "task":
-            anchors, pool_indices = batch, None
+            anchors = batch
             student = align_to_inputs(outputs.logits, batch["input_ids"].shape[1])
         else:
-            pool_indices = self._picks.get(ctx.micro_batch) or self._picks_at(ctx, self._cursor)
-            anchors = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in pool_indices]).items()}
+            picks = self._picks.get(ctx.micro_batch) or self._picks_at(ctx, self._cursor)
+            anchors = {k: v.to(ctx.device) for k, v in ctx.collate([self._pool[i] for i in picks]).items()}
             logits = ctx.model(input_ids=anchors["input_ids"], attention_mask=anchors["attention_mask"]).logits
             student = align_to_inputs(logits, anchors["input_ids"].shape[1])
+            anchors[ANCHOR_INDEX] = torch.tensor(picks)  # a cached teacher finds pool rows by index
+        assert self._teacher is not None
         mask = anchors["attention_mask"]
-        t = self.config.temperature
-        if self._source == "cached_topk":
-            cached = {k: v.to(student.device) for k, v in self._cached_teacher(ctx, anchors, pool_indices).items()}
-            kl = kl_with_temperature_topk(
-                student, cached["log_q"], cached["indices"], cached["log_rest"], mask * cached["known"], t
-            )
-        else:
-            teacher = self._teacher_logits(ctx, anchors["input_ids"], anchors["attention_mask"])
-            kl = kl_with_temperature(student, teacher, mask, t)
-        if pool_indices is None:  # task anchors: this micro-batch's share of the step's token mean
+        kl = distill_kl(student, self._teacher.logits(anchors), mask, self.config.temperature)
+        if self.config.anchor == "task":  # this micro-batch's share of the step's token mean
             kl = kl * ctx.token_weight(mask)
         return {"kl": self.config.alpha * kl}
-
-    def _cached_teacher(
-        self, ctx: StrategyContext, anchors: Batch, pool_indices: list[int] | None
-    ) -> dict[str, torch.Tensor]:
-        rows = batch_rows(anchors["input_ids"], anchors["attention_mask"])
-        if pool_indices is not None:
-            table = self._use_table(ctx, "pool", self._pool)
-            indices: list[int | None] = list(pool_indices)
-        else:
-            task = ctx.task
-            assert task is not None
-            table = self._use_table(ctx, f"task{task.index}", task.train_examples)
-            indices = [self._table_keys.get(key) for key, _ in rows]
-        return gather_topk(table, indices, anchors["input_ids"].shape[1], [positions for _, positions in rows])
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"cursor": self._cursor, "task_weights_index": self._task_weights_index}
-        if self._task_weights is not None:
-            state["task_weights"] = self._task_weights
-        if self._table_fingerprint is not None:
-            state["table_fingerprint"] = self._table_fingerprint
-        return state
+        teacher = self._teacher.state_dict() if self._teacher is not None else {}
+        # a snapshot's own task_weights_index (and weights), or a later task's table_fingerprint, over the defaults
+        return {"cursor": self._cursor, "task_weights_index": -1, **teacher}
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
         self._cursor = int(state.get("cursor", 0))
         self._picks = {}
         self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model
-        self._task_weights_index = int(state.get("task_weights_index", -1))
-        self._task_weights = None
-        if "task_weights" in state:
-            self._task_weights = {n: t.to(ctx.device) for n, t in state["task_weights"].items()}
-            self._teacher_copy = None
-        self._table_fingerprint = state.get("table_fingerprint")
-        self._table_name = None
+        if "task_weights" in state:  # the model at the current task's start
+            weights = {n: t.to(ctx.device) for n, t in state["task_weights"].items()}
+            self._teacher = Snapshot(live_model(ctx), weights, int(state.get("task_weights_index", -1)))
+        if state.get("table_fingerprint") is not None and self._source == "cached_topk":
+            self._teacher = self._cached(ctx, state["table_fingerprint"], base=False)  # tables on disk already
