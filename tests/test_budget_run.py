@@ -20,6 +20,7 @@ from retain.cli import app
 from retain.config import DataConfig, TaskConfig, load_config, load_config_dict
 from retain.errors import ConfigError, GateError
 from retain.eval.budget import BudgetMeter, Measurement, budget_problems, capped
+from retain.eval.split import SplitConfig, split_indices
 from retain.eval.runner import SuiteObserver
 from retain.eval.suite import SuiteConfig
 from retain.eval.tasks import LossEval, NextTokenAccuracyEval
@@ -45,8 +46,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {
         "task": write("task", [f"contracts shall be governed by the laws of delaware #{i}" for i in range(40)]),
         "general": write("general", [f"the cat sat on the mat number {i}." for i in range(30)]),
-        "general_eval": write("general_eval", [f"a dog ran in the park {i} times." for i in range(16)]),
-        "task_eval": write("task_eval", [f"the licensee may not assign this agreement #{i}" for i in range(16)]),
+        "general_eval": write("general_eval", [f"a dog ran in the park {i} times." for i in range(48)]),
+        "task_eval": write("task_eval", [f"the licensee may not assign this agreement #{i}" for i in range(48)]),
     }
 
 
@@ -134,10 +135,14 @@ def test_train_refuses_a_suite_that_cannot_measure_the_budget(files, tiny_model_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_measurement_subset_caps_each_eval():
-    task = NextTokenAccuracyEval(name="g", data=DataConfig(path="g.jsonl"), max_examples=48)
-    assert capped(task, 32).max_examples == 32 and capped(task, 64).max_examples == 48
-    assert capped(task.model_copy(update={"max_examples": None}), 16).max_examples == 16
+def test_the_budget_probe_reads_at_most_probe_examples_of_the_select_part_and_no_report_item():
+    task = NextTokenAccuracyEval(name="g", data=DataConfig(path="g.jsonl"), max_examples=120)
+    assert capped(task, 32) == task  # its pool stays the suite's: the cap applies inside the select part
+    split = SplitConfig()
+    select, report = split_indices(120, split)
+    probe = task.for_part("select", split, limit=32).item_ids(120)
+    assert len(probe) == 32 and set(probe) <= set(select) and not set(probe) & set(report)
+    assert task.for_part("select", split, limit=500).item_ids(120) == select
 
 
 # ---------------------------------------------------------------------------------------------

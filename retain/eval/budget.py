@@ -2,9 +2,10 @@
 
 The full suite runs at the base model and after every task (``retain.eval.runner``). A budgeted run
 also needs the budgeted quantities every ``budget.check_every`` steps, so it measures them on a
-subset that stays the same all run: every eval capped at ``probe_examples`` windows or records (the
-eval's own ``max_examples``/``seed`` subsample, made smaller), and the first ``probe_examples`` probe
-prompts. Those are the suite's held-out texts, never what a strategy trains, replays or anchors on.
+subset that stays the same all run: the **select** part of every eval (``retain.eval.split``), at most
+``probe_examples`` windows or records of it, and the select probe prompts. What it chooses (strengths,
+the kept point) is then reported on the report part, which it never reads. Those are the suite's
+held-out texts, never what a strategy trains, replays or anchors on.
 
 - general retention: mean bounded general score on the subset / the base model's on the same subset
   (the rule of ``results.json``, ``retain.results.summary.general_score``);
@@ -26,6 +27,7 @@ from torch import nn
 
 from retain.data.tokenize import IGNORE_INDEX
 from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference
+from retain.eval.split import prompts_of
 from retain.eval.suite import SuiteConfig, evaluate_task
 from retain.eval.tasks import EvalTaskConfig, SharedWork
 from retain.models.runtime import eval_mode
@@ -64,7 +66,11 @@ def budget_problems(budget: Any, suite: SuiteConfig | None, task_names: Sequence
 
 
 def capped(task: EvalTaskConfig, examples: int) -> EvalTaskConfig:
-    """The eval on at most ``examples`` of its windows/records: its own seeded subsample, made smaller."""
+    """An eval without a select part (lm-eval) on at most ``examples`` of its documents. Evals with items
+    are capped inside their select part instead (``evaluate_task(limit=...)``), so the probe never reads
+    a report item."""
+    if task.splits:
+        return task
     for key in ("max_examples", "limit"):
         if key in type(task).model_fields:
             current = getattr(task, key)
@@ -130,7 +136,7 @@ class BudgetMeter:
         if self.measure_retention:
             self.base_general = general_score(StepRecord(index=0, scores=self._scores(model, tokenizer, self.general)))
         if self.measure_kl and self.suite.probe_prompts:
-            prompts = self.suite.probe_prompts[: self.probe_examples]
+            prompts = prompts_of(self.suite.probe_prompts, "select", self.suite.split)[: self.probe_examples]
             self.reference = compute_probe_reference(
                 model, tokenizer, prompts, self.suite.probe_max_length, self.suite.probe_top_k
             )
@@ -140,7 +146,8 @@ class BudgetMeter:
         shared = shared or self.inputs.fresh()
         scores: dict[str, Score] = {}
         for task in tasks:
-            scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared))
+            scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared, part="select",
+                                        split=self.suite.split, limit=self.probe_examples))
         return scores
 
     def task_score(self, model: nn.Module, tokenizer: Any, task: str, shared: SharedWork | None = None) -> float | None:
@@ -148,7 +155,8 @@ class BudgetMeter:
         shared = shared or self.inputs.fresh()
         scores: dict[str, Score] = {}
         for each in self.by_task.get(task, []):
-            scores.update(evaluate_task(model, tokenizer, each, self.batch_size, shared))
+            scores.update(evaluate_task(model, tokenizer, each, self.batch_size, shared, part="select",
+                                        split=self.suite.split, limit=self.probe_examples))
             found = primary_task_score(StepRecord(index=0, scores=scores), task)
             if found is not None:
                 return found

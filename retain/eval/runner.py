@@ -24,6 +24,7 @@ from retain.eval.drift import (
     snapshot_weights,
     weight_rel_l2,
 )
+from retain.eval.split import prompts_of
 from retain.eval.suite import SuiteConfig, evaluate_task, load_suite, suite_hash
 from retain.eval.tasks import SharedWork
 from retain.eval.tasks.generate import generate_samples
@@ -103,16 +104,20 @@ class SuiteObserver(Participant):
         bar = self._progress_bar()
         if bar is None:
             for task in tasks:
-                scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared))
+                scores.update(self._score(model, tokenizer, task, shared))
             return scores
         with bar:
             handle = bar.add_task(f"scoring {label}", total=len(tasks), current="")
             for task in tasks:
                 bar.update(handle, current=task.name)
-                scores.update(evaluate_task(model, tokenizer, task, self.batch_size, shared))
+                scores.update(self._score(model, tokenizer, task, shared))
                 bar.advance(handle)
             bar.update(handle, current="done")
         return scores
+
+    def _score(self, model: nn.Module, tokenizer: Any, task: Any, shared: SharedWork) -> dict[str, Score]:
+        """One eval's report part, with its select value beside it (one pass over every item)."""
+        return evaluate_task(model, tokenizer, task, self.batch_size, shared, part="both", split=self.suite.split)
 
     def _progress_bar(self) -> Progress | None:
         if not self.progress or not self.suite.tasks:
@@ -157,7 +162,8 @@ class SuiteObserver(Participant):
         )
         if self.suite.probe_prompts:
             self.reference = compute_probe_reference(
-                model, tokenizer, self.suite.probe_prompts, self.suite.probe_max_length, self.suite.probe_top_k
+                model, tokenizer, prompts_of(self.suite.probe_prompts, "report", self.suite.split),
+                self.suite.probe_max_length, self.suite.probe_top_k,
             )
         self.base_weights = snapshot_weights(model)
         if 0 not in self.records:

@@ -44,7 +44,8 @@ from torch import nn
 from retain.config import StrictModel, apply_overrides, closest_name
 from retain.errors import ConfigError
 from retain.eval.tasks import EvalTaskConfig, SharedWork, TaskResult, eval_task_union, eval_types
-from retain.results.schema import Score
+from retain.eval.split import Part, SplitConfig, is_shared, split_indices
+from retain.results.schema import PartScore, Score
 
 __all__ = [
     "EVAL_VERSION",
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 #: Bump when a scoring rule changes, so cached scores of the old rule are not reused.
-EVAL_VERSION = 1
+EVAL_VERSION = 2  # 2: every score has its select and report parts
 
 if TYPE_CHECKING:
     AnyEvalTask = EvalTaskConfig
@@ -69,6 +70,9 @@ else:
 
 class SuiteConfig(StrictModel):
     tasks: list[AnyEvalTask] = Field(default_factory=list)
+    split: SplitConfig = Field(
+        default_factory=SplitConfig, description="How each eval's items split into select (chooses) and report."
+    )
     sample_prompts: list[str] = Field(default_factory=list, description="Prompts for before/after generations.")
     probe_prompts: list[str] = Field(default_factory=list, description="Prompts for the KL drift measurement.")
     sample_max_new_tokens: int = Field(48, gt=0)
@@ -211,19 +215,57 @@ def suite_hash(suite: SuiteConfig) -> str:
 # Evaluation
 
 
-def _scores(task: EvalTaskConfig, results: dict[str, TaskResult]) -> dict[str, Score]:
-    return {key: Score(**r.as_dict(), role=task.role, train_task=task.train_task) for key, r in results.items()}
+def _score(task: EvalTaskConfig, result: TaskResult, part: str, n: int | None = None,
+           value: float | None = None) -> Score:
+    fields = result.as_dict()
+    if value is not None:
+        fields.update(value=value, n=n)
+    return Score(**fields, role=task.role, train_task=task.train_task, part=part)
+
+
+def _split_score(task: EvalTaskConfig, result: TaskResult, split: SplitConfig) -> Score:
+    """The report part's score with the select part's value beside it, from one pass over every item."""
+    if result.items is None:  # an eval that cannot give its items (lm-eval): every item is both parts
+        return _score(task, result, "all")
+    select_ids, report_ids = split_indices(len(result.items.num), split)
+    if is_shared(len(result.items.num), split):
+        return _score(task, result, "all").model_copy(update={"items": result.items if result.bounded else None})
+    parts = {}
+    for name, ids in (("select", select_ids), ("report", report_ids)):
+        items = result.items.subset(ids)
+        n = int(sum(items.den)) if items.den is not None else len(ids)
+        parts[name] = (items, n)
+    report_items, report_n = parts["report"]
+    select_items, select_n = parts["select"]
+    score = _score(task, result, "report", report_n, report_items.value())
+    return score.model_copy(update={
+        "select": PartScore(value=select_items.value(), n=select_n),
+        "items": report_items if result.bounded else None,
+    })
 
 
 def evaluate_task(
-    model: nn.Module, tokenizer: Any, task: EvalTaskConfig, batch_size: int = 16, shared: SharedWork | None = None
+    model: nn.Module, tokenizer: Any, task: EvalTaskConfig, batch_size: int = 16, shared: SharedWork | None = None,
+    *, part: Part = "all", split: SplitConfig | None = None, limit: int | None = None,
 ) -> dict[str, Score]:
-    """Scores of one eval task, tagged with its role and train_task."""
-    return _scores(task, task.evaluate(model, tokenizer, batch_size, shared))
+    """Scores of one eval task, tagged with its role and train_task, on ``part`` of its items under
+    ``split`` (``retain.eval.split``): ``select`` or ``report`` score only that part; ``both`` scores
+    every item once and reports the report part with the select value beside it; ``all`` every item.
+    ``limit``: at most that many items of a ``select``/``report`` part (a seeded subset of the part)."""
+    split = split or SplitConfig()
+    results = task.for_part(part, split, limit).evaluate(model, tokenizer, batch_size, shared)
+    if part == "both":
+        return {key: _split_score(task, r, split) for key, r in results.items()}
+    tag = part if part != "all" and task.splits else "all"
+    return {key: _score(task, r, tag).model_copy(update={"items": r.items if r.bounded else None})
+            for key, r in results.items()}
 
 
-def evaluate_suite(model: nn.Module, tokenizer: Any, suite: SuiteConfig, batch_size: int = 16) -> dict[str, Score]:
-    """Every eval task of the suite, in suite order (see the module docstring for the keys).
+def evaluate_suite(
+    model: nn.Module, tokenizer: Any, suite: SuiteConfig, batch_size: int = 16, *, part: Part = "all"
+) -> dict[str, Score]:
+    """Every eval task of the suite, in suite order (see the module docstring for the keys), on ``part``
+    of each eval's items (see ``evaluate_task``; ``all``: every item, for a model scored on its own).
 
     Evals share work within this call (one model state): records of a file are read once, and a
     loss and a next-token-accuracy eval over the same windows run one forward pass over them.
@@ -231,5 +273,5 @@ def evaluate_suite(model: nn.Module, tokenizer: Any, suite: SuiteConfig, batch_s
     shared = SharedWork()
     scores: dict[str, Score] = {}
     for task in suite.tasks:
-        scores.update(evaluate_task(model, tokenizer, task, batch_size, shared))
+        scores.update(evaluate_task(model, tokenizer, task, batch_size, shared, part=part, split=suite.split))
     return scores

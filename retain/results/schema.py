@@ -11,6 +11,7 @@ Non-finite floats (an overflowing perplexity, a NaN metric) are written as the J
 from __future__ import annotations
 
 import json
+import math
 import os
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from retain.errors import DataError
 from retain.io import atomic_write_text
 
-SCHEMA_VERSION = "1.1"  # 1.1: StrategyRun.budget
+SCHEMA_VERSION = "1.2"  # 1.1: StrategyRun.budget; 1.2: select/report parts, intervals, seeds
 
 
 def _major(version: str) -> str:
@@ -51,6 +52,35 @@ class SchemaModel(BaseModel):
     model_config = ConfigDict(extra="ignore", ser_json_inf_nan="strings")
 
 
+class ItemScores(SchemaModel):
+    """A bounded score item by item, so intervals can be computed by resampling items: the value is
+    ``sum(num) / sum(den)`` (token-weighted windows: hits and tokens per window) or the mean of ``num``
+    (records, ``den`` None). Items are in pool order, the same order for every model state, so a before
+    and an after score pair item by item."""
+
+    num: list[float]
+    den: list[float] | None = None
+    exp: bool = Field(False, description="The value is exp of the ratio (perplexity from summed NLL).")
+
+    def value(self) -> float:
+        total = sum(self.den) if self.den is not None else len(self.num)
+        ratio = sum(self.num) / total if total else float("nan")
+        if self.exp:
+            return math.exp(ratio) if ratio < 709.0 else float("inf")
+        return ratio
+
+    def subset(self, ids: list[int]) -> "ItemScores":
+        den = None if self.den is None else [self.den[i] for i in ids]
+        return ItemScores(num=[self.num[i] for i in ids], den=den, exp=self.exp)
+
+
+class PartScore(SchemaModel):
+    """The same eval on the other part of its items (``select``: what choosers read)."""
+
+    value: float
+    n: int = Field(0, ge=0, description="Examples or tokens it was computed over.")
+
+
 class Score(SchemaModel):
     """One evaluation result of one model state on one eval."""
 
@@ -69,6 +99,20 @@ class Score(SchemaModel):
         None, description="Name of the training task this eval measures (None for general evals)."
     )
     n: int = Field(0, ge=0, description="How many examples or tokens the value was computed over.")
+    part: Literal["report", "select", "all"] = Field(
+        "all", description="Which items of the eval the value is over: its report part (run results), its "
+        "select part (what chooses), or all (a file from before the split, or an eval too small to split)."
+    )
+    select: PartScore | None = Field(None, description="The value on the select part (part report only).")
+    items: ItemScores | None = Field(None, description="Per-item scores of this part (bounded scores), for intervals.")
+
+    def on(self, part: Literal["report", "select"]) -> "Score":
+        """This score as read by ``part``: the select value for ``select`` (the value itself when the
+        eval has no separate select part), else unchanged."""
+        if part == "select" and self.select is not None:
+            return self.model_copy(update={"value": self.select.value, "n": self.select.n, "part": "select",
+                                           "select": None, "items": None})
+        return self
 
 
 class Drift(SchemaModel):
@@ -126,6 +170,13 @@ class Summary(SchemaModel):
     seconds_per_step: float | None = Field(None, description="Mean seconds/step over the trained tasks.")
     peak_memory_bytes: int | None = Field(None, description="Largest peak memory over the trained tasks.")
     trainable_params: int | None = Field(None, description="Number of parameters the strategy trained.")
+    gain: float | None = Field(None, description="new_task_score - new_task_score_before (1.2).")
+    general_retention_interval: list[float] | None = Field(
+        None, description="[low, high]: paired bootstrap interval of general_retention over report items (1.2)."
+    )
+    new_task_score_interval: list[float] | None = Field(None, description="[low, high] of new_task_score (1.2).")
+    gain_interval: list[float] | None = Field(None, description="[low, high] of gain, paired item by item (1.2).")
+    confidence: float | None = Field(None, description="Confidence level of the intervals (0.95).")
 
 
 class BudgetCheck(SchemaModel):
@@ -186,6 +237,11 @@ class StrategyRun(SchemaModel):
     )
     summary: Summary = Field(default_factory=Summary, description="Headline numbers.")
     budget: BudgetResult | None = Field(None, description="The forgetting budget, when the run had one (1.1).")
+    select_summary: Summary | None = Field(
+        None, description="The same headline numbers on the select part of every eval: what choosers read (1.2)."
+    )
+    seed: int | None = Field(None, description="train.seed of this run (1.2).")
+    warnings: list[str] = Field(default_factory=list, description="What the run was allowed to do against a rule (1.2).")
 
 
 class Results(SchemaModel):

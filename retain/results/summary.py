@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from retain.results import metrics
+from retain.results import bootstrap, metrics
 from retain.results.schema import Results, Score, StepRecord, StrategyRun, Summary
 
 Series = tuple[str, list[float], list[float | None]]
@@ -98,22 +98,47 @@ def _mean_or_none(values: Iterable[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+def select_view(records: Sequence[StepRecord]) -> list[StepRecord]:
+    """The records as the select part of every eval scored them (what choosers read)."""
+    return [r.model_copy(update={"scores": {k: s.on("select") for k, s in r.scores.items()}}) for r in records]
+
+
 def summarize(
-    records: Sequence[StepRecord], task_names: Sequence[str], trainable_params: int | None = None
+    records: Sequence[StepRecord], task_names: Sequence[str], trainable_params: int | None = None,
+    *, confidence: float = bootstrap.CONFIDENCE,
 ) -> Summary:
-    """Headline numbers of one run; every field is None where it was not measured or is undefined."""
+    """Headline numbers of one run; every field is None where it was not measured or is undefined.
+    Intervals (paired bootstrap over the report items) where the scores carry their items."""
     R = build_matrix(records, task_names)
     base, last = _base(records), _last_trained(records)
     g_before = general_score(base) if base else None
     g_after = general_score(last) if last else None
     drift = last.drift if last else None
     memories = [r.peak_memory_bytes for r in records if r.peak_memory_bytes is not None]
+    new, before = (R[-1][-1], R[0][-1]) if task_names else (None, None)
+    retention = _finite_or_none(metrics.general_retention(g_before, g_after))
+    gain = new - before if new is not None and before is not None else None
+    intervals: dict[str, Any] = {}
+    if base is not None and last is not None:
+        draws = bootstrap.Draws()
+        task = task_names[-1] if task_names else None
+        found = {
+            "general_retention_interval": bootstrap.interval(
+                retention, bootstrap.retention_replicates(base, last, draws), confidence),
+            "new_task_score_interval": bootstrap.interval(
+                new, bootstrap.task_replicates(last, task, draws) if task else None, confidence),
+            "gain_interval": bootstrap.interval(
+                gain, bootstrap.gain_replicates(base, last, task, draws) if task else None, confidence),
+        }
+        intervals = {k: v.as_list() for k, v in found.items() if v is not None}
+        if intervals:
+            intervals["confidence"] = confidence
     return Summary(
-        new_task_score=R[-1][-1] if task_names else None,
-        new_task_score_before=R[0][-1] if task_names else None,
+        new_task_score=new,
+        new_task_score_before=before,
         general_before=g_before,
         general_after=g_after,
-        general_retention=_finite_or_none(metrics.general_retention(g_before, g_after)),
+        general_retention=retention,
         **_matrix_metrics(R),
         kl_from_base=drift.kl_from_base if drift else None,
         ppl_delta=drift.ppl_delta if drift else None,
@@ -121,6 +146,8 @@ def summarize(
         seconds_per_step=_mean_or_none(r.seconds_per_step for r in records if r.index > 0),
         peak_memory_bytes=max(memories) if memories else None,
         trainable_params=trainable_params,
+        gain=gain,
+        **intervals,
     )
 
 
@@ -140,7 +167,16 @@ def build_run(
         records=ordered,
         matrix=build_matrix(ordered, task_names),
         summary=summarize(ordered, task_names, trainable_params),
+        select_summary=_select_summary(ordered, task_names, trainable_params),
+        seed=(config or {}).get("train", {}).get("seed"),
     )
+
+
+def _select_summary(records: Sequence[StepRecord], task_names: Sequence[str], trainable_params: int | None) -> Summary | None:
+    """The headline numbers on the select part, when any score has one (else the run has no split)."""
+    if not any(s.select is not None for r in records for s in r.scores.values()):
+        return None
+    return summarize(select_view(records), task_names, trainable_params)
 
 
 # --- series for the plots ----------------------------------------------------------------------

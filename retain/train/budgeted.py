@@ -188,10 +188,15 @@ class BudgetParticipant(Participant):
         """The base model's side of every measurement, taken before any strategy wraps the model."""
         self.ctx = ctx
         self.meter.start(model, ctx.tokenizer)
-        if self.config.min_general_retention is not None and not self.meter.base_general:
+        if self.config.min_general_retention is not None and self.meter.base_general is None:
             raise ConfigError(
                 "budget.min_general_retention: the suite's general evals gave no bounded score on the base model "
                 "(e.g. next_token_accuracy); add one to eval.suite"
+            )
+        if self.config.min_general_retention is not None and self.meter.base_general == 0:
+            raise ConfigError(
+                "budget.min_general_retention: the base model scores 0 on the select part of the suite's general "
+                "evals, so retention (after / before) is undefined; use general evals the base model scores above 0 on"
             )
 
     def on_task_start(self, model: nn.Module, ctx: Any, task: TaskInfo) -> None:

@@ -18,29 +18,38 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 
 from retain.config import StrictModel
+from retain.data.sampling import seeded_subset
+from retain.eval.split import Part, SplitConfig, part_indices
 from retain.registry import Registry
+from retain.results.schema import ItemScores
 
 V = TypeVar("V")
 
 
 @dataclass(frozen=True)
 class TaskResult:
-    """One measured value: the fields of ``retain.results.schema.Score`` that do not depend on the suite."""
+    """One measured value: the fields of ``retain.results.schema.Score`` that do not depend on the suite.
+
+    ``items``: the value item by item (pool order), where the type can give it; the suite splits it into
+    the select and report parts (``retain.eval.split``) and keeps the report items for intervals.
+    """
 
     value: float
     metric: str
     higher_is_better: bool
     bounded: bool
     n: int
+    items: ItemScores | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The Score fields (items are the suite's to split)."""
+        return {k: v for k, v in asdict(self).items() if k != "items"}
 
 
 class SharedWork:
@@ -77,11 +86,40 @@ class EvalTaskConfig(StrictModel):
             raise ValueError(f"eval '{self.name}': train_task is set, so set role: task too")
         return self
 
+    _part: Part = PrivateAttr("all")
+    _split: SplitConfig = PrivateAttr(default_factory=SplitConfig)
+    _limit: int | None = PrivateAttr(None)
+
     def evaluate(
         self, model: nn.Module, tokenizer: Any, batch_size: int = 16, shared: SharedWork | None = None
     ) -> dict[str, TaskResult]:
-        """Result key -> result; the key is ``name`` unless the type documents more keys."""
+        """Result key -> result; the key is ``name`` unless the type documents more keys. Types with items
+        score only the items of ``self.part`` (``for_part``) and return them in ``TaskResult.items``."""
         raise NotImplementedError(f"eval type '{self.type}' does not implement evaluate")
+
+    # -- the part of the items scored (retain.eval.split) --------------------------------------
+
+    splits: ClassVar[bool] = False  # types whose items can be split (windows, records); lm_eval cannot
+
+    @property
+    def part(self) -> Part:
+        return self._part
+
+    @property
+    def split(self) -> SplitConfig:
+        return self._split
+
+    def for_part(self, part: Part, split: SplitConfig, limit: int | None = None) -> "EvalTaskConfig":
+        """A copy that scores only ``part`` of its items under ``split`` (``all``/``both``: every item),
+        at most ``limit`` of them (a seeded subset of the part: a cheaper probe, still inside the part)."""
+        copy = self.model_copy()
+        copy._part, copy._split, copy._limit = part, split, limit
+        return copy
+
+    def item_ids(self, n: int) -> list[int]:
+        """Which of the pool's ``n`` items this copy scores (its part, at most its limit)."""
+        ids = part_indices(n, self._part, self._split)
+        return seeded_subset(ids, self._limit, self._split.seed) if self._limit is not None else ids
 
     # -- files: overridden by types that read local files --------------------------------------
 

@@ -13,6 +13,7 @@ from torch import nn
 from retain.errors import ConfigError, DataError
 from retain.eval.tasks.base import SharedWork, TaskResult, register_eval_type
 from retain.eval.tasks.inputs import PromptedEval
+from retain.results.schema import ItemScores
 from retain.eval.tasks.loglikelihood import continuation_logprobs, encode_pair
 from retain.eval.tasks.scoring import model_max_length
 
@@ -85,13 +86,14 @@ def score_choices(
         raise ValueError("no multiple-choice examples to evaluate")
     flat = [pair for question in pairs for pair in question]
     lls = continuation_logprobs(model, flat, batch_size, max_length or model_max_length(model))
-    correct, offset = 0, 0
+    hits, offset = [], 0
     for example, question in zip(examples, pairs):
         span = slice(offset, offset + len(question))
         n_tokens = [len(continuation) for _, continuation in question]
-        correct += int(choice_predictions(lls[span], example, n_tokens, normalize) == example.label)
+        hits.append(float(choice_predictions(lls[span], example, n_tokens, normalize) == example.label))
         offset += len(question)
-    return TaskResult(correct / len(examples), _NORM_METRIC[normalize], True, True, len(examples))
+    return TaskResult(sum(hits) / len(examples), _NORM_METRIC[normalize], True, True, len(examples),
+                      items=ItemScores(num=hits))
 
 
 def multiple_choice(

@@ -12,6 +12,7 @@ from torch import nn
 from retain.errors import DataError
 from retain.eval.tasks.base import SharedWork, TaskResult, register_eval_type
 from retain.eval.tasks.inputs import PromptedEval
+from retain.results.schema import ItemScores
 from retain.eval.tasks.scoring import encode, length_sorted_batches
 from retain.models.runtime import eval_mode, model_device
 
@@ -96,9 +97,9 @@ def generation(
     if not prompts:
         raise ValueError("no generation examples to evaluate")
     completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    hits = sum(is_match(cut_at_stop(c, stop), t, match) for c, t in zip(completions, targets))
+    hits = [float(is_match(cut_at_stop(c, stop), t, match)) for c, t in zip(completions, targets)]
     metric = "exact_match" if match == "exact" else "contains"
-    return TaskResult(hits / len(prompts), metric, True, True, len(prompts))
+    return TaskResult(sum(hits) / len(prompts), metric, True, True, len(prompts), items=ItemScores(num=hits))
 
 
 def generate_samples(

@@ -64,9 +64,13 @@ class DataEval(EvalTaskConfig):
         shared = shared or SharedWork()
         return shared.get(("records", self.data.model_dump_json()), self._load)
 
+    splits = True
+
     def sampled_records(self, shared: SharedWork | None = None) -> list[dict[str, Any]]:
-        """The seeded ``max_examples`` subsample of the records (all of them when unset)."""
-        return seeded_subset(self.records(shared), self.max_examples, self.seed)
+        """The records this eval scores: its pool (the seeded ``max_examples`` subsample, all of them when
+        unset), and of the pool the items of its part (``retain.eval.split``)."""
+        pool = seeded_subset(self.records(shared), self.max_examples, self.seed)
+        return [pool[i] for i in self.item_ids(len(pool))]
 
     def _load(self) -> list[dict[str, Any]]:
         try:

@@ -21,6 +21,7 @@ from retain.eval.tasks.base import SharedWork, TaskResult, register_eval_type
 from retain.eval.tasks.inputs import DataEval
 from retain.eval.tasks.scoring import encode, forward_logits, length_sorted_batches, right_pad, safe_exp
 from retain.models.runtime import eval_mode, model_device
+from retain.results.schema import ItemScores
 
 
 def text_windows(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -40,42 +41,61 @@ def text_windows(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
 
 @dataclass(frozen=True)
 class WindowStats:
-    """Token-weighted sums over all predicted positions of a set of windows."""
+    """Per-window sums over every predicted position of a set of windows (in the windows' order), and
+    their token-weighted totals."""
 
-    nll_sum: float
-    correct: int
-    n_tokens: int
+    nll: tuple[float, ...]
+    hits: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    @property
+    def nll_sum(self) -> float:
+        return float(sum(self.nll))
+
+    @property
+    def correct(self) -> int:
+        return int(sum(self.hits))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(self.tokens))
 
     def loss(self) -> tuple[TaskResult, TaskResult]:
         """(mean token NLL, perplexity = exp(NLL)), both lower-is-better."""
         mean_nll = self.nll_sum / self.n_tokens
+        nll = ItemScores(num=list(self.nll), den=[float(t) for t in self.tokens])
         return (
-            TaskResult(mean_nll, "loss", higher_is_better=False, bounded=False, n=self.n_tokens),
-            TaskResult(safe_exp(mean_nll), "perplexity", higher_is_better=False, bounded=False, n=self.n_tokens),
+            TaskResult(mean_nll, "loss", higher_is_better=False, bounded=False, n=self.n_tokens, items=nll),
+            TaskResult(safe_exp(mean_nll), "perplexity", higher_is_better=False, bounded=False, n=self.n_tokens,
+                       items=nll.model_copy(update={"exp": True})),
         )
 
     def accuracy(self) -> TaskResult:
-        """Share of positions whose argmax prediction is the actual next token."""
-        return TaskResult(self.correct / self.n_tokens, "next_token_accuracy", True, True, self.n_tokens)
+        """Share of positions whose argmax prediction is the actual next token (items: windows)."""
+        items = ItemScores(num=[float(h) for h in self.hits], den=[float(t) for t in self.tokens])
+        return TaskResult(self.correct / self.n_tokens, "next_token_accuracy", True, True, self.n_tokens, items=items)
 
 
 def window_stats(model: nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 16) -> WindowStats:
-    """Summed next-token NLL and top-1 hits over every predicted position of every window."""
+    """Next-token NLL and top-1 hits summed over every predicted position, per window."""
     if not windows:
         raise ValueError("no token windows to evaluate (empty texts?)")
     device = model_device(model)
-    nll, correct, count = 0.0, 0, 0
+    nll, hits, tokens = [0.0] * len(windows), [0] * len(windows), [0] * len(windows)
     with eval_mode(model):
         for batch in length_sorted_batches([len(w) for w in windows], batch_size):
             ids, lengths = right_pad([windows[i] for i in batch], device)
-            logits = forward_logits(model, ids)[:, :-1]
+            logits = forward_logits(model, ids)[:, :-1].float()
             positions = torch.arange(ids.shape[1] - 1, device=device)
             mask = positions[None, :] < (lengths - 1)[:, None]
-            scored, targets = logits[mask].float(), ids[:, 1:][mask]
-            nll += float(F.cross_entropy(scored, targets, reduction="none").double().sum())
-            correct += int((scored.argmax(dim=-1) == targets).sum())
-            count += int(targets.numel())
-    return WindowStats(nll, correct, count)
+            targets = ids[:, 1:]
+            token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double() * mask
+            correct = (logits.argmax(dim=-1) == targets) & mask
+            for row, i in enumerate(batch):  # back into the windows' order (batches are length-sorted)
+                nll[i] = float(token_nll[row].sum())
+                hits[i] = int(correct[row].sum())
+                tokens[i] = int(mask[row].sum())
+    return WindowStats(tuple(nll), tuple(hits), tuple(tokens))
 
 
 def _stats(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int,
@@ -114,6 +134,8 @@ def next_token_accuracy(
 class WindowEval(DataEval):
     """Shared fields and the (memoised) window statistics of ``loss`` and ``next_token_accuracy``."""
 
+    splits = True
+
     max_examples: int | None = Field(None, gt=0, description="Seeded subsample of the token windows.")
     max_length: int | None = Field(None, gt=1, description="Window length in tokens; default data.max_length.")
 
@@ -132,25 +154,30 @@ class WindowEval(DataEval):
             for i, r in enumerate(records)
         ]
 
+    def _key(self) -> tuple[Any, ...]:
+        """What identifies the scored windows (the window length is in the key itself)."""
+        source = self.data.model_dump_json(exclude={"max_length"})
+        split = (self.split.model_dump_json(), self._limit) if self.part in ("select", "report") else None
+        return (source, self.window, self.max_examples, self.seed, self.part in ("all", "both") or self.part, split)
+
     def stats(self, model: nn.Module, tokenizer: Any, batch_size: int, shared: SharedWork | None) -> WindowStats:
         """Window statistics, computed once per suite run for every eval cutting the same windows."""
         shared = shared or SharedWork()
-        source = self.data.model_dump_json(exclude={"max_length"})  # the window length is in the key itself
-        key = ("windows", source, self.window, self.max_examples, self.seed, batch_size)
+        key = ("windows", *self._key(), batch_size)
         return shared.get(key, lambda: self._compute_stats(model, tokenizer, batch_size, shared))
 
     def windows(self, tokenizer: Any, shared: SharedWork) -> list[list[int]]:
-        """The scored windows (the seeded subsample), tokenized once per ``shared`` (a model-independent key,
-        ``("inputs", ...)``, so a caller measuring many model states may keep it between them)."""
-        source = self.data.model_dump_json(exclude={"max_length"})
-        key = ("inputs", "windows", source, self.window, self.max_examples, self.seed)
-        return shared.get(key, lambda: self._cut_windows(tokenizer, shared))
+        """The scored windows: the pool (the seeded subsample), of it the items of this eval's part;
+        tokenized once per ``shared`` (a model-independent key, ``("inputs", ...)``, so a caller measuring
+        many model states may keep it between them)."""
+        return shared.get(("inputs", "windows", *self._key()), lambda: self._cut_windows(tokenizer, shared))
 
     def _cut_windows(self, tokenizer: Any, shared: SharedWork) -> list[list[int]]:
         windows = text_windows(tokenizer, self.texts(shared), self.window)
         if not windows:
             raise DataError(f"eval '{self.name}': {self.data.path} has no text to score (every record is empty).")
-        return seeded_subset(windows, self.max_examples, self.seed)
+        pool = seeded_subset(windows, self.max_examples, self.seed)
+        return [pool[i] for i in self.item_ids(len(pool))]
 
     def _compute_stats(self, model: nn.Module, tokenizer: Any, batch_size: int, shared: SharedWork) -> WindowStats:
         return window_stats(model, self.windows(tokenizer, shared), batch_size)
