@@ -61,10 +61,14 @@ def test_gate_fails_a_run_that_forgot_and_passes_loose_bounds(quick_bench):
     strict = runner.invoke(app, ["gate", str(out / "results.json"), "--min-general-retention", "0.99", "--strategy", "full"])
     assert strict.exit_code == 1
     assert "general retention" in strict.output and "full" in strict.output
-    loose = runner.invoke(
-        app, ["gate", str(out / "results.json"), "--min-general-retention", str(full["general_retention"] - 0.01), "--strategy", "full"]
-    )
+    low, high = full["general_retention_interval"]
+    assert low < full["general_retention"] < high
+    loose = runner.invoke(app, ["gate", str(out / "results.json"), "--min-general-retention", str(low - 0.001), "--strategy", "full"])
     assert loose.exit_code == 0, loose.output
+    between = ["gate", str(out / "results.json"), "--min-general-retention", str((low + full["general_retention"]) / 2),
+               "--strategy", "full"]
+    assert runner.invoke(app, between).exit_code == 1  # the point meets it, the interval's lower end does not
+    assert runner.invoke(app, [*between, "--confidence", "0"]).exit_code == 0
     forgot = runner.invoke(app, ["gate", str(out / "results.json"), "--max-forgetting", "0.0"])
     assert forgot.exit_code == 1 and "general drop" in forgot.output and "max 0.000" in forgot.output
 

@@ -236,7 +236,7 @@ def test_lwf_adapters_off_needs_a_peft_model(tmp_path, tokenizer, base_llama, pc
     with pytest.raises(ConfigError, match="PEFT"):
         build_strategy("lwf", {"teacher": "adapters_off"}).before_task(ctx.tasks[0], ctx)
     with pytest.raises(ConfigError, match="anchor: general"):
-        build_strategy("lwf", {"pool_size": 3})
+        build_strategy("lwf", {"anchor": "task", "pool_size": 3})
 
 
 @pytest.mark.parametrize("anchor", ["task", "general"])

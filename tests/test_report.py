@@ -8,12 +8,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from retain.report import gate, html, markdown, plots
 from retain.results import summary
-from retain.results.schema import SCHEMA_VERSION, Drift, Results, Score, StepRecord
+from retain.results.schema import SCHEMA_VERSION, Drift, ItemScores, Results, Score, StepRecord
 
 TASKS = ["stories", "contracts"]
 
@@ -256,37 +257,73 @@ def test_print_summary_uses_rich(results: Results) -> None:
 
 
 def test_gate_names_strategy_bound_and_value(results: Results) -> None:
-    assert gate.check_gate(results, min_general_retention=0.8) == [
+    assert gate.check_gate(results, confidence=0, min_general_retention=0.8) == [
         "full: general retention 0.727 < min 0.800"
     ]
-    assert gate.check_gate(results, max_forgetting=0.1) == ["full: forgetting 0.200 > max 0.100"]
-    assert gate.check_gate(results, max_kl=0.01) == [
+    assert gate.check_gate(results, confidence=0, max_forgetting=0.1) == ["full: forgetting 0.200 > max 0.100"]
+    assert gate.check_gate(results, confidence=0, max_kl=0.01) == [
         "full: KL from base 0.300 > max 0.010",
         "lora: KL from base 0.050 > max 0.010",
     ]
-    assert gate.check_gate(results, min_new_task=0.85) == ["lora: new-task score 0.800 < min 0.850"]
+    assert gate.check_gate(results, confidence=0, min_new_task=0.85) == ["lora: new-task score 0.800 < min 0.850"]
 
 
 def test_gate_passes_within_bounds(results: Results) -> None:
     bounds = {"max_forgetting": 0.5, "min_new_task": 0.5, "min_general_retention": 0.5, "max_kl": 1.0}
-    assert gate.check_gate(results, **bounds) == []
-    assert gate.check_gate(results, strategy="lora", min_general_retention=0.9, max_forgetting=0.05) == []
-    assert gate.check_gate(results) == []
+    assert gate.check_gate(results, confidence=0, **bounds) == []
+    assert gate.check_gate(results, confidence=0, strategy="lora", min_general_retention=0.9, max_forgetting=0.05) == []
+    assert gate.check_gate(results, confidence=0) == []
 
 
 def test_gate_missing_values_and_unknown_strategy(results: Results) -> None:
     run = results.runs[1]
     blind = results.model_copy(update={"runs": [run.model_copy(update={
         "summary": run.summary.model_copy(update={"kl_from_base": None})})]})
-    assert gate.check_gate(blind, max_kl=0.1) == ["lora: KL from base not measured (max 0.100)"]
-    assert "no such strategy" in gate.check_gate(results, strategy="ewc", max_kl=1.0)[0]
+    assert gate.check_gate(blind, confidence=0, max_kl=0.1) == ["lora: KL from base not measured (max 0.100)"]
+    assert "no such strategy" in gate.check_gate(results, confidence=0, strategy="ewc", max_kl=1.0)[0]
 
 
 def test_gate_single_task_bounds_general_drop() -> None:
     recs = [record(0, 0.3, 0.2, 0.5, 0.4), record(1, 0.8, 0.2, 0.45, 0.5)]  # general 0.55 -> 0.475
     single = Results(base_model="m", runs=[summary.build_run("full", TASKS[:1], recs)])
     drop = 1 - 0.475 / 0.55
-    assert gate.check_gate(single, max_forgetting=0.2) == []
-    assert gate.check_gate(single, max_forgetting=0.1) == [
+    assert gate.check_gate(single, confidence=0, max_forgetting=0.2) == []
+    assert gate.check_gate(single, confidence=0, max_forgetting=0.1) == [
         f"full: general drop (1 - retention) {drop:.3f} > max 0.100"
     ]
+
+
+def _general_record(index: int, hits: list[float], tokens: list[float]) -> StepRecord:
+    items = ItemScores(num=hits, den=tokens)
+    return StepRecord(index=index, task=None if index == 0 else "t", scores={
+        "general": Score(value=items.value(), metric="next_token_accuracy", higher_is_better=True, bounded=True,
+                         role="general", part="report", items=items),
+    })
+
+
+def test_gate_checks_the_worse_end_of_the_interval():
+    """Retention near 0.996 on noisy windows: the point passes a 0.99 floor, the interval's low end does not."""
+    rng = np.random.default_rng(0)
+    tokens = [100.0] * 60
+    base = [float(x) for x in rng.integers(40, 80, size=60)]
+    after = [b * 0.985 + float(e) for b, e in zip(base, rng.normal(0, 3, size=60))]  # retention 0.996 [0.983, 1.010]
+    records = [_general_record(0, base, tokens), _general_record(1, after, tokens)]
+    run = summary.build_run("full", ["t"], records)
+    low, high = run.summary.general_retention_interval
+    assert low < 0.99 < run.summary.general_retention < high
+    results = Results(base_model="m", runs=[run])
+    assert gate.check_gate(results, min_general_retention=0.99, confidence=0) == []
+    (violation,) = gate.check_gate(results, min_general_retention=0.99)
+    assert violation.startswith(f"full: general retention {summary.fmt_num(low)} (the lower end of") and "< min 0.990" in violation
+    (drop,) = gate.check_gate(results, max_forgetting=0.01)  # one task: 1 - retention, its upper end is 1 - low
+    assert f"general drop (1 - retention) {summary.fmt_num(1 - low)} (the upper end" in drop
+
+
+def test_gate_fails_a_non_finite_value_and_a_value_without_interval(results: Results) -> None:
+    run = results.runs[1]
+    nan = results.model_copy(update={"runs": [run.model_copy(update={
+        "summary": run.summary.model_copy(update={"general_retention": float("nan")})})]})
+    assert gate.check_gate(nan, min_general_retention=0.9, confidence=0) == [
+        "lora: general retention is nan (not a finite number), which fails min 0.900"]
+    (old,) = gate.check_gate(results, strategy="lora", min_general_retention=0.5)  # records without items
+    assert "has no interval" in old and "--confidence 0" in old

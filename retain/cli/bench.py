@@ -40,6 +40,10 @@ def bench(
     set_: Optional[List[str]] = SetOption,
     quick: bool = typer.Option(False, "--quick", help="Tiny budget and eval (about a minute), for smoke tests."),
     seed: int = typer.Option(0, help="Seed shared by every strategy."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: every strategy once per seed; mean and interval."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Keep the runs an earlier bench into --out finished."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with stories260k, legalbench-cuad, ..."),
     shakespeare: bool = typer.Option(False, "--shakespeare", help="Add Shakespeare as a second task."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty --out."),
@@ -50,4 +54,18 @@ def bench(
     run_bench(
         scenario, strategies.split(","), out=out, steps=steps, sets=list(set_ or []), config_file=config,
         quick=quick, seed=seed, data_dir=data_dir, with_shakespeare=shakespeare, console=console, overwrite=overwrite,
+        seeds=parse_seeds(seeds) if seeds is not None else None, resume=resume,
     )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; a clear error for anything else."""
+    from retain.errors import ConfigError
+
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. --seeds 0,1,2") from None
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(f"--seeds {text!r}: give distinct seeds, e.g. --seeds 0,1,2")
+    return values

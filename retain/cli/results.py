@@ -44,6 +44,10 @@ def gate(
     min_general_retention: Optional[float] = typer.Option(None, help="Lower bound on general retention."),
     max_kl: Optional[float] = typer.Option(None, help="Upper bound on KL(base || model) on the probes."),
     strategy: Optional[str] = typer.Option(None, help="Check only this strategy run."),
+    confidence: float = typer.Option(
+        0.95, "--confidence", min=0.0, max=0.999,
+        help="A bound holds only if the worse end of the value's interval at this level meets it; 0: point estimates.",
+    ),
 ) -> None:
     """Exit 1 naming each violated bound, so a pipeline can refuse a model that forgot too much."""
     from retain.report.gate import check_gate
@@ -57,7 +61,7 @@ def gate(
         )
     violations = check_gate(
         loaded, max_forgetting=max_forgetting, min_new_task=min_new_task,
-        min_general_retention=min_general_retention, max_kl=max_kl, strategy=strategy,
+        min_general_retention=min_general_retention, max_kl=max_kl, strategy=strategy, confidence=confidence,
     )
     if violations:
         for violation in violations:

@@ -86,7 +86,7 @@ def _header(results: Results) -> str:
 
 
 def _summary_section(results: Results) -> str:
-    table = _table(SUMMARY_HEADERS, (summary_cells(run) for run in results.runs))
+    table = _table(SUMMARY_HEADERS, (summary_cells(run, results) for run in results.runs))
     note = (
         '<p class="muted">retention = general score after / before (1.0 = unchanged). '
         "BWT and forgetting need two or more tasks. KL from base in nats per token; "

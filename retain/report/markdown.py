@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from retain.results.schema import Results
-from retain.results.summary import SUMMARY_HEADERS, summary_cells
+from retain.results.summary import AGGREGATE_HEADERS, SUMMARY_HEADERS, aggregate_cells, run_label, summary_cells
 
 
 def _md_cell(text: str) -> str:
@@ -27,7 +27,12 @@ def summary_table_markdown(results: Results) -> str:
         "|" + "|".join([":---"] + ["---:"] * (len(SUMMARY_HEADERS) - 1)) + "|",
     ]
     for run in results.runs:
-        lines.append("| " + " | ".join(_md_cell(c) for c in summary_cells(run)) + " |")
+        lines.append("| " + " | ".join(_md_cell(c) for c in summary_cells(run, results)) + " |")
+    if results.aggregates:
+        lines += ["", "Over seeds (mean [95% interval over seeds and report items]):", "",
+                  "| " + " | ".join(AGGREGATE_HEADERS) + " |",
+                  "|" + "|".join([":---"] + ["---:"] * (len(AGGREGATE_HEADERS) - 1)) + "|"]
+        lines += ["| " + " | ".join(_md_cell(c) for c in aggregate_cells(a)) + " |" for a in results.aggregates]
     return "\n".join(lines) + "\n"
 
 
@@ -39,13 +44,26 @@ def summary_rich_table(results: Results) -> Table:
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold" if i == 0 else "ellipsis")
     for run in results.runs:
         # Cells are plain text, not rich markup: a strategy named "[red]" must print as is.
-        table.add_row(*[Text(c) for c in summary_cells(run)])
+        table.add_row(*[Text(c) for c in summary_cells(run, results)])
+    return table
+
+
+def aggregate_rich_table(results: Results) -> Table:
+    """Each item over its seeds (``retain bench --seeds``)."""
+    table = Table(title="over seeds: mean [95% interval over seeds and report items]; vs the first item: paired")
+    for i, header in enumerate(AGGREGATE_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for aggregate in results.aggregates:
+        table.add_row(*[Text(c) for c in aggregate_cells(aggregate)])
     return table
 
 
 def print_summary(results: Results, console: Console | None = None) -> None:
-    """Print the summary table to the terminal (or the given rich console)."""
-    (console or Console()).print(summary_rich_table(results))
+    """Print the summary table (and the over-seeds table) to the terminal (or the given rich console)."""
+    console = console or Console()
+    console.print(summary_rich_table(results))
+    if results.aggregates:
+        console.print(aggregate_rich_table(results))
 
 
 def score_changes_table(results: Results) -> Table:
@@ -55,7 +73,7 @@ def score_changes_table(results: Results) -> Table:
     table.add_column("eval")
     table.add_column("base", justify="right")
     for run in results.runs:
-        table.add_column(Text(run.name), justify="right")
+        table.add_column(Text(run_label(run, results)), justify="right")
     for key, score in base.items():
         arrow = "↑" if score.higher_is_better else "↓"
         row = [Text(f"{key} ({score.metric} {arrow})"), f"{score.value:.4g}"]

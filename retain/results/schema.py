@@ -244,6 +244,35 @@ class StrategyRun(SchemaModel):
     warnings: list[str] = Field(default_factory=list, description="What the run was allowed to do against a rule (1.2).")
 
 
+class Estimate(SchemaModel):
+    """A mean over seeds with its interval (crossed bootstrap over seeds and report items) and the
+    spread between the seeds' own values."""
+
+    value: float
+    interval: list[float] | None = Field(None, description="[low, high] at the results' confidence.")
+    seed_sd: float | None = Field(None, description="Standard deviation of the per-seed values.")
+    per_seed: list[float] = Field(default_factory=list)
+
+
+class Aggregate(SchemaModel):
+    """One bench item over several seeds (``retain bench --seeds``): report-part figures with intervals,
+    select-part means (what a chooser reads), and the paired difference to the first item."""
+
+    name: str
+    seeds: list[int]
+    general_retention: Estimate | None = None
+    new_task_score: Estimate | None = None
+    gain: Estimate | None = None
+    share_of_reference_gain: float | None = Field(None, description="gain / the first item's gain (means).")
+    select: dict[str, float] = Field(default_factory=dict, description="Means over seeds of the select part.")
+    versus: str | None = Field(None, description="The item the differences are taken against (the first item).")
+    difference: dict[str, Estimate] = Field(
+        default_factory=dict, description="This item minus `versus`, paired on seed, data order and items."
+    )
+    verdict: dict[str, str] = Field(default_factory=dict, description='"A beats B" or "tie", per figure.')
+    confidence: float = 0.95
+
+
 class Results(SchemaModel):
     """The whole results file: one or more strategy runs on the same scenario and base model."""
 
@@ -253,6 +282,7 @@ class Results(SchemaModel):
     scenario: str | None = Field(None, description="Scenario (task sequence) name, if a built-in one.")
     base_model: str = Field(description="Base model: local path or hub id.")
     runs: list[StrategyRun] = Field(default_factory=list, description="One entry per strategy run.")
+    aggregates: list[Aggregate] = Field(default_factory=list, description="Per item over seeds (1.2).")
 
     def to_json(self) -> str:
         """Pretty JSON text of the file."""

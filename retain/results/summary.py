@@ -330,14 +330,26 @@ def fmt_change(before: float | None, after: float | None) -> str:
     return f"{fmt_num(before)} → {fmt_num(after)}"
 
 
-def summary_cells(run: StrategyRun) -> list[str]:
-    """One formatted row of the summary table, matching SUMMARY_HEADERS."""
+def fmt_interval(interval: list[float] | None) -> str:
+    """`` [low, high]`` after a value (its report-part interval), or nothing without one."""
+    return f" [{fmt_num(interval[0])}, {fmt_num(interval[1])}]" if interval else ""
+
+
+def run_label(run: StrategyRun, results: Results | None = None) -> str:
+    """The run's name, with its seed when several runs of the results share the name."""
+    twins = results is not None and sum(r.name == run.name for r in results.runs) > 1
+    return f"{run.name} (seed {run.seed})" if twins and run.seed is not None else run.name
+
+
+def summary_cells(run: StrategyRun, results: Results | None = None) -> list[str]:
+    """One formatted row of the summary table, matching SUMMARY_HEADERS; intervals (report items,
+    paired bootstrap) in brackets where the run has them."""
     s = run.summary
     return [
-        run.name,
-        fmt_change(s.new_task_score_before, s.new_task_score),
+        run_label(run, results),
+        fmt_change(s.new_task_score_before, s.new_task_score) + fmt_interval(s.new_task_score_interval),
         fmt_change(s.general_before, s.general_after),
-        fmt_num(s.general_retention),
+        fmt_num(s.general_retention) + fmt_interval(s.general_retention_interval),
         fmt_num(s.acc),
         fmt_num(s.bwt),
         fmt_num(s.forgetting),
@@ -346,4 +358,27 @@ def summary_cells(run: StrategyRun) -> list[str]:
         fmt_num(s.seconds_per_step),
         fmt_bytes(s.peak_memory_bytes),
         fmt_count(s.trainable_params),
+    ]
+
+
+AGGREGATE_HEADERS = ["strategy", "seeds", "new task after", "gain", "share of first's gain", "retention",
+                     "retention seed sd", "vs first: retention", "vs first: gain"]
+
+
+def _estimate_cell(estimate: Any) -> str:
+    return MISSING if estimate is None else fmt_num(estimate.value) + fmt_interval(estimate.interval)
+
+
+def aggregate_cells(aggregate: Any) -> list[str]:
+    """One row of the over-seeds table: report-part means with crossed intervals, and the verdict of
+    the paired difference to the first item ("tie" unless its interval excludes 0)."""
+    def versus(key: str) -> str:
+        diff = aggregate.difference.get(key)
+        return MISSING if diff is None else f"{fmt_num(diff.value)}{fmt_interval(diff.interval)} {aggregate.verdict.get(key, '')}"
+
+    retention = aggregate.general_retention
+    return [
+        aggregate.name, ",".join(map(str, aggregate.seeds)), _estimate_cell(aggregate.new_task_score),
+        _estimate_cell(aggregate.gain), fmt_num(aggregate.share_of_reference_gain), _estimate_cell(retention),
+        fmt_num(retention.seed_sd if retention is not None else None), versus("general_retention"), versus("gain"),
     ]

@@ -20,6 +20,7 @@ from retain.config import load_config_dict, parse_override, parse_value, resolve
 from retain.errors import ConfigError, GateError, RetainError
 from retain.eval.budget import budget_problems
 from retain.io import empty_folder, prepare_output, refuse_inputs
+from retain.results.aggregate import aggregate_seeds
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
 from retain.strategies.registry import get_strategy_class, validate_run_config
@@ -92,6 +93,7 @@ def build_run_config(
     train_overrides: dict[str, Any],
     overrides: list[str],
     progress: bool,
+    seed_folder: bool = False,
 ) -> Any:
     specs = [{**shared.get(s["name"], {}), **s} for s in parse_item(item)]
     train = {**scenario.train, **train_overrides, "seed": seed, "progress": progress}
@@ -104,7 +106,8 @@ def build_run_config(
         "general_data": scenario.general_data.model_dump(mode="json") if scenario.general_data else None,
         "train": train,
         "checkpoint": {"every": 0},
-        "output": {"dir": str(out / "runs" / run_directory_name(item)), "save_per_task": False},
+        "output": {"dir": str(out / "runs" / run_directory_name(item) / (f"seed-{seed}" if seed_folder else "")).rstrip("/"),
+                   "save_per_task": False},
     }
     source = f"bench item '{item}'"
     config = load_config_dict(data, overrides, source=source)
@@ -133,6 +136,18 @@ def holds_only_earlier_results(out: Path, scenario: str) -> bool:
         return False
 
 
+def _finished_run(config: Any) -> StrategyRun | None:
+    """The run an earlier bench finished in ``config.output.dir`` with exactly this config, else None."""
+    path = Path(config.output.dir) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        run = Results.load(path).runs[0]
+    except (RetainError, IndexError):
+        return None
+    return run if run.config == config.model_dump(mode="json") else None
+
+
 def run_bench(
     scenario: str | Scenario,
     strategies: list[str],
@@ -148,11 +163,16 @@ def run_bench(
     console: Console | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    seeds: list[int] | None = None,
+    resume: bool = False,
 ) -> Results:
     """Train every strategy item from the same base; write out/results.json and out/report.html.
 
     ``out`` must be new or empty unless ``overwrite`` (then its contents are replaced); it may never be,
     hold or be inside the scenario's data, its prepared files, the base model or the ``--config`` file.
+    ``seeds``: train every item once per seed (the same data order per seed across items) into
+    ``runs/<item>/seed-<s>``, and add each item's mean and interval over seeds and report items.
+    ``resume``: keep the runs of an earlier call into ``out`` that finished with the same config.
     """
     from retain.eval.runner import SuiteObserver
     from retain.report.html import write_report
@@ -174,37 +194,51 @@ def run_bench(
     repeated = sorted({f for f in folders if folders.count(f) > 1})
     if repeated:
         raise ConfigError(f"strategy items share a run folder name ({', '.join(repeated)}): list each item once")
+    seeds = list(seeds) if seeds else [seed]
     configs = {
-        item: build_run_config(
-            scenario, item, out, steps=steps, seed=seed, shared=shared,
-            train_overrides=file_settings.get("train") or {}, overrides=overrides, progress=progress,
+        (item, s): build_run_config(
+            scenario, item, out, steps=steps, seed=s, shared=shared, train_overrides=file_settings.get("train") or {},
+            overrides=overrides, progress=progress, seed_folder=len(seeds) > 1,
         )
         for item in items
+        for s in seeds
     }  # every item validated before the first one trains
-    if not overwrite and holds_only_earlier_results(out, scenario.name):
+    if resume and holds_only_earlier_results(out, scenario.name):
+        console.print(f"resuming the {scenario.name} bench in {out}: finished runs with the same config are kept")
+    elif not overwrite and holds_only_earlier_results(out, scenario.name):
         console.print(f"replacing the earlier {scenario.name} results in {out} (a folder this command wrote)")
         overwrite = True
-    prepare_output(out, overwrite=overwrite, inputs=[*early_inputs, *scenario.inputs, scenario.base_model])
-    if overwrite:
+    resuming = resume and holds_only_earlier_results(out, scenario.name)
+    prepare_output(out, overwrite=overwrite or resuming, inputs=[*early_inputs, *scenario.inputs, scenario.base_model])
+    if overwrite and not resuming:
         empty_folder(out)
     runs: list[StrategyRun] = []
     results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
     stopped: list[str] = []
-    for item, config in configs.items():
-        console.print(f"[bold]{scenario.name}[/]: training [cyan]{item}[/] for {config.train.steps_per_task} steps/task")
+    for (item, s), config in configs.items():
+        label = item if len(seeds) == 1 else f"{item} (seed {s})"
+        finished = _finished_run(config) if resuming else None
+        if finished is not None:
+            console.print(f"[bold]{scenario.name}[/]: kept the finished run of [cyan]{label}[/]")
+            runs.append(finished)
+            continue
+        console.print(f"[bold]{scenario.name}[/]: training [cyan]{label}[/] for {config.train.steps_per_task} steps/task")
         run_dir = Path(config.output.dir)
         observer = SuiteObserver(
             scenario.suite, name=item, run_dir=run_dir, config=config.model_dump(mode="json"),
             batch_size=config.eval.batch_size, progress=progress, console=console,
         )
         try:
-            finetune(config, observer=observer, console=console)
+            finetune(config, observer=observer, console=console, overwrite=resuming)
         except GateError as err:  # a budget with on_exhausted: stop ended this item; the others still run
-            console.print(f"[red]{item}[/]: {err}", highlight=False)
-            stopped.append(item)
+            console.print(f"[red]{label}[/]: {err}", highlight=False)
+            stopped.append(label)
         runs.append(observer.strategy_run())
         results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs)
         results.save(out / "results.json")
+    results = Results(scenario=scenario.name, base_model=scenario.base_model, runs=runs,
+                      aggregates=aggregate_seeds(runs) if len(seeds) > 1 else [])
+    results.save(out / "results.json")
     write_report(results, out / "report.html")
     print_summary(results, console)
     print_score_changes(results, console)

@@ -7,6 +7,9 @@ Anchors (``anchor``): ``task``, the current batch itself (the original LwF: new-
 student's logits come free from the task forward, so only the teacher runs), or ``general``, batches
 from a text pool (the strategy's ``data`` or the run's ``general_data``), which costs one more
 student forward and backward per step but pulls toward the original where it matters for retention.
+``auto`` (default) is ``general`` when the run has general text and ``task`` otherwise: on
+stories-contracts ``general`` keeps more and learns more at once (guide evidence: 0.937 retention /
+0.549 new-task against 0.776 / 0.505 for ``task`` at alpha 1, one seed).
 
 Which model teaches (``teacher_at``):
 - ``task_start`` (default; Li & Hoiem, and Avalanche's LwF plugin, which copies the model after each
@@ -83,8 +86,9 @@ __all__ = ["LearningWithoutForgetting", "LwfConfig", "gather_topk"]
 class LwfConfig(StrategyConfig):
     alpha: float = Field(1.0, ge=0.0, description="Weight of the distillation term.")
     temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of teacher and student.")
-    anchor: Literal["task", "general"] = Field(
-        "task", description="Distil on the task's own batches, or on batches of a general text pool."
+    anchor: Literal["auto", "task", "general"] = Field(
+        "auto", description="Distil on the task's own batches, or on batches of a general text pool; auto: "
+        "general when the run has general text (general_data or data), else task."
     )
     data: DataConfig | None = Field(None, description="General anchor text (anchor=general); default general_data.")
     anchor_batch_size: int = Field(4, gt=0, description="Anchor sequences per micro-batch (anchor=general).")
@@ -130,7 +134,7 @@ class LearningWithoutForgetting(Strategy):
         """General anchors add a student forward+backward; every teacher but cached top-k a forward."""
         assert isinstance(config, LwfConfig)
         teacher = 0.0 if cls.teacher_source(config, adapters=adapters) == "cached_topk" else 1 / 3
-        return (1.0 if config.anchor == "general" else 0.0) + teacher
+        return (0.0 if config.anchor == "task" else 1.0) + teacher  # auto: general (the guide's runs have general text)
 
     def __init__(self, config: LwfConfig | None = None) -> None:
         super().__init__(config)
@@ -144,6 +148,9 @@ class LearningWithoutForgetting(Strategy):
         problems = []
         if self.config.anchor == "general" and not has_general_text(self.config.data, run):
             problems.append(f"anchor: general needs text: set general_data or {where}.data")
+        if self.config.anchor == "auto" and self.config.pool_size is not None and not has_general_text(self.config.data, run):
+            problems.append(f"pool_size chooses general anchors, and the run has no general text: set general_data or "
+                            f"{where}.data, or drop {where}.pool_size")
         peft = any(get_strategy_class(spec.name).peft_wrapper for spec in run.strategies)
         if self.config.teacher == "adapters_off" and not peft:
             problems.append(
@@ -170,6 +177,9 @@ class LearningWithoutForgetting(Strategy):
         (which runs before the checkpoint's weights are loaded), so both see the original model.
         """
         model = ctx.unwrapped_model
+        if self.config.anchor == "auto":  # general or task, once, from what the run has
+            anchor = "general" if has_general_text(self.config.data, ctx.config) else "task"
+            self.config = self.config.model_copy(update={"anchor": anchor})
         source = self.teacher_source(self.config, adapters=is_peft_model(model))
         if source == "adapters_off" and not is_peft_model(model):
             raise ConfigError(
