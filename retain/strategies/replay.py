@@ -34,6 +34,7 @@ from torch import nn
 
 from retain.config import DataConfig, RunConfig
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
+from retain.data.sampling import Stream
 from retain.strategies.base import (
     Batch,
     Strategy,
@@ -92,7 +93,7 @@ class Replay(Strategy):
             self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        self.buffer = ReplayBuffer(self.config.buffer_size, seed=ctx.seed_for(self) + 104729)
+        self.buffer = ReplayBuffer(self.config.buffer_size, seed=ctx.seed_for(self, Stream.REPLAY_BUFFER))
         self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
         return model
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retain.data.sampling import sample_indices
+from retain.data.sampling import Stream, derive_seed, sample_indices
 from retain.data.tokenize import IGNORE_INDEX
 from retain.errors import ConfigError, DivergenceError
 from retain.io import append_jsonl
@@ -288,7 +288,7 @@ def step_batches(ctx: StrategyContext, hybrid: Hybrid, task: TaskInfo, step: int
     train = ctx.config.train
     size = train.batch_size * ctx.accelerator.num_processes
     examples = task.train_examples
-    data_seed = train.seed + 7919 * task.index
+    data_seed = derive_seed(train.seed, Stream.DATA_ORDER, task.index)
     batches = []
     for micro in range(train.grad_accum):
         ctx.micro_batch = micro
