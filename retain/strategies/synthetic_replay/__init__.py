@@ -42,7 +42,8 @@ from retain.data import load_records
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.data.sampling import Stream, derive_seed, seeded_generator
 from retain.io import atomic_write_text
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
+from retain.strategies._shared.mixing import RatioMixing
+from retain.strategies.base import Batch, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
 from retain.strategies.synthetic_replay.generation import (
     SamplingSettings,
@@ -127,7 +128,7 @@ class SyntheticReplayConfig(StrategyConfig):
 
 
 @register_strategy("synthetic-replay")
-class SyntheticReplay(Strategy):
+class SyntheticReplay(RatioMixing):
     Config = SyntheticReplayConfig
     strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 
@@ -148,13 +149,6 @@ class SyntheticReplay(Strategy):
             if not seed.demonstrations and not seed.description.strip():
                 problems.append(f"{where}.tasks.{name}: give a description or demonstrations (or both)")
         return problems
-
-    def set_strength(self, value: float) -> None:
-        """A new ratio applies to the rows trained from now on: the schedule restarts its count (keeping the
-        old count would replace whole batches until the new share of all earlier rows was caught up)."""
-        super().set_strength(value)
-        if getattr(self, "schedule", None) is not None:
-            self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
