@@ -40,9 +40,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from retain.data import IGNORE_INDEX
 from retain.data.identity import batch_rows, example_key, examples_hash
 from retain.data.sampling import Stream, seeded_generator
-from retain.losses.distill import IGNORE_INDEX, StmMode, next_token_cross_entropy, stm_drop_mask
+from retain.losses.distill import StmMode, next_token_cross_entropy, stm_drop_mask
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
