@@ -33,25 +33,25 @@ class Stream(IntEnum):
     purposes at the end; never reuse a value. (0 is left out, so ``derive_seed(0, purpose, i)`` never
     equals ``derive_seed(i)``.)
 
-    ====================  ========================================  ===============================
-    purpose               the draws                                  indices after it
-    ====================  ========================================  ===============================
-    DATA_ORDER            the order the loop reads a task's data     task index, then epoch
-    DATA_LIMIT            ``data.limit``'s subset of a file          -
-    VALIDATION_SPLIT      ``data.validation_fraction``'s held-out    -
-    REPLAY_BUFFER         replay's reservoir and draws               -
-    SYNTHETIC_BUFFER      synthetic-replay's reservoir and draws     -
-    SYNTHETIC_DEMOS       a task's demonstrations taken from data    task index
-    SYNTHETIC_OPENINGS    general_data openings used as prompts      -
-    SYNTHETIC_GENERATION  sampling of one source's synthetic text    source position
+    ====================  ========================================  ============================
+    purpose               the draws                                 indices after it
+    ====================  ========================================  ============================
+    DATA_ORDER            the order the loop reads a task's data    task index, then epoch
+    DATA_LIMIT            ``data.limit``'s subset of a file         -
+    VALIDATION_SPLIT      ``data.validation_fraction``'s held-out   -
+    REPLAY_BUFFER         replay's reservoir and draws              -
+    SYNTHETIC_BUFFER      synthetic-replay's reservoir and draws    -
+    SYNTHETIC_DEMOS       a task's demonstrations taken from data   task index
+    SYNTHETIC_OPENINGS    general_data openings used as prompts     -
+    SYNTHETIC_GENERATION  sampling of one source's synthetic text   source position
     STM_MASK              STM's random-ablation drop masks          task index
-    FIP_POOL              FIP's anchor pool for a task               task index
+    FIP_POOL              FIP's anchor pool for a task              task index
     FIP_ORDER             the order FIP reads its pool              epoch
-    TASK_FISHER           EWC / EWC-LoRA estimate after a task       task index (then ESTIMATE_*)
-    LORA_RESET            EWC-LoRA's fresh adapters after a merge    task index
-    ESTIMATE_SUBSET       the examples an importance estimate uses   -
-    ESTIMATE_SAMPLE       a sampled-Fisher example's label draws     example index
-    ====================  ========================================  ===============================
+    TASK_FISHER           EWC / EWC-LoRA estimate after a task      task index (then ESTIMATE_*)
+    LORA_RESET            EWC-LoRA's fresh adapters after a merge   task index
+    ESTIMATE_SUBSET       the examples an importance estimate uses  -
+    ESTIMATE_SAMPLE       a sampled-Fisher example's label draws    example index
+    ====================  ========================================  ============================
 
     ``ESTIMATE_*`` derive from an estimate's own seed (``retain importance compute --seed``, a strategy's
     base seed, or a ``TASK_FISHER`` seed), so a file and an inline estimate with one seed agree.
