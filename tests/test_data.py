@@ -451,3 +451,17 @@ def test_ensure_pad_token_uses_eos():
     assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == tokenizer.eos_token_id
     kept = make_tokenizer()
     assert ensure_pad_token(kept).pad_token == "<pad>"
+
+
+def test_count_scored_tokens_skips_position_zero_and_ignored_labels():
+    """The one label count of the loop and the Trainer integration: what the task loss averages over."""
+    import torch
+
+    from retain.data import count_scored_tokens
+    from retain.train.loop import label_tokens
+
+    examples = [Example([1, 2, 3, 4], [1, IGNORE_INDEX, 3, 4]), Example([5, 6], [5, 6])]
+    labels = collate(examples, 0)["labels"]
+    assert int(count_scored_tokens(labels)) == sum(e.n_loss_tokens for e in examples) == 3
+    assert int(count_scored_tokens(torch.tensor([7, IGNORE_INDEX, 8]))) == 1
+    assert label_tokens is count_scored_tokens

@@ -192,3 +192,17 @@ def test_full_plus_replay_resumes_exactly_after_a_kill(tiny_model_dir, text_file
     assert_kill_resume_matches(
         tmp_path, tiny_model_dir, text_file, strategies, general_data={"path": str(pc_file), "max_length": 32}
     )
+
+
+@pytest.mark.parametrize("name", ["replay", "synthetic-replay"])
+def test_a_new_ratio_restarts_the_schedule(name):
+    """Both mixing strategies share one set_strength: the new ratio counts from the rows trained next."""
+    from retain.strategies import build_strategy
+
+    strategy = build_strategy(name, {})
+    strategy.set_strength(0.3)  # before setup: no schedule yet, only the config moves
+    assert strategy.config.ratio == pytest.approx(0.3) and getattr(strategy, "schedule", None) is None
+    strategy.schedule = RatioSchedule(0.3, strategy.config.mode)
+    strategy.schedule.rows_for(8)
+    strategy.set_strength(0.5)
+    assert strategy.schedule.ratio == pytest.approx(0.5) and strategy.schedule.rows == 0

@@ -303,3 +303,25 @@ def test_max_minutes_stops_starting_trials(tiny_run, tmp_path):
     assert result.records == [] and result.best is None
     assert json.loads((tmp_path / "t" / "trials.json").read_text())["trials"] == []
     assert (tmp_path / "t" / "report.html").is_file() and not (tmp_path / "t" / "best.yaml").exists()
+
+
+def test_the_runs_train_seed_stands_unless_seed_is_given(tiny_run, monkeypatch):
+    """Without --seed a tune trains (and samples) with the YAML's train.seed; --seed replaces it."""
+    run = yaml.safe_load(tiny_run.read_text())
+    run["train"]["seed"] = 7
+    tiny_run.write_text(yaml.safe_dump(run))
+    assert load_target(str(tiny_run)).base["train"]["seed"] == 7
+    assert load_target(str(tiny_run), seed=3).base["train"]["seed"] == 3
+
+    seen: list[tuple[int, int]] = []
+
+    def tuner(target, options, out, progress=None):  # noqa: ANN001, ANN202 - stops the command before any training
+        seen.append((target.base["train"]["seed"], options.seed))
+        raise SimulatedKill
+
+    monkeypatch.setattr("retain.guide.tune.Tuner", tuner)
+    out = tiny_run.parent / "tune"
+    for extra in ([], ["--seed", "3"]):
+        with pytest.raises(SimulatedKill):
+            runner.invoke(app, ["tune", str(tiny_run), "--out", str(out), *extra])
+    assert seen == [(7, 7), (3, 3)]

@@ -84,7 +84,7 @@ def compute_importance(
 
     from retain.config import DataConfig, ModelConfig
     from retain.data import build_task_data, collate
-    from retain.data.sampling import seeded_subset
+    from retain.data.sampling import estimate_subset
     from retain.models.loading import load_model
     from retain.stats.files import save_importance
     from retain.stats.fisher import diagonal_fisher
@@ -104,7 +104,7 @@ def compute_importance(
     for parameter in network.parameters():
         parameter.requires_grad_(True)
     examples = build_task_data(DataConfig(path=str(data), max_length=max_length), tokenizer, seed=seed).train
-    examples = seeded_subset(examples, max_examples, seed)
+    examples = estimate_subset(examples, max_examples, seed)
     pad_id = tokenizer.pad_token_id
     params = {n: p for n, p in network.named_parameters()}
     start = time.perf_counter()

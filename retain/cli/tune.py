@@ -55,7 +55,8 @@ def tune(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Start no trial after this many minutes."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Data folder of the stories-contracts scenario."),
     ladder: bool = typer.Option(False, "--ladder", help="lora → +lwf → +replay (or synthetic) → fip …; stop at the first rung that keeps R."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of every trial's training."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed of the sampler and of every trial's training (default: the run's train.seed)."),
     compute: str = typer.Option("high", "--compute", help="low | medium | high: rules out what low compute cannot afford."),
     privacy: str = typer.Option("normal", "--privacy", help="strict: never replay real data."),
     stakes: str = typer.Option("normal", "--stakes", help="high: every hybrid includes lwf or fip."),
@@ -75,10 +76,12 @@ def tune(
     constraints = constraints_from_options(compute, privacy, stakes, adapters)
     if not (out / MARKER).is_file():
         check_folder(out, {})  # refuse a foreign non-empty folder before any data loads
+    loaded = load_target(target, data_dir=data_dir, seed=seed)  # without --seed the run's own train.seed stands
     options = TuneOptions(trials=trials, steps=steps, min_general_retention=min_general_retention,
-                          max_minutes=max_minutes, ladder=ladder, seed=seed, constraints=constraints, confirm=confirm,
+                          max_minutes=max_minutes, ladder=ladder, seed=int(loaded.base["train"]["seed"]),
+                          constraints=constraints, confirm=confirm,
                           hybrids=[h.strip() for h in hybrids.split(",") if h.strip()] if hybrids else None)
-    tuner = Tuner(load_target(target, data_dir=data_dir, seed=seed), options, out, progress=_Bar())
+    tuner = Tuner(loaded, options, out, progress=_Bar())
     names = escape(", ".join(tuner.labels[h.key] for h in tuner.eligible))
     console.print(f"[bold]search space[/]: {len(tuner.eligible)} hybrids ({names})",
                   highlight=False)

@@ -3,7 +3,7 @@
 from retain.data.collate import collate, ensure_pad_token
 from retain.data.records import DataError, Record, detect_format, load_records
 from retain.data.task import TaskData, apply_limit, build_task_data, split_examples, split_items
-from retain.data.tokenize import IGNORE_INDEX, Example, TokenizeStats, tokenize_records
+from retain.data.tokenize import IGNORE_INDEX, Example, TokenizeStats, count_scored_tokens, tokenize_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -15,6 +15,7 @@ __all__ = [
     "apply_limit",
     "build_task_data",
     "collate",
+    "count_scored_tokens",
     "detect_format",
     "ensure_pad_token",
     "load_records",

@@ -3,11 +3,18 @@
 Everything random about *which* examples are used derives from a seed through these functions, so a
 run, a resumed run and a run on several processes pick the same examples, and ``train.seed`` changes
 every choice at once.
+
+The one seed rule: a stream's seed is ``derive_seed(root, Stream.X, *indices)``, where ``root`` is
+``train.seed`` (or a strategy's own ``seed`` key, see ``StrategyContext.seed_for``), ``Stream.X`` names
+what the stream is for (:class:`Stream`, the table of every stream) and ``indices`` pick one of its
+copies (a task, an epoch, an example). Two purposes never share draws, and no code adds ad-hoc offsets
+to a seed.
 """
 
 from __future__ import annotations
 
 import random
+from enum import IntEnum, unique
 from functools import lru_cache
 from typing import Sequence, TypeVar
 
@@ -18,8 +25,60 @@ T = TypeVar("T")
 _STRIDE = 1_000_003  # a prime larger than any index we derive from, so (seed, index) pairs never collide
 
 
+@unique
+class Stream(IntEnum):
+    """What a derived seed is for: the first index after the root in ``derive_seed(root, purpose, ...)``.
+
+    The values are part of every run's data order: renumbering one moves that stream's draws. Add new
+    purposes at the end; never reuse a value. (0 is left out, so ``derive_seed(0, purpose, i)`` never
+    equals ``derive_seed(i)``.)
+
+    ====================  ========================================  ============================
+    purpose               the draws                                 indices after it
+    ====================  ========================================  ============================
+    DATA_ORDER            the order the loop reads a task's data    task index, then epoch
+    DATA_LIMIT            ``data.limit``'s subset of a file         -
+    VALIDATION_SPLIT      ``data.validation_fraction``'s held-out   -
+    REPLAY_BUFFER         replay's reservoir and draws              -
+    SYNTHETIC_BUFFER      synthetic-replay's reservoir and draws    -
+    SYNTHETIC_DEMOS       a task's demonstrations taken from data   task index
+    SYNTHETIC_OPENINGS    general_data openings used as prompts     -
+    SYNTHETIC_GENERATION  sampling of one source's synthetic text   source position
+    STM_MASK              STM's random-ablation drop masks          task index
+    FIP_POOL              FIP's anchor pool for a task              task index
+    FIP_ORDER             the order FIP reads its pool              epoch
+    TASK_FISHER           EWC / EWC-LoRA estimate after a task      task index (then ESTIMATE_*)
+    LORA_RESET            EWC-LoRA's fresh adapters after a merge   task index
+    ESTIMATE_SUBSET       the examples an importance estimate uses  -
+    ESTIMATE_SAMPLE       a sampled-Fisher example's label draws    example index
+    ====================  ========================================  ============================
+
+    ``ESTIMATE_*`` derive from an estimate's own seed (``retain importance compute --seed``, a strategy's
+    base seed, or a ``TASK_FISHER`` seed), so a file and an inline estimate with one seed agree.
+    """
+
+    DATA_ORDER = 1
+    DATA_LIMIT = 2
+    VALIDATION_SPLIT = 3
+    REPLAY_BUFFER = 4
+    SYNTHETIC_BUFFER = 5
+    SYNTHETIC_DEMOS = 6
+    SYNTHETIC_OPENINGS = 7
+    SYNTHETIC_GENERATION = 8
+    STM_MASK = 9
+    FIP_POOL = 10
+    FIP_ORDER = 11
+    TASK_FISHER = 12
+    LORA_RESET = 13
+    ESTIMATE_SUBSET = 14
+    ESTIMATE_SAMPLE = 15
+
+
 def derive_seed(seed: int, *indices: int) -> int:
-    """A seed for the ``indices``-th stream of ``seed`` (a task, an epoch, an example, ...)."""
+    """A seed for the ``indices``-th stream of ``seed``: by the seed rule ``indices`` start with a
+    :class:`Stream` (what the draws are for), then a task, an epoch, an example, ... Injective for
+    index tuples of one length with entries below ``_STRIDE``, so two streams of one root never share
+    a seed."""
     out = int(seed)
     for index in indices:
         out = out * _STRIDE + int(index)
@@ -43,6 +102,12 @@ def seeded_subset(items: Sequence[T], size: int | None, seed: int) -> list[T]:
     return [items[i] for i in subset_indices(len(items), size, seed)]
 
 
+def estimate_subset(items: Sequence[T], size: int | None, seed: int) -> list[T]:
+    """The examples an importance estimate with ``seed`` uses (its ``ESTIMATE_SUBSET`` stream), so
+    ``retain importance compute --seed`` and a strategy's inline estimate with that seed agree."""
+    return seeded_subset(items, size, derive_seed(seed, Stream.ESTIMATE_SUBSET))
+
+
 @lru_cache(maxsize=8)
 def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=seeded_generator(seed, epoch)).tolist())
@@ -50,7 +115,8 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Example indices at global sample positions ``start .. start+count``: a fresh seeded permutation
-    per epoch, computed from the position alone, so a resumed run sees exactly the same data order."""
+    per epoch, computed from the position alone, so a resumed run sees exactly the same data order.
+    ``seed`` is a stream's seed (``derive_seed(root, Stream.X, ...)``); the epoch is its last index."""
     out = []
     for position in range(start, start + count):
         epoch, offset = divmod(position, n)

@@ -14,6 +14,7 @@ from typing import Any, Sequence, TypeVar
 
 from retain.config import DataConfig
 from retain.data.records import detect_format, load_records
+from retain.data.sampling import Stream, derive_seed
 from retain.data.tokenize import Example, TokenizeStats, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,11 @@ def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     records = load_records(cfg)
     fmt = detect_format(records, cfg)
     fixed = cfg.model_copy(update={"format": fmt})  # both parts use the format seen on the whole file
-    records = apply_limit(records, cfg.limit, seed)
+    records = apply_limit(records, cfg.limit, derive_seed(seed, Stream.DATA_LIMIT))
     source = cfg.path
+    split_seed = derive_seed(seed, Stream.VALIDATION_SPLIT)
     if cfg.validation_fraction > 0 and len(records) >= 2:
-        train_records, val_records = split_items(records, cfg.validation_fraction, seed)
+        train_records, val_records = split_items(records, cfg.validation_fraction, split_seed)
         train, stats = tokenize_records(train_records, tokenizer, fixed, source)
         validation, val_stats = tokenize_records(val_records, tokenizer, fixed, f"{source} (validation part)")
         return TaskData(train, validation, fmt, stats, source, val_stats)
@@ -81,7 +83,7 @@ def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     if fmt != "text":
         logger.warning("%s: one record only, so no validation part (data.validation_fraction ignored)", source)
         return TaskData(examples, [], fmt, stats, source)
-    train, validation = split_items(examples, cfg.validation_fraction, seed)
+    train, validation = split_items(examples, cfg.validation_fraction, split_seed)
     return TaskData(
         train,
         validation,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retain.config import DataConfig
 from retain.data.chat import drop_oldest_turn, normalize_messages, render_chat
@@ -28,10 +28,20 @@ from retain.data.records import DataError, detect_format, record_where
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import torch
+
+#: the label of a position that is not scored (padding, prompts, masked tokens): PyTorch's cross-entropy default
 IGNORE_INDEX = -100
 
 Records = list[dict[str, Any]]
 Masked = tuple[list[int], list[bool]]  # token ids and, per token, whether it is labelled
+
+
+def count_scored_tokens(labels: "torch.Tensor") -> "torch.Tensor":
+    """Labelled positions a causal LM predicts (position 0 never is), as a 0-d tensor on ``labels``' device
+    (no host sync): the unit the task loss averages over, in the loop and in the Trainer integration alike."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 @dataclass

@@ -101,8 +101,9 @@ def _texts(config: RunConfig) -> list[str]:
     return [str(r.get(field_name, "")) for r in records if r.get(field_name)]
 
 
-def load_target(target: str, *, data_dir: Path | None = None, seed: int = 0) -> TuneTarget:
-    """A run YAML (a path that exists) or a scenario name."""
+def load_target(target: str, *, data_dir: Path | None = None, seed: int | None = None) -> TuneTarget:
+    """A run YAML (a path that exists) or a scenario name. ``seed`` replaces the YAML's ``train.seed``
+    only when given (None keeps it, so a tune trains as the run would); a scenario's default is 0."""
     from retain.scenarios.base import get_scenario, scenario_names
 
     path = Path(target)
@@ -116,7 +117,8 @@ def load_target(target: str, *, data_dir: Path | None = None, seed: int = 0) -> 
                 "(a suite with a bounded score for the task and for general ability)"
             )
         base = config.model_dump(mode="json")
-        base["train"]["seed"] = seed if seed is not None else base["train"]["seed"]
+        if seed is not None:
+            base["train"]["seed"] = seed
         own = {spec.name: spec.params for spec in config.strategies}
         return TuneTarget(name=str(path), scenario=None, base=base, suite=load_suite(config.eval.suite), own=own,
                           general_texts=_texts(config), source=path.resolve())
@@ -127,7 +129,7 @@ def load_target(target: str, *, data_dir: Path | None = None, seed: int = 0) -> 
     from retain.scenarios.bench import build_run_config
 
     scenario = get_scenario(target, data_dir=data_dir)
-    config = build_run_config(scenario, "full", Path("unused"), steps=None, seed=seed, shared={},
+    config = build_run_config(scenario, "full", Path("unused"), steps=None, seed=0 if seed is None else seed, shared={},
                               train_overrides={}, overrides=[], progress=False)
     return TuneTarget(name=target, scenario=scenario.name, base=config.model_dump(mode="json"), suite=scenario.suite,
                       general_texts=_texts(config))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from retain.data import IGNORE_INDEX
+from retain.data import count_scored_tokens
 from retain.errors import ConfigError
 from retain.models.adapters import is_peft_model
 from retain.strategies.base import Strategy
@@ -61,11 +61,6 @@ def scaled_loss(
     if not terms:
         return task
     return task + sum(terms.values()) / accumulation_steps
-
-
-def label_count(labels: torch.Tensor) -> torch.Tensor:
-    """Labelled positions a causal LM predicts (position 0 never is): the Trainer's ``num_items_in_batch`` unit."""
-    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 def _overrides(strategy: Strategy, hook: str) -> bool:
@@ -117,7 +112,7 @@ class RetainTrainerMixin:
         steps = int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps)
         loss = scaled_loss(
             outputs.loss, terms,
-            local_items=label_count(batch["labels"]) if num_items_in_batch is not None else 0,
+            local_items=count_scored_tokens(batch["labels"]) if num_items_in_batch is not None else 0,
             num_items_in_batch=num_items_in_batch,
             accumulation_steps=steps,
             world=self.accelerator.num_processes,

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from retain.data.tokenize import IGNORE_INDEX as IGNORE_INDEX  # one definition; re-exported for older imports
 
 StmMode = Literal["highest", "lowest_all", "lowest_matched", "random_official", "random_matched"]
 

@@ -75,6 +75,25 @@ def _check(estimator: str, normalize: str) -> None:
         raise ValueError(f"unknown Fisher normalization '{normalize}'; choose token or example")
 
 
+def _normalized(
+    total: dict[str, Tensor],
+    count: Tensor,
+    tokens: Tensor,
+    estimator: Estimator,
+    normalize: Normalize,
+    accelerator: Any,
+) -> tuple[dict[str, Tensor], int]:
+    """(Fisher, examples or batches): this process's squared-gradient sums added across processes
+    (``empirical_batch`` sums were, batch by batch) and divided by the scored tokens (``token``) or by
+    ``count`` (``example``). One rule for every estimator, so weight and LoRA Fishers share a scale."""
+    if estimator != "empirical_batch":
+        total = sum_across_processes(total, accelerator)
+    sums = sum_across_processes({"count": count, "tokens": tokens}, accelerator)
+    n = max(int(round(sums["count"].item())), 1)
+    divisor = max(float(sums["tokens"].item()), 1.0) if normalize == "token" else float(n)
+    return {name: value / divisor for name, value in total.items()}, n
+
+
 def diagonal_fisher(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -137,12 +156,7 @@ def diagonal_fisher(
                         total[n].add_(grads[n].float().pow(2), alpha=1.0 / len(losses))
                 count += 1
                 tokens += float(scored_tokens(batch["labels"]).sum())
-    if estimator != "empirical_batch":
-        total = sum_across_processes(total, accelerator)
-    sums = sum_across_processes({"count": count, "tokens": tokens}, accelerator)
-    n = max(int(round(sums["count"].item())), 1)
-    divisor = max(float(sums["tokens"].item()), 1.0) if per_token else float(n)
-    return {name: value / divisor for name, value in total.items()}, n
+    return _normalized(total, count, tokens, estimator, normalize, accelerator)
 
 
 def lora_delta_fisher(
@@ -224,12 +238,7 @@ def lora_delta_fisher(
         for handle in handles:
             handle.remove()
         captured.clear()
-    if estimator != "empirical_batch":
-        total = sum_across_processes(total, accelerator)
-    sums = sum_across_processes({"count": count, "tokens": tokens}, accelerator)
-    n = max(int(round(sums["count"].item())), 1)
-    divisor = max(float(sums["tokens"].item()), 1.0) if per_token else float(n)
-    return {name: value / divisor for name, value in total.items()}, n
+    return _normalized(total, count, tokens, estimator, normalize, accelerator)
 
 
 def online_update(previous: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], gamma: float) -> dict[str, Tensor]:

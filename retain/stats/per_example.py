@@ -24,15 +24,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from retain.data.sampling import seeded_generator
+from retain.data.sampling import Stream, seeded_generator
 from retain.data.tokenize import IGNORE_INDEX
 
 Collate = Callable[[list[Any]], dict[str, Tensor]]
 
 
 def example_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    """A generator that depends only on (seed, example index): the same draws on any process layout."""
-    return seeded_generator(seed, index, device=device)
+    """A generator that depends only on (seed, example index): the same draws on any process layout.
+    ``seed`` is the estimate's seed; its examples' draws are its ``Stream.ESTIMATE_SAMPLE`` stream."""
+    return seeded_generator(seed, Stream.ESTIMATE_SAMPLE, index, device=device)
 
 
 def has_label_tokens(example: Any) -> bool:

@@ -153,13 +153,15 @@ class StrategyContext:
 
     def seed_for(self, strategy: "Strategy", *streams: int) -> int:
         """The seed of one of ``strategy``'s random streams: its own ``seed`` key when set, else
-        ``train.seed``, so ``retain bench --seed`` moves every strategy's choices; ``streams`` (a task
-        index, ...) derive independent seeds with ``retain.data.sampling.derive_seed``."""
+        ``train.seed``, so ``retain bench --seed`` moves every strategy's choices. ``streams`` is a
+        purpose (``retain.data.sampling.Stream``) and its indices (a task, ...); with none, the base seed
+        itself, which only an estimator that derives its own streams (``Stream.ESTIMATE_*``) should take."""
         return strategy_seed(getattr(strategy.config, "seed", None), self.config, *streams)
 
 
 def strategy_seed(own: int | None, run: "RunConfig", *streams: int) -> int:
-    """``derive_seed(own if set else run.train.seed, *streams)``: the one rule for strategy randomness."""
+    """``derive_seed(own if set else run.train.seed, purpose, *indices)``: the seed rule of
+    ``retain.data.sampling``, with a strategy's own ``seed`` key as the root when it is set."""
     return derive_seed(own if own is not None else run.train.seed, *streams)
 
 

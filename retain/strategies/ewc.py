@@ -34,7 +34,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
 from retain.config import RunConfig
-from retain.data.sampling import seeded_subset
+from retain.data.sampling import Stream, estimate_subset
 from retain.losses.quadratic import quadratic_penalty
 from retain.models.runtime import trainable_parameters
 from retain.stats.files import load_importance, statistics_for
@@ -105,8 +105,8 @@ class Ewc(Strategy):
         if self._source not in ("previous_task", "both") or task.index == len(ctx.tasks) - 1:
             return  # after the last task no later training would use the Fisher
         params = self._live(ctx)
-        seed = ctx.seed_for(self, task.index + 1)
-        examples = seeded_subset(task.train_examples, self.config.max_examples, seed)
+        seed = ctx.seed_for(self, Stream.TASK_FISHER, task.index)
+        examples = estimate_subset(task.train_examples, self.config.max_examples, seed)
         fisher = self._estimate(params, examples, ctx, seed=seed)
         self._add(f"task:{task.name}", detached_copy(params), fisher)
 
@@ -141,7 +141,7 @@ class Ewc(Strategy):
             dtype = DTYPES[self.config.state_dtype]
             return {n: stats[n].to(params[n].device, dtype) for n in params}
         seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
-        examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
+        examples = estimate_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
         return self._estimate(params, examples, ctx, seed=seed)
 
     def _estimate(self, params: dict[str, nn.Parameter], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:

@@ -44,7 +44,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
 from retain.config import RunConfig
-from retain.data.sampling import seeded_generator, seeded_subset
+from retain.data.sampling import Stream, estimate_subset, seeded_generator
 from retain.errors import ConfigError
 from retain.losses.quadratic import lora_delta, weighted_square
 from retain.models.adapters import canonical_name, linear_lora_layers
@@ -203,10 +203,10 @@ class EwcLora(Strategy):
             return self._adapter_ewc.after_task(task, ctx)
         layers = self._live(ctx)
         if self._source in ("previous_task", "both") and task.index < len(ctx.tasks) - 1:
-            seed = ctx.seed_for(self, task.index + 1)
-            examples = seeded_subset(task.train_examples, self.config.max_examples, seed)
+            seed = ctx.seed_for(self, Stream.TASK_FISHER, task.index)
+            examples = estimate_subset(task.train_examples, self.config.max_examples, seed)
             self._accumulate(self._estimate(layers, examples, ctx, seed))
-        merge_and_reset(layers, seeded_generator(ctx.seed_for(self), task.index))
+        merge_and_reset(layers, seeded_generator(ctx.seed_for(self, Stream.LORA_RESET, task.index)))
         self.merges += 1
 
     # state ------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class EwcLora(Strategy):
                 )
             return out
         seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
-        examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
+        examples = estimate_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
         return self._estimate(layers, examples, ctx, seed)
 
     def _estimate(self, layers: dict[str, nn.Module], examples: list, ctx: StrategyContext, seed: int) -> dict[str, Tensor]:

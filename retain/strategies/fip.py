@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 from retain.config import DataConfig, RunConfig
-from retain.data.sampling import sample_indices, seeded_generator
+from retain.data.sampling import Stream, sample_indices, seeded_generator
 from retain.losses.distill import bhattacharyya_distance
 from retain.models.runtime import align_to_inputs, reference_forward, trainable_parameters
 from retain.strategies.base import (
@@ -174,7 +174,7 @@ class FunctionallyInvariantPaths(Strategy):
         """Fix the task's pool: ``indices`` into its candidates, or a fresh seeded draw when None."""
         source, candidates = self._candidates(task, ctx)
         if indices is None:
-            generator = seeded_generator(ctx.seed_for(self), task.index)
+            generator = seeded_generator(ctx.seed_for(self, Stream.FIP_POOL, task.index))
             indices = sorted(torch.randperm(len(candidates), generator=generator)[: self.config.pool_size].tolist())
         self._pool_source, self._pool_task, self._pool_indices = source, task.index, indices
         self._pool = [candidates[i] for i in indices]
@@ -214,7 +214,7 @@ class FunctionallyInvariantPaths(Strategy):
         return bool(self._pool) and self.config.weight != 0.0
 
     def _picks_at(self, ctx: StrategyContext, cursor: int) -> list[int]:
-        return sample_indices(len(self._pool), ctx.seed_for(self), cursor, self.config.pool_batch)
+        return sample_indices(len(self._pool), ctx.seed_for(self, Stream.FIP_ORDER), cursor, self.config.pool_batch)
 
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
         """Before each forward: the anchor (at the task's first step) and this micro-batch's pool rows."""

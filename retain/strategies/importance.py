@@ -53,7 +53,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
 from retain.config import DataConfig, RunConfig
-from retain.data.sampling import seeded_subset
+from retain.data.sampling import estimate_subset
 from retain.losses.quadratic import (
     LayerBalance,
     layer_coefficients,
@@ -379,7 +379,7 @@ class Importance(Strategy):
             stats = statistics_for(loaded, list(params), self.config.file)
             return {n: stats[n].to(params[n].device, torch.float32) for n in params}
         seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
-        examples = seeded_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
+        examples = estimate_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
         train = ctx.config.train
         start = time.perf_counter()
         omega, steps = path_integral_importance(

@@ -34,9 +34,10 @@ from torch import nn
 
 from retain.config import DataConfig, RunConfig
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
+from retain.data.sampling import Stream
+from retain.strategies._shared.mixing import RatioMixing
 from retain.strategies.base import (
     Batch,
-    Strategy,
     StrategyConfig,
     StrategyContext,
     Strength,
@@ -66,7 +67,7 @@ class ReplayConfig(StrategyConfig):
 
 
 @register_strategy("replay")
-class Replay(Strategy):
+class Replay(RatioMixing):
     Config = ReplayConfig
     strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 
@@ -88,15 +89,8 @@ class Replay(Strategy):
             ]
         return []
 
-    def set_strength(self, value: float) -> None:
-        """A new ratio applies to the rows trained from now on: the schedule restarts its count (keeping the
-        old count would replace whole batches until the new share of all earlier rows was caught up)."""
-        super().set_strength(value)
-        if getattr(self, "schedule", None) is not None:
-            self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
-
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        self.buffer = ReplayBuffer(self.config.buffer_size, seed=ctx.seed_for(self) + 104729)
+        self.buffer = ReplayBuffer(self.config.buffer_size, seed=ctx.seed_for(self, Stream.REPLAY_BUFFER))
         self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
         return model
 

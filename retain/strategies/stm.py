@@ -40,9 +40,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from retain.data import IGNORE_INDEX
 from retain.data.identity import batch_rows, example_key, examples_hash
-from retain.data.sampling import seeded_generator
-from retain.losses.distill import IGNORE_INDEX, StmMode, next_token_cross_entropy, stm_drop_mask
+from retain.data.sampling import Stream, seeded_generator
+from retain.losses.distill import StmMode, next_token_cross_entropy, stm_drop_mask
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
@@ -175,7 +176,7 @@ class SelectiveTokenMasking(Strategy):
 
     def _set_masks(self, index: int, examples: list, table: TokenTable) -> None:
         """Task ``index``'s drop masks at the current threshold (the random ablation's draw is seeded per task)."""
-        generator = seeded_generator(self._seed, index)
+        generator = seeded_generator(self._seed, Stream.STM_MASK, index)
         masks, keep_position, keep_ce = drop_masks(examples, table, self.config, generator)
         self._keep_position[index], self._keep_ce[index] = keep_position, keep_ce
         self._drop[index] = torch.cat(masks).to(torch.uint8) if masks else torch.zeros(0, dtype=torch.uint8)

@@ -55,8 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from retain.data.sampling import sample_indices
-from retain.data.tokenize import IGNORE_INDEX
+from retain.data.sampling import Stream, derive_seed, sample_indices
+from retain.data.tokenize import count_scored_tokens as label_tokens  # the loop's name for it
 from retain.errors import ConfigError, DivergenceError
 from retain.io import append_jsonl
 from retain.strategies.base import StrategyContext, TaskInfo
@@ -150,11 +150,6 @@ class StepValues:
     @property
     def finite(self) -> bool:
         return math.isfinite(self.loss) and (self.grad_norm is None or math.isfinite(self.grad_norm))
-
-
-def label_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Label positions a causal LM predicts (position 0 never is): the unit the task loss averages over."""
-    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 class StepSums:
@@ -288,7 +283,7 @@ def step_batches(ctx: StrategyContext, hybrid: Hybrid, task: TaskInfo, step: int
     train = ctx.config.train
     size = train.batch_size * ctx.accelerator.num_processes
     examples = task.train_examples
-    data_seed = train.seed + 7919 * task.index
+    data_seed = derive_seed(train.seed, Stream.DATA_ORDER, task.index)
     batches = []
     for micro in range(train.grad_accum):
         ctx.micro_batch = micro

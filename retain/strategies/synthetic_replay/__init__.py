@@ -40,9 +40,10 @@ from torch import nn
 from retain.config import DataConfig, RunConfig, StrictModel
 from retain.data import load_records
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
-from retain.data.sampling import derive_seed, seeded_generator
+from retain.data.sampling import Stream, derive_seed, seeded_generator
 from retain.io import atomic_write_text
-from retain.strategies.base import Batch, Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
+from retain.strategies._shared.mixing import RatioMixing
+from retain.strategies.base import Batch, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
 from retain.strategies.synthetic_replay.generation import (
     SamplingSettings,
@@ -127,7 +128,7 @@ class SyntheticReplayConfig(StrategyConfig):
 
 
 @register_strategy("synthetic-replay")
-class SyntheticReplay(Strategy):
+class SyntheticReplay(RatioMixing):
     Config = SyntheticReplayConfig
     strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
     input_path_keys = ("reuse_dir",)
@@ -157,13 +158,6 @@ class SyntheticReplay(Strategy):
                 problems.append(f"{where}.tasks.{name}: give a description or demonstrations (or both)")
         return problems
 
-    def set_strength(self, value: float) -> None:
-        """A new ratio applies to the rows trained from now on: the schedule restarts its count (keeping the
-        old count would replace whole batches until the new share of all earlier rows was caught up)."""
-        super().set_strength(value)
-        if getattr(self, "schedule", None) is not None:
-            self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
-
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         names = [t.name for t in ctx.tasks]
         self.seed = ctx.seed_for(self)
@@ -171,7 +165,8 @@ class SyntheticReplay(Strategy):
         self.sources = ([GENERAL_SOURCE] if general else []) + [
             n for n in names if n in self.config.tasks or self.config.demonstrations_from_data
         ]
-        self.buffer = ReplayBuffer(self.config.per_source * max(1, len(self.sources)), seed=self.seed + 130363)
+        capacity = self.config.per_source * max(1, len(self.sources))
+        self.buffer = ReplayBuffer(capacity, seed=derive_seed(self.seed, Stream.SYNTHETIC_BUFFER))
         self.schedule = RatioSchedule(self.config.ratio, self.config.mode)
         self.sets: dict[str, list[dict[str, str]]] = {}
         self.manifest: dict[str, dict[str, Any]] = {}
@@ -193,7 +188,8 @@ class SyntheticReplay(Strategy):
             demos = [d.model_dump() if isinstance(d, PromptCompletion) else d for d in seed.demonstrations]
             return {"description": seed.description, "demonstrations": demos, "prompts": []}
         task = next(t for t in ctx.tasks if t.name == source)
-        order = torch.randperm(len(task.train_examples), generator=seeded_generator(self.seed, task.index))
+        generator = seeded_generator(self.seed, Stream.SYNTHETIC_DEMOS, task.index)
+        order = torch.randperm(len(task.train_examples), generator=generator)
         picked = [task.train_examples[i] for i in order[: self.config.demonstrations_from_data].tolist()]
         demos = [example_as_demonstration(e, ctx.tokenizer) for e in picked]
         return {"description": "", "demonstrations": demos, "prompts": []}
@@ -205,7 +201,7 @@ class SyntheticReplay(Strategy):
             return []
         records = load_records(cfg)
         texts = [t for t in (opening_text(r, cfg, self.config.opening_words) for r in records) if t]
-        order = torch.randperm(len(texts), generator=seeded_generator(self.seed, 104729)).tolist()
+        order = torch.randperm(len(texts), generator=seeded_generator(self.seed, Stream.SYNTHETIC_OPENINGS)).tolist()
         return [texts[i] for i in sorted(order[: self.config.general_prompts])]
 
     def _generate_all(self, ctx: StrategyContext) -> None:
@@ -231,7 +227,8 @@ class SyntheticReplay(Strategy):
                         prompts=material["prompts"],
                         dedup_threshold=self.config.dedup_threshold,
                         select=self.config.select,
-                        seed=derive_seed(self.seed, i) % 2**63,  # torch.manual_seed takes 64 bits
+                        # torch.manual_seed takes 64 bits
+                        seed=derive_seed(self.seed, Stream.SYNTHETIC_GENERATION, i) % 2**63,
                     )
                 if not records:
                     raise RuntimeError(
