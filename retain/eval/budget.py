@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retain.data.tokenize import IGNORE_INDEX
+from retain.data.tokenize import count_scored_tokens
 from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference
 from retain.eval.split import prompts_of
 from retain.eval.suite import SuiteConfig, evaluate_task
@@ -204,7 +204,7 @@ def mean_task_loss(model: nn.Module, examples: list, collate: Any, device: torch
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n = int(count_scored_tokens(batch["labels"]))
             total += float(out.loss) * n
             tokens += n
     return total / tokens if tokens else float("nan")
