@@ -88,7 +88,9 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, text_file,
         run_config(str(tiny_model_dir), text_file, tmp_path / "b", ["full"], steps=3, batch_size=4, grad_accum=2, max_grad_norm=None)
     )
     a, b = big.model.state_dict(), accumulated.model.state_dict()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Adam turns float noise in a near-zero gradient into an update: up to 4e-5 over train.seed 0-11 (3 steps at
+    # lr 1e-2), while steps that read other rows end 4e-2 apart
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
 class _ExplodeAtStep(Strategy):
