@@ -51,6 +51,9 @@ class Stream(IntEnum):
     LORA_RESET            EWC-LoRA's fresh adapters after a merge   task index
     ESTIMATE_SUBSET       the examples an importance estimate uses  -
     ESTIMATE_SAMPLE       a sampled-Fisher example's label draws    example index
+    LWF_POOL              lwf's general anchor pool                 -
+    LWF_ORDER             the order lwf reads its anchor pool       epoch
+    BUDGET_PROBE          a budget's fallback task-loss subset      -
     ====================  ========================================  ============================
 
     ``ESTIMATE_*`` derive from an estimate's own seed (``retain importance compute --seed``, a strategy's
@@ -72,6 +75,9 @@ class Stream(IntEnum):
     LORA_RESET = 13
     ESTIMATE_SUBSET = 14
     ESTIMATE_SAMPLE = 15
+    LWF_POOL = 16
+    LWF_ORDER = 17
+    BUDGET_PROBE = 18
 
 
 def derive_seed(seed: int, *indices: int) -> int:

@@ -52,7 +52,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from retain.config import DataConfig, RunConfig
-from retain.data.sampling import sample_indices, subset_indices
+from retain.data.sampling import Stream, sample_indices, subset_indices
 from retain.errors import ConfigError
 from retain.models.adapters import is_peft_model
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
@@ -188,7 +188,7 @@ class LearningWithoutForgetting(Strategy):
             )
         if self.config.anchor == "general":
             examples = ctx.general_examples(self.config.data, "lwf")
-            self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, ctx.seed_for(self))]
+            self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, ctx.seed_for(self, Stream.LWF_POOL))]
             if not self._pool:
                 raise ConfigError("lwf: the general anchor data has no examples")
         if source == "copy":
@@ -252,7 +252,7 @@ class LearningWithoutForgetting(Strategy):
             )
 
     def _picks_at(self, ctx: StrategyContext, cursor: int) -> list[int]:
-        return sample_indices(len(self._pool), ctx.seed_for(self), cursor, self.config.anchor_batch_size)
+        return sample_indices(len(self._pool), ctx.seed_for(self, Stream.LWF_ORDER), cursor, self.config.anchor_batch_size)
 
     def transform_batch(self, batch: Batch, ctx: StrategyContext) -> Batch:
         """Before each forward: the task-start teacher (first micro-batch of a later task) and this

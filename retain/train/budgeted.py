@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from retain.config import BudgetConfig, RunConfig
-from retain.data.sampling import seeded_subset
+from retain.data.sampling import Stream, derive_seed, seeded_subset
 from retain.errors import ConfigError, GateError
 from retain.eval.budget import BudgetMeter, Measurement, budget_problems, mean_task_loss
 from retain.eval.participant import GO_ON, Decision, Participant
@@ -235,7 +235,7 @@ class BudgetParticipant(Participant):
         measured = self.meter.measure(model, self.ctx.tokenizer, task.name, earlier)
         if measured.task_score is None:  # no eval of this task in the suite: held-out (or a fixed subset of) its data
             examples = task.data.validation or task.train_examples
-            subset = seeded_subset(examples, self.meter.probe_examples, self.ctx.config.train.seed)
+            subset = seeded_subset(examples, self.meter.probe_examples, derive_seed(self.ctx.config.train.seed, Stream.BUDGET_PROBE))
             measured.task_score = -mean_task_loss(model, subset, self.ctx.collate, self.ctx.device, self.meter.batch_size)
         return measured
 
