@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from retain.train.budget import (
@@ -117,3 +118,52 @@ def test_a_recovering_violation_steps_on_its_trend_and_a_reversal_halves_the_ste
 
 def test_next_check_step_follows_the_schedule():
     assert [next_check_step(s, 25, 2, 150) for s in (0, 6, 12, 25, 140)] == [6, 12, 25, 50, 150]
+
+
+def test_the_step_bound_grows_while_the_direction_holds_and_starts_over_at_each_task():
+    controller = BudgetController(Bounds(min_general_retention=0.95), [L2], values={L2.label: 1.0})
+    controller.update(Measurement(general_retention=0.5), step=1)  # far over: up
+    controller.update(Measurement(general_retention=1.0), step=2)  # nothing spent: down, a reversal
+    assert controller.step_scale == 0.5
+    controller.update(Measurement(general_retention=1.0), step=3)  # the same direction: it grows back
+    assert controller.step_scale == pytest.approx(0.6)
+    controller.new_task()
+    assert (controller.step_scale, controller.last_direction) == (1.0, 0)
+
+
+def test_no_step_within_twice_the_measurements_standard_error():
+    bounds = Bounds(min_general_retention=0.98)
+    quiet = BudgetController(bounds, [L2], values={L2.label: 1.0})
+    quiet.update(Measurement(general_retention=0.975, general_retention_se=0.01), step=1)  # 0.005 over, se 0.01
+    assert quiet.values[L2.label] == 1.0
+    loud = BudgetController(bounds, [L2], values={L2.label: 1.0})
+    loud.update(Measurement(general_retention=0.975, general_retention_se=0.0005), step=1)
+    assert loud.values[L2.label] > 1.0
+
+
+def _two_task_plant(checks: int = 12, noise: float = 0.01, seed: int = 0) -> list[float]:
+    """A plant with lag and measurement noise: between checks the drift theta moves halfway to its
+    penalized optimum 1 / (1 + lambda); true retention is 1 - c theta^2, measured with noise. The first
+    task (c = 1) keeps a 0.98 floor from lambda ~ 6; the second (c = 7224) needs ~100x more (~600).
+    Returns the true retention at the end of each task."""
+    rng = np.random.default_rng(seed)
+    controller = BudgetController(Bounds(min_general_retention=0.98), [L2], values={L2.label: 1.0})
+    ends = []
+    for c in (1.0, 7224.0):
+        controller.new_task()
+        theta = 0.0
+        for check in range(checks):
+            theta += 0.5 * (1.0 / (1.0 + controller.values[L2.label]) - theta)
+            measured = 1.0 - c * theta**2 + float(rng.normal(0.0, noise))
+            controller.update(Measurement(general_retention=measured, general_retention_se=noise), step=25 * (check + 1))
+        ends.append(1.0 - c * theta**2)
+    return ends
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_second_task_that_needs_far_more_protection_reaches_the_floor(seed):
+    """The toy of the trustworthy-verdicts issue. The old controller (step bound kept from the first task,
+    halved on every noisy reversal and never grown, no dead band) left the second task far below the
+    floor on this plant (true retention -1.2, -88 and -7.1 for seeds 0-2); now it ends within the band."""
+    first, second = _two_task_plant(seed=seed)
+    assert first >= 0.96 and second >= 0.96  # the floor, less the band of twice the 0.01 noise

@@ -385,6 +385,11 @@ def test_set_budget_on_train_reaches_the_run_and_results(files, tiny_model_dir, 
     assert result.exit_code == 0, result.output[-3000:]
     budget = Results.load(tmp_path / "cli" / "results.json").runs[0].budget
     assert budget.bounds == {"max_kl": 0.5} and [c.step for c in budget.checks] == [0, 1, 2, 4]  # 2 early checks
+    lines = [line for line in result.output.splitlines() if line.startswith("budget: task 'first'")]
+    assert len(lines) == 5, result.output[-3000:]  # one per check, then the closing decision
+    assert lines[1].startswith("budget: task 'first' step 1: KL ") and "(ceiling 0.5)" in lines[1]
+    assert "l2.lambda_ 0.1 -> " in lines[1] or "strengths unchanged" in lines[1]
+    assert lines[-1].startswith("budget: task 'first' keeps step 4 of 4: the task ended")
 
 
 def _scenario(files: dict[str, Path], model_dir: Path, suite: SuiteConfig) -> Scenario:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ from retain.eval.split import prompts_of
 from retain.eval.suite import SuiteConfig, evaluate_task
 from retain.eval.tasks import EvalTaskConfig, SharedWork
 from retain.models.runtime import eval_mode
+from retain.results import bootstrap
 from retain.results.schema import Score, StepRecord
 from retain.results.summary import general_score, primary_task_score
 
@@ -103,6 +105,7 @@ class Measurement:
     kl: float | None = None
     task_forgetting: float | None = None
     task_score: float | None = None
+    general_retention_se: float | None = None  # its bootstrap standard error over the probe's windows
 
 
 @dataclass
@@ -118,6 +121,7 @@ class BudgetMeter:
     general: list[EvalTaskConfig] = field(init=False)
     by_task: dict[str, list[EvalTaskConfig]] = field(init=False)
     base_general: float | None = field(init=False, default=None)
+    base_record: StepRecord | None = field(init=False, default=None)  # its general scores, item by item
     reference: ProbeReference | None = field(init=False, default=None)
     #: task -> its subset scores at each task end since it was learned (forgetting's maximum runs over them)
     history: dict[str, list[float]] = field(init=False, default_factory=dict)
@@ -134,7 +138,8 @@ class BudgetMeter:
     def start(self, model: nn.Module, tokenizer: Any) -> None:
         """The base model's side: its general score on the subset and its probe log-probabilities."""
         if self.measure_retention:
-            self.base_general = general_score(StepRecord(index=0, scores=self._scores(model, tokenizer, self.general)))
+            self.base_record = StepRecord(index=0, scores=self._scores(model, tokenizer, self.general))
+            self.base_general = general_score(self.base_record)
         if self.measure_kl and self.suite.probe_prompts:
             prompts = prompts_of(self.suite.probe_prompts, "select", self.suite.split)[: self.probe_examples]
             self.reference = compute_probe_reference(
@@ -167,14 +172,27 @@ class BudgetMeter:
         shared = self.inputs.fresh()
         probe = Measurement()
         if self.measure_retention and self.base_general:
-            now = general_score(StepRecord(index=0, scores=self._scores(model, tokenizer, self.general, shared)))
+            record = StepRecord(index=1, scores=self._scores(model, tokenizer, self.general, shared))
+            now = general_score(record)
             probe.general_retention = None if now is None else now / self.base_general
+            probe.general_retention_se = self._retention_se(record)
         if self.reference is not None:
             probe.kl = kl_from_reference(self.reference, model)
         if self.measure_forgetting:
             probe.task_forgetting = self._forgetting(model, tokenizer, earlier, shared)
         probe.task_score = self.task_score(model, tokenizer, task, shared)
         return probe
+
+    def _retention_se(self, record: StepRecord) -> float | None:
+        """The bootstrap standard error of the retention just measured, over the probe's items (paired
+        with the base model's): the budget's controller does not react to a change within twice it."""
+        if self.base_record is None:
+            return None
+        replicates = bootstrap.retention_replicates(self.base_record, record, bootstrap.Draws(replicates=400))
+        if replicates is None:
+            return None
+        finite = replicates[np.isfinite(replicates)]
+        return float(finite.std(ddof=1)) if finite.size > 1 else None
 
     def _forgetting(self, model: nn.Module, tokenizer: Any, earlier: Sequence[str], shared: SharedWork) -> float | None:
         drops = []

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from retain.eval.budget import Measurement
 from retain.strategies.base import Strength
@@ -70,18 +70,30 @@ def within_budget(measured: Measurement, bounds: Bounds) -> bool:
     return worst is None or worst <= 0.0
 
 
-def dual_step(violation: float, *, eta: float, max_step: float, margin: float) -> float:
+def dual_step(violation: float, *, eta: float, max_step: float, margin: float, noise: float = 0.0) -> float:
     """The change of log(strength) for one check: up while over budget, down while comfortably inside
-    (by the slack beyond ``margin``, so the step is continuous at the band's edge), none in between;
+    (by the slack beyond the band, so the step is continuous at the band's edges), none in between;
     bounded by ``max_step`` (natural-log units).
 
-    The violation is measured in units of ``margin`` (itself a share of the bound's allowance), so a
-    step means the same for a retention floor and a KL ceiling.
+    The band is ``[-max(margin, noise), noise]``: ``noise`` (twice the measurement's standard error, in
+    allowance units) keeps the controller from chasing a violation it cannot tell from noise. The step
+    is measured in units of ``margin`` (itself a share of the bound's allowance), so a step means the
+    same for a retention floor and a KL ceiling.
     """
-    if -margin <= violation <= 0.0:
+    low = max(margin, noise)
+    if -low <= violation <= noise:
         return 0.0
-    excess = violation if violation > 0 else violation + margin
+    excess = violation - noise if violation > 0 else violation + low
     return max(-max_step, min(max_step, eta * excess / margin))
+
+
+def noise_band(measured: Measurement, bounds: Bounds) -> float:
+    """Twice the standard error of the measured retention, in units of the floor's allowance (0 when the
+    retention floor is not set or its error is unknown)."""
+    se, floor = measured.general_retention_se, bounds.min_general_retention
+    if se is None or floor is None or not math.isfinite(se):
+        return 0.0
+    return 2.0 * se / max(1.0 - floor, 1e-12)
 
 
 def next_check_step(step: int, check_every: int, early: int, last: int) -> int:
@@ -126,18 +138,25 @@ class BudgetController:
         """Every strength sits at the end of its range that protects most (true when there are none)."""
         return all(s.at_protective_limit(self.values[s.label]) for s in self.strengths)
 
+    #: Rprop's factors: the step bound grows while the direction holds and halves when it reverses.
+    GROW: ClassVar[float] = 1.2
+    SHRINK: ClassVar[float] = 0.5
+
     def new_task(self) -> None:
-        """A task starts: its violations are not a continuation of the last task's (no trend across tasks)."""
+        """A task starts: its violations are not a continuation of the last task's (no trend across tasks),
+        and the step bound starts over (a new task may need a very different strength)."""
         self.last_violation, self.last_step = None, None
+        self.step_scale, self.last_direction = 1.0, 0
 
     def update(self, measured: Measurement, step: int, next_step: int | None = None) -> float | None:
         """Record a check and move the strengths; returns the worst violation (None: nothing measured).
 
-        Two rules keep the strengths from swinging around the budget line, since a strength acts on the
-        model with a lag (the weights must move back first): a reversal of direction halves the step bound
-        (Rprop), and while over budget but recovering (the violation shrank since the last check), the
-        step follows the violation predicted at the next check (``next_step``) by extending the trend:
-        none if the run should be back in budget by then.
+        Rules that keep the strengths from swinging around the budget line, since a strength acts on the
+        model with a lag (the weights must move back first), and from chasing noise: a reversal of
+        direction halves the step bound and a repeat grows it again, up to one ``max_step`` (Rprop); while
+        over budget but recovering (the violation shrank since the last check), the step follows the
+        violation predicted at the next check (``next_step``) by extending the trend: none if the run
+        should be back in budget by then; and no step within twice the measurement's standard error.
         """
         worst = worst_violation(measured, self.bounds)
         signal = worst
@@ -147,10 +166,12 @@ class BudgetController:
             signal = worst + (worst - previous) * (next_step - step) / (step - since)  # the trend, extended
             signal = max(signal, 0.0)
         self.last_violation, self.last_step = worst, step
-        raw = 0.0 if signal is None else dual_step(signal, eta=self.eta, max_step=math.inf, margin=self.margin)
+        noise = noise_band(measured, self.bounds)
+        raw = 0.0 if signal is None else dual_step(signal, eta=self.eta, max_step=math.inf, margin=self.margin, noise=noise)
         direction = (raw > 0) - (raw < 0)
-        if direction and self.last_direction and direction != self.last_direction:
-            self.step_scale = max(self.step_scale / 2, 1 / 64)
+        if direction and self.last_direction:
+            grown = self.step_scale * (self.GROW if direction == self.last_direction else self.SHRINK)
+            self.step_scale = min(max(grown, 1 / 64), 1.0)
         bound = self.max_step * self.step_scale
         change = max(-bound, min(bound, raw))
         if direction:
@@ -164,6 +185,7 @@ class BudgetController:
                 "kl": measured.kl,
                 "task_forgetting": measured.task_forgetting,
                 "violation": worst,
+                "noise": noise,
                 "log_change": change,
                 **self.values,
             }

@@ -242,6 +242,7 @@ class BudgetParticipant(Participant):
     def check(self, model: nn.Module, task: TaskInfo, step: int, *, update: bool = True) -> BudgetCheck:
         """Measure, move the strengths (``update``), remember the point if it is the best so far; one trajectory row."""
         start = time.perf_counter()
+        before = dict(self.controller.values)
         measured = self._measure(model, task)
         global_step = self.ctx.global_step
         if update:
@@ -256,13 +257,21 @@ class BudgetParticipant(Participant):
             kl=measured.kl, task_forgetting=measured.task_forgetting, new_task_score=measured.task_score,
             violation=worst, within_budget=within, strengths=dict(self.controller.values),
         )
+        moved = {k: (before[k], v) for k, v in self.controller.values.items() if v != before.get(k)}
         self.checks.append(row)
+        self._say_check(row, moved)
         candidate = KeptPoint(step, global_step, measured.task_score, within, worst)
         if candidate.better_than(self.kept):
             self._keep(model, task, candidate)
         self._log(row)
         self.seconds += time.perf_counter() - start
         return row
+
+    def _say_check(self, row: BudgetCheck, moved: dict[str, tuple[float, float]]) -> None:
+        """One console line per check: what was measured against which bound, and how the strengths moved."""
+        state = "within budget" if row.within_budget else "over budget"
+        change = "; ".join(f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in moved.items()) or "strengths unchanged"
+        console_print(self.console, f"budget: task '{row.task}' step {row.step}: {self.describe(row)}: {state}; {change}")
 
     def _over_budget(self, row: BudgetCheck, task: TaskInfo) -> Decision:
         what = self.describe(row)
@@ -353,12 +362,12 @@ class BudgetParticipant(Participant):
                    else f"no point was within budget; the least over it ({self.describe(kept_row)})")
             decision.kept_step, decision.rolled_back, decision.within_budget = kept.step, True, kept.within
             decision.reason = f"the task ended over budget ({self.describe(last)}); restored step {kept.step}: {why}"
-            console_print(self.console, f"budget: task '{task.name}' {decision.reason}")
         if stop is not None:
             self.stopped = str(stop)
         elif policy == "stop" and not last.within_budget:
             self.stopped = f"task '{task.name}' ended over budget ({self.describe(last)})"
         self.decisions.append(decision)
+        console_print(self.console, f"budget: task '{task.name}' keeps step {decision.kept_step} of {end_step}: {decision.reason}")
         self.kept = None
         self.seconds += time.perf_counter() - start
         return decision
