@@ -234,6 +234,8 @@ def test_rollback_restores_the_best_in_budget_point_exactly(wrapper, files, tiny
     decision = run.budget.tasks[0]
     assert (decision.kept_step, decision.end_step, decision.rolled_back, decision.within_budget) == (4, 8, True, True)
     assert "restored step 4" in decision.reason and "0.4000" in decision.reason
+    low, high = decision.report_interval  # the kept model, chosen on select, reported on report items
+    assert low <= decision.report_general_retention <= high
     model = outcome.model
     got = {n: p for n, p in model.named_parameters() if n in script.weights[2]}
     assert got.keys() == script.weights[2].keys()

@@ -31,7 +31,8 @@ from retain.eval.tasks.generate import generate_samples
 from retain.io import append_jsonl, atomic_write_text
 from retain.models.fingerprint import model_fingerprint
 from retain.results.schema import BudgetResult, Drift, Results, Score, StepRecord, StrategyRun
-from retain.results.summary import build_run
+from retain.results import bootstrap, metrics
+from retain.results.summary import build_run, general_score
 
 
 def perplexity_delta(base: dict[str, Score], scores: dict[str, Score]) -> float | None:
@@ -225,8 +226,27 @@ class SuiteObserver(Participant):
 
     def strategy_run(self) -> StrategyRun:
         run = build_run(self.name, self.task_names, list(self.records.values()), self.config, self.trainable_params)
-        run.budget = self.budget
+        run.budget = self.budget.model_copy(deep=True) if self.budget is not None else None
+        if run.budget is not None:
+            self._report_kept(run)
         return run
+
+    def _report_kept(self, run: StrategyRun) -> None:
+        """Each budget decision chose its model on the select part; say what that model keeps on the
+        report part (the task-end record, scored after any rollback), with its interval."""
+        assert run.budget is not None
+        base = self.records.get(0)
+        index = {name: i + 1 for i, name in enumerate(self.task_names)}
+        for decision in run.budget.tasks:
+            record = self.records.get(index.get(decision.task, -1))
+            if base is None or record is None:
+                continue
+            found = bootstrap.interval(
+                metrics.general_retention(general_score(base), general_score(record)),
+                bootstrap.retention_replicates(base, record, bootstrap.Draws()),
+            )
+            if found is not None:
+                decision.report_general_retention, decision.report_interval = found.value, found.as_list()
 
     def results(self, scenario: str | None = None) -> Results:
         base_model = str(self.config.get("model", {}).get("name_or_path", ""))

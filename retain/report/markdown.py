@@ -12,7 +12,15 @@ from rich.table import Table
 from rich.text import Text
 
 from retain.results.schema import Results
-from retain.results.summary import AGGREGATE_HEADERS, SUMMARY_HEADERS, aggregate_cells, run_label, summary_cells
+from retain.results.summary import (
+    AGGREGATE_HEADERS,
+    SUMMARY_HEADERS,
+    aggregate_cells,
+    fmt_interval,
+    fmt_num,
+    run_label,
+    summary_cells,
+)
 
 
 def _md_cell(text: str) -> str:
@@ -100,6 +108,8 @@ def print_budget(results: Results, console: Console | None = None) -> None:
         moved = ", ".join(f"{k} {budget.start[k]:.3g} → {v:.3g}" for k, v in budget.final.items() if k in budget.start)
         kept = "; ".join(
             f"{d.task}: kept step {d.kept_step} of {d.end_step}" + (" (rolled back)" if d.rolled_back else "")
+            + (f", report retention {fmt_num(d.report_general_retention)}{fmt_interval(d.report_interval)}"
+               if d.report_general_retention is not None else "")
             for d in budget.tasks
         )
         line = f"budget · {run.name} ({budget.mode}): {moved or 'no strength to adapt'}; {kept}"

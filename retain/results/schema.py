@@ -205,6 +205,10 @@ class BudgetTask(SchemaModel):
     rolled_back: bool = Field(False, description="The task ended over budget and an earlier point was restored.")
     within_budget: bool = Field(True, description="The kept point was within budget when measured.")
     reason: str = Field("", description="Why this point was kept, in words.")
+    report_general_retention: float | None = Field(
+        None, description="The kept model's general retention on the report part (chosen on select) (1.2)."
+    )
+    report_interval: list[float] | None = Field(None, description="[low, high] of report_general_retention (1.2).")
 
 
 class BudgetResult(SchemaModel):
