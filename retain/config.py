@@ -126,6 +126,10 @@ class EvalConfig(StrictModel):
     suite: str | None = Field(None, description="Suite YAML file evaluated after every task.")
     every_n_steps: int = Field(0, ge=0, description="Also evaluate every N steps (0: only after each task).")
     batch_size: int = Field(16, gt=0)
+    allow_overlap: bool = Field(
+        False, description="Train even though training text overlaps the suite's texts (--allow-overlap); "
+        "the overlap is recorded in results.json."
+    )
 
 
 class OutputConfig(StrictModel):

@@ -114,7 +114,12 @@ def test_train_with_suite_writes_results(tiny_model_dir, text_file, tmp_path):
         f"model: {{name_or_path: {tiny_model_dir}}}\ntasks: [{{name: t1, data: {{path: {text_file}, max_length: 32}}}}]\n"
         f"train: {{steps_per_task: 4, batch_size: 4, progress: false}}\neval: {{suite: {suite}}}\noutput: {{dir: {tmp_path / 'run'}}}\n"
     )
-    result = runner.invoke(app, ["train", str(config)])
+    refused = runner.invoke(app, ["train", str(config)])  # the eval scores the very file the task trains on
+    assert refused.exit_code == 2 and "overlaps evaluation text" in refused.output
+    assert f"tasks[0].data {text_file} shares 30 texts with eval 'held' ({text_file})" in refused.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    result = runner.invoke(app, ["train", str(config), "--allow-overlap"])
     assert result.exit_code == 0, result.output
     results = Results.load(tmp_path / "run" / "results.json")
     assert results.runs[0].matrix[1][0] is not None
+    assert results.runs[0].warnings == [f"overlap allowed: tasks[0].data {text_file} shares 30 texts with eval 'held' ({text_file})"]

@@ -32,6 +32,9 @@ class LogitsAtTaskEnd(Participant):
     def set_budget(self, budget) -> None:
         pass
 
+    def record_warnings(self, warnings) -> None:
+        pass
+
     def on_task_end(self, model, ctx, task, stats) -> Decision:
         unwrapped = ctx.unwrapped_model
         flags = unwrapped.training

@@ -44,6 +44,9 @@ def bench(
         None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: every strategy once per seed; mean and interval."
     ),
     resume: bool = typer.Option(False, "--resume", help="Keep the runs an earlier bench into --out finished."),
+    allow_overlap: bool = typer.Option(
+        False, "--allow-overlap", help="Train although training text overlaps the suite's texts (recorded in results.json)."
+    ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with stories260k, legalbench-cuad, ..."),
     shakespeare: bool = typer.Option(False, "--shakespeare", help="Add Shakespeare as a second task."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty --out."),
@@ -52,7 +55,8 @@ def bench(
     from retain.scenarios.bench import run_bench
 
     run_bench(
-        scenario, strategies.split(","), out=out, steps=steps, sets=list(set_ or []), config_file=config,
+        scenario, strategies.split(","), out=out, steps=steps,
+        sets=[*(set_ or []), *(["eval.allow_overlap=true"] if allow_overlap else [])], config_file=config,
         quick=quick, seed=seed, data_dir=data_dir, with_shakespeare=shakespeare, console=console, overwrite=overwrite,
         seeds=parse_seeds(seeds) if seeds is not None else None, resume=resume,
     )

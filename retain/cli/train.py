@@ -31,6 +31,9 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again in an output.dir that holds an earlier run or other files (they are deleted)."
     ),
+    allow_overlap: bool = typer.Option(
+        False, "--allow-overlap", help="Train although training text overlaps the suite's texts (recorded in results.json)."
+    ),
 ) -> None:
     """Fine-tune a model on one task or a sequence of tasks with the listed strategies."""
     from retain.train import finetune
@@ -40,6 +43,8 @@ def train(
     overrides = list(set_ or [])
     if merge:
         overrides.append("output.merge=true")
+    if allow_overlap:
+        overrides.append("eval.allow_overlap=true")
     run_config = load_run_config(config, overrides)  # every config mistake, before any model loads
     observer = None
     if run_config.eval.suite:

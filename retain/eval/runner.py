@@ -81,6 +81,7 @@ class SuiteObserver(Participant):
         self.task_names: list[str] = []
         self.trainable_params: int | None = None
         self.budget: BudgetResult | None = None
+        self.warnings: list[str] = []
 
     @classmethod
     def from_config(cls, run_config: Any, console: Console | None = None) -> "SuiteObserver":
@@ -220,6 +221,10 @@ class SuiteObserver(Participant):
 
     # -- results ----------------------------------------------------------------------------
 
+    def record_warnings(self, warnings: list[str]) -> None:
+        """What the run was allowed to do against a rule (``--allow-overlap``); kept in results.json."""
+        self.warnings += [w for w in warnings if w not in self.warnings]
+
     def set_budget(self, budget: BudgetResult | None) -> None:
         """The run's forgetting budget so far (trajectory, kept points); it goes into results.json."""
         self.budget = budget
@@ -227,6 +232,7 @@ class SuiteObserver(Participant):
     def strategy_run(self) -> StrategyRun:
         run = build_run(self.name, self.task_names, list(self.records.values()), self.config, self.trainable_params)
         run.budget = self.budget.model_copy(deep=True) if self.budget is not None else None
+        run.warnings = list(self.warnings)
         if run.budget is not None:
             self._report_kept(run)
         return run

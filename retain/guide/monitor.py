@@ -77,6 +77,9 @@ class TrialObserver(Participant):
     def set_budget(self, budget: Any) -> None:
         self.inner.set_budget(budget)
 
+    def record_warnings(self, warnings: list[str]) -> None:
+        self.inner.record_warnings(warnings)
+
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         self.inner.on_start(model, ctx)
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
 from retain.errors import ConfigError, GateError, RetainError
 from retain.eval.budget import budget_problems
+from retain.eval.overlap import overlap_guard
 from retain.io import empty_folder, prepare_output, refuse_inputs
 from retain.results.aggregate import aggregate_seeds
 from retain.results.schema import Results, StrategyRun
@@ -203,6 +204,8 @@ def run_bench(
         for item in items
         for s in seeds
     }  # every item validated before the first one trains
+    for config in configs.values():  # and no item trains on text the suite scores (before any training)
+        overlap_guard(config, scenario.suite, allow=config.eval.allow_overlap)
     if resume and holds_only_earlier_results(out, scenario.name):
         console.print(f"resuming the {scenario.name} bench in {out}: finished runs with the same config are kept")
     elif not overwrite and holds_only_earlier_results(out, scenario.name):

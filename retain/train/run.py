@@ -32,6 +32,7 @@ from retain.models.tasks import export_task_choices
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
+from retain.eval.overlap import overlap_guard
 from retain.eval.participant import GO_ON, Decision, Participant, first_stop
 from retain.results.schema import BudgetResult
 from retain.train.budgeted import budget_config_problems, budget_participant
@@ -66,6 +67,9 @@ class RunObserver(Participant, Protocol):
     suite: Any
 
     def set_budget(self, budget: BudgetResult | None) -> None: ...
+
+    def record_warnings(self, warnings: list[str]) -> None:
+        """What the run was allowed to do against a rule (``--allow-overlap``), for results.json."""
 
 
 @dataclass
@@ -211,6 +215,12 @@ class FineTune:
             report=observer.set_budget if observer is not None else None, run_dir=self.run_dir, console=self.console,
         )
         self.participants = [p for p in (observer, budget) if p is not None]
+        warnings = overlap_guard(config, self.observer.suite if self.observer is not None else None,
+                                 allow=config.eval.allow_overlap)  # before any model loads
+        if observer is not None and warnings:
+            observer.record_warnings(warnings)
+            for warning in warnings:
+                console_print(self.console, f"warning: {warning}")
         self.loaded = _prepare_run_dir_once(
             self.accelerator, config, self.run_dir, resume, overwrite=overwrite,
             inputs=run_inputs(config, self.observer), console=self.console,
