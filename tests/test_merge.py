@@ -246,3 +246,20 @@ def test_merge_command_scales_an_adapter_and_sweeps_with_a_suite(pair, cli, tmp_
     assert "largest alpha within forgetting 1: 1" in result.output
     impossible = cli(folder / "base", tmp_path / "adapter", "--alpha", "sweep:0.5,1", "--suite", suite, "--max-forgetting", "-1", "--out", tmp_path / "none")
     assert impossible.exit_code == 1 and "no alpha" in impossible.output
+
+
+def test_the_sweep_chooses_alpha_on_the_select_part_and_reports_the_report_part():
+    """Report forgetting of alpha 0.5 is within the budget, but the select part says it forgets too much:
+    the choice follows select (the report part is never what chooses)."""
+    from retain.eval.sweep import alpha_sweep
+    from retain.results.schema import PartScore, Score
+
+    def general(report: float, select: float) -> dict[str, Score]:
+        return {"g": Score(value=report, metric="accuracy", higher_is_better=True, bounded=True, role="general",
+                           part="report", select=PartScore(value=select, n=10))}
+
+    table = {0.0: general(0.8, 0.8), 0.5: general(0.78, 0.70), 1.0: general(0.6, 0.6)}
+    result = alpha_sweep([0.5, 1.0], lambda a: table[a], max_forgetting=0.05)
+    by_alpha = {p.alpha: p for p in result.points}
+    assert by_alpha[0.5].forgetting == pytest.approx(0.025) and by_alpha[0.5].select_forgetting == pytest.approx(0.125)
+    assert result.best_alpha == 0.0

@@ -152,12 +152,13 @@ def _with_run_results(results: Any, tuned: str) -> Any:
 def _print_sweep(result: Any) -> None:
     from retain.results.summary import fmt_num
 
-    table = Table(title="WiSE-FT sweep")
-    for header in ("alpha", "new task", "general", "forgetting (1 - retention)"):
+    table = Table(title="WiSE-FT sweep: alpha chosen on the select part (◀), figures on the report part")
+    for header in ("alpha", "new task", "general", "forgetting (1 - retention)", "forgetting on select"):
         table.add_column(header, justify="right")
     for p in result.points:
         mark = " ◀" if result.best_alpha is not None and p.alpha == result.best_alpha else ""
-        table.add_row(f"{p.alpha:g}{mark}", fmt_num(p.new_task), fmt_num(p.general), fmt_num(p.forgetting))
+        table.add_row(f"{p.alpha:g}{mark}", fmt_num(p.new_task), fmt_num(p.general), fmt_num(p.forgetting),
+                      fmt_num(p.select_forgetting))
     console.print(table)
 
 
@@ -223,7 +224,8 @@ def merge_command(
 
     from retain.eval.suite import evaluate_suite
 
-    result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size), max_forgetting)
+    result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size, part="both"),
+                         max_forgetting)
     from retain.report import write_report
 
     results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
