@@ -19,9 +19,11 @@ al. 2017), without any Fisher pass:
 
 Layer coefficients ``c_l`` (``layer_balance``, see ``retain.losses.quadratic.layer_coefficients``)
 weigh each transformer block's penalty against the current task loss; recomputed every micro-batch,
-detached. The paper's §4.3 formula could not be read here; the default ``penalty_share``,
-``c_l = T_l / (T_l + L_task)``, is chosen because it is monotone (a layer that drifts further is held
-at least as hard), which ``task_share`` (the previous default) is not. To credit only the task loss,
+detached. The paper's §4.3 formula could not be read here, so neither non-uniform option is Song et
+al.'s: ``penalty_share``, ``c_l = T_l / (T_l + L_task)``, is **retain's own variant**, chosen because it
+is monotone (a layer that drifts further is held at least as hard), which ``task_share`` is not; near
+the anchor it has almost no restoring force (c_l = 0.00066 at drift 0.1, where plain SI's is 1).
+``uniform`` (c_l = 1) is plain Synaptic Intelligence. To credit only the task loss,
 ``after_backward`` needs the step's mean ``c_l``: the penalty carries, per layer, a zero-valued term
 ``c_l * (s_l - s_l.detach())`` on a scalar leaf ``s_l`` made in ``transform_batch``, so backward leaves
 ``mean c_l`` in ``s_l.grad`` beside the weights' gradients and the loss hook changes no state. Other
