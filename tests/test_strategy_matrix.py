@@ -125,13 +125,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"task": task, "general": general}
 
 
-def make_config(model_dir: Path, files: dict[str, Path], out: Path, row: Row, strategies: list[Any] | None = None) -> RunConfig:
+def make_config(model_dir: Path, files: dict[str, Path], out: Path, row: Row, strategies: list[Any] | None = None,
+                train: dict[str, Any] | None = None) -> RunConfig:
     tasks = [{"name": f"t{i}", "data": {"path": str(files["task"]), "max_length": 24 - 8 * i}} for i in range(row.tasks)]
     data: dict[str, Any] = {
         "model": {"name_or_path": str(model_dir)},
         "tasks": tasks,
         "strategies": strategies if strategies is not None else row.strategies,
-        "train": {"steps_per_task": STEPS, "batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 1, "warmup_steps": 1},
+        "train": {"steps_per_task": STEPS, "batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 1, "warmup_steps": 1,
+                  **(train or {})},
         "checkpoint": {"every": 2, "keep": 10},
         "output": {"dir": str(out), "save_per_task": False},
         **row.extra,
@@ -239,8 +241,11 @@ def test_row_trains_round_trips_its_state_and_resumes(name, files, tiny_model_di
     assert_same(state, load_nested(tmp_path, "roundtrip"))
     assert_same(saved, state)
 
-    # the directory a kill leaves: this checkpoint only; resumed, it ends where the reference ended
-    resumed_dir = tmp_path / "resumed"
+    assert_resumes_exactly(name, config, reference_dir, checkpoint, tmp_path / "resumed")
+
+
+def assert_resumes_exactly(name: str, config: RunConfig, reference_dir: Path, checkpoint: Path, resumed_dir: Path) -> None:
+    """The directory a kill leaves (``checkpoint`` only), resumed, ends where the reference run ended."""
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint, resumed_dir / "checkpoints" / checkpoint.name)
     finetune(config.model_copy(update={"output": config.output.model_copy(update={"dir": str(resumed_dir)})}), resume=True)
@@ -248,8 +253,22 @@ def test_row_trains_round_trips_its_state_and_resumes(name, files, tiny_model_di
     assert expected.keys() == got.keys()
     worst = max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)
     assert worst <= 1e-6, f"{name}: resumed weights differ by {worst}"
-    after = log_rows(resumed_dir)
+    after, rows = log_rows(resumed_dir), log_rows(reference_dir)
     assert [losses(r) for r in after] == [losses(r) for r in rows[-len(after):]]
+
+
+WRAPPER_ROWS = sorted(key for key in ROWS if get_strategy_class(strategy_of(key)).wraps_model)
+
+
+@pytest.mark.parametrize("name", WRAPPER_ROWS)
+def test_wrapper_row_trains_and_resumes_under_mofo(name, files, tiny_model_dir, tmp_path):
+    """``train.optimizer: mofo`` works whatever decides which weights train, and its state resumes exactly."""
+    row = ROWS[name]
+    reference_dir = tmp_path / "ref"
+    config = make_config(tiny_model_dir, files, reference_dir, row, train={"optimizer": "mofo", "mofo_fraction": 0.1})
+    finetune(config)
+    assert all(math.isfinite(v) for r in log_rows(reference_dir) for v in losses(r).values())
+    assert_resumes_exactly(name, config, reference_dir, mid_task_checkpoint(reference_dir), tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
