@@ -14,8 +14,8 @@ Each row carries the minimal config its strategy needs (general text, a second t
 
 A real SIGKILL of a ``python -m retain train`` subprocess costs two interpreter starts (~4 s each on a
 busy 2-core machine), so it is checked for one hybrid per family rather than per strategy: ``full``
-with the weight regularizers, function-preserving terms and replay (``ewc``, ``importance``, ``l2``,
-``fip``, ``stm``, ``replay``) and ``lora`` with ``ewc-lora``, ``lwf`` and ``synthetic-replay``. The
+with the weight regularizers, function-preserving terms, replay and sample weights (``ewc``, ``importance``,
+``l2``, ``fip``, ``stm``, ``replay``, ``flow``) and ``lora`` with ``ewc-lora``, ``lwf`` and ``synthetic-replay``. The
 other wrappers (``freeze``, ``prompt-tuning``, ``o-lora``, ``progressive-prompts``) are covered by the
 in-process resume above, which restarts from exactly the files a kill leaves behind.
 """
@@ -77,6 +77,7 @@ ROWS: dict[str, Row] = {
         general=True,
     ),
     "stm": Row(["full", {"name": "stm", "threshold": 100.0}]),
+    "flow": Row(["full", {"name": "stm", "threshold": 100.0}, "flow"], tasks=2),
     "replay": Row(["full", {"name": "replay", "ratio": 0.25}], tasks=2),
     "synthetic-replay": Row(
         ["full", {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8,
@@ -307,6 +308,7 @@ KILL_HYBRIDS = {
         {"name": "fip", "pool_size": 8, "pool_batch": 2, "anchor": "path", "reanchor_every": 4},
         {"name": "stm", "threshold": 100.0},
         {"name": "replay", "ratio": 0.25},
+        "flow",
     ],
     "lora-family": [
         {"name": "lora", "r": 2, "dropout": 0.1},
