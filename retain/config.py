@@ -99,6 +99,13 @@ class TrainConfig(StrictModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Literal["adamw", "mofo"] = Field(
+        "adamw", description="adamw (torch's), or mofo: Adam that moves only the mofo_fraction of each weight tensor "
+        "with the largest momentum each step (Chen et al. 2024; retain.train.optim)."
+    )
+    mofo_fraction: float = Field(
+        0.15, gt=0, le=1, description="optimizer: mofo: share of each tensor's entries updated per step (the authors' 0.15)."
+    )
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables clipping.")

@@ -14,8 +14,8 @@ Each row carries the minimal config its strategy needs (general text, a second t
 
 A real SIGKILL of a ``python -m retain train`` subprocess costs two interpreter starts (~4 s each on a
 busy 2-core machine), so it is checked for one hybrid per family rather than per strategy: ``full``
-with the weight regularizers, function-preserving terms and replay (``ewc``, ``importance``, ``l2``,
-``fip``, ``stm``, ``replay``) and ``lora`` with ``ewc-lora``, ``lwf`` and ``synthetic-replay``. The
+with the weight regularizers, function-preserving terms, replay and sample weights (``ewc``, ``importance``,
+``l2``, ``fip``, ``stm``, ``replay``, ``flow``) and ``lora`` with ``ewc-lora``, ``lwf`` and ``synthetic-replay``. The
 other wrappers (``freeze``, ``prompt-tuning``, ``o-lora``, ``progressive-prompts``) are covered by the
 in-process resume above, which restarts from exactly the files a kill leaves behind.
 """
@@ -61,6 +61,7 @@ ROWS: dict[str, Row] = {
     "full": Row(["full"]),
     "lora": Row([LORA]),
     "freeze": Row([{"name": "freeze", "top_layers": 1}]),
+    "block-expansion": Row([{"name": "block-expansion", "new_blocks": 2}], tasks=2),
     "prompt-tuning": Row([{"name": "prompt-tuning", "num_virtual_tokens": 3}]),
     "o-lora": Row([{"name": "o-lora", "r": 2, "dropout": 0.0}], tasks=2),
     "progressive-prompts": Row([{"name": "progressive-prompts", "num_virtual_tokens": 3}], tasks=2),
@@ -69,17 +70,26 @@ ROWS: dict[str, Row] = {
     "importance": Row(["full", {"name": "importance", "source": "general+training", "max_examples": 8}], tasks=2, general=True),
     "l2": Row(["full", {"name": "l2", "lambda_": 0.1}]),
     "lwf": Row(["full", {"name": "lwf", "anchor": "general", "anchor_batch_size": 2}], general=True),
+    "lwf@replay": Row(["full", {"name": "replay", "ratio": 0.25, "mode": "append"}, {"name": "lwf", "anchor": "replay"}],
+                      general=True),
     "fip": Row(
         ["full", {"name": "fip", "pool_size": 8, "pool_batch": 2, "anchor": "path", "reanchor_every": 2, "max_step_norm": 1.0}],
         general=True,
     ),
     "stm": Row(["full", {"name": "stm", "threshold": 100.0}]),
+    "flow": Row(["full", {"name": "stm", "threshold": 100.0}, "flow"], tasks=2),
     "replay": Row(["full", {"name": "replay", "ratio": 0.25}], tasks=2),
     "synthetic-replay": Row(
         ["full", {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8,
                   "ratio": 0.25, "select": "first", "demonstrations_from_data": 0}]
     ),
 }
+
+
+def strategy_of(key: str) -> str:
+    """The strategy a row tests: its key, or the part before ``@`` (``lwf@replay``: a second setting of a
+    strategy with a code path of its own)."""
+    return key.split("@", 1)[0]
 
 
 def package_strategies() -> list[str]:
@@ -117,13 +127,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"task": task, "general": general}
 
 
-def make_config(model_dir: Path, files: dict[str, Path], out: Path, row: Row, strategies: list[Any] | None = None) -> RunConfig:
+def make_config(model_dir: Path, files: dict[str, Path], out: Path, row: Row, strategies: list[Any] | None = None,
+                train: dict[str, Any] | None = None) -> RunConfig:
     tasks = [{"name": f"t{i}", "data": {"path": str(files["task"]), "max_length": 24 - 8 * i}} for i in range(row.tasks)]
     data: dict[str, Any] = {
         "model": {"name_or_path": str(model_dir)},
         "tasks": tasks,
         "strategies": strategies if strategies is not None else row.strategies,
-        "train": {"steps_per_task": STEPS, "batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 1, "warmup_steps": 1},
+        "train": {"steps_per_task": STEPS, "batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 1, "warmup_steps": 1,
+                  **(train or {})},
         "checkpoint": {"every": 2, "keep": 10},
         "output": {"dir": str(out), "save_per_task": False},
         **row.extra,
@@ -194,16 +206,17 @@ def mid_task_checkpoint(run_dir: Path) -> Path:
 
 
 def test_every_registered_strategy_has_a_row():
-    missing = sorted(set(package_strategies()) - set(ROWS))
+    tested = {strategy_of(key) for key in ROWS}
+    missing = sorted(set(package_strategies()) - tested)
     assert not missing, f"strategies without a row in the matrix: {missing}; add one to ROWS"
-    assert not set(ROWS) - set(package_strategies()), "a row names a strategy that is not registered"
+    assert not tested - set(package_strategies()), "a row names a strategy that is not registered"
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_row_builds_with_its_requirements_met(name, files, tmp_path):
     row = ROWS[name]
     strategies = validate_run_config(make_config(tmp_path / "no-model", files, tmp_path / "run", row))
-    assert name in [s.name for s in strategies]
+    assert strategy_of(name) in [s.name for s in strategies]
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
@@ -230,8 +243,11 @@ def test_row_trains_round_trips_its_state_and_resumes(name, files, tiny_model_di
     assert_same(state, load_nested(tmp_path, "roundtrip"))
     assert_same(saved, state)
 
-    # the directory a kill leaves: this checkpoint only; resumed, it ends where the reference ended
-    resumed_dir = tmp_path / "resumed"
+    assert_resumes_exactly(name, config, reference_dir, checkpoint, tmp_path / "resumed")
+
+
+def assert_resumes_exactly(name: str, config: RunConfig, reference_dir: Path, checkpoint: Path, resumed_dir: Path) -> None:
+    """The directory a kill leaves (``checkpoint`` only), resumed, ends where the reference run ended."""
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint, resumed_dir / "checkpoints" / checkpoint.name)
     finetune(config.model_copy(update={"output": config.output.model_copy(update={"dir": str(resumed_dir)})}), resume=True)
@@ -239,13 +255,27 @@ def test_row_trains_round_trips_its_state_and_resumes(name, files, tiny_model_di
     assert expected.keys() == got.keys()
     worst = max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)
     assert worst <= 1e-6, f"{name}: resumed weights differ by {worst}"
-    after = log_rows(resumed_dir)
+    after, rows = log_rows(resumed_dir), log_rows(reference_dir)
     assert [losses(r) for r in after] == [losses(r) for r in rows[-len(after):]]
+
+
+WRAPPER_ROWS = sorted(key for key in ROWS if get_strategy_class(strategy_of(key)).wraps_model)
+
+
+@pytest.mark.parametrize("name", WRAPPER_ROWS)
+def test_wrapper_row_trains_and_resumes_under_mofo(name, files, tiny_model_dir, tmp_path):
+    """``train.optimizer: mofo`` works whatever decides which weights train, and its state resumes exactly."""
+    row = ROWS[name]
+    reference_dir = tmp_path / "ref"
+    config = make_config(tiny_model_dir, files, reference_dir, row, train={"optimizer": "mofo", "mofo_fraction": 0.1})
+    finetune(config)
+    assert all(math.isfinite(v) for r in log_rows(reference_dir) for v in losses(r).values())
+    assert_resumes_exactly(name, config, reference_dir, mid_task_checkpoint(reference_dir), tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_row_in_a_hybrid_with_lora(name, files, tiny_model_dir, tmp_path):
-    row = ROWS[name]
+    row, name = ROWS[name], strategy_of(name)
     strategies = with_lora(name, row)
     config = make_config(tiny_model_dir, files, tmp_path / "run", row, strategies)
     if not lora_compatible(name):
@@ -278,6 +308,7 @@ KILL_HYBRIDS = {
         {"name": "fip", "pool_size": 8, "pool_batch": 2, "anchor": "path", "reanchor_every": 4},
         {"name": "stm", "threshold": 100.0},
         {"name": "replay", "ratio": 0.25},
+        "flow",
     ],
     "lora-family": [
         {"name": "lora", "r": 2, "dropout": 0.1},

@@ -12,7 +12,9 @@
   share is within one row of the target at every step, even with batches of 4 and a 1% ratio.
 * :func:`mix_rows`: puts replayed examples into a padded batch, either replacing its last rows (the batch
   size, memory and step time stay the same) or appending rows (every new-task row is kept; the step
-  costs up to ``ratio / (1 - ratio)`` more).
+  costs up to ``ratio / (1 - ratio)`` more). The mixed batch carries :data:`REPLAYED`, which marks the
+  tokens of the rows that came from a buffer, so a strategy can treat them apart (lwf's ``anchor: replay``
+  distils the teacher on exactly those rows, as Dark Experience Replay does).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from retain.data import IGNORE_INDEX, Example
 
 MixMode = Literal["replace", "append"]
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+#: Batch field added by :func:`mix_rows`: ``(rows, seq)``, 1 on the real tokens of rows mixed in from a
+#: buffer and 0 elsewhere (the task's own rows, padding). Per token, not per row, so it is sliced with the
+#: batch's columns like ``attention_mask`` (the loop drops padding columns a process does not need).
+REPLAYED = "replayed"
 
 
 @dataclass
@@ -201,9 +207,10 @@ def mix_rows(
     """The batch with ``examples`` replacing its last rows (``replace``) or added after them (``append``).
 
     Replayed rows are cut to ``max_length`` tokens (default: the batch's own width, so replay never
-    widens a step); the result is right-padded like ``retain.data.collate``.
+    widens a step); the result is right-padded like ``retain.data.collate``. It carries
+    :data:`REPLAYED`: 1 on the tokens of the rows mixed in here, or by an earlier mixer (rows it kept).
     """
-    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    unknown = sorted(set(batch) - set(BATCH_KEYS) - {REPLAYED})
     if unknown:
         raise ValueError(
             f"cannot mix replayed rows into a batch carrying per-row keys {unknown} added by another strategy; "
@@ -223,16 +230,20 @@ def mix_rows(
     input_ids = torch.full((total, width), pad_token_id, dtype=batch["input_ids"].dtype, device=device)
     attention_mask = torch.zeros((total, width), dtype=batch["attention_mask"].dtype, device=device)
     labels = torch.full((total, width), IGNORE_INDEX, dtype=batch["labels"].dtype, device=device)
+    replayed = torch.zeros((total, width), dtype=batch["attention_mask"].dtype, device=device)
     old = batch["input_ids"].shape[1]
     input_ids[:kept, :old] = batch["input_ids"][:kept]
     attention_mask[:kept, :old] = batch["attention_mask"][:kept]
     labels[:kept, :old] = batch["labels"][:kept]
+    if REPLAYED in batch:
+        replayed[:kept, :old] = batch[REPLAYED][:kept]
     for row, (ids, labs) in enumerate(cut, start=kept):
         n = len(ids)
         input_ids[row, :n] = torch.tensor(ids, dtype=input_ids.dtype)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(labs, dtype=labels.dtype)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        replayed[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, REPLAYED: replayed}
 
 
 def mix_from_buffer(

@@ -29,9 +29,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from retain.data import count_scored_tokens
+from retain.data.replay_buffer import REPLAYED
 from retain.errors import ConfigError
 from retain.models.adapters import is_peft_model
 from retain.strategies.base import Strategy
+from retain.strategies.flow import SAMPLE_WEIGHT
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -159,14 +161,15 @@ class RetainTrainerMixin:
 
 
 def _retain_batch(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The three tensors retain's hooks read; padding-free batches (no attention_mask) are refused."""
+    """The three tensors retain's hooks read (and the per-row fields transforms add: replay's mark of its
+    rows, flow's sample weights); padding-free batches (no attention_mask) are refused."""
     missing = [k for k in BATCH_KEYS if k not in inputs]
     if missing:
         raise ConfigError(
             f"retain's hooks need {', '.join(BATCH_KEYS)} in each batch; this one lacks {', '.join(missing)} "
             "(padding-free or packed-without-mask collators are not supported: set padding_free=False)"
         )
-    return {k: inputs[k] for k in BATCH_KEYS}
+    return {k: inputs[k] for k in (*BATCH_KEYS, REPLAYED, SAMPLE_WEIGHT) if k in inputs}
 
 
 class RetainCallback(TrainerCallback):

@@ -11,6 +11,27 @@ student forward and backward per step but pulls toward the original where it mat
 stories-contracts ``general`` keeps more and learns more at once (guide evidence: 0.937 retention /
 0.549 new-task against 0.776 / 0.505 for ``task`` at alpha 1, one seed).
 
+``replay``: Dark Experience Replay (Buzzega et al., NeurIPS 2020), on the rows ``replay`` mixes into
+each batch (marked by :data:`~retain.data.replay_buffer.REPLAYED`). DER keeps a reservoir buffer of
+(input, logits) pairs and adds ``alpha * E_(x,z)~M ||z - h(x)||^2`` to the stream's cross-entropy; DER++
+adds ``beta * CE`` on buffer rows as well. Here the replayed rows already carry their labels in the task
+loss (DER++'s beta term, weighted as the token mean weighs them), and the distilled term is
+
+    alpha * T^2 * sum over replayed tokens of KL(p_teacher^T || p_student^T) / (replayed tokens of the step)
+
+i.e. the mean over every replayed token of the optimizer step (every micro-batch and process), as
+DER's term is a mean over its buffer batch. Two differences from DER, both stated: the teacher's logits
+are this strategy's teacher (the model at the task's start, or the base) evaluated when the row is
+replayed, not the logits stored when the row entered the buffer. For a general pool (filled before the
+first task) that is the same model; for an earlier task's rows DER keeps what the model said while it
+trained on them, here it is the model at the current task's start (``teacher_at: base``: the base). And the
+match is LwF's tempered KL instead of an MSE on logits (the MSE is KL's limit at high temperature,
+Hinton et al. 2015; on a 32k-token vocabulary the KL keeps the scale of the task loss). The student's
+logits come from the task forward, so the only extra work is one teacher forward over the replayed rows
+(finding them costs one device-to-host read of a bool per row, per micro-batch). ``replay`` must be listed, before ``lwf`` (lwf counts
+the step's replayed tokens as each micro-batch is built); ``cached_topk`` is refused (replayed rows are cut
+to the batch's width, so a table cannot be keyed by them).
+
 Which model teaches (``teacher_at``):
 - ``task_start`` (default; Li & Hoiem, and Avalanche's LwF plugin, which copies the model after each
   experience): the model as it was when the current task started. For the first task that is the
@@ -52,6 +73,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from retain.config import DataConfig, RunConfig
+from retain.data.replay_buffer import REPLAYED
 from retain.data.sampling import Stream, sample_indices, subset_indices
 from retain.errors import ConfigError
 from retain.models.adapters import is_peft_model
@@ -86,9 +108,10 @@ __all__ = ["LearningWithoutForgetting", "LwfConfig", "gather_topk"]
 class LwfConfig(StrategyConfig):
     alpha: float = Field(1.0, ge=0.0, description="Weight of the distillation term.")
     temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of teacher and student.")
-    anchor: Literal["auto", "task", "general"] = Field(
-        "auto", description="Distil on the task's own batches, or on batches of a general text pool; auto: "
-        "general when the run has general text (general_data or data), else task."
+    anchor: Literal["auto", "task", "general", "replay"] = Field(
+        "auto", description="Distil on the task's own batches, on batches of a general text pool, or on the rows "
+        "replay mixes in (DER; list replay before lwf); auto: general when the run has general text "
+        "(general_data or data), else task."
     )
     data: DataConfig | None = Field(None, description="General anchor text (anchor=general); default general_data.")
     anchor_batch_size: int = Field(4, gt=0, description="Anchor sequences per micro-batch (anchor=general).")
@@ -105,8 +128,11 @@ class LwfConfig(StrategyConfig):
 
     @model_validator(mode="after")
     def _general_only_keys(self) -> "LwfConfig":
-        if self.anchor == "task" and (self.data is not None or self.pool_size is not None):
+        if self.anchor in ("task", "replay") and (self.data is not None or self.pool_size is not None):
             raise ValueError("'data' and 'pool_size' choose general anchors: set anchor: general to use them")
+        if self.anchor == "replay" and self.teacher == "cached_topk":
+            raise ValueError("anchor: replay needs a live teacher (replayed rows are cut to each batch's width, so a "
+                             "cached table cannot find them): set teacher: auto, copy or adapters_off")
         return self
 
 
@@ -131,10 +157,11 @@ class LearningWithoutForgetting(Strategy):
 
     @classmethod
     def extra_passes(cls, config: StrategyConfig, *, adapters: bool) -> float:
-        """General anchors add a student forward+backward; every teacher but cached top-k a forward."""
+        """General anchors add a student forward+backward; every teacher but cached top-k a forward (with
+        replay anchors over the replayed rows only: at most a third of a step, about ``ratio / 3``)."""
         assert isinstance(config, LwfConfig)
         teacher = 0.0 if cls.teacher_source(config, adapters=adapters) == "cached_topk" else 1 / 3
-        return (0.0 if config.anchor == "task" else 1.0) + teacher  # auto: general (the guide's runs have general text)
+        return (0.0 if config.anchor in ("task", "replay") else 1.0) + teacher  # auto: general (the guide's runs have general text)
 
     def __init__(self, config: LwfConfig | None = None) -> None:
         super().__init__(config)
@@ -143,9 +170,18 @@ class LearningWithoutForgetting(Strategy):
         self._pool: list = []
         self._cursor = 0  # anchor examples drawn so far (general anchors): the only state that evolves
         self._picks: dict[int, list[int]] = {}  # pool rows anchoring each micro-batch of the step (anchor=general)
+        self._replayed: dict[int, int] = {}  # replayed tokens of each micro-batch of the step, every process (anchor=replay)
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         problems = []
+        if self.config.anchor == "replay":
+            names = [spec.name for spec in run.strategies]
+            if "replay" not in names:
+                problems.append(f"anchor: replay distils on the rows replay mixes in: list replay before lwf "
+                                f"(e.g. strategies: [full, replay, lwf]), or set {where}.anchor: general or task")
+            elif self.name in names and names.index("replay") > names.index(self.name):
+                problems.append(f"anchor: replay reads the rows replay marks as each batch is built: list replay "
+                                f"before lwf in strategies")
         if self.config.anchor == "general" and not has_general_text(self.config.data, run):
             problems.append(f"anchor: general needs text: set general_data or {where}.data")
         if self.config.anchor == "auto" and self.config.pool_size is not None and not has_general_text(self.config.data, run):
@@ -263,11 +299,33 @@ class LearningWithoutForgetting(Strategy):
         if self.config.anchor == "general" and self.config.alpha != 0.0:
             self._picks[ctx.micro_batch] = self._picks_at(ctx, self._cursor)
             self._cursor += self.config.anchor_batch_size
+        if self.config.anchor == "replay":
+            if ctx.micro_batch == 0:
+                self._replayed = {}
+            self._replayed[ctx.micro_batch] = int(batch[REPLAYED].sum()) if REPLAYED in batch else 0  # host tensors
         return batch
+
+    def _replay_kl(self, outputs: Any, batch: Batch, ctx: StrategyContext) -> torch.Tensor:
+        """DER's term on this micro-batch: its share of the mean KL over the step's replayed tokens."""
+        marks = batch.get(REPLAYED)
+        rows = marks.any(dim=1).nonzero().squeeze(1) if marks is not None else None  # the one host read
+        if rows is None or rows.numel() == 0:
+            return torch.zeros((), device=outputs.logits.device)
+        anchors = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
+        student = align_to_inputs(outputs.logits, batch["input_ids"].shape[1])[rows]
+        mask = marks[rows]
+        assert self._teacher is not None
+        kl = distill_kl(student, self._teacher.logits(anchors), mask, self.config.temperature)
+        step_replayed = sum(self._replayed.values())
+        if ctx.step_tokens is None or step_replayed == 0:
+            return kl  # hooks driven by hand (or a Trainer): the mean over this micro-batch's replayed tokens
+        return kl * mask.sum().float() * ctx.step_parts / step_replayed  # the loop averages terms over parts
 
     def extra_losses(self, outputs: Any, batch: Batch, ctx: StrategyContext) -> dict[str, torch.Tensor]:
         if self.config.alpha == 0.0:
             return {}
+        if self.config.anchor == "replay":
+            return {"kl": self.config.alpha * self._replay_kl(outputs, batch, ctx)}
         if self.config.anchor == "task":
             anchors = batch
             student = align_to_inputs(outputs.logits, batch["input_ids"].shape[1])
@@ -293,7 +351,7 @@ class LearningWithoutForgetting(Strategy):
 
     def load_state_dict(self, state: dict[str, Any], ctx: StrategyContext) -> None:
         self._cursor = int(state.get("cursor", 0))
-        self._picks = {}
+        self._picks, self._replayed = {}, {}
         self._prepare(ctx)  # the checkpoint's weights are not loaded yet: this is the original model
         if "task_weights" in state:  # the model at the current task's start
             weights = {n: t.to(ctx.device) for n, t in state["task_weights"].items()}

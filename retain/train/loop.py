@@ -61,6 +61,7 @@ from retain.errors import ConfigError, DivergenceError
 from retain.io import append_jsonl
 from retain.strategies.base import StrategyContext, TaskInfo
 from retain.strategies.compose import Hybrid
+from retain.train.optim import MoFO
 
 NonFiniteLossError = DivergenceError  # the name earlier releases exported
 
@@ -82,6 +83,9 @@ def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
     decay = [p for p in parameters if p.ndim >= 2]
     no_decay = [p for p in parameters if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "mofo":  # filters matrices; biases and norms (1-d) take the full update, as the authors'
+        groups[0]["fraction"], groups[1]["fraction"] = config.mofo_fraction, 1.0
+        return MoFO([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas))
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas))
 
 
