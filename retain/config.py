@@ -155,6 +155,10 @@ class BudgetConfig(StrictModel):
         None, gt=0, lt=1, description="Floor on general score after / before (mean bounded general evals)."
     )
     max_kl: float | None = Field(None, gt=0, description="Ceiling on KL(base || model), nats/token, on the probe prompts.")
+    max_task_kl: float | None = Field(
+        None, gt=0, description="Ceiling on KL(base || model), nats/token, on the current task's own inputs "
+        "(Shenfeld et al. 2025, RL's Razor: a forgetting signal that needs no held-out text)."
+    )
     max_task_forgetting: float | None = Field(
         None, gt=0, le=1, description="Ceiling on the mean Chaudhry forgetting of earlier tasks (needs 2+ tasks)."
     )
@@ -181,8 +185,10 @@ class BudgetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _some_bound(self) -> "BudgetConfig":
-        if self.min_general_retention is None and self.max_kl is None and self.max_task_forgetting is None:
-            raise ValueError("a budget needs at least one bound: min_general_retention, max_kl or max_task_forgetting")
+        if (self.min_general_retention is None and self.max_kl is None and self.max_task_forgetting is None
+                and self.max_task_kl is None):
+            raise ValueError("a budget needs at least one bound: min_general_retention, max_kl, max_task_kl or "
+                             "max_task_forgetting")
         return self
 
 

@@ -460,3 +460,17 @@ def test_stop_exits_1_from_the_cli_with_results_written(files, tiny_model_dir, t
     budget = Results.load(tmp_path / "stop" / "results.json").runs[0].budget
     assert budget.stopped and [d.kept_step for d in budget.tasks] == [2]
     assert (tmp_path / "stop" / "final").is_dir()
+
+
+def test_task_kl_is_measured_on_the_tasks_own_inputs_and_bounds_a_budget(files, tiny_model_dir, tmp_path):
+    """RL's Razor: KL(base || model) on the task's own inputs, in each check and in the task-end drift."""
+    _, run = budgeted_run(tiny_model_dir, files, tmp_path / "run", ["full", {"name": "l2", "lambda_": 1e-3}],
+                          {"max_task_kl": 1e-4, "check_every": 4, "early_checks": 0})
+    kls = [c.task_kl for c in run.budget.checks]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and all(k is not None and k > 0 for k in kls[1:])  # base: no drift
+    assert run.budget.bounds == {"max_task_kl": 1e-4}
+    assert run.budget.checks[-1].strengths["l2.lambda_"] > 1e-3  # over the tiny ceiling: more protection
+    # every trained point is over it, so the task's start is what is kept, and its drift is none
+    assert run.budget.tasks[0].kept_step == 0 and run.summary.task_kl == pytest.approx(0.0, abs=1e-6)
+    _, free = budgeted_run(tiny_model_dir, files, tmp_path / "free", ["full"], {"max_task_kl": 100.0, "check_every": 4})
+    assert free.budget.tasks[0].kept_step == 8 and free.summary.task_kl == free.records[-1].drift.task_kl > 0

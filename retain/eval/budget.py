@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from retain.data.tokenize import count_scored_tokens
-from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference
+from retain.eval.drift import ProbeReference, compute_probe_reference, kl_from_reference, task_input_reference
 from retain.eval.split import prompts_of
 from retain.eval.suite import SuiteConfig, evaluate_task
 from retain.eval.tasks import EvalTaskConfig, SharedWork
@@ -106,6 +106,7 @@ class Measurement:
     task_forgetting: float | None = None
     task_score: float | None = None
     general_retention_se: float | None = None  # its bootstrap standard error over the probe's windows
+    task_kl: float | None = None  # KL(base || model) on the current task's own inputs (RL's Razor)
 
 
 @dataclass
@@ -118,11 +119,13 @@ class BudgetMeter:
     measure_retention: bool = True
     measure_kl: bool = False
     measure_forgetting: bool = False
+    measure_task_kl: bool = False
     general: list[EvalTaskConfig] = field(init=False)
     by_task: dict[str, list[EvalTaskConfig]] = field(init=False)
     base_general: float | None = field(init=False, default=None)
     base_record: StepRecord | None = field(init=False, default=None)  # its general scores, item by item
     reference: ProbeReference | None = field(init=False, default=None)
+    task_references: dict[str, ProbeReference] = field(init=False, default_factory=dict)
     #: task -> its subset scores at each task end since it was learned (forgetting's maximum runs over them)
     history: dict[str, list[float]] = field(init=False, default_factory=dict)
     inputs: KeptInputs = field(init=False, default_factory=KeptInputs)
@@ -135,8 +138,15 @@ class BudgetMeter:
             if task.role == "task" and task.train_task:
                 self.by_task.setdefault(task.train_task, []).append(task)
 
-    def start(self, model: nn.Module, tokenizer: Any) -> None:
-        """The base model's side: its general score on the subset and its probe log-probabilities."""
+    def start(self, model: nn.Module, tokenizer: Any, tasks: Sequence[Any] = ()) -> None:
+        """The base model's side: its general score on the subset, its probe log-probabilities and (for
+        ``max_task_kl``) its log-probabilities on each task's own inputs (``tasks``: the run's TaskInfos)."""
+        if self.measure_task_kl:
+            self.task_references = {
+                t.name: task_input_reference(model, t.train_examples, self.suite.probe_max_length, self.probe_examples,
+                                             self.suite.probe_top_k)
+                for t in tasks if t.train_examples
+            }
         if self.measure_retention:
             self.base_record = StepRecord(index=0, scores=self._scores(model, tokenizer, self.general))
             self.base_general = general_score(self.base_record)
@@ -178,6 +188,8 @@ class BudgetMeter:
             probe.general_retention_se = self._retention_se(record)
         if self.reference is not None:
             probe.kl = kl_from_reference(self.reference, model)
+        if task in self.task_references:
+            probe.task_kl = kl_from_reference(self.task_references[task], model)
         if self.measure_forgetting:
             probe.task_forgetting = self._forgetting(model, tokenizer, earlier, shared)
         probe.task_score = self.task_score(model, tokenizer, task, shared)

@@ -7,6 +7,8 @@ each is computed once and kept on CPU, so the base model itself does not need to
 
 from __future__ import annotations
 
+from typing import Any
+
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -74,6 +76,20 @@ def compute_probe_reference(
 ) -> ProbeReference:
     """Tokenize the probe prompts (cut to ``max_length`` tokens) and store the base model's log-probs."""
     input_ids = [ids[:max_length] for ids in (encode(tokenizer, p) for p in prompts)]
+    return reference_from_ids(model, input_ids, top_k, batch_size)
+
+
+def task_input_reference(model: nn.Module, examples: Sequence[Any], max_length: int = 64, count: int = 32,
+                         top_k: int | None = None, batch_size: int = 16) -> ProbeReference:
+    """The base model's log-probs on a task's own inputs (the first ``count`` examples, cut to
+    ``max_length`` tokens): KL(base || model) there is the forgetting signal of Shenfeld et al. 2025
+    ("RL's Razor"), measured on what the model is trained on rather than on held-out general text."""
+    return reference_from_ids(model, [list(e.input_ids[:max_length]) for e in examples[:count]], top_k, batch_size)
+
+
+def reference_from_ids(model: nn.Module, input_ids: list[list[int]], top_k: int | None = None,
+                       batch_size: int = 16) -> ProbeReference:
+    """The base model's log-probs (or their top-k) on token sequences."""
     input_ids = [ids for ids in input_ids if ids]
     if not input_ids:
         raise ValueError("no probe prompts with tokens to compute a reference on")

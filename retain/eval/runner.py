@@ -22,6 +22,7 @@ from retain.eval.drift import (
     compute_probe_reference,
     kl_from_reference,
     snapshot_weights,
+    task_input_reference,
     weight_rel_l2,
 )
 from retain.eval.split import prompts_of
@@ -82,6 +83,7 @@ class SuiteObserver(Participant):
         self.trainable_params: int | None = None
         self.budget: BudgetResult | None = None
         self.warnings: list[str] = []
+        self.task_references: dict[str, ProbeReference] = {}
 
     @classmethod
     def from_config(cls, run_config: Any, console: Console | None = None) -> "SuiteObserver":
@@ -168,6 +170,10 @@ class SuiteObserver(Participant):
                 self.suite.probe_max_length, self.suite.probe_top_k,
             )
         self.base_weights = snapshot_weights(model)
+        self.task_references = {  # each task's own inputs: where RL's Razor measures forgetting
+            t.name: task_input_reference(model, t.train_examples, self.suite.probe_max_length, top_k=self.suite.probe_top_k)
+            for t in ctx.tasks if t.train_examples
+        }
         if 0 not in self.records:
             samples = generate_samples(model, tokenizer, self.suite.sample_prompts, self.suite.sample_max_new_tokens)
             self.records[0] = StepRecord(index=0, scores=self.base_scores, samples=samples)
@@ -196,6 +202,7 @@ class SuiteObserver(Participant):
             kl_from_base=kl_from_reference(self.reference, unwrapped) if self.reference is not None else None,
             ppl_delta=perplexity_delta(self.base_scores, scores),
             weight_rel_l2=weight_rel_l2(self.base_weights, unwrapped) if self.base_weights else None,
+            task_kl=kl_from_reference(self.task_references[task.name], unwrapped) if task.name in self.task_references else None,
         )
         samples = generate_samples(unwrapped, tokenizer, self.suite.sample_prompts, self.suite.sample_max_new_tokens)
         self.trainable_params = stats.trainable_params or self.trainable_params  # counted before after_task froze any

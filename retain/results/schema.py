@@ -127,6 +127,9 @@ class Drift(SchemaModel):
     weight_rel_l2: float | None = Field(
         None, description="Relative weight distance ||theta - theta_0|| / ||theta_0||."
     )
+    task_kl: float | None = Field(
+        None, description="KL(base || model) on the just-trained task's own inputs, nats/token (RL's Razor) (1.2)."
+    )
 
 
 class StepRecord(SchemaModel):
@@ -167,6 +170,7 @@ class Summary(SchemaModel):
     kl_from_base: float | None = Field(None, description="Drift of the last record: KL(base || model).")
     ppl_delta: float | None = Field(None, description="Drift of the last record: perplexity delta.")
     weight_rel_l2: float | None = Field(None, description="Drift of the last record: relative L2.")
+    task_kl: float | None = Field(None, description="Drift of the last record: KL on the last task's own inputs (1.2).")
     seconds_per_step: float | None = Field(None, description="Mean seconds/step over the trained tasks.")
     peak_memory_bytes: int | None = Field(None, description="Largest peak memory over the trained tasks.")
     trainable_params: int | None = Field(None, description="Number of parameters the strategy trained.")
@@ -188,6 +192,7 @@ class BudgetCheck(SchemaModel):
     general_retention: float | None = Field(None, description="Subset general score / the base model's on it.")
     kl: float | None = Field(None, description="KL(base || model) on the probe prompts, nats/token.")
     task_forgetting: float | None = Field(None, description="Mean forgetting of earlier tasks on their subsets.")
+    task_kl: float | None = Field(None, description="KL(base || model) on the current task's own inputs (1.2).")
     new_task_score: float | None = Field(None, description="What the kept point maximizes (subset score of the task).")
     violation: float | None = Field(None, description="Worst normalized violation (> 0: over budget).")
     within_budget: bool = Field(True, description="Every measured bound held.")

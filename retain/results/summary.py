@@ -143,6 +143,7 @@ def summarize(
         kl_from_base=drift.kl_from_base if drift else None,
         ppl_delta=drift.ppl_delta if drift else None,
         weight_rel_l2=drift.weight_rel_l2 if drift else None,
+        task_kl=drift.task_kl if drift else None,
         seconds_per_step=_mean_or_none(r.seconds_per_step for r in records if r.index > 0),
         peak_memory_bytes=max(memories) if memories else None,
         trainable_params=trainable_params,

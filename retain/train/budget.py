@@ -43,6 +43,7 @@ class Bounds:
     min_general_retention: float | None = None
     max_kl: float | None = None
     max_task_forgetting: float | None = None
+    max_task_kl: float | None = None
 
 
 def violations(measured: Measurement, bounds: Bounds) -> dict[str, float]:
@@ -54,6 +55,8 @@ def violations(measured: Measurement, bounds: Bounds) -> dict[str, float]:
         out["general_retention"] = (floor - measured.general_retention) / max(1.0 - floor, 1e-12)
     if bounds.max_kl is not None and measured.kl is not None:
         out["kl"] = (measured.kl - bounds.max_kl) / max(bounds.max_kl, 1e-12)
+    if bounds.max_task_kl is not None and measured.task_kl is not None:
+        out["task_kl"] = (measured.task_kl - bounds.max_task_kl) / max(bounds.max_task_kl, 1e-12)
     if bounds.max_task_forgetting is not None and measured.task_forgetting is not None:
         out["task_forgetting"] = (measured.task_forgetting - bounds.max_task_forgetting) / max(bounds.max_task_forgetting, 1e-12)
     return out

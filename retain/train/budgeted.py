@@ -125,6 +125,7 @@ def budget_participant(
         suite, config.budget.probe_examples, config.eval.batch_size,
         measure_retention=config.budget.min_general_retention is not None, measure_kl=config.budget.max_kl is not None,
         measure_forgetting=config.budget.max_task_forgetting is not None,
+        measure_task_kl=config.budget.max_task_kl is not None,
     )
     return BudgetParticipant(config.budget, strategies, meter, run_dir=run_dir, report=report, console=console)
 
@@ -153,7 +154,8 @@ class BudgetParticipant(Participant):
         self.strategies = {s.name: s for s in strategies}
         strengths = [Strength.of(type(s)) for s in strategies if s.strength is not None and config.adapt]
         start = {x.label: x.clip(getattr(self.strategies[x.strategy].config, x.key)) for x in strengths if x}
-        self.bounds = Bounds(config.min_general_retention, config.max_kl, config.max_task_forgetting)
+        self.bounds = Bounds(config.min_general_retention, config.max_kl, config.max_task_forgetting,
+                             config.max_task_kl)
         self.controller = BudgetController(
             self.bounds, [x for x in strengths if x], values=dict(start), eta=1.0,
             max_step=config.max_step * math.log(10.0), margin=config.margin,
@@ -187,7 +189,7 @@ class BudgetParticipant(Participant):
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         """The base model's side of every measurement, taken before any strategy wraps the model."""
         self.ctx = ctx
-        self.meter.start(model, ctx.tokenizer)
+        self.meter.start(model, ctx.tokenizer, ctx.tasks)
         if self.config.min_general_retention is not None and self.meter.base_general is None:
             raise ConfigError(
                 "budget.min_general_retention: the suite's general evals gave no bounded score on the base model "
@@ -255,6 +257,7 @@ class BudgetParticipant(Participant):
         row = BudgetCheck(
             task=task.name, step=step, global_step=global_step, general_retention=measured.general_retention,
             kl=measured.kl, task_forgetting=measured.task_forgetting, new_task_score=measured.task_score,
+            task_kl=measured.task_kl,
             violation=worst, within_budget=within, strengths=dict(self.controller.values),
         )
         moved = {k: (before[k], v) for k, v in self.controller.values.items() if v != before.get(k)}
@@ -295,12 +298,14 @@ class BudgetParticipant(Participant):
             parts.append(f"general retention {row.general_retention:.4f} (floor {self.bounds.min_general_retention:g})")
         if self.bounds.max_kl is not None and row.kl is not None:
             parts.append(f"KL {row.kl:.4g} (ceiling {self.bounds.max_kl:g})")
+        if self.bounds.max_task_kl is not None and row.task_kl is not None:
+            parts.append(f"task KL {row.task_kl:.4g} (ceiling {self.bounds.max_task_kl:g})")
         if self.bounds.max_task_forgetting is not None and row.task_forgetting is not None:
             parts.append(f"forgetting {row.task_forgetting:.4f} (ceiling {self.bounds.max_task_forgetting:g})")
         return ", ".join(parts) or "nothing budgeted was measurable"
 
     def _log(self, row: BudgetCheck) -> None:
-        measured = ("general_retention", "kl", "task_forgetting", "new_task_score", "violation")
+        measured = ("general_retention", "kl", "task_kl", "task_forgetting", "new_task_score", "violation")
         values = {f"budget/{key}": float(getattr(row, key)) for key in measured if getattr(row, key) is not None}
         values["budget/within"] = float(row.within_budget)
         values.update({f"budget/{k}": v for k, v in row.strengths.items()})
