@@ -14,7 +14,7 @@ from retain.cli import app
 from retain.errors import ConfigError, OutputError, StateError
 from retain.guide.catalogue import find_hybrid
 from retain.guide.evidence import Evidence, EvidenceRow
-from retain.guide.monitor import dominated, floor_value, intermediate_suite, point_from_scores
+from retain.guide.monitor import dominated, intermediate_suite, point_from_scores, prune_reason
 from retain.guide.rules import Constraints
 from retain.guide.target import load_target
 from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
@@ -33,10 +33,28 @@ def _rec(n, hybrid="lora", new=0.5, ret=0.9, state="complete", dup=None):
                        new_task_score=new, general_retention=ret, duplicate_of=dup)
 
 
-def test_floor_value_ranks_every_feasible_point_above_every_infeasible_one():
-    assert floor_value(0.4, 0.95, 0.9) == 0.4
-    assert floor_value(0.4, 0.885, 0.9) == 0.4  # within the 0.02 slack
-    assert floor_value(0.8, 0.85, 0.9) == pytest.approx(-0.2)
+def test_no_trial_is_cut_for_its_retention_alone():
+    """full+replay's own step-20 point on stories-contracts (0.809 retention; 0.905 after 300 steps)
+    under a 0.9 floor. Under optuna's median rule on a floor-penalized value it was cut; now finished
+    trials that beat it on one score only do not stop it, one that beats it on both does."""
+    replay = (0.40, 0.809)
+    new_task_only = [(0.45, 0.80), (0.50, 0.75), (0.48, 0.79), (0.55, 0.70)]
+    keep_the_floor = [(0.30, 0.95), (0.35, 0.93), (0.38, 0.92)]  # above the floor, less new task
+    for others in (new_task_only, keep_the_floor, new_task_only + keep_the_floor):
+        assert prune_reason(replay, others, 0.9) is None
+        assert prune_reason(replay, others, None) is None
+    assert "beaten on both scores" in prune_reason(replay, new_task_only + [(0.42, 0.83)], 0.9)
+    assert "beaten on both scores" in prune_reason(replay, [(0.42, 0.83)], None)
+
+
+def test_the_median_rule_only_compares_trials_that_keep_the_floor():
+    keeping = [(0.50, 0.915), (0.45, 0.93), (0.40, 0.92)]
+    point = (0.42, 0.925)  # keeps 0.9; no finished trial beats it on both scores
+    assert "below the median 0.450 of the 3 finished trials" in prune_reason(point, keeping, 0.9)
+    assert prune_reason((0.46, 0.925), keeping, 0.9) is None  # above their median
+    assert prune_reason(point, keeping[:2] + [(0.9, 0.5)], 0.9) is None  # only 2 kept it: no median
+    assert prune_reason(point, keeping, None) is None  # no floor: dominance only
+    assert prune_reason((0.42, 0.899), [(0.50, 0.905), (0.45, 0.905), (0.44, 0.905)], 0.9) is None  # misses the floor: no median rule
 
 
 def test_dominated_needs_a_margin_on_both_scores():

@@ -37,7 +37,7 @@ import yaml
 from retain.errors import ConfigError, DivergenceError, OutputError, RetainError, StateError
 from retain.guide.catalogue import Hybrid, display_name
 from retain.guide.evidence import Evidence, load_evidence
-from retain.guide.monitor import DOMINANCE_MARGIN, TrialObserver, dominated, floor_value
+from retain.guide.monitor import TrialObserver, prune_reason
 from retain.guide.rules import Constraints, ladder, rank
 from retain.guide.space import default_values, knobs
 from retain.guide.target import TuneTarget
@@ -281,16 +281,16 @@ class Tuner:
     # -- study --------------------------------------------------------------------------------
 
     def _study(self) -> Any:
+        """The optuna study. Its pruner never stops a trial: :meth:`_prune_reason` decides (optuna's median
+        rule would compare retention-penalized values and stop trials for their retention alone)."""
         optuna = _optuna()
         self.storage = optuna.storages.RDBStorage(f"sqlite:///{(self.out / 'study.db').resolve()}")
-        if self.floor is None:
-            sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=self._startup(),
-                                                 multivariate=True, group=True)
-            return optuna.create_study(storage=self.storage, study_name=STUDY_NAME, directions=["maximize", "maximize"],
-                                       sampler=sampler, load_if_exists=True)
         sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=self._startup(),
                                              multivariate=True, group=True)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=max(2, self._seed_count()), n_warmup_steps=0)
+        pruner = optuna.pruners.NopPruner()
+        if self.floor is None:
+            return optuna.create_study(storage=self.storage, study_name=STUDY_NAME, directions=["maximize", "maximize"],
+                                       sampler=sampler, pruner=pruner, load_if_exists=True)
         return optuna.create_study(storage=self.storage, study_name=STUDY_NAME, direction="maximize",
                                    sampler=sampler, pruner=pruner, load_if_exists=True)
 
@@ -357,7 +357,7 @@ class Tuner:
             trial.set_user_attr("intermediate", intermediate)
             if new_task is None or retention is None:
                 return
-            reason = self._prune_reason(trial, step, new_task, retention)
+            reason = self._prune_reason(step, new_task, retention)
             if reason:
                 trial.set_user_attr("note", reason)
                 trial.set_user_attr("result", {"new_task_score": new_task, "general_retention": retention,
@@ -432,19 +432,16 @@ class Tuner:
 
         finetune(config, observer=observer)
 
-    def _prune_reason(self, trial: Any, step: int, new_task: float, retention: float) -> str | None:
-        if self.floor is not None:  # no absolute cut on retention: it can recover later (confirm_candidates)
-            trial.report(floor_value(new_task, retention, self.floor), step)
-            if trial.should_prune():
-                return f"below the median of earlier trials at step {step}"
-            return None
-        others = []
+    def _prune_reason(self, step: int, new_task: float, retention: float) -> str | None:
+        """:func:`retain.guide.monitor.prune_reason` against the finished trials' points at this step."""
+        finished = []
         for t in self.study.get_trials(deepcopy=False, states=(self._complete,)):
-            others += [(p[1], p[2]) for p in t.user_attrs.get("intermediate", [])
-                       if p[0] == step and p[1] is not None and p[2] is not None]
-        if dominated((new_task, retention), others):
-            return f"beaten on both scores by {DOMINANCE_MARGIN:g}+ by a finished trial at step {step}"
-        return None
+            if "duplicate_of" in t.user_attrs:
+                continue
+            finished += [(p[1], p[2]) for p in t.user_attrs.get("intermediate", [])
+                         if p[0] == step and p[1] is not None and p[2] is not None]
+        reason = prune_reason((new_task, retention), finished, self.floor)
+        return None if reason is None else f"{reason} at step {step}"
 
     # -- the whole search ---------------------------------------------------------------------
 
