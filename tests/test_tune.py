@@ -179,7 +179,7 @@ SMALL = Constraints(compute="low", privacy="normal", stakes="high", weights="ada
 
 
 def _trials(out: Path) -> list[dict]:
-    return json.loads((out / "trials.json").read_text())["trials"]
+    return json.loads((out / "trials.json").read_text())["selection"]
 
 
 def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
@@ -204,9 +204,9 @@ def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
     assert best.output.dir.endswith("mine-tuned")
     data = json.loads((out / "trials.json").read_text())
     assert data["best"]["confirmed"] and data["best"]["steps"] == 6
-    assert [c["steps"] for c in data["confirmed"]] == [6] * len(data["confirmed"]) and 1 <= len(data["confirmed"]) <= 2
+    assert [c["steps"] for c in data["confirmation"]] == [6] * len(data["confirmation"]) and 1 <= len(data["confirmation"]) <= 2
     assert [s.name for s in best.strategies] == [s["name"] for s in _trials(out)[data["best"]["trial"]]["strategies"]]
-    assert "confirmed at the full budget" in result.output
+    assert "confirmation at the full budget" in result.output
     # a second run into the same folder with other settings is refused; a foreign folder too
     again = runner.invoke(app, ["tune", str(tiny_run), "--trials", "3", "--steps", "4", "--out", str(out),
                                 "--compute", "low", "--stakes", "high", "--adapters"])
@@ -319,7 +319,7 @@ def test_max_minutes_stops_starting_trials(tiny_run, tmp_path):
     options = TuneOptions(trials=3, steps=3, max_minutes=0, constraints=SMALL)
     result = Tuner(load_target(str(tiny_run)), options, tmp_path / "t").run()
     assert result.records == [] and result.best is None
-    assert json.loads((tmp_path / "t" / "trials.json").read_text())["trials"] == []
+    assert json.loads((tmp_path / "t" / "trials.json").read_text())["selection"] == []
     assert (tmp_path / "t" / "report.html").is_file() and not (tmp_path / "t" / "best.yaml").exists()
 
 
@@ -343,3 +343,126 @@ def test_the_runs_train_seed_stands_unless_seed_is_given(tiny_run, monkeypatch):
         with pytest.raises(SimulatedKill):
             runner.invoke(app, ["tune", str(tiny_run), "--out", str(out), *extra])
     assert seen == [(7, 7), (3, 3)]
+
+
+# --- select chooses, report reports: a fake training whose select and report parts disagree ----------
+
+
+def _part_score(report: float, select: float, role: str, task: str | None = None, n: int = 12) -> Score:
+    from retain.results.schema import ItemScores, PartScore
+
+    spread = [report + (0.04 if i % 2 else -0.04) for i in range(n)]  # mean = report: an interval around it
+    return Score(value=report, metric="accuracy", higher_is_better=True, bounded=True, role=role, train_task=task,
+                 n=n, part="report", select=PartScore(value=select, n=n // 2), items=ItemScores(num=spread))
+
+
+def fake_training(base_seed: int, unlucky_seed: int):
+    """A train_fn that trains nothing: it hands the observer a base record and a task-end record. Select
+    part: the new-task score grows with lwf's alpha, retention falls with it, and ``unlucky_seed`` costs
+    0.3 of new-task score. Report part: the new-task score is 0.20 for every run, below the base
+    model's 0.25 (the tuned model does not beat the base model there)."""
+    import math
+
+    from retain.results.schema import StepRecord
+
+    seen = []
+
+    def train(config, observer):
+        inner = getattr(observer, "inner", observer)  # TrialObserver (search) or SuiteObserver (confirmation)
+        alpha = next(s.params["alpha"] for s in config.strategies if s.name == "lwf")
+        seed = config.train.seed
+        seen.append((Path(config.output.dir).parent.name, seed, config.train.steps_per_task))
+        step = math.log10(alpha) / 4  # -0.5 .. 0.5 over lwf's range
+        new = 0.5 + 0.2 * step - (0.3 if seed == unlucky_seed else 0.0)
+        inner.task_names = ["t1"]
+        inner.records = {
+            0: StepRecord(index=0, scores={"g": _part_score(0.60, 0.60, "general"),
+                                           "t": _part_score(0.25, 0.10, "task", "t1")}),
+            1: StepRecord(index=1, task="t1", global_step=config.train.steps_per_task,
+                          scores={"g": _part_score(0.57, 0.60 * (0.95 - 0.05 * step), "general"),
+                                  "t": _part_score(0.20, new, "task", "t1")}),
+        }
+
+    return train, seen
+
+
+def test_select_chooses_confirmation_reruns_on_fresh_seeds_and_report_is_read_once(tiny_run, tmp_path):
+    out = tmp_path / "tune"
+    target = load_target(str(tiny_run))
+    base_seed = target.base["train"]["seed"]
+    train, seen = fake_training(base_seed, unlucky_seed=base_seed + 1)
+    options = TuneOptions(trials=3, seed=1, constraints=SMALL, min_general_retention=0.8, hybrids=["lora+lwf"])
+    result = Tuner(target, options, out, train_fn=train).run()  # --steps not given: trials at the full budget
+    search = [r for r in result.records if r.duplicate_of is None]
+    assert all(r.stage == "search" and r.seed == base_seed and r.steps == 6 for r in search)
+    for r in search:  # the search recorded select figures: 0.10 before on the task, never the report's 0.25
+        assert r.new_task_score_before == pytest.approx(0.10) and r.new_task_score != pytest.approx(0.20)
+    # confirmed even at the full budget, on fresh seeds (seed + 1 + rank), scored on select
+    assert [(c.stage, c.seed, c.steps) for c in result.confirmed] == [("confirm", base_seed + 1, 6), ("confirm", base_seed + 2, 6)]
+    assert [s for s in seen if s[0] == "confirm"] == [("confirm", base_seed + 1, 6), ("confirm", base_seed + 2, 6)]
+    top_search = max(search, key=lambda r: r.new_task_score)
+    assert result.confirmed[0].confirms == top_search.number  # rank 0: the best search trial, on the unlucky seed
+    # the confirmation decides: rank 0 lost 0.3 on its fresh seed, so rank 1 wins
+    assert result.best is result.confirmed[1] and result.best.seed == base_seed + 2 and result.keeps_floor
+    assert result.confirmed[0].report is None  # only the winner is read on the report part
+    report = result.best.report
+    assert report["new_task_score"] == pytest.approx(0.20) and report["new_task_score_before"] == pytest.approx(0.25)
+    assert report["general_retention"] == pytest.approx(0.95) and len(report["general_retention_interval"]) == 2
+    assert report["gain_interval"][1] < 0
+    data = json.loads((out / "trials.json").read_text())
+    assert set(data) >= {"selection", "confirmation", "report"}
+    assert [t["stage"] for t in data["selection"]] == ["search"] * len(data["selection"])
+    assert [c["seed"] for c in data["confirmation"]] == [base_seed + 1, base_seed + 2]
+    assert data["report"]["part"] == "report" and data["report"]["seed"] == base_seed + 2
+    assert data["report"]["new_task_score"] == pytest.approx(0.20)
+    assert data["best"]["chosen_on"] == "select" and data["best"]["beats_base_model"] is False
+    assert any("does not beat the base model on the new task (0.200 vs 0.250 before" in w for w in data["best"]["warnings"])
+    header = [line for line in (out / "best.yaml").read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "selection (select part" in text and "confirmation (select part" in text and "report (report part" in text
+    assert f"fresh seed {base_seed + 2}" in text and "WARNING: does not beat the base model" in text
+    assert load_run_config(out / "best.yaml").train.seed == base_seed + 2  # retrains the reported run
+    html = (out / "report.html").read_text()
+    assert "does not beat the base model" in html and "report (report part" in html
+
+
+def test_a_winner_that_misses_the_floor_on_confirmation_says_so(tiny_run, tmp_path):
+    out = tmp_path / "tune"
+    target = load_target(str(tiny_run))
+    train, _ = fake_training(target.base["train"]["seed"], unlucky_seed=-1)
+    options = TuneOptions(trials=2, seed=1, constraints=SMALL, min_general_retention=0.99, hybrids=["lora+lwf"],
+                          confirm=1)
+    result = Tuner(target, options, out, train_fn=train).run()
+    assert not result.keeps_floor and result.best.stage == "confirm"
+    warnings = json.loads((out / "trials.json").read_text())["best"]["warnings"]
+    assert any(w.startswith("misses the floor on confirmation: general retention") for w in warnings)
+    assert "WARNING: misses the floor on confirmation" in (out / "best.yaml").read_text()
+
+
+def test_trial_observer_scores_the_select_part_against_the_base_models_select_values(monkeypatch):
+    from types import SimpleNamespace
+
+    from retain.eval.suite import SuiteConfig
+    from retain.guide.monitor import TrialObserver
+    from retain.results.schema import StepRecord
+
+    calls, points = [], []
+
+    def evaluate(model, tokenizer, suite, batch_size, *, part="all"):
+        calls.append(part)
+        return {"g": Score(value=0.45, metric="accuracy", higher_is_better=True, bounded=True, role="general", part="select"),
+                "t": Score(value=0.3, metric="accuracy", higher_is_better=True, bounded=True, role="task", train_task="t1",
+                           part="select")}
+
+    monkeypatch.setattr("retain.guide.monitor.evaluate_suite", evaluate)
+    base = {"g": _part_score(0.9, 0.5, "general"), "t": _part_score(0.2, 0.1, "task", "t1")}
+    inner = SimpleNamespace(suite=SuiteConfig(), base_scores=base, batch_size=4, records={})
+    observer = TrialObserver(inner, lambda step, new, ret: points.append((step, new, ret)))
+    model = SimpleNamespace(train=lambda: None)
+    ctx = SimpleNamespace(unwrapped_model=model, tokenizer=None, global_step=5, tasks=[1, 2])
+    observer.score_step(ctx, SimpleNamespace(name="t1"))
+    assert calls == ["select"] and points == [(5, 0.3, pytest.approx(0.9))]  # 0.45 / the base's select 0.5
+    inner.on_task_end = lambda *a: None
+    inner.records[1] = StepRecord(index=1, scores={"g": _part_score(0.1, 0.4, "general"), "t": _part_score(0.9, 0.35, "task", "t1")})
+    observer.on_task_end(model, ctx, SimpleNamespace(index=0, name="t1"), None)
+    assert points[-1] == (5, 0.35, pytest.approx(0.8))  # the task end's select values, never its report ones

@@ -61,9 +61,15 @@ def prune_reason(point: Point, finished: list[Point], floor: float | None) -> st
 
 
 def intermediate_suite(suite: SuiteConfig, task: str) -> SuiteConfig:
-    """The evals that decide the two numbers at a mid-task point: general ones and the current task's."""
+    """The evals that decide the two numbers at a mid-task point: general ones and the current task's
+    (with the suite's own split, so their select items are those of the full suite)."""
     tasks = [t for t in suite.tasks if t.role == "general" or t.train_task == task]
-    return SuiteConfig(tasks=tasks)
+    return SuiteConfig(tasks=tasks, split=suite.split)
+
+
+def select_scores(scores: dict[str, Score]) -> dict[str, Score]:
+    """Scores as the select part read them (a run's records hold the report part, the select value beside it)."""
+    return {k: s.on("select") for k, s in scores.items()}
 
 
 def point_from_scores(base: dict[str, Score], scores: dict[str, Score], task: str) -> tuple[float | None, float | None]:
@@ -107,15 +113,17 @@ class TrialObserver(Participant):
         return GO_ON
 
     def score_step(self, ctx: Any, task: Any) -> None:
+        """A mid-task point on the select part only, against the base model's select values."""
         suite = self._suites.setdefault(task.name, intermediate_suite(self.inner.suite, task.name))
         unwrapped = ctx.unwrapped_model
-        scores = evaluate_suite(unwrapped, ctx.tokenizer, suite, self.inner.batch_size)
+        scores = evaluate_suite(unwrapped, ctx.tokenizer, suite, self.inner.batch_size, part="select")
         unwrapped.train()
-        self.report(ctx.global_step, *point_from_scores(self.inner.base_scores, scores, task.name))
+        self.report(ctx.global_step, *point_from_scores(select_scores(self.inner.base_scores), scores, task.name))
 
     def on_task_end(self, model: nn.Module, ctx: Any, task: Any, stats: Any) -> Decision:
         self.inner.on_task_end(model, ctx, task, stats)
         if task.index < len(ctx.tasks) - 1:
             record = self.inner.records[task.index + 1]
-            self.report(ctx.global_step, *point_from_scores(self.inner.base_scores, record.scores, task.name))
+            self.report(ctx.global_step, *point_from_scores(
+                select_scores(self.inner.base_scores), select_scores(record.scores), task.name))
         return GO_ON

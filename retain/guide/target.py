@@ -36,10 +36,15 @@ class TuneTarget:
     def task_count(self) -> int:
         return len(self.base["tasks"])
 
-    def trial_data(self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int) -> dict[str, Any]:
+    def trial_data(
+        self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int, seed: int | None = None
+    ) -> dict[str, Any]:
         """The run config (as a dict) of one trial: the hybrid with these strengths, its own folder, no
-        checkpoints but the task ends, intermediate evals every ``every`` steps (0: none)."""
+        checkpoints but the task ends, intermediate evals every ``every`` steps (0: none); ``seed``
+        replaces ``train.seed`` (a confirmation's fresh seed)."""
         data = copy.deepcopy(self.base)
+        if seed is not None:
+            data["train"]["seed"] = seed
         data["strategies"] = fill_from_run(strategy_specs(h, values, self.own), self.general_texts)
         if steps is not None:
             data["train"]["steps_per_task"] = steps
@@ -51,9 +56,11 @@ class TuneTarget:
         data["output"] = {**data.get("output", {}), "dir": str(out_dir), "save_per_task": False, "merge": False}
         return data
 
-    def trial_config(self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int) -> RunConfig:
+    def trial_config(
+        self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int, seed: int | None = None
+    ) -> RunConfig:
         source = f"tune trial of {h.key}"
-        config = load_config_dict(self.trial_data(h, values, out_dir, steps, every), source=source)
+        config = load_config_dict(self.trial_data(h, values, out_dir, steps, every, seed), source=source)
         validate_run_config(config, source)
         return config
 
@@ -65,11 +72,15 @@ class TuneTarget:
             return str(err).split(": ", 1)[-1]
         return None
 
-    def best_data(self, strategies: list[dict[str, Any]], steps: int | None, folder: Path) -> dict[str, Any]:
-        """A complete run config for ``retain train``: the trial's strategies and budget, the target's
-        own eval, checkpoint and output settings (a scenario's suite is written next to best.yaml)."""
+    def best_data(
+        self, strategies: list[dict[str, Any]], steps: int | None, folder: Path, seed: int | None = None
+    ) -> dict[str, Any]:
+        """A complete run config for ``retain train``: the trial's strategies, budget and seed, the
+        target's own eval, checkpoint and output settings (a scenario's suite is written next to best.yaml)."""
         data = copy.deepcopy(self.base)
         data["strategies"] = strategies
+        if seed is not None:
+            data["train"]["seed"] = seed
         if steps is not None:
             data["train"]["steps_per_task"] = steps
             for task in data["tasks"]:
