@@ -17,7 +17,8 @@ from retain.guide.catalogue import (
     uses_adapters,
 )
 from retain.guide.evidence import Evidence, EvidenceRow, evidence_from_results, load_evidence
-from retain.guide.rules import Constraints, assess, ladder, rank, recommend
+from retain.errors import ConfigError
+from retain.guide.rules import Constraints, assess, check_consistent, ladder, rank, recommend, tighten
 from retain.guide.space import fill_from_run, general_prompts, knob, knobs, strategy_specs
 from retain.strategies.base import Strength
 
@@ -26,6 +27,7 @@ ALL_CONSTRAINTS = [
     for c, p, s, w, t in itertools.product(
         ("low", "medium", "high"), ("strict", "normal"), ("high", "normal"), ("adapters", "full", "any"), (1, 2, 3)
     )
+    if not (c == "low" and w == "full")  # refused: low compute trains adapters only (check_consistent)
 ]
 
 
@@ -102,21 +104,22 @@ def test_high_stakes_always_includes_lwf_or_fip(c):
 
 
 @pytest.mark.parametrize("c", [c for c in ALL_CONSTRAINTS if c.compute == "low"], ids=Constraints.describe)
-def test_low_compute_avoids_frozen_copies_and_prefers_adapters(c):
+def test_low_compute_trains_adapters_only_and_holds_no_frozen_copy(c):
     allowed = _allowed(c)
     assert allowed
     assert not any(holds_frozen_copy(h) for h in allowed)
-    if c.weights != "full":
-        assert uses_adapters(allowed[0])
-        adapters = [i for i, h in enumerate(allowed) if uses_adapters(h)]
-        full = [i for i, h in enumerate(allowed) if not uses_adapters(h)]
-        assert not full or max(adapters) < min(full), "every adapter hybrid ranks above every full-weight one"
+    assert all(uses_adapters(h) for h in allowed), "compute low never trains the full weights"
 
 
-def test_low_compute_high_stakes_full_weights_uses_the_cached_teacher():
-    top = recommend(Constraints(compute="low", stakes="high", weights="full"))
-    assert top[0].hybrid.key == "full+lwf@lwf.anchor=general@lwf.teacher=cached_topk"
-    assert "full+fip" not in [r.hybrid.key for r in rank(Constraints(compute="low", stakes="high"))[0]]
+def test_low_compute_excludes_full_weights_with_a_reason_and_refuses_full_weights_only():
+    _, excluded = rank(Constraints(compute="low", stakes="high"))
+    reasons = {r.hybrid.key: r.excluded_by[0] for r in excluded}
+    assert reasons["full+lwf@lwf.anchor=general@lwf.teacher=cached_topk"].startswith("compute low: full fine-tuning")
+    assert "full+fip" in reasons and "full" not in [r.hybrid.key for r in rank(Constraints(compute="low"))[0]]
+    with pytest.raises(ConfigError, match="compute low rules out full-weight hybrids"):
+        check_consistent(Constraints(compute="low", weights="full"))
+    top = recommend(Constraints(compute="medium", stakes="high", weights="full"))
+    assert not uses_adapters(top[0].hybrid) and {"lwf", "fip"} & set(top[0].hybrid.names)
 
 
 def test_weights_and_tasks_rules():
@@ -133,6 +136,42 @@ def test_every_reason_names_its_constraint():
     for r in rank(Constraints(compute="low", privacy="strict", stakes="high"))[0]:
         assert r.reasons
         assert all(reason.split()[0] in ("privacy", "stakes", "compute", "tasks", "evidence") for reason in r.reasons)
+
+
+# --- constraints recorded in a run YAML: flags may only narrow them ------------------------------
+
+
+def test_tighten_narrows_the_record_and_refuses_to_widen_it():
+    strict = {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    assert tighten(strict, {}) == Constraints(compute="low", privacy="strict", stakes="high", weights="any")
+    assert tighten(strict, {"weights": "adapters", "compute": "low"}).weights == "adapters"
+    assert tighten({"compute": "medium"}, {"compute": "low"}).compute == "low"
+    for flag, value, recorded in (("compute", "high", "low"), ("compute", "medium", "low"), ("privacy", "normal", "strict"),
+                                  ("stakes", "normal", "high")):
+        with pytest.raises(ConfigError, match=rf"--{flag} {value} would widen the constraints recorded in s.yaml "
+                                              rf"\({flag} {recorded}\)"):
+            tighten(strict, {flag: value}, source="s.yaml")
+    with pytest.raises(ConfigError, match=r"--full-weights would widen .* \(weights adapters\)"):
+        tighten({"weights": "adapters"}, {"weights": "full"})
+    with pytest.raises(ConfigError, match="compute low rules out full-weight"):
+        tighten(strict, {"weights": "full"})
+    # nothing recorded: the widest, and every flag is a narrowing
+    assert tighten(None, {}) == Constraints(compute="high", privacy="normal", stakes="normal", weights="any")
+    assert tighten(None, {"compute": "medium"}, tasks=2) == Constraints(compute="medium", tasks=2)
+    with pytest.raises(ConfigError, match="--compute 'huge': choose one of"):
+        tighten(None, {"compute": "huge"})
+
+
+def test_the_run_yaml_constraints_key_takes_the_rules_values():
+    from typing import get_args
+
+    from retain.config import GuideConstraints
+    from retain.guide import rules
+
+    for key, literal in (("compute", rules.Compute), ("privacy", rules.Privacy), ("stakes", rules.Stakes),
+                         ("weights", rules.Weights)):
+        assert set(get_args(GuideConstraints.model_fields[key].annotation)) == set(get_args(literal))
+        assert GuideConstraints.model_fields[key].default == rules.WIDEST[key]  # unset = not constrained
 
 
 # --- evidence ----------------------------------------------------------------------------------

@@ -466,3 +466,69 @@ def test_trial_observer_scores_the_select_part_against_the_base_models_select_va
     inner.records[1] = StepRecord(index=1, scores={"g": _part_score(0.1, 0.4, "general"), "t": _part_score(0.9, 0.35, "task", "t1")})
     observer.on_task_end(model, ctx, SimpleNamespace(index=0, name="t1"), None)
     assert points[-1] == (5, 0.35, pytest.approx(0.8))  # the task end's select values, never its report ones
+
+
+# --- the constraints a run YAML records bound the search ---------------------------------------------
+
+
+def _strict_yaml(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """The issue's strict.yaml: `retain recommend --compute low --privacy strict --stakes high --tasks 1
+    --out strict.yaml`, its placeholders filled with the tiny run's files, its budget made tiny."""
+    from retain.guide.template import fill_placeholders
+
+    strict = tmp_path / "strict.yaml"
+    made = runner.invoke(app, ["recommend", "--compute", "low", "--privacy", "strict", "--stakes", "high", "--tasks", "1",
+                               "--out", str(strict)])
+    assert made.exit_code == 0, made.output
+    (tmp_path / "suite1.yaml").write_text(
+        (tmp_path / "suite.yaml").read_text().replace("train_task: t1", "train_task: task1"))
+    values = {"model": str(tiny_model_dir), "general_data": str(tmp_path / "general.jsonl"),
+              "suite": str(tmp_path / "suite1.yaml"), "prompts": "the cat", "task1_data": str(tmp_path / "task.jsonl")}
+    data = yaml.safe_load(fill_placeholders(strict.read_text(), values))
+    assert data["constraints"] == {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    data["model"]["dtype"] = "float32"
+    data["tasks"][0]["data"]["max_length"] = data["general_data"]["max_length"] = 32
+    data["train"] = {"steps_per_task": 4, "batch_size": 4, "lr": 1e-2, "progress": False}
+    data["output"]["dir"] = str(tmp_path / "runs" / "strict")
+    strict.write_text(yaml.safe_dump(data, sort_keys=False))
+    return strict
+
+
+def test_a_recommended_strict_yaml_is_tuned_within_its_constraints(tiny_run, tiny_model_dir, tmp_path):
+    strict = _strict_yaml(tmp_path, tiny_model_dir)
+    target = load_target(str(strict))
+    assert target.constraints == {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    tuner = Tuner(target, TuneOptions(trials=40), tmp_path / "space")  # no flags: as recorded
+    assert (tuner.constraints.compute, tuner.constraints.privacy, tuner.constraints.stakes) == ("low", "strict", "high")
+    from retain.guide.catalogue import uses_adapters
+
+    assert tuner.allowed and set(tuner.eligible) <= set(tuner.allowed)
+    for h in tuner.allowed:  # everything the tune may ever search here
+        assert "replay" not in h.names, h.key  # privacy strict: no stored real data
+        assert uses_adapters(h), h.key  # compute low: never the full weights
+        assert {"lwf", "fip"} & set(h.names), h.key  # stakes high: a function-preserving method
+
+    out = tmp_path / "tune"
+    result = runner.invoke(app, ["tune", str(strict), "--out", str(out), "--trials", "1", "--steps", "2", "--confirm", "0",
+                                 "--min-general-retention", "0.9", "--hybrids", "lora+fip"])
+    assert result.exit_code == 0, result.output
+    assert f"compute low, privacy strict, stakes high, adapters or full weights, 1 task (recorded in {strict})" in result.output
+    assert "fip.weight 0.01–1000 (log-uniform" in result.output and "why:" in result.output
+    assert "not confirmed at the full budget" in result.output and "report (report part" in result.output
+    recorded = json.loads((out / "trials.json").read_text())["tune"]["constraints"]
+    assert (recorded["compute"], recorded["privacy"], recorded["stakes"]) == ("low", "strict", "high")
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["constraints"] == {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    # --hybrids outside the recorded constraints, and a flag that widens them, are refused before any training
+    for extra, message in ((["--hybrids", "full+replay"], "'full+replay' is not among the hybrids"),
+                           (["--compute", "high"], f"--compute high would widen the constraints recorded in {strict} "
+                                                   "(compute low)"),
+                           (["--privacy", "normal"], "(privacy strict)"),
+                           (["--full-weights"], "compute low rules out full-weight hybrids")):
+        refused = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "refused"), "--trials", "1", *extra])
+        assert refused.exit_code == 2, refused.output
+        assert message in " ".join(refused.output.split()), refused.output
+    assert not (tmp_path / "refused").exists()
+    narrowed = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "narrow"), "--trials", "1", "--steps", "2",
+                                   "--confirm", "0", "--adapters", "--hybrids", "lora+fip"])
+    assert narrowed.exit_code == 0 and f"(recorded in {strict}, narrowed by --adapters)" in narrowed.output

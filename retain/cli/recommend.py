@@ -21,15 +21,15 @@ def _check(value: str, allowed: tuple[str, ...], option: str) -> str:
 
 def constraints_from_options(compute: str, privacy: str, stakes: str, adapters: bool | None, tasks: int = 1) -> Any:
     """The ``Constraints`` of the options ``recommend`` and ``tune`` share, each value checked by name."""
-    from retain.guide.rules import Constraints
+    from retain.guide.rules import Constraints, check_consistent
 
-    return Constraints(
+    return check_consistent(Constraints(
         compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
         privacy=_check(privacy, ("strict", "normal"), "--privacy"),  # type: ignore[arg-type]
         stakes=_check(stakes, ("high", "normal"), "--stakes"),  # type: ignore[arg-type]
         weights="any" if adapters is None else ("adapters" if adapters else "full"),
         tasks=tasks,
-    )
+    ))
 
 
 @app.command()
@@ -42,14 +42,15 @@ def recommend(
         None, "--adapters/--full-weights", help="Ship adapters, or fine-tune every weight (default: either).",
     ),
     tasks: int = typer.Option(1, "--tasks", min=1, help="How many tasks you will train in sequence."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write a run YAML of the recommended hybrid here."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write a run YAML of the recommended hybrid here, with your constraints recorded in it."),
 ) -> None:
     """Recommend a hybrid of methods for your constraints: reasons, and measured evidence for each."""
     from rich.markup import escape
 
     from retain.guide.catalogue import display_name
     from retain.guide.evidence import load_evidence
-    from retain.guide.rules import rank
+    from retain.guide.rules import rank, recorded_constraints
     from retain.guide.template import run_yaml
     from retain.io import atomic_write_text, output_errors
 
@@ -90,5 +91,5 @@ def recommend(
         header = (f"retain recommend: {best.label} for {constraints.describe()}\n"
                   + "\n".join(f"- {r}" for r in allowed[0].reasons))
         with output_errors(out, "write the run YAML"):
-            atomic_write_text(out, run_yaml(best, tasks, header))
+            atomic_write_text(out, run_yaml(best, tasks, header, recorded_constraints(constraints)))
         console.print(f"\nrun YAML: {out} (replace the <REPLACE ...> values, then `retain train {out}`)")

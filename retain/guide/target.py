@@ -31,6 +31,8 @@ class TuneTarget:
     own: dict[str, dict[str, Any]] = field(default_factory=dict)
     general_texts: list[str] = field(default_factory=list)
     source: Path | None = None
+    #: the run YAML's ``constraints:`` (recorded by ``retain recommend``): a tune never searches outside them
+    constraints: dict[str, str] | None = None
 
     @property
     def task_count(self) -> int:
@@ -131,8 +133,9 @@ def load_target(target: str, *, data_dir: Path | None = None, seed: int | None =
         if seed is not None:
             base["train"]["seed"] = seed
         own = {spec.name: spec.params for spec in config.strategies}
+        recorded = None if config.constraints is None else config.constraints.model_dump()
         return TuneTarget(name=str(path), scenario=None, base=base, suite=load_suite(config.eval.suite), own=own,
-                          general_texts=_texts(config), source=path.resolve())
+                          general_texts=_texts(config), source=path.resolve(), constraints=recorded)
     if target not in scenario_names():
         raise ConfigError(
             f"retain tune: {target!r} is neither a run YAML nor a scenario ({', '.join(scenario_names())})"

@@ -42,7 +42,7 @@ from retain.errors import ConfigError, DivergenceError, OutputError, RetainError
 from retain.guide.catalogue import Hybrid, display_name
 from retain.guide.evidence import Evidence, load_evidence
 from retain.guide.monitor import TrialObserver, prune_reason
-from retain.guide.rules import Constraints, ladder, rank
+from retain.guide.rules import Constraints, ladder, rank, recorded_constraints, tighten
 from retain.guide.space import default_values, knobs
 from retain.guide.target import TuneTarget
 from retain.guide.tune_report import (
@@ -74,7 +74,8 @@ class TuneOptions:
     max_minutes: float | None = None
     ladder: bool = False
     seed: int = 0
-    constraints: Constraints = field(default_factory=Constraints)
+    #: None: as recorded in the run YAML (``constraints:``), else the widest; given: may only narrow the record
+    constraints: Constraints | None = None
     seeds: int | None = None  # trials at default strengths before the search (default: about a third)
     hybrids: list[str] | None = None  # search only these (keys or labels); default: the most promising
     focus: int | None = None  # search the N most promising hybrids (default: max(4, trials // 2))
@@ -134,6 +135,18 @@ def promising_first(eligible: list[Hybrid], evidence: Evidence | None, floor: fl
         return False, -row.new_task_gain, i
 
     return [eligible[i] for i in sorted(range(len(eligible)), key=order)]
+
+
+def space_lines(hybrids: list[Hybrid], labels: dict[str, str] | None = None) -> list[str]:
+    """What a tune searches, one line per hybrid: its name and each strength's range and how it is drawn."""
+    names = {h.key: (labels or {}).get(h.key) or display_name(h) for h in hybrids}
+    width = max((len(n) for n in names.values()), default=0)
+    lines = []
+    for h in hybrids:
+        ranges = [f"{k.label} {k.low:g}–{k.high:g} ({'log-uniform' if k.log else 'uniform'}, default {k.default:g})"
+                  for k in knobs(h)]
+        lines.append(f"{names[h.key]:<{width}}  {'; '.join(ranges) or 'no strength to search: trained at its settings'}")
+    return lines
 
 
 def pick_hybrids(ordered: list[Hybrid], names: list[str]) -> list[Hybrid]:
@@ -234,7 +247,8 @@ class Tuner:
         self.out = Path(out)
         self.progress = progress or TuneProgress()
         self.evidence = evidence if evidence is not None else load_evidence()
-        self.constraints = Constraints(**{**asdict(options.constraints), "tasks": target.task_count})
+        flags = {} if options.constraints is None else recorded_constraints(options.constraints)
+        self.constraints = tighten(target.constraints, flags, target.task_count, source=target.name)
         self.floor = options.min_general_retention
         if options.ladder and self.floor is None:
             raise ConfigError("--ladder stops at the first rung that keeps a retention floor: set --min-general-retention R")
@@ -245,6 +259,7 @@ class Tuner:
             raise ConfigError("no hybrid fits these constraints on this target: " + "; ".join(
                 f"{k}: {v}" for k, v in self.skipped.items()) or "every hybrid is ruled out")
         ordered = promising_first(allowed, self.evidence, DEFAULT_FLOOR if self.floor is None else self.floor)
+        self.allowed = ordered  # every hybrid the constraints allow on this target, most promising first
         if options.hybrids:
             self.eligible = pick_hybrids(ordered, options.hybrids)
         elif options.ladder:
@@ -597,6 +612,7 @@ class Tuner:
 
     def write_best(self, best: TrialRecord, kept: bool, records: list[TrialRecord]) -> None:
         data = self.target.best_data(best.strategies, best.steps, self.out, seed=best.seed)
+        data["constraints"] = recorded_constraints(self.constraints)  # what was searched: a later tune stays within
         lines = figure_lines(best, records, kept, self.floor)
         header = [
             f"retain tune {self.target.name}: trial #{best.confirms if best.confirms is not None else best.number} "
