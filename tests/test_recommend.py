@@ -108,3 +108,29 @@ def test_every_catalogue_hybrid_writes_a_valid_run_yaml(key, tmp_path, tiny_mode
     path.write_text(_fill(text, tmp_path, tiny_model_dir, text_file))
     config = load_run_config(path)  # strategies, their settings and needs all validate
     assert json.dumps(config.model_dump(mode="json")).count("<REPLACE") == 0
+
+
+def test_recommend_out_records_the_constraints_and_never_replaces_a_file_unasked(tmp_path):
+    import yaml
+
+    out = tmp_path / "run.yaml"
+    made = runner.invoke(app, ["recommend", "--compute", "low", "--privacy", "strict", "--adapters", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert yaml.safe_load(out.read_text())["constraints"] == {
+        "compute": "low", "privacy": "strict", "stakes": "normal", "weights": "adapters"}
+    out.write_text(out.read_text() + "# my edits\n")
+    edited = out.read_text()
+    again = runner.invoke(app, ["recommend", "--out", str(out)])
+    assert again.exit_code == 2
+    assert f"--out {out} already exists" in " ".join(again.output.split()) and "--overwrite" in again.output
+    assert "recommended:" not in again.output  # refused before anything else
+    assert out.read_text() == edited
+    replaced = runner.invoke(app, ["recommend", "--out", str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert "# my edits" not in out.read_text()
+    assert yaml.safe_load(out.read_text())["constraints"]["compute"] == "medium"
+
+
+def test_recommend_refuses_low_compute_with_full_weights_only():
+    result = runner.invoke(app, ["recommend", "--compute", "low", "--full-weights"])
+    assert result.exit_code == 2 and "compute low rules out full-weight hybrids" in result.output

@@ -44,6 +44,7 @@ def recommend(
     tasks: int = typer.Option(1, "--tasks", min=1, help="How many tasks you will train in sequence."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Write a run YAML of the recommended hybrid here, with your constraints recorded in it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Recommend a hybrid of methods for your constraints: reasons, and measured evidence for each."""
     from rich.markup import escape
@@ -52,9 +53,11 @@ def recommend(
     from retain.guide.evidence import load_evidence
     from retain.guide.rules import rank, recorded_constraints
     from retain.guide.template import run_yaml
-    from retain.io import atomic_write_text, output_errors
+    from retain.io import atomic_write_text, output_errors, prepare_output
 
     constraints = constraints_from_options(compute, privacy, stakes, adapters, tasks)
+    if out is not None:  # before any output: an edited run YAML is never replaced unless asked
+        prepare_output(out, overwrite=overwrite, kind="file")
     evidence = load_evidence()
     allowed, excluded = rank(constraints, evidence)
     if not allowed:  # pragma: no cover - the catalogue always has an adapter and a full-weight hybrid that fit
