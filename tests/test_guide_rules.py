@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -231,6 +232,62 @@ def test_packaged_evidence_names_catalogue_hybrids():
     keys = {h.key for h in CATALOGUE}
     assert ev.rows and set(ev.rows) <= keys
     assert ev.scenario == "stories-contracts" and ev.retain_version and ev.created
+
+
+def _split_run(name, seed, select, report, interval=None):
+    """A run with a select summary (select: (before, after, retention)) and a report summary with intervals."""
+    from retain.results.schema import StrategyRun, Summary
+
+    def summary(before, after, retention, with_interval):
+        extra = {} if not with_interval else {"general_retention_interval": interval, "gain_interval": [0.1, 0.3],
+                                             "new_task_score_interval": [after - 0.02, after + 0.02]}
+        return Summary(new_task_score=after, new_task_score_before=before, general_retention=retention,
+                       gain=after - before, **extra)
+
+    return StrategyRun(name=name, task_names=["contracts"], records=[], seed=seed,
+                       summary=summary(*report, interval is not None), select_summary=summary(*select, False))
+
+
+def test_evidence_ranks_on_select_and_keeps_report_figures_apart(tmp_path):
+    from retain.results.schema import Results
+
+    res = Results(scenario="stories-contracts", base_model="m", created="2026-03-01T00:00:00+00:00",
+                  runs=[_split_run("lora", 0, (0.10, 0.50, 0.97), (0.20, 0.45, 0.95), [0.94, 0.96])])
+    row = evidence_from_results([res]).row("lora")
+    assert (row.new_task_score_before, row.new_task_score, row.general_retention) == (0.10, 0.50, 0.97)  # select ranks
+    assert row.new_task_gain == pytest.approx(0.40)
+    assert row.report["general_retention"] == 0.95 and row.report["general_retention_interval"] == [0.94, 0.96]
+    assert row.report["gain"] == pytest.approx(0.25) and row.report["seeds"] == [0]
+    assert "general retention 0.950 [0.940, 0.960]" in row.describe() and "report part, seed 0" in row.describe()
+    path = tmp_path / "evidence.json"
+    path.write_text(evidence_from_results([res]).to_json())
+    assert json.loads(path.read_text())["evidence_version"] == 2
+    assert load_evidence(path).row("lora") == row
+
+
+def test_evidence_over_seeds_uses_the_aggregate():
+    from retain.results.aggregate import aggregate_seeds
+    from retain.results.schema import Results
+
+    runs = [_split_run("lora", s, (0.10, 0.50 + s / 100, 0.97), (0.20, 0.45, 0.95 - s / 100)) for s in (0, 1, 2)]
+    res = Results(scenario="stories-contracts", base_model="m", runs=runs, aggregates=aggregate_seeds(runs))
+    row = evidence_from_results([res]).row("lora")
+    assert row.new_task_score == pytest.approx(0.51) and row.general_retention == pytest.approx(0.97)  # select means
+    assert row.new_task_score_before == pytest.approx(0.10)
+    assert row.report["seeds"] == [0, 1, 2] and row.report["general_retention"] == pytest.approx(0.94)
+    assert "3 seeds" in row.describe()
+
+
+def test_an_evidence_table_from_before_the_split_still_loads(tmp_path):
+    old = {"evidence_version": 1, "scenario": "stories-contracts", "steps": 300, "created": "2026-01-01T00:00:00+00:00",
+           "retain_version": "0.1.0", "hybrids": {"lora": {"new_task_score": 0.5, "new_task_score_before": 0.2,
+                                                           "general_retention": 0.9, "kl_from_base": 0.1,
+                                                           "seconds_per_step": 0.2}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    row = load_evidence(path).row("lora")
+    assert row.report is None and row.general_retention == 0.9
+    assert row.describe() == "general retention 0.900, new-task score 0.200 → 0.500 (gain +0.300)"
 
 
 # --- ladder and search space ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_recommend_evidence_line_quotes_the_packaged_table():
     assert f"retain {evidence.retain_version}" in result.output and evidence.created[:10] in result.output
     top = recommend(Constraints(compute="high", weights="full"), evidence)[0]
     if top.evidence is not None:
-        assert f"general retention {top.evidence.general_retention:.3f}" in _sections(result.output)["recommended"]
+        assert f"measured: {top.evidence.describe()}" in " ".join(_sections(result.output)["recommended"].split())
 
 
 def test_recommend_refuses_an_unknown_level():
@@ -134,3 +134,23 @@ def test_recommend_out_records_the_constraints_and_never_replaces_a_file_unasked
 def test_recommend_refuses_low_compute_with_full_weights_only():
     result = runner.invoke(app, ["recommend", "--compute", "low", "--full-weights"])
     assert result.exit_code == 2 and "compute low rules out full-weight hybrids" in result.output
+
+
+def test_recommend_ranks_on_select_and_prints_report_figures_with_intervals(monkeypatch):
+    from retain.guide.evidence import Evidence, EvidenceRow
+
+    lwf = "lora+lwf@lwf.anchor=general@lwf.teacher=adapters_off"
+    report = {"new_task_score": 0.41, "new_task_score_before": 0.18, "general_retention": 0.952, "gain": 0.23,
+              "general_retention_interval": [0.947, 0.957], "new_task_score_interval": [0.39, 0.43],
+              "gain_interval": [0.21, 0.25], "seeds": [0, 1, 2]}
+    rows = {lwf: EvidenceRow(0.45, 0.18, 0.96, report=report), "lora+fip": EvidenceRow(0.30, 0.18, 0.97)}
+    evidence = Evidence("stories-contracts", 300, "2026-03-01T00:00:00+00:00", "0.2.0", rows)
+    monkeypatch.setattr("retain.guide.evidence.load_evidence", lambda path=None: evidence)
+    result = runner.invoke(app, ["recommend", "--compute", "low", "--stakes", "high", "--privacy", "strict"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "ranked on the select part of every eval, printed on the report part with intervals" in text
+    assert ("measured: general retention 0.952 [0.947, 0.957], new-task score 0.180 → 0.410 [0.390, 0.430] "
+            "(gain +0.230 [+0.210, +0.250]); report part, 3 seeds") in text
+    assert "gained +0.270 on the new task" in text  # the ranking's reason quotes the select figures
+    assert "measured: general retention 0.970, new-task score 0.180 → 0.300 (gain +0.120)" in text  # a row without a split

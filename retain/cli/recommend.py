@@ -66,7 +66,10 @@ def recommend(
         raise ConfigError(f"no hybrid fits {constraints.describe()}")
     console.print(f"[bold]constraints[/]: {constraints.describe()}")
     if evidence is not None:
-        console.print(f"[bold]evidence[/]: {evidence.provenance()} (general retention, new-task gain)")
+        split = any(r.report for r in evidence.rows.values())
+        how = ("ranked on the select part of every eval, printed on the report part with intervals" if split
+               else "general retention and new-task gain on one sample, measured before the select/report split")
+        console.print(f"[bold]evidence[/]: {evidence.provenance()}; {how}", highlight=False)
     for place, item in enumerate(allowed[:3]):
         title = "recommended" if place == 0 else f"alternative {place}"
         name = display_name(item.hybrid)
@@ -79,12 +82,7 @@ def recommend(
         if row is None or row.general_retention is None:
             console.print("  measured: not in the packaged table", highlight=False)
         else:
-            gain = row.new_task_gain
-            console.print(
-                f"  measured: general retention {row.general_retention:.3f}, new-task score "
-                f"{row.new_task_score_before:.3f} → {row.new_task_score:.3f} (gain {gain:+.3f})",
-                highlight=False,
-            )
+            console.print(f"  measured: {escape(row.describe())}", highlight=False)
     if excluded:
         console.print("\n[bold]ruled out[/]:", highlight=False)
         for item in excluded:
