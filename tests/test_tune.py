@@ -188,6 +188,11 @@ def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
                                  "--compute", "low", "--stakes", "high", "--adapters"])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output and "best: trial #" in result.output
+    # what was searched, and why the best was chosen (issue 20 item 9)
+    assert "search space: 4 hybrids" in result.output and "lwf.alpha 0.01–100 (log-uniform, default" in result.output
+    why = " ".join(result.output.split("why:", 1)[1].split())
+    assert "selection (select part, 3 steps per task" in why and "confirmation (select part, the full budget of 6" in why
+    assert "report (report part, read once for this trial): new-task score" in why
     trials = _trials(out)
     counted = [t for t in trials if t["duplicate_of"] is None and t["state"] in ("complete", "pruned")]
     assert len(counted) == 3

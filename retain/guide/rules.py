@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from retain.errors import ConfigError
 from retain.guide.catalogue import (
     CATALOGUE,
     Hybrid,
@@ -29,7 +30,6 @@ from retain.guide.catalogue import (
     stores_real_data,
     uses_adapters,
 )
-from retain.errors import ConfigError
 from retain.guide.evidence import Evidence, EvidenceRow
 
 Compute = Literal["low", "medium", "high"]
