@@ -616,7 +616,7 @@ class Tuner:
         lines = figure_lines(best, records, kept, self.floor)
         header = [
             f"retain tune {self.target.name}: trial #{best.confirms if best.confirms is not None else best.number} "
-            f"({best.label}), the best new-task score within the floor, chosen on the select part of every eval:",
+            f"({best.label}), chosen on the select part of every eval, reported on the report part:",
             *(f"  {line}" for line in lines),
             f"train.seed {best.seed}: the seed of the run these figures come from.",
             "For another budget: retain train best.yaml --set train.steps_per_task=N",

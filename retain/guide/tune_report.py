@@ -170,15 +170,16 @@ def figure_lines(best: TrialRecord, records: list[TrialRecord], kept: bool, floo
     if search is not None:
         lines.append(f"selection (select part, {search.steps} steps per task, seed {search.seed}): new-task score "
                      f"{_num(search.new_task_score)}, general retention {_num(search.general_retention)}")
-    why = (f"the best new-task score among those that keep the floor {bound}" if kept
-           else f"none keeps the floor {bound}: the one with the most retention")
+    which = "confirmed trials" if best.stage == "confirm" else "trials"
+    why = (f"of the {which} that keep the floor {bound}, the best new-task score" if kept
+           else f"none of the {which} keeps the floor {bound}: the one with the most retention")
     if best.stage == "confirm":
         lines.append(f"confirmation (select part, the full budget of {best.steps} steps per task, fresh seed {best.seed}): "
                      f"new-task score {_num(best.new_task_score)}, general retention {_num(best.general_retention)}; "
-                     f"{why} of the confirmed trials")
+                     f"{why}")
     else:
         lines.append(f"not confirmed at the full budget (--confirm 0, or time ran out): chosen on its selection "
-                     f"figures, {why}")
+                     f"figures; {why}")
     r = best.report
     if r:
         lines.append(f"report (report part, read once for this trial): new-task score "
