@@ -513,6 +513,14 @@ def test_a_recommended_strict_yaml_is_tuned_within_its_constraints(tiny_run, tin
         assert uses_adapters(h), h.key  # compute low: never the full weights
         assert {"lwf", "fip"} & set(h.names), h.key  # stakes high: a function-preserving method
 
+    # the console's search space, without --hybrids (--max-minutes 0: no trial starts)
+    shown = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "shown"), "--trials", "8", "--max-minutes", "0"])
+    assert shown.exit_code == 0, shown.output
+    space = shown.output.split("search space:", 1)[1].split("tune ", 1)[0]
+    listed = [line.split()[0] for line in space.splitlines()[1:]
+              if line.startswith("  ") and not line.startswith("   ") and not line.strip().startswith("skipped")]
+    assert listed and all(name.startswith("lora+") or name.startswith("prompt") for name in listed), listed
+    assert all("+replay" not in name and ("lwf" in name or "fip" in name) for name in listed), listed
     out = tmp_path / "tune"
     result = runner.invoke(app, ["tune", str(strict), "--out", str(out), "--trials", "1", "--steps", "2", "--confirm", "0",
                                  "--min-general-retention", "0.9", "--hybrids", "lora+fip"])
