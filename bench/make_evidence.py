@@ -81,9 +81,8 @@ def main() -> None:
     evidence = type(evidence)(evidence.scenario, evidence.steps, evidence.created, evidence.retain_version, kept)
     atomic_write_text(args.out, evidence.to_json())
     print(f"{len(kept)} hybrids -> {args.out} ({evidence.provenance()})")
-    for key, row in sorted(kept.items(), key=lambda kv: -(kv[1].general_retention or 0)):
-        gain = row.new_task_gain
-        print(f"  {key:<70} retention {row.general_retention:.3f}  gain {gain:+.3f}" if gain is not None else f"  {key}")
+    for key, row in sorted(kept.items(), key=lambda kv: -(kv[1].general_retention or 0)):  # ranked on select
+        print(f"  {key:<70} {row.describe()}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def main() -> None:
                                      "--steps", str(args.budget), "--out", str(work / "defaults"))
     defaults = summaries(defaults_path)
 
-    trials = json.loads((tune / "trials.json").read_text())["trials"]
+    recorded = json.loads((tune / "trials.json").read_text())
+    trials = recorded.get("selection", recorded.get("trials", []))  # "trials" before the select/report split
     tuned_trial = next(t for t in trials if t["number"] == best_trial["trial"])
     strengths = ", ".join(f"{k}={v:.3g}" for k, v in tuned_trial["params"].items()) or "defaults"
     rows = [(name, s) for name, s in defaults.items()] + [(f"tuned: {tuned_trial['label']} ({strengths})", tuned_summary)]

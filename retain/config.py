@@ -203,6 +203,16 @@ class StrategySpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class GuideConstraints(StrictModel):
+    """What ``retain recommend`` was asked for (its ``--compute``/``--privacy``/``--stakes``/``--adapters``).
+    A key left out is the widest value (compute high, privacy normal, stakes normal, weights any)."""
+
+    compute: Literal["low", "medium", "high"] = "high"
+    privacy: Literal["strict", "normal"] = "normal"
+    stakes: Literal["high", "normal"] = "normal"
+    weights: Literal["adapters", "full", "any"] = "any"
+
+
 class RunConfig(StrictModel):
     model: ModelConfig
     tasks: list[TaskConfig] = Field(min_length=1)
@@ -218,6 +228,9 @@ class RunConfig(StrictModel):
     output: OutputConfig = Field(default_factory=OutputConfig)
     budget: BudgetConfig | None = Field(
         None, description="A forgetting budget the run enforces: strengths adapt, the best in-budget model is kept."
+    )
+    constraints: GuideConstraints | None = Field(
+        None, description="Recorded by retain recommend; retain tune never searches outside them; retain train ignores it."
     )
 
     @field_validator("strategies", mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -17,7 +18,8 @@ from retain.guide.catalogue import (
     uses_adapters,
 )
 from retain.guide.evidence import Evidence, EvidenceRow, evidence_from_results, load_evidence
-from retain.guide.rules import Constraints, assess, ladder, rank, recommend
+from retain.errors import ConfigError
+from retain.guide.rules import Constraints, assess, check_consistent, ladder, rank, recommend, tighten
 from retain.guide.space import fill_from_run, general_prompts, knob, knobs, strategy_specs
 from retain.strategies.base import Strength
 
@@ -26,6 +28,7 @@ ALL_CONSTRAINTS = [
     for c, p, s, w, t in itertools.product(
         ("low", "medium", "high"), ("strict", "normal"), ("high", "normal"), ("adapters", "full", "any"), (1, 2, 3)
     )
+    if not (c == "low" and w == "full")  # refused: low compute trains adapters only (check_consistent)
 ]
 
 
@@ -102,21 +105,22 @@ def test_high_stakes_always_includes_lwf_or_fip(c):
 
 
 @pytest.mark.parametrize("c", [c for c in ALL_CONSTRAINTS if c.compute == "low"], ids=Constraints.describe)
-def test_low_compute_avoids_frozen_copies_and_prefers_adapters(c):
+def test_low_compute_trains_adapters_only_and_holds_no_frozen_copy(c):
     allowed = _allowed(c)
     assert allowed
     assert not any(holds_frozen_copy(h) for h in allowed)
-    if c.weights != "full":
-        assert uses_adapters(allowed[0])
-        adapters = [i for i, h in enumerate(allowed) if uses_adapters(h)]
-        full = [i for i, h in enumerate(allowed) if not uses_adapters(h)]
-        assert not full or max(adapters) < min(full), "every adapter hybrid ranks above every full-weight one"
+    assert all(uses_adapters(h) for h in allowed), "compute low never trains the full weights"
 
 
-def test_low_compute_high_stakes_full_weights_uses_the_cached_teacher():
-    top = recommend(Constraints(compute="low", stakes="high", weights="full"))
-    assert top[0].hybrid.key == "full+lwf@lwf.anchor=general@lwf.teacher=cached_topk"
-    assert "full+fip" not in [r.hybrid.key for r in rank(Constraints(compute="low", stakes="high"))[0]]
+def test_low_compute_excludes_full_weights_with_a_reason_and_refuses_full_weights_only():
+    _, excluded = rank(Constraints(compute="low", stakes="high"))
+    reasons = {r.hybrid.key: r.excluded_by[0] for r in excluded}
+    assert reasons["full+lwf@lwf.anchor=general@lwf.teacher=cached_topk"].startswith("compute low: full fine-tuning")
+    assert "full+fip" in reasons and "full" not in [r.hybrid.key for r in rank(Constraints(compute="low"))[0]]
+    with pytest.raises(ConfigError, match="compute low rules out full-weight hybrids"):
+        check_consistent(Constraints(compute="low", weights="full"))
+    top = recommend(Constraints(compute="medium", stakes="high", weights="full"))
+    assert not uses_adapters(top[0].hybrid) and {"lwf", "fip"} & set(top[0].hybrid.names)
 
 
 def test_weights_and_tasks_rules():
@@ -133,6 +137,42 @@ def test_every_reason_names_its_constraint():
     for r in rank(Constraints(compute="low", privacy="strict", stakes="high"))[0]:
         assert r.reasons
         assert all(reason.split()[0] in ("privacy", "stakes", "compute", "tasks", "evidence") for reason in r.reasons)
+
+
+# --- constraints recorded in a run YAML: flags may only narrow them ------------------------------
+
+
+def test_tighten_narrows_the_record_and_refuses_to_widen_it():
+    strict = {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    assert tighten(strict, {}) == Constraints(compute="low", privacy="strict", stakes="high", weights="any")
+    assert tighten(strict, {"weights": "adapters", "compute": "low"}).weights == "adapters"
+    assert tighten({"compute": "medium"}, {"compute": "low"}).compute == "low"
+    for flag, value, recorded in (("compute", "high", "low"), ("compute", "medium", "low"), ("privacy", "normal", "strict"),
+                                  ("stakes", "normal", "high")):
+        with pytest.raises(ConfigError, match=rf"--{flag} {value} would widen the constraints recorded in s.yaml "
+                                              rf"\({flag} {recorded}\)"):
+            tighten(strict, {flag: value}, source="s.yaml")
+    with pytest.raises(ConfigError, match=r"--full-weights would widen .* \(weights adapters\)"):
+        tighten({"weights": "adapters"}, {"weights": "full"})
+    with pytest.raises(ConfigError, match="compute low rules out full-weight"):
+        tighten(strict, {"weights": "full"})
+    # nothing recorded: the widest, and every flag is a narrowing
+    assert tighten(None, {}) == Constraints(compute="high", privacy="normal", stakes="normal", weights="any")
+    assert tighten(None, {"compute": "medium"}, tasks=2) == Constraints(compute="medium", tasks=2)
+    with pytest.raises(ConfigError, match="--compute 'huge': choose one of"):
+        tighten(None, {"compute": "huge"})
+
+
+def test_the_run_yaml_constraints_key_takes_the_rules_values():
+    from typing import get_args
+
+    from retain.config import GuideConstraints
+    from retain.guide import rules
+
+    for key, literal in (("compute", rules.Compute), ("privacy", rules.Privacy), ("stakes", rules.Stakes),
+                         ("weights", rules.Weights)):
+        assert set(get_args(GuideConstraints.model_fields[key].annotation)) == set(get_args(literal))
+        assert GuideConstraints.model_fields[key].default == rules.WIDEST[key]  # unset = not constrained
 
 
 # --- evidence ----------------------------------------------------------------------------------
@@ -192,6 +232,62 @@ def test_packaged_evidence_names_catalogue_hybrids():
     keys = {h.key for h in CATALOGUE}
     assert ev.rows and set(ev.rows) <= keys
     assert ev.scenario == "stories-contracts" and ev.retain_version and ev.created
+
+
+def _split_run(name, seed, select, report, interval=None):
+    """A run with a select summary (select: (before, after, retention)) and a report summary with intervals."""
+    from retain.results.schema import StrategyRun, Summary
+
+    def summary(before, after, retention, with_interval):
+        extra = {} if not with_interval else {"general_retention_interval": interval, "gain_interval": [0.1, 0.3],
+                                             "new_task_score_interval": [after - 0.02, after + 0.02]}
+        return Summary(new_task_score=after, new_task_score_before=before, general_retention=retention,
+                       gain=after - before, **extra)
+
+    return StrategyRun(name=name, task_names=["contracts"], records=[], seed=seed,
+                       summary=summary(*report, interval is not None), select_summary=summary(*select, False))
+
+
+def test_evidence_ranks_on_select_and_keeps_report_figures_apart(tmp_path):
+    from retain.results.schema import Results
+
+    res = Results(scenario="stories-contracts", base_model="m", created="2026-03-01T00:00:00+00:00",
+                  runs=[_split_run("lora", 0, (0.10, 0.50, 0.97), (0.20, 0.45, 0.95), [0.94, 0.96])])
+    row = evidence_from_results([res]).row("lora")
+    assert (row.new_task_score_before, row.new_task_score, row.general_retention) == (0.10, 0.50, 0.97)  # select ranks
+    assert row.new_task_gain == pytest.approx(0.40)
+    assert row.report["general_retention"] == 0.95 and row.report["general_retention_interval"] == [0.94, 0.96]
+    assert row.report["gain"] == pytest.approx(0.25) and row.report["seeds"] == [0]
+    assert "general retention 0.950 [0.940, 0.960]" in row.describe() and "report part, seed 0" in row.describe()
+    path = tmp_path / "evidence.json"
+    path.write_text(evidence_from_results([res]).to_json())
+    assert json.loads(path.read_text())["evidence_version"] == 2
+    assert load_evidence(path).row("lora") == row
+
+
+def test_evidence_over_seeds_uses_the_aggregate():
+    from retain.results.aggregate import aggregate_seeds
+    from retain.results.schema import Results
+
+    runs = [_split_run("lora", s, (0.10, 0.50 + s / 100, 0.97), (0.20, 0.45, 0.95 - s / 100)) for s in (0, 1, 2)]
+    res = Results(scenario="stories-contracts", base_model="m", runs=runs, aggregates=aggregate_seeds(runs))
+    row = evidence_from_results([res]).row("lora")
+    assert row.new_task_score == pytest.approx(0.51) and row.general_retention == pytest.approx(0.97)  # select means
+    assert row.new_task_score_before == pytest.approx(0.10)
+    assert row.report["seeds"] == [0, 1, 2] and row.report["general_retention"] == pytest.approx(0.94)
+    assert "3 seeds" in row.describe()
+
+
+def test_an_evidence_table_from_before_the_split_still_loads(tmp_path):
+    old = {"evidence_version": 1, "scenario": "stories-contracts", "steps": 300, "created": "2026-01-01T00:00:00+00:00",
+           "retain_version": "0.1.0", "hybrids": {"lora": {"new_task_score": 0.5, "new_task_score_before": 0.2,
+                                                           "general_retention": 0.9, "kl_from_base": 0.1,
+                                                           "seconds_per_step": 0.2}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    row = load_evidence(path).row("lora")
+    assert row.report is None and row.general_retention == 0.9
+    assert row.describe() == "general retention 0.900, new-task score 0.200 → 0.500 (gain +0.300)"
 
 
 # --- ladder and search space ------------------------------------------------------------------------

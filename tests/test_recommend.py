@@ -51,7 +51,7 @@ def test_recommend_evidence_line_quotes_the_packaged_table():
     assert f"retain {evidence.retain_version}" in result.output and evidence.created[:10] in result.output
     top = recommend(Constraints(compute="high", weights="full"), evidence)[0]
     if top.evidence is not None:
-        assert f"general retention {top.evidence.general_retention:.3f}" in _sections(result.output)["recommended"]
+        assert f"measured: {top.evidence.describe()}" in " ".join(_sections(result.output)["recommended"].split())
 
 
 def test_recommend_refuses_an_unknown_level():
@@ -108,3 +108,49 @@ def test_every_catalogue_hybrid_writes_a_valid_run_yaml(key, tmp_path, tiny_mode
     path.write_text(_fill(text, tmp_path, tiny_model_dir, text_file))
     config = load_run_config(path)  # strategies, their settings and needs all validate
     assert json.dumps(config.model_dump(mode="json")).count("<REPLACE") == 0
+
+
+def test_recommend_out_records_the_constraints_and_never_replaces_a_file_unasked(tmp_path):
+    import yaml
+
+    out = tmp_path / "run.yaml"
+    made = runner.invoke(app, ["recommend", "--compute", "low", "--privacy", "strict", "--adapters", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert yaml.safe_load(out.read_text())["constraints"] == {
+        "compute": "low", "privacy": "strict", "stakes": "normal", "weights": "adapters"}
+    out.write_text(out.read_text() + "# my edits\n")
+    edited = out.read_text()
+    again = runner.invoke(app, ["recommend", "--out", str(out)])
+    assert again.exit_code == 2
+    assert f"--out {out} already exists" in " ".join(again.output.split()) and "--overwrite" in again.output
+    assert "recommended:" not in again.output  # refused before anything else
+    assert out.read_text() == edited
+    replaced = runner.invoke(app, ["recommend", "--out", str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert "# my edits" not in out.read_text()
+    assert yaml.safe_load(out.read_text())["constraints"]["compute"] == "medium"
+
+
+def test_recommend_refuses_low_compute_with_full_weights_only():
+    result = runner.invoke(app, ["recommend", "--compute", "low", "--full-weights"])
+    assert result.exit_code == 2 and "compute low rules out full-weight hybrids" in result.output
+
+
+def test_recommend_ranks_on_select_and_prints_report_figures_with_intervals(monkeypatch):
+    from retain.guide.evidence import Evidence, EvidenceRow
+
+    lwf = "lora+lwf@lwf.anchor=general@lwf.teacher=adapters_off"
+    report = {"new_task_score": 0.41, "new_task_score_before": 0.18, "general_retention": 0.952, "gain": 0.23,
+              "general_retention_interval": [0.947, 0.957], "new_task_score_interval": [0.39, 0.43],
+              "gain_interval": [0.21, 0.25], "seeds": [0, 1, 2]}
+    rows = {lwf: EvidenceRow(0.45, 0.18, 0.96, report=report), "lora+fip": EvidenceRow(0.30, 0.18, 0.97)}
+    evidence = Evidence("stories-contracts", 300, "2026-03-01T00:00:00+00:00", "0.2.0", rows)
+    monkeypatch.setattr("retain.guide.evidence.load_evidence", lambda path=None: evidence)
+    result = runner.invoke(app, ["recommend", "--compute", "low", "--stakes", "high", "--privacy", "strict"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "ranked on the select part of every eval, printed on the report part with intervals" in text
+    assert ("measured: general retention 0.952 [0.947, 0.957], new-task score 0.180 → 0.410 [0.390, 0.430] "
+            "(gain +0.230 [+0.210, +0.250]); report part, 3 seeds") in text
+    assert "gained +0.270 on the new task" in text  # the ranking's reason quotes the select figures
+    assert "measured: general retention 0.970, new-task score 0.180 → 0.300 (gain +0.120)" in text  # a row without a split

@@ -14,7 +14,7 @@ from retain.cli import app
 from retain.errors import ConfigError, OutputError, StateError
 from retain.guide.catalogue import find_hybrid
 from retain.guide.evidence import Evidence, EvidenceRow
-from retain.guide.monitor import dominated, floor_value, intermediate_suite, point_from_scores
+from retain.guide.monitor import dominated, intermediate_suite, point_from_scores, prune_reason
 from retain.guide.rules import Constraints
 from retain.guide.target import load_target
 from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
@@ -33,10 +33,28 @@ def _rec(n, hybrid="lora", new=0.5, ret=0.9, state="complete", dup=None):
                        new_task_score=new, general_retention=ret, duplicate_of=dup)
 
 
-def test_floor_value_ranks_every_feasible_point_above_every_infeasible_one():
-    assert floor_value(0.4, 0.95, 0.9) == 0.4
-    assert floor_value(0.4, 0.885, 0.9) == 0.4  # within the 0.02 slack
-    assert floor_value(0.8, 0.85, 0.9) == pytest.approx(-0.2)
+def test_no_trial_is_cut_for_its_retention_alone():
+    """full+replay's own step-20 point on stories-contracts (0.809 retention; 0.905 after 300 steps)
+    under a 0.9 floor. Under optuna's median rule on a floor-penalized value it was cut; now finished
+    trials that beat it on one score only do not stop it, one that beats it on both does."""
+    replay = (0.40, 0.809)
+    new_task_only = [(0.45, 0.80), (0.50, 0.75), (0.48, 0.79), (0.55, 0.70)]
+    keep_the_floor = [(0.30, 0.95), (0.35, 0.93), (0.38, 0.92)]  # above the floor, less new task
+    for others in (new_task_only, keep_the_floor, new_task_only + keep_the_floor):
+        assert prune_reason(replay, others, 0.9) is None
+        assert prune_reason(replay, others, None) is None
+    assert "beaten on both scores" in prune_reason(replay, new_task_only + [(0.42, 0.83)], 0.9)
+    assert "beaten on both scores" in prune_reason(replay, [(0.42, 0.83)], None)
+
+
+def test_the_median_rule_only_compares_trials_that_keep_the_floor():
+    keeping = [(0.50, 0.915), (0.45, 0.93), (0.40, 0.92)]
+    point = (0.42, 0.925)  # keeps 0.9; no finished trial beats it on both scores
+    assert "below the median 0.450 of the 3 finished trials" in prune_reason(point, keeping, 0.9)
+    assert prune_reason((0.46, 0.925), keeping, 0.9) is None  # above their median
+    assert prune_reason(point, keeping[:2] + [(0.9, 0.5)], 0.9) is None  # only 2 kept it: no median
+    assert prune_reason(point, keeping, None) is None  # no floor: dominance only
+    assert prune_reason((0.42, 0.899), [(0.50, 0.905), (0.45, 0.905), (0.44, 0.905)], 0.9) is None  # misses the floor: no median rule
 
 
 def test_dominated_needs_a_margin_on_both_scores():
@@ -161,7 +179,7 @@ SMALL = Constraints(compute="low", privacy="normal", stakes="high", weights="ada
 
 
 def _trials(out: Path) -> list[dict]:
-    return json.loads((out / "trials.json").read_text())["trials"]
+    return json.loads((out / "trials.json").read_text())["selection"]
 
 
 def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
@@ -170,6 +188,11 @@ def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
                                  "--compute", "low", "--stakes", "high", "--adapters"])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output and "best: trial #" in result.output
+    # what was searched, and why the best was chosen (issue 20 item 9)
+    assert "search space: 4 hybrids" in result.output and "lwf.alpha 0.01–100 (log-uniform, default" in result.output
+    why = " ".join(result.output.split("why:", 1)[1].split())
+    assert "selection (select part, 3 steps per task" in why and "confirmation (select part, the full budget of 6" in why
+    assert "report (report part, read once for this trial): new-task score" in why
     trials = _trials(out)
     counted = [t for t in trials if t["duplicate_of"] is None and t["state"] in ("complete", "pruned")]
     assert len(counted) == 3
@@ -186,9 +209,9 @@ def test_tune_cli_end_to_end_on_a_user_run(tiny_run, tmp_path):
     assert best.output.dir.endswith("mine-tuned")
     data = json.loads((out / "trials.json").read_text())
     assert data["best"]["confirmed"] and data["best"]["steps"] == 6
-    assert [c["steps"] for c in data["confirmed"]] == [6] * len(data["confirmed"]) and 1 <= len(data["confirmed"]) <= 2
+    assert [c["steps"] for c in data["confirmation"]] == [6] * len(data["confirmation"]) and 1 <= len(data["confirmation"]) <= 2
     assert [s.name for s in best.strategies] == [s["name"] for s in _trials(out)[data["best"]["trial"]]["strategies"]]
-    assert "confirmed at the full budget" in result.output
+    assert "confirmation at the full budget" in result.output
     # a second run into the same folder with other settings is refused; a foreign folder too
     again = runner.invoke(app, ["tune", str(tiny_run), "--trials", "3", "--steps", "4", "--out", str(out),
                                 "--compute", "low", "--stakes", "high", "--adapters"])
@@ -301,7 +324,7 @@ def test_max_minutes_stops_starting_trials(tiny_run, tmp_path):
     options = TuneOptions(trials=3, steps=3, max_minutes=0, constraints=SMALL)
     result = Tuner(load_target(str(tiny_run)), options, tmp_path / "t").run()
     assert result.records == [] and result.best is None
-    assert json.loads((tmp_path / "t" / "trials.json").read_text())["trials"] == []
+    assert json.loads((tmp_path / "t" / "trials.json").read_text())["selection"] == []
     assert (tmp_path / "t" / "report.html").is_file() and not (tmp_path / "t" / "best.yaml").exists()
 
 
@@ -325,3 +348,200 @@ def test_the_runs_train_seed_stands_unless_seed_is_given(tiny_run, monkeypatch):
         with pytest.raises(SimulatedKill):
             runner.invoke(app, ["tune", str(tiny_run), "--out", str(out), *extra])
     assert seen == [(7, 7), (3, 3)]
+
+
+# --- select chooses, report reports: a fake training whose select and report parts disagree ----------
+
+
+def _part_score(report: float, select: float, role: str, task: str | None = None, n: int = 12) -> Score:
+    from retain.results.schema import ItemScores, PartScore
+
+    spread = [report + (0.04 if i % 2 else -0.04) for i in range(n)]  # mean = report: an interval around it
+    return Score(value=report, metric="accuracy", higher_is_better=True, bounded=True, role=role, train_task=task,
+                 n=n, part="report", select=PartScore(value=select, n=n // 2), items=ItemScores(num=spread))
+
+
+def fake_training(base_seed: int, unlucky_seed: int):
+    """A train_fn that trains nothing: it hands the observer a base record and a task-end record. Select
+    part: the new-task score grows with lwf's alpha, retention falls with it, and ``unlucky_seed`` costs
+    0.3 of new-task score. Report part: the new-task score is 0.20 for every run, below the base
+    model's 0.25 (the tuned model does not beat the base model there)."""
+    import math
+
+    from retain.results.schema import StepRecord
+
+    seen = []
+
+    def train(config, observer):
+        inner = getattr(observer, "inner", observer)  # TrialObserver (search) or SuiteObserver (confirmation)
+        alpha = next(s.params["alpha"] for s in config.strategies if s.name == "lwf")
+        seed = config.train.seed
+        seen.append((Path(config.output.dir).parent.name, seed, config.train.steps_per_task))
+        step = math.log10(alpha) / 4  # -0.5 .. 0.5 over lwf's range
+        new = 0.5 + 0.2 * step - (0.3 if seed == unlucky_seed else 0.0)
+        inner.task_names = ["t1"]
+        inner.records = {
+            0: StepRecord(index=0, scores={"g": _part_score(0.60, 0.60, "general"),
+                                           "t": _part_score(0.25, 0.10, "task", "t1")}),
+            1: StepRecord(index=1, task="t1", global_step=config.train.steps_per_task,
+                          scores={"g": _part_score(0.57, 0.60 * (0.95 - 0.05 * step), "general"),
+                                  "t": _part_score(0.20, new, "task", "t1")}),
+        }
+
+    return train, seen
+
+
+def test_select_chooses_confirmation_reruns_on_fresh_seeds_and_report_is_read_once(tiny_run, tmp_path):
+    out = tmp_path / "tune"
+    target = load_target(str(tiny_run))
+    base_seed = target.base["train"]["seed"]
+    train, seen = fake_training(base_seed, unlucky_seed=base_seed + 1)
+    options = TuneOptions(trials=3, seed=1, constraints=SMALL, min_general_retention=0.8, hybrids=["lora+lwf"])
+    result = Tuner(target, options, out, train_fn=train).run()  # --steps not given: trials at the full budget
+    search = [r for r in result.records if r.duplicate_of is None]
+    assert all(r.stage == "search" and r.seed == base_seed and r.steps == 6 for r in search)
+    for r in search:  # the search recorded select figures: 0.10 before on the task, never the report's 0.25
+        assert r.new_task_score_before == pytest.approx(0.10) and r.new_task_score != pytest.approx(0.20)
+    # confirmed even at the full budget, on fresh seeds (seed + 1 + rank), scored on select
+    assert [(c.stage, c.seed, c.steps) for c in result.confirmed] == [("confirm", base_seed + 1, 6), ("confirm", base_seed + 2, 6)]
+    assert [s for s in seen if s[0] == "confirm"] == [("confirm", base_seed + 1, 6), ("confirm", base_seed + 2, 6)]
+    top_search = max(search, key=lambda r: r.new_task_score)
+    assert result.confirmed[0].confirms == top_search.number  # rank 0: the best search trial, on the unlucky seed
+    # the confirmation decides: rank 0 lost 0.3 on its fresh seed, so rank 1 wins
+    assert result.best is result.confirmed[1] and result.best.seed == base_seed + 2 and result.keeps_floor
+    assert result.confirmed[0].report is None  # only the winner is read on the report part
+    report = result.best.report
+    assert report["new_task_score"] == pytest.approx(0.20) and report["new_task_score_before"] == pytest.approx(0.25)
+    assert report["general_retention"] == pytest.approx(0.95) and len(report["general_retention_interval"]) == 2
+    assert report["gain_interval"][1] < 0
+    data = json.loads((out / "trials.json").read_text())
+    assert set(data) >= {"selection", "confirmation", "report"}
+    assert [t["stage"] for t in data["selection"]] == ["search"] * len(data["selection"])
+    assert [c["seed"] for c in data["confirmation"]] == [base_seed + 1, base_seed + 2]
+    assert data["report"]["part"] == "report" and data["report"]["seed"] == base_seed + 2
+    assert data["report"]["new_task_score"] == pytest.approx(0.20)
+    assert data["best"]["chosen_on"] == "select" and data["best"]["beats_base_model"] is False
+    assert any("does not beat the base model on the new task (0.200 vs 0.250 before" in w for w in data["best"]["warnings"])
+    header = [line for line in (out / "best.yaml").read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "selection (select part" in text and "confirmation (select part" in text and "report (report part" in text
+    assert f"fresh seed {base_seed + 2}" in text and "WARNING: does not beat the base model" in text
+    assert load_run_config(out / "best.yaml").train.seed == base_seed + 2  # retrains the reported run
+    html = (out / "report.html").read_text()
+    assert "does not beat the base model" in html and "report (report part" in html
+
+
+def test_a_winner_that_misses_the_floor_on_confirmation_says_so(tiny_run, tmp_path):
+    out = tmp_path / "tune"
+    target = load_target(str(tiny_run))
+    train, _ = fake_training(target.base["train"]["seed"], unlucky_seed=-1)
+    options = TuneOptions(trials=2, seed=1, constraints=SMALL, min_general_retention=0.99, hybrids=["lora+lwf"],
+                          confirm=1)
+    result = Tuner(target, options, out, train_fn=train).run()
+    assert not result.keeps_floor and result.best.stage == "confirm"
+    warnings = json.loads((out / "trials.json").read_text())["best"]["warnings"]
+    assert any(w.startswith("misses the floor on confirmation: general retention") for w in warnings)
+    assert "WARNING: misses the floor on confirmation" in (out / "best.yaml").read_text()
+
+
+def test_trial_observer_scores_the_select_part_against_the_base_models_select_values(monkeypatch):
+    from types import SimpleNamespace
+
+    from retain.eval.suite import SuiteConfig
+    from retain.guide.monitor import TrialObserver
+    from retain.results.schema import StepRecord
+
+    calls, points = [], []
+
+    def evaluate(model, tokenizer, suite, batch_size, *, part="all"):
+        calls.append(part)
+        return {"g": Score(value=0.45, metric="accuracy", higher_is_better=True, bounded=True, role="general", part="select"),
+                "t": Score(value=0.3, metric="accuracy", higher_is_better=True, bounded=True, role="task", train_task="t1",
+                           part="select")}
+
+    monkeypatch.setattr("retain.guide.monitor.evaluate_suite", evaluate)
+    base = {"g": _part_score(0.9, 0.5, "general"), "t": _part_score(0.2, 0.1, "task", "t1")}
+    inner = SimpleNamespace(suite=SuiteConfig(), base_scores=base, batch_size=4, records={})
+    observer = TrialObserver(inner, lambda step, new, ret: points.append((step, new, ret)))
+    model = SimpleNamespace(train=lambda: None)
+    ctx = SimpleNamespace(unwrapped_model=model, tokenizer=None, global_step=5, tasks=[1, 2])
+    observer.score_step(ctx, SimpleNamespace(name="t1"))
+    assert calls == ["select"] and points == [(5, 0.3, pytest.approx(0.9))]  # 0.45 / the base's select 0.5
+    inner.on_task_end = lambda *a: None
+    inner.records[1] = StepRecord(index=1, scores={"g": _part_score(0.1, 0.4, "general"), "t": _part_score(0.9, 0.35, "task", "t1")})
+    observer.on_task_end(model, ctx, SimpleNamespace(index=0, name="t1"), None)
+    assert points[-1] == (5, 0.35, pytest.approx(0.8))  # the task end's select values, never its report ones
+
+
+# --- the constraints a run YAML records bound the search ---------------------------------------------
+
+
+def _strict_yaml(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """The issue's strict.yaml: `retain recommend --compute low --privacy strict --stakes high --tasks 1
+    --out strict.yaml`, its placeholders filled with the tiny run's files, its budget made tiny."""
+    from retain.guide.template import fill_placeholders
+
+    strict = tmp_path / "strict.yaml"
+    made = runner.invoke(app, ["recommend", "--compute", "low", "--privacy", "strict", "--stakes", "high", "--tasks", "1",
+                               "--out", str(strict)])
+    assert made.exit_code == 0, made.output
+    (tmp_path / "suite1.yaml").write_text(
+        (tmp_path / "suite.yaml").read_text().replace("train_task: t1", "train_task: task1"))
+    values = {"model": str(tiny_model_dir), "general_data": str(tmp_path / "general.jsonl"),
+              "suite": str(tmp_path / "suite1.yaml"), "prompts": "the cat", "task1_data": str(tmp_path / "task.jsonl")}
+    data = yaml.safe_load(fill_placeholders(strict.read_text(), values))
+    assert data["constraints"] == {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    data["model"]["dtype"] = "float32"
+    data["tasks"][0]["data"]["max_length"] = data["general_data"]["max_length"] = 32
+    data["train"] = {"steps_per_task": 4, "batch_size": 4, "lr": 1e-2, "progress": False}
+    data["output"]["dir"] = str(tmp_path / "runs" / "strict")
+    strict.write_text(yaml.safe_dump(data, sort_keys=False))
+    return strict
+
+
+def test_a_recommended_strict_yaml_is_tuned_within_its_constraints(tiny_run, tiny_model_dir, tmp_path):
+    strict = _strict_yaml(tmp_path, tiny_model_dir)
+    target = load_target(str(strict))
+    assert target.constraints == {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    tuner = Tuner(target, TuneOptions(trials=40), tmp_path / "space")  # no flags: as recorded
+    assert (tuner.constraints.compute, tuner.constraints.privacy, tuner.constraints.stakes) == ("low", "strict", "high")
+    from retain.guide.catalogue import uses_adapters
+
+    assert tuner.allowed and set(tuner.eligible) <= set(tuner.allowed)
+    for h in tuner.allowed:  # everything the tune may ever search here
+        assert "replay" not in h.names, h.key  # privacy strict: no stored real data
+        assert uses_adapters(h), h.key  # compute low: never the full weights
+        assert {"lwf", "fip"} & set(h.names), h.key  # stakes high: a function-preserving method
+
+    # the console's search space, without --hybrids (--max-minutes 0: no trial starts)
+    shown = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "shown"), "--trials", "8", "--max-minutes", "0"])
+    assert shown.exit_code == 0, shown.output
+    space = shown.output.split("search space:", 1)[1].split("tune ", 1)[0]
+    listed = [line.split()[0] for line in space.splitlines()[1:]
+              if line.startswith("  ") and not line.startswith("   ") and not line.strip().startswith("skipped")]
+    assert listed and all(name.startswith("lora+") or name.startswith("prompt") for name in listed), listed
+    assert all("+replay" not in name and ("lwf" in name or "fip" in name) for name in listed), listed
+    out = tmp_path / "tune"
+    result = runner.invoke(app, ["tune", str(strict), "--out", str(out), "--trials", "1", "--steps", "2", "--confirm", "0",
+                                 "--min-general-retention", "0.9", "--hybrids", "lora+fip"])
+    assert result.exit_code == 0, result.output
+    assert f"compute low, privacy strict, stakes high, adapters or full weights, 1 task (recorded in {strict})" in result.output
+    assert "fip.weight 0.01–1000 (log-uniform" in result.output and "why:" in result.output
+    assert "not confirmed at the full budget" in result.output and "report (report part" in result.output
+    recorded = json.loads((out / "trials.json").read_text())["tune"]["constraints"]
+    assert (recorded["compute"], recorded["privacy"], recorded["stakes"]) == ("low", "strict", "high")
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["constraints"] == {"compute": "low", "privacy": "strict", "stakes": "high", "weights": "any"}
+    # --hybrids outside the recorded constraints, and a flag that widens them, are refused before any training
+    for extra, message in ((["--hybrids", "full+replay"], "'full+replay' is not among the hybrids"),
+                           (["--compute", "high"], f"--compute high would widen the constraints recorded in {strict} "
+                                                   "(compute low)"),
+                           (["--privacy", "normal"], "(privacy strict)"),
+                           (["--full-weights"], "compute low rules out full-weight hybrids")):
+        refused = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "refused"), "--trials", "1", *extra])
+        assert refused.exit_code == 2, refused.output
+        assert message in " ".join(refused.output.split()), refused.output
+    assert not (tmp_path / "refused").exists()
+    narrowed = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "narrow"), "--trials", "1", "--steps", "2",
+                                   "--confirm", "0", "--adapters", "--hybrids", "lora+fip"])
+    assert narrowed.exit_code == 0 and f"(recorded in {strict}, narrowed by --adapters)" in narrowed.output

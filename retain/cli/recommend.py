@@ -21,15 +21,15 @@ def _check(value: str, allowed: tuple[str, ...], option: str) -> str:
 
 def constraints_from_options(compute: str, privacy: str, stakes: str, adapters: bool | None, tasks: int = 1) -> Any:
     """The ``Constraints`` of the options ``recommend`` and ``tune`` share, each value checked by name."""
-    from retain.guide.rules import Constraints
+    from retain.guide.rules import Constraints, check_consistent
 
-    return Constraints(
+    return check_consistent(Constraints(
         compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
         privacy=_check(privacy, ("strict", "normal"), "--privacy"),  # type: ignore[arg-type]
         stakes=_check(stakes, ("high", "normal"), "--stakes"),  # type: ignore[arg-type]
         weights="any" if adapters is None else ("adapters" if adapters else "full"),
         tasks=tasks,
-    )
+    ))
 
 
 @app.command()
@@ -42,18 +42,22 @@ def recommend(
         None, "--adapters/--full-weights", help="Ship adapters, or fine-tune every weight (default: either).",
     ),
     tasks: int = typer.Option(1, "--tasks", min=1, help="How many tasks you will train in sequence."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write a run YAML of the recommended hybrid here."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write a run YAML of the recommended hybrid here, with your constraints recorded in it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Recommend a hybrid of methods for your constraints: reasons, and measured evidence for each."""
     from rich.markup import escape
 
     from retain.guide.catalogue import display_name
     from retain.guide.evidence import load_evidence
-    from retain.guide.rules import rank
+    from retain.guide.rules import rank, recorded_constraints
     from retain.guide.template import run_yaml
-    from retain.io import atomic_write_text, output_errors
+    from retain.io import atomic_write_text, output_errors, prepare_output
 
     constraints = constraints_from_options(compute, privacy, stakes, adapters, tasks)
+    if out is not None:  # before any output: an edited run YAML is never replaced unless asked
+        prepare_output(out, overwrite=overwrite, kind="file")
     evidence = load_evidence()
     allowed, excluded = rank(constraints, evidence)
     if not allowed:  # pragma: no cover - the catalogue always has an adapter and a full-weight hybrid that fit
@@ -62,7 +66,10 @@ def recommend(
         raise ConfigError(f"no hybrid fits {constraints.describe()}")
     console.print(f"[bold]constraints[/]: {constraints.describe()}")
     if evidence is not None:
-        console.print(f"[bold]evidence[/]: {evidence.provenance()} (general retention, new-task gain)")
+        split = any(r.report for r in evidence.rows.values())
+        how = ("ranked on the select part of every eval, printed on the report part with intervals" if split
+               else "general retention and new-task gain on one sample, measured before the select/report split")
+        console.print(f"[bold]evidence[/]: {evidence.provenance()}; {how}", highlight=False)
     for place, item in enumerate(allowed[:3]):
         title = "recommended" if place == 0 else f"alternative {place}"
         name = display_name(item.hybrid)
@@ -75,12 +82,7 @@ def recommend(
         if row is None or row.general_retention is None:
             console.print("  measured: not in the packaged table", highlight=False)
         else:
-            gain = row.new_task_gain
-            console.print(
-                f"  measured: general retention {row.general_retention:.3f}, new-task score "
-                f"{row.new_task_score_before:.3f} → {row.new_task_score:.3f} (gain {gain:+.3f})",
-                highlight=False,
-            )
+            console.print(f"  measured: {escape(row.describe())}", highlight=False)
     if excluded:
         console.print("\n[bold]ruled out[/]:", highlight=False)
         for item in excluded:
@@ -90,5 +92,5 @@ def recommend(
         header = (f"retain recommend: {best.label} for {constraints.describe()}\n"
                   + "\n".join(f"- {r}" for r in allowed[0].reasons))
         with output_errors(out, "write the run YAML"):
-            atomic_write_text(out, run_yaml(best, tasks, header))
+            atomic_write_text(out, run_yaml(best, tasks, header, recorded_constraints(constraints)))
         console.print(f"\nrun YAML: {out} (replace the <REPLACE ...> values, then `retain train {out}`)")

@@ -5,15 +5,19 @@ hybrid out (``excludes``) or moves it up or down (``points``), and always says w
 constraint that led to it. The ranking adds the points, then breaks ties with the measured evidence
 (new-task gain on stories-contracts among hybrids that kept enough general ability; retention among
 those that did not), then prefers the simpler hybrid. Rules that must hold (tests pin them): strict privacy never keeps real data; high stakes
-always includes a function-preserving method (lwf or fip); low compute prefers adapters and never holds
-a frozen copy of the model.
+always includes a function-preserving method (lwf or fip); low compute trains adapters only (never the
+full weights) and never holds a frozen copy of the model.
+
+Constraints recorded in a run YAML (``constraints:``, written by ``retain recommend --out``) bound what
+``retain tune`` searches: :func:`tighten` lets flags narrow them and refuses any that would widen them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
+from retain.errors import ConfigError
 from retain.guide.catalogue import (
     CATALOGUE,
     Hybrid,
@@ -51,6 +55,69 @@ class Constraints:
         weights = {"adapters": "adapters", "full": "full weights", "any": "adapters or full weights"}[self.weights]
         return (f"compute {self.compute}, privacy {self.privacy}, stakes {self.stakes}, {weights}, "
                 f"{self.tasks} task{'s' if self.tasks != 1 else ''}")
+
+
+#: each constraint's values from the widest (searches most) to the narrowest
+ORDER: dict[str, tuple[str, ...]] = {
+    "compute": ("high", "medium", "low"),
+    "privacy": ("normal", "strict"),
+    "stakes": ("normal", "high"),
+}
+#: what ``retain tune`` searches when neither the run YAML nor a flag says
+WIDEST = {"compute": "high", "privacy": "normal", "stakes": "normal", "weights": "any"}
+
+
+def check_consistent(c: Constraints) -> Constraints:
+    """Refuse constraints no hybrid can meet: low compute trains adapters only."""
+    if c.compute == "low" and c.weights == "full":
+        raise ConfigError("compute low rules out full-weight hybrids, and --full-weights asks for them only: "
+                          "choose one (--compute medium, or --adapters)")
+    return c
+
+
+def _narrows(key: str, recorded: str, wanted: str) -> bool:
+    if key == "weights":
+        return wanted == recorded or recorded == "any"
+    order = ORDER[key]
+    return order.index(wanted) >= order.index(recorded)
+
+
+def _flag(key: str, value: str) -> str:
+    if key == "weights":
+        return {"adapters": "--adapters", "full": "--full-weights", "any": "(either)"}[value]
+    return f"--{key} {value}"
+
+
+def tighten(recorded: dict[str, Any] | None, flags: dict[str, str | None], tasks: int = 1,
+            source: str = "the run YAML") -> Constraints:
+    """The constraints a tune searches: those ``recorded`` (a run YAML's ``constraints:``), narrowed by
+    ``flags`` (None: not given). A flag that would widen a recorded constraint is refused, naming both
+    values; without a record, what is not given is the widest (compute high, privacy normal, stakes
+    normal, adapters or full weights)."""
+    values = dict(WIDEST)
+    recorded = {k: v for k, v in (recorded or {}).items() if k in WIDEST and v is not None}
+    values.update(recorded)
+    for key, wanted in flags.items():
+        if wanted is None:
+            continue
+        if key not in WIDEST:
+            raise ConfigError(f"unknown constraint {key!r}: one of {', '.join(WIDEST)}")
+        allowed = (*ORDER[key],) if key in ORDER else ("adapters", "full", "any")
+        if wanted not in allowed:
+            raise ConfigError(f"--{key} {wanted!r}: choose one of {', '.join(allowed)}")
+        if key in recorded and not _narrows(key, recorded[key], wanted):
+            raise ConfigError(
+                f"{_flag(key, wanted)} would widen the constraints recorded in {source} ({key} {recorded[key]}): "
+                "retain tune never searches outside them",
+                hint=f"drop {_flag(key, wanted)}, or edit `constraints: {key}:` in {source} if they changed",
+            )
+        values[key] = wanted
+    return check_consistent(Constraints(tasks=tasks, **values))  # type: ignore[arg-type]
+
+
+def recorded_constraints(c: Constraints) -> dict[str, str]:
+    """The ``constraints:`` block of a run YAML (the number of tasks is the run's own)."""
+    return {"compute": c.compute, "privacy": c.privacy, "stakes": c.stakes, "weights": c.weights}
 
 
 @dataclass(frozen=True)
@@ -96,18 +163,17 @@ def stakes_rule(h: Hybrid, c: Constraints) -> list[Effect]:
 
 
 def compute_rule(h: Hybrid, c: Constraints) -> list[Effect]:
-    """Low compute: adapters, no frozen copy, no extra pass; high compute: full weights are affordable."""
+    """Low compute: adapters only (full fine-tuning is ruled out), no frozen copy, no extra pass;
+    high compute: full weights are affordable."""
     adapters, memory, extra = uses_adapters(h), memory_in_models(h), extra_passes(h)
     if c.compute == "low":
         if holds_frozen_copy(h):
             return exclude("compute low: holds a frozen copy of the whole model "
                            f"({'fip anchor' if 'fip' in h.names else 'lwf teacher'})")
-        effects = []
-        if adapters:
-            effects.append(Effect(2, "compute low → adapters: only a small fraction of the weights train, "
-                                     "no gradients or optimizer state for the base"))
-        else:
-            effects.append(Effect(-3, f"compute low: full fine-tuning needs ≈{memory:g}× the model's weights in memory"))
+        if not adapters:
+            return exclude(f"compute low: full fine-tuning needs ≈{memory:g}× the model's weights in memory")
+        effects = [Effect(2, "compute low → adapters: only a small fraction of the weights train, "
+                             "no gradients or optimizer state for the base")]
         if "lwf" in h.names and lwf_teacher(h) in ("adapters_off", "cached_topk"):
             effects.append(Effect(0, f"compute low → lwf teacher {lwf_teacher(h)}: no second model in memory"))
         if extra >= 1:

@@ -31,15 +31,22 @@ class TuneTarget:
     own: dict[str, dict[str, Any]] = field(default_factory=dict)
     general_texts: list[str] = field(default_factory=list)
     source: Path | None = None
+    #: the run YAML's ``constraints:`` (recorded by ``retain recommend``): a tune never searches outside them
+    constraints: dict[str, str] | None = None
 
     @property
     def task_count(self) -> int:
         return len(self.base["tasks"])
 
-    def trial_data(self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int) -> dict[str, Any]:
+    def trial_data(
+        self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int, seed: int | None = None
+    ) -> dict[str, Any]:
         """The run config (as a dict) of one trial: the hybrid with these strengths, its own folder, no
-        checkpoints but the task ends, intermediate evals every ``every`` steps (0: none)."""
+        checkpoints but the task ends, intermediate evals every ``every`` steps (0: none); ``seed``
+        replaces ``train.seed`` (a confirmation's fresh seed)."""
         data = copy.deepcopy(self.base)
+        if seed is not None:
+            data["train"]["seed"] = seed
         data["strategies"] = fill_from_run(strategy_specs(h, values, self.own), self.general_texts)
         if steps is not None:
             data["train"]["steps_per_task"] = steps
@@ -51,9 +58,11 @@ class TuneTarget:
         data["output"] = {**data.get("output", {}), "dir": str(out_dir), "save_per_task": False, "merge": False}
         return data
 
-    def trial_config(self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int) -> RunConfig:
+    def trial_config(
+        self, h: Hybrid, values: dict[str, float], out_dir: Path, steps: int | None, every: int, seed: int | None = None
+    ) -> RunConfig:
         source = f"tune trial of {h.key}"
-        config = load_config_dict(self.trial_data(h, values, out_dir, steps, every), source=source)
+        config = load_config_dict(self.trial_data(h, values, out_dir, steps, every, seed), source=source)
         validate_run_config(config, source)
         return config
 
@@ -65,11 +74,15 @@ class TuneTarget:
             return str(err).split(": ", 1)[-1]
         return None
 
-    def best_data(self, strategies: list[dict[str, Any]], steps: int | None, folder: Path) -> dict[str, Any]:
-        """A complete run config for ``retain train``: the trial's strategies and budget, the target's
-        own eval, checkpoint and output settings (a scenario's suite is written next to best.yaml)."""
+    def best_data(
+        self, strategies: list[dict[str, Any]], steps: int | None, folder: Path, seed: int | None = None
+    ) -> dict[str, Any]:
+        """A complete run config for ``retain train``: the trial's strategies, budget and seed, the
+        target's own eval, checkpoint and output settings (a scenario's suite is written next to best.yaml)."""
         data = copy.deepcopy(self.base)
         data["strategies"] = strategies
+        if seed is not None:
+            data["train"]["seed"] = seed
         if steps is not None:
             data["train"]["steps_per_task"] = steps
             for task in data["tasks"]:
@@ -120,8 +133,9 @@ def load_target(target: str, *, data_dir: Path | None = None, seed: int | None =
         if seed is not None:
             base["train"]["seed"] = seed
         own = {spec.name: spec.params for spec in config.strategies}
+        recorded = None if config.constraints is None else config.constraints.model_dump()
         return TuneTarget(name=str(path), scenario=None, base=base, suite=load_suite(config.eval.suite), own=own,
-                          general_texts=_texts(config), source=path.resolve())
+                          general_texts=_texts(config), source=path.resolve(), constraints=recorded)
     if target not in scenario_names():
         raise ConfigError(
             f"retain tune: {target!r} is neither a run YAML nor a scenario ({', '.join(scenario_names())})"

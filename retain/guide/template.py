@@ -52,8 +52,10 @@ def _strategies(h: Hybrid) -> list[Any]:
     return entries
 
 
-def run_yaml(h: Hybrid, tasks: int, header: str) -> str:
-    """A run YAML training ``h`` over ``tasks`` placeholder tasks; ``header`` becomes leading comments."""
+def run_yaml(h: Hybrid, tasks: int, header: str, constraints: dict[str, str] | None = None) -> str:
+    """A run YAML training ``h`` over ``tasks`` placeholder tasks; ``header`` becomes leading comments;
+    ``constraints`` (compute, privacy, stakes, weights) are recorded under ``constraints:`` so that
+    ``retain tune`` of this file never searches outside them."""
     adapters = uses_adapters(h)
     config: dict[str, Any] = {
         "model": {"name_or_path": placeholder("model"), "dtype": "bfloat16"},
@@ -66,10 +68,15 @@ def run_yaml(h: Hybrid, tasks: int, header: str) -> str:
         "eval": {"suite": placeholder("suite")},
         "output": {"dir": f"runs/{h.label}", "merge": adapters},
     }
+    if constraints is not None:
+        config["constraints"] = dict(constraints)
     body = yaml.safe_dump(config, sort_keys=False, width=200, allow_unicode=True)
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     lines += ["# Replace every <REPLACE ...> value before `retain train`:"]
     keys = placeholders_in(body)
     lines += [f"#   {key}" for key in keys]
     lines.append("# lr: 2e-4 suits adapters, 2e-5 full fine-tuning of a real LLM; check it on your model.")
+    if constraints is not None:
+        lines.append("# constraints: what you asked retain recommend for; `retain tune` of this file never searches "
+                     "outside them (flags may only narrow them); `retain train` ignores them.")
     return "\n".join(lines) + "\n" + body

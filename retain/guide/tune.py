@@ -2,21 +2,25 @@
 
 Each trial trains one hybrid from the catalogue with strengths drawn from the strategies' declared
 ranges, on the target's own data and suite, for a short budget. The hybrids searched are those the
-constraints allow and the target can run, most promising first (kept the floor on the packaged
-benchmark with the largest gain, then the rules' order), narrowed to ``max(4, trials // 2)`` so a
-short search spends its trials on strengths rather than on one visit per hybrid (``--hybrids`` names
-them instead). Two objectives, new-task score and general retention, both up; or, with a retention
-floor R, one objective (new-task score) under the constraint retention >= R. Hopeless trials are
-pruned from intermediate scores (see :mod:`retain.guide.monitor`). The first trials are the
-hybrids that did best on the packaged benchmark at their default strengths; optuna's TPE goes on from
-there. ``ladder`` walks the prototyping path instead (lora, then + distillation, then + rehearsal or
-fip, ...) and stops after the first rung that keeps R.
+constraints allow (those recorded in the run YAML by ``retain recommend``, narrowed by flags, never
+widened) and the target can run, most promising first (kept the floor on the packaged benchmark with
+the largest gain, then the rules' order), narrowed to ``max(4, trials // 2)`` so a short search spends
+its trials on strengths rather than on one visit per hybrid (``--hybrids`` names them instead). Two
+objectives, new-task score and general retention, both up; or, with a retention floor R, one objective
+(new-task score) under the constraint retention >= R. Every figure that chooses is on the ``select``
+part of each eval. Hopeless trials are pruned from intermediate scores, never for retention alone (see
+:mod:`retain.guide.monitor`). The first trials are the hybrids that did best on the packaged benchmark
+at their default strengths; optuna's TPE goes on from there. ``ladder`` walks the prototyping path
+instead (lora, then + distillation, then + rehearsal or fip, ...) and stops after the first rung that
+keeps R.
 
-What keeps R for a few steps need not keep it for a whole run, and what misses it may keep it (a
-protected run's retention recovers as the learning rate decays), so when trials are shorter than the
-target's own budget, ``confirm`` promising trials (spread along the front of those within 0.1 of R,
-from the best new-task score to the most retention) are retrained at the full budget, and best.yaml
-is the best of those.
+What keeps R for a few steps need not keep it for a whole run, what misses it may keep it (a protected
+run's retention recovers as the learning rate decays), and the best of many noisy trials is flattered
+by its own seed and sample (the winner's curse). So ``confirm`` promising trials (spread along the front
+of those within 0.1 of R, from the best new-task score to the most retention) are retrained at the full
+budget on a fresh seed (the run's seed + 1 + rank), still scored on ``select``, and the winner is the
+best of those. Only then is the winner read, once, on the ``report`` part: that is the figure
+best.yaml, trials.json and the console report, with its interval.
 
 The study lives in ``DIR/study.db`` (sqlite), so a killed tune resumes: finished trials stay, a trial
 that was running when the process died is run again with the same settings.
@@ -37,8 +41,8 @@ import yaml
 from retain.errors import ConfigError, DivergenceError, OutputError, RetainError, StateError
 from retain.guide.catalogue import Hybrid, display_name
 from retain.guide.evidence import Evidence, load_evidence
-from retain.guide.monitor import DOMINANCE_MARGIN, TrialObserver, dominated, floor_value
-from retain.guide.rules import Constraints, ladder, rank
+from retain.guide.monitor import TrialObserver, prune_reason
+from retain.guide.rules import Constraints, ladder, rank, recorded_constraints, tighten
 from retain.guide.space import default_values, knobs
 from retain.guide.target import TuneTarget
 from retain.guide.tune_report import (
@@ -46,7 +50,9 @@ from retain.guide.tune_report import (
     TrialRecord,
     choose_best,
     confirm_candidates,
+    figure_lines,
     pick,
+    report_figures,
     write_trials_json,
     write_tune_report,
 )
@@ -68,11 +74,12 @@ class TuneOptions:
     max_minutes: float | None = None
     ladder: bool = False
     seed: int = 0
-    constraints: Constraints = field(default_factory=Constraints)
+    #: None: as recorded in the run YAML (``constraints:``), else the widest; given: may only narrow the record
+    constraints: Constraints | None = None
     seeds: int | None = None  # trials at default strengths before the search (default: about a third)
     hybrids: list[str] | None = None  # search only these (keys or labels); default: the most promising
     focus: int | None = None  # search the N most promising hybrids (default: max(4, trials // 2))
-    confirm: int = 2  # retrain this many promising trials at the target's full budget (when --steps is shorter)
+    confirm: int = 2  # retrain this many promising trials at the target's full budget, on fresh seeds
 
 
 @dataclass
@@ -128,6 +135,18 @@ def promising_first(eligible: list[Hybrid], evidence: Evidence | None, floor: fl
         return False, -row.new_task_gain, i
 
     return [eligible[i] for i in sorted(range(len(eligible)), key=order)]
+
+
+def space_lines(hybrids: list[Hybrid], labels: dict[str, str] | None = None) -> list[str]:
+    """What a tune searches, one line per hybrid: its name and each strength's range and how it is drawn."""
+    names = {h.key: (labels or {}).get(h.key) or display_name(h) for h in hybrids}
+    width = max((len(n) for n in names.values()), default=0)
+    lines = []
+    for h in hybrids:
+        ranges = [f"{k.label} {k.low:g}–{k.high:g} ({'log-uniform' if k.log else 'uniform'}, default {k.default:g})"
+                  for k in knobs(h)]
+        lines.append(f"{names[h.key]:<{width}}  {'; '.join(ranges) or 'no strength to search: trained at its settings'}")
+    return lines
 
 
 def pick_hybrids(ordered: list[Hybrid], names: list[str]) -> list[Hybrid]:
@@ -207,6 +226,7 @@ def record_of(trial: Any, labels: dict[str, str]) -> TrialRecord:
         intermediate=attrs.get("intermediate", []),
         note=str(attrs.get("note", "")),
         duplicate_of=attrs.get("duplicate_of"),
+        seed=attrs.get("seed"),
         **result,
     )
 
@@ -227,7 +247,8 @@ class Tuner:
         self.out = Path(out)
         self.progress = progress or TuneProgress()
         self.evidence = evidence if evidence is not None else load_evidence()
-        self.constraints = Constraints(**{**asdict(options.constraints), "tasks": target.task_count})
+        flags = {} if options.constraints is None else recorded_constraints(options.constraints)
+        self.constraints = tighten(target.constraints, flags, target.task_count, source=target.name)
         self.floor = options.min_general_retention
         if options.ladder and self.floor is None:
             raise ConfigError("--ladder stops at the first rung that keeps a retention floor: set --min-general-retention R")
@@ -238,6 +259,7 @@ class Tuner:
             raise ConfigError("no hybrid fits these constraints on this target: " + "; ".join(
                 f"{k}: {v}" for k, v in self.skipped.items()) or "every hybrid is ruled out")
         ordered = promising_first(allowed, self.evidence, DEFAULT_FLOOR if self.floor is None else self.floor)
+        self.allowed = ordered  # every hybrid the constraints allow on this target, most promising first
         if options.hybrids:
             self.eligible = pick_hybrids(ordered, options.hybrids)
         elif options.ladder:
@@ -249,7 +271,8 @@ class Tuner:
         self.full_steps = int(target.base["train"]["steps_per_task"])
         steps = options.steps or self.full_steps
         self.every = steps // 2 if steps >= 4 else 0
-        self.confirm = options.confirm if steps < self.full_steps else 0
+        self.confirm = options.confirm  # also at the full budget: a fresh seed is the winner's-curse correction
+        self.seed = int(target.base["train"]["seed"])  # every trial's train.seed; confirmations take seed + 1 + rank
         self.confirmed: list[TrialRecord] = []
         self.train_fn = train_fn
         self.settings = {
@@ -281,16 +304,16 @@ class Tuner:
     # -- study --------------------------------------------------------------------------------
 
     def _study(self) -> Any:
+        """The optuna study. Its pruner never stops a trial: :meth:`_prune_reason` decides (optuna's median
+        rule would compare retention-penalized values and stop trials for their retention alone)."""
         optuna = _optuna()
         self.storage = optuna.storages.RDBStorage(f"sqlite:///{(self.out / 'study.db').resolve()}")
-        if self.floor is None:
-            sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=self._startup(),
-                                                 multivariate=True, group=True)
-            return optuna.create_study(storage=self.storage, study_name=STUDY_NAME, directions=["maximize", "maximize"],
-                                       sampler=sampler, load_if_exists=True)
         sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=self._startup(),
                                              multivariate=True, group=True)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=max(2, self._seed_count()), n_warmup_steps=0)
+        pruner = optuna.pruners.NopPruner()
+        if self.floor is None:
+            return optuna.create_study(storage=self.storage, study_name=STUDY_NAME, directions=["maximize", "maximize"],
+                                       sampler=sampler, pruner=pruner, load_if_exists=True)
         return optuna.create_study(storage=self.storage, study_name=STUDY_NAME, direction="maximize",
                                    sampler=sampler, pruner=pruner, load_if_exists=True)
 
@@ -349,6 +372,7 @@ class Tuner:
         trial.set_user_attr("hybrid", h.key)
         trial.set_user_attr("strategies", [s.model_dump(mode="json") for s in config.strategies])
         trial.set_user_attr("steps", config.train.steps_per_task)
+        trial.set_user_attr("seed", config.train.seed)
         self.progress.trial_started(trial.number, self.labels[h.key])
         intermediate: list[list[float | None]] = []
 
@@ -357,7 +381,7 @@ class Tuner:
             trial.set_user_attr("intermediate", intermediate)
             if new_task is None or retention is None:
                 return
-            reason = self._prune_reason(trial, step, new_task, retention)
+            reason = self._prune_reason(step, new_task, retention)
             if reason:
                 trial.set_user_attr("note", reason)
                 trial.set_user_attr("result", {"new_task_score": new_task, "general_retention": retention,
@@ -385,7 +409,8 @@ class Tuner:
         except RetainError as err:
             trial.set_user_attr("error", str(err))
             raise
-        s = inner.strategy_run().summary
+        run = inner.strategy_run()
+        s = run.select_summary or run.summary  # choose on the select part (runs without a split: the one summary)
         result = {
             "new_task_score": s.new_task_score, "new_task_score_before": s.new_task_score_before,
             "general_retention": s.general_retention, "kl_from_base": s.kl_from_base,
@@ -414,7 +439,7 @@ class Tuner:
         """Training is deterministic: a repeat takes the earlier trial's result instead of training again,
         and does not count towards --trials."""
         self.duplicate_streak += 1
-        for key in ("hybrid", "strategies", "steps", "result", "intermediate"):
+        for key in ("hybrid", "strategies", "steps", "seed", "result", "intermediate"):
             if key in earlier.user_attrs:
                 trial.set_user_attr(key, earlier.user_attrs[key])
         trial.set_user_attr("duplicate_of", earlier.number)
@@ -432,19 +457,16 @@ class Tuner:
 
         finetune(config, observer=observer)
 
-    def _prune_reason(self, trial: Any, step: int, new_task: float, retention: float) -> str | None:
-        if self.floor is not None:  # no absolute cut on retention: it can recover later (confirm_candidates)
-            trial.report(floor_value(new_task, retention, self.floor), step)
-            if trial.should_prune():
-                return f"below the median of earlier trials at step {step}"
-            return None
-        others = []
+    def _prune_reason(self, step: int, new_task: float, retention: float) -> str | None:
+        """:func:`retain.guide.monitor.prune_reason` against the finished trials' points at this step."""
+        finished = []
         for t in self.study.get_trials(deepcopy=False, states=(self._complete,)):
-            others += [(p[1], p[2]) for p in t.user_attrs.get("intermediate", [])
-                       if p[0] == step and p[1] is not None and p[2] is not None]
-        if dominated((new_task, retention), others):
-            return f"beaten on both scores by {DOMINANCE_MARGIN:g}+ by a finished trial at step {step}"
-        return None
+            if "duplicate_of" in t.user_attrs:
+                continue
+            finished += [(p[1], p[2]) for p in t.user_attrs.get("intermediate", [])
+                         if p[0] == step and p[1] is not None and p[2] is not None]
+        reason = prune_reason((new_task, retention), finished, self.floor)
+        return None if reason is None else f"{reason} at step {step}"
 
     # -- the whole search ---------------------------------------------------------------------
 
@@ -476,6 +498,9 @@ class Tuner:
         records = self.records(study)
         self._confirm(study, records, deadline)
         best, kept = pick(records, self.confirmed, self.floor)
+        if best is not None:  # chosen on select; now, once, what it is reported as
+            best.report = self._report(best)
+            self.write_outputs(study, records)
         return TuneResult(records, best, kept, self.skipped, self.out, list(self.confirmed))
 
     def _run_search(self, study: Any, deadline: float | None) -> None:
@@ -518,23 +543,26 @@ class Tuner:
     # -- confirmation at the full budget ---------------------------------------------------------
 
     def _confirm(self, study: Any, records: list[TrialRecord], deadline: float | None) -> None:
-        """Retrain the most promising trials at the target's own budget: what kept the floor for a few
-        steps may not keep it for the whole run, and best.yaml is what the user will train."""
-        for candidate in confirm_candidates(records, self.floor, self.confirm):
+        """Retrain the most promising trials at the target's own budget on fresh seeds (the run's seed
+        + 1 + rank), scored on the select part: what kept the floor for a few steps may not keep it for
+        the whole run, the search's best is flattered by its own seed and sample, and best.yaml is what
+        the user will train."""
+        for rank, candidate in enumerate(confirm_candidates(records, self.floor, self.confirm)):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            self.confirmed.append(self._confirm_one(candidate))
+            self.confirmed.append(self._confirm_one(candidate, self.seed + 1 + rank))
             self.write_outputs(study, records)
 
-    def _confirm_one(self, trial: TrialRecord) -> TrialRecord:
+    def _confirm_one(self, trial: TrialRecord, seed: int) -> TrialRecord:
         from retain.eval.runner import SuiteObserver
         from retain.results.schema import Results
 
         h = self.by_key[trial.hybrid]
-        folder = self.out / "confirm" / f"{trial.number:04d}"
-        config = self.target.trial_config(h, trial.params, folder, None, 0)
+        folder = self.confirm_dir(trial)
+        config = self.target.trial_config(h, trial.params, folder, None, 0, seed=seed)
         cost = folder / "tune_seconds.json"
-        if not cost.is_file():  # a finished confirmation is kept across resumes
+        done = cost.is_file() and json.loads(cost.read_text()).get("seed") == seed
+        if not done:  # a finished confirmation (same trial, same seed) is kept across resumes
             shutil.rmtree(folder, ignore_errors=True)
             self.progress.confirm_started(trial, config.train.steps_per_task)
             started = time.perf_counter()
@@ -542,15 +570,34 @@ class Tuner:
                                      config=config.model_dump(mode="json"), batch_size=config.eval.batch_size)
             self._train(config, observer)
             observer.write_results(scenario=self.target.scenario)
-            atomic_write_text(cost, json.dumps({"seconds": time.perf_counter() - started}))
-        s = Results.load(folder / "results.json").runs[0].summary
+            atomic_write_text(cost, json.dumps({"seconds": time.perf_counter() - started, "seed": seed}))
+        run = Results.load(folder / "results.json").runs[0]
+        s = run.select_summary or run.summary
         return TrialRecord(
             number=trial.number, state="complete", hybrid=trial.hybrid, label=trial.label, params=dict(trial.params),
             strategies=trial.strategies, steps=config.train.steps_per_task, new_task_score=s.new_task_score,
             new_task_score_before=s.new_task_score_before, general_retention=s.general_retention,
             kl_from_base=s.kl_from_base, seconds=json.loads(cost.read_text())["seconds"], seconds_per_step=s.seconds_per_step,
-            peak_memory_bytes=s.peak_memory_bytes, confirms=trial.number, note=f"trial #{trial.number} at the full budget",
+            peak_memory_bytes=s.peak_memory_bytes, confirms=trial.number, seed=seed, stage="confirm",
+            note=f"trial #{trial.number} at the full budget, seed {seed}",
         )
+
+    def confirm_dir(self, trial: TrialRecord) -> Path:
+        return self.out / "confirm" / f"{trial.number:04d}"
+
+    def _report(self, best: TrialRecord) -> dict[str, Any] | None:
+        """The chosen run's figures on the report part (its results.json ``summary``, with intervals):
+        the confirmation run's, or the search trial's when it was not confirmed."""
+        from retain.results.schema import Results
+
+        folder = self.confirm_dir(best) if best.stage == "confirm" else self.trial_dir(best.number)
+        path = folder / "results.json"
+        if not path.is_file():
+            return None
+        try:
+            return report_figures(Results.load(path).runs[0].summary)
+        except (RetainError, IndexError):
+            return None
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -561,18 +608,17 @@ class Tuner:
         write_tune_report(self.out / "report.html", self.settings, records, self.floor, self.confirmed)
         best, kept = pick(records, self.confirmed, self.floor)
         if best is not None:
-            self.write_best(best, kept)
+            self.write_best(best, kept, records)
 
-    def write_best(self, best: TrialRecord, kept: bool) -> None:
-        data = self.target.best_data(best.strategies, best.steps, self.out)
-        floor = DEFAULT_FLOOR if self.floor is None else self.floor
-        verdict = (f"kept general retention {best.general_retention:.3f} >= {floor:g}" if kept
-                   else f"none kept general retention >= {floor:g}; this one kept the most")
-        where = (f"confirmed at the full budget, {best.steps} steps per task" if best.confirms is not None
-                 else f"measured at {best.steps} steps per task")
+    def write_best(self, best: TrialRecord, kept: bool, records: list[TrialRecord]) -> None:
+        data = self.target.best_data(best.strategies, best.steps, self.out, seed=best.seed)
+        data["constraints"] = recorded_constraints(self.constraints)  # what was searched: a later tune stays within
+        lines = figure_lines(best, records, kept, self.floor)
         header = [
-            f"retain tune {self.target.name}: trial #{best.number} ({best.label}), the best new-task score "
-            f"within the floor ({best.new_task_score:.3f}, {where}); {verdict}.",
+            f"retain tune {self.target.name}: trial #{best.confirms if best.confirms is not None else best.number} "
+            f"({best.label}), chosen on the select part of every eval, reported on the report part:",
+            *(f"  {line}" for line in lines),
+            f"train.seed {best.seed}: the seed of the run these figures come from.",
             "For another budget: retain train best.yaml --set train.steps_per_task=N",
         ]
         text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=200)
