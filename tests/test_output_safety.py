@@ -221,6 +221,13 @@ def test_eval_and_importance_refuse_an_existing_out(tiny_model_dir: Path, text_f
     assert result.exit_code == 2 and "an input" in result.output
 
 
+def _held_out(path: Path) -> Path:
+    """Eval text disjoint from the training file (the overlap guard refuses scoring what is trained)."""
+    path.write_text("".join(json.dumps({"text": f"a held-out sentence, number {i}, about a quiet river."}) + "\n"
+                            for i in range(8)))
+    return path
+
+
 def test_bench_refuses_a_non_empty_out_and_its_data_folder(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     from retain.config import DataConfig, TaskConfig
     from retain.eval.suite import SuiteConfig
@@ -231,10 +238,11 @@ def test_bench_refuses_a_non_empty_out_and_its_data_folder(tiny_model_dir: Path,
     data = tmp_path / "data"
     data.mkdir()
     text_file = Path(shutil.copy(text_file, data / "train.jsonl"))
+    held = _held_out(data / "held.jsonl")
     scenario = Scenario(
         name="tiny", base_model=str(tiny_model_dir), inputs=[str(data)],
         tasks=[TaskConfig(name="t", data=DataConfig(path=str(text_file), max_length=16))],
-        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(text_file), max_length=16), max_examples=2)]),
+        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(held), max_length=16), max_examples=2)]),
         general_data=None, train={"steps_per_task": 1, "batch_size": 2},
     )
     out = tmp_path / "bench"
@@ -257,10 +265,11 @@ def test_rerunning_the_same_bench_replaces_only_its_own_results(tiny_model_dir: 
     from retain.scenarios.base import Scenario
     from retain.scenarios.bench import run_bench
 
+    held = _held_out(tmp_path / "held.jsonl")
     scenario = Scenario(
         name="tiny", base_model=str(tiny_model_dir),
         tasks=[TaskConfig(name="t", data=DataConfig(path=str(text_file), max_length=16))],
-        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(text_file), max_length=16), max_examples=2)]),
+        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(held), max_length=16), max_examples=2)]),
         general_data=None, train={"steps_per_task": 1, "batch_size": 2},
     )
     out = tmp_path / "bench"
