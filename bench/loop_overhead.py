@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retain.config import load_config_dict  # noqa: E402
 from retain.data import build_task_data, collate  # noqa: E402
 from retain.train import finetune  # noqa: E402
+from retain.data.sampling import Stream, derive_seed  # noqa: E402
 from retain.train.loop import build_optimizer, build_scheduler, sample_indices  # noqa: E402
 
 
@@ -78,7 +79,8 @@ def run_hand(model, tokenizer, config, examples, log_path: Path) -> float:
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     start = time.perf_counter()
     for step in range(train.steps_per_task):
-        idx = sample_indices(len(examples), train.seed, step * train.batch_size, train.batch_size)
+        idx = sample_indices(len(examples), derive_seed(train.seed, Stream.DATA_ORDER, 0), step * train.batch_size,
+                             train.batch_size)  # the order retain's loop reads task 0 in
         batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
         loss = model(**batch).loss
         loss.backward()
