@@ -10,12 +10,16 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retain.errors import ConfigError
+from retain.io import check_safe_name
+
+#: A name that becomes a file or folder name (``retain.io.unsafe_name_problem`` says what is allowed).
+SafeName = Annotated[str, AfterValidator(check_safe_name)]
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "load_config_dict"]  # ConfigError re-exported for old imports
 
@@ -87,7 +91,7 @@ class DataConfig(StrictModel):
 
 
 class TaskConfig(StrictModel):
-    name: str = Field(description="Task name, used in logs, outputs and the accuracy matrix.")
+    name: SafeName = Field(description="Task name, used in logs, outputs (a folder name) and the accuracy matrix.")
     data: DataConfig
     steps: int | None = Field(None, gt=0, description="Optimizer steps for this task; default train.steps_per_task.")
 
@@ -216,9 +220,9 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _unique_task_names(self) -> "RunConfig":
         names = [t.name for t in self.tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            where = " and ".join(f"tasks[{i}].name" for i, n in enumerate(names) if n == name)
+            raise ValueError(f"task names must be unique: {where} are both '{name}'")
         return self
 
     def steps_for(self, task: TaskConfig) -> int:
@@ -289,8 +293,10 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], source:
             lines.append(f"unknown key '{path}'{extra}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{path}'")
+        elif not path:  # a check across keys: its message names the keys itself
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"'{path}': {str(e['msg']).removeprefix('Value error, ')} (got {e.get('input')!r})")
     return ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(lines))
 
 

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -20,6 +21,59 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 from retain.errors import OutputError, RetainError, os_error_of, output_error
+
+
+#: Longest name that may become a file or folder name (task folders add a prefix; file systems allow 255 bytes).
+SAFE_NAME_MAX = 100
+_SAFE_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]")
+SAFE_NAME_RULE = f"letters, digits, '.', '_' and '-', no leading dot, at most {SAFE_NAME_MAX} characters"
+
+
+def unsafe_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used as one file or folder name, or None when it can.
+
+    Names users choose (tasks, bench items) become folder names; a separator or ``..`` would write
+    outside the run folder, a leading dot would hide the folder, other characters break shells and
+    file systems.
+    """
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if name.startswith("."):
+        return "it starts with a dot"
+    if len(name) > SAFE_NAME_MAX:
+        return f"it is {len(name)} characters long"
+    bad = sorted({ch for ch in name if not _SAFE_NAME_CHARS.fullmatch(ch)})
+    if bad:
+        return "it contains " + " ".join(repr(ch) for ch in bad[:5])
+    return None
+
+
+def check_safe_name(name: str) -> str:
+    """``name`` unchanged, or a ``ValueError`` saying why it cannot become a folder name (a pydantic
+    validator: the config error then names the key path, e.g. ``tasks[0].name``)."""
+    problem = unsafe_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"cannot be used as a folder name: {problem}; use {SAFE_NAME_RULE}")
+    return name
+
+
+def inside(root: str | os.PathLike[str], *parts: str) -> Path:
+    """``root / parts...``, refused with an ``OutputError`` when the result would lie outside ``root``.
+
+    Every path built from a name goes through this, so a name that slipped past validation can never
+    replace a file outside the folder it belongs to. The check is on the written path (``..`` and
+    absolute parts), not on links the user made inside the folder on purpose.
+    """
+    base = Path(os.path.abspath(root))
+    target = Path(os.path.normpath(base.joinpath(*parts)))
+    if target == base or not target.is_relative_to(base):
+        raise OutputError(
+            f"refusing to write {Path(root).joinpath(*parts)}: it is not inside {root}, the folder it belongs to",
+            hint=f"names that become paths must be plain names: {SAFE_NAME_RULE}",
+        )
+    return Path(root).joinpath(*parts)
 
 
 def default_cache_dir() -> Path:

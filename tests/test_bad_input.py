@@ -260,6 +260,21 @@ ROWS: dict[str, Any] = {
         lambda c: ["train", c.train_config(model=c.tmp / "no-model", strategies="[{name: lora, rr: 4}]")], ["{tmp}/run.yaml", "rr"]
     ),
     "train-config-not-found": Row(lambda c: ["train", c.tmp / "nope.yaml"], ["{tmp}/nope.yaml", "not found"]),
+    "train-task-name-climbs-out": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=../../victim"],
+        ["'tasks[0].name'", "path separator"],
+    ),
+    "train-task-name-nested": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=legal/contracts"],
+        ["'tasks[0].name'", "folder name"],
+    ),
+    "train-task-name-hidden": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=.."], ["'tasks[0].name'", "starts with a dot"]
+    ),
+    "train-task-names-repeated": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[1]={name: t, data: {path: x.jsonl}}"],
+        ["tasks[0].name and tasks[1].name are both 't'"],
+    ),
     "train-model-not-found": Row(lambda c: ["train", c.train_config(model=c.tmp / "no-model")], ["{tmp}/no-model does not exist"]),
     # ---- the output folder
     "train-output-under-a-file": Row(

@@ -9,6 +9,7 @@ item that has that parameter). Settings shared by all items come from a YAML fil
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from rich.console import Console
 from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
 from retain.errors import ConfigError, GateError, RetainError
 from retain.eval.budget import budget_problems
-from retain.io import empty_folder, prepare_output, refuse_inputs
+from retain.io import SAFE_NAME_MAX, check_safe_name, empty_folder, inside, prepare_output, refuse_inputs
 from retain.results.aggregate import aggregate_seeds
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
@@ -79,7 +80,12 @@ def read_bench_config(path: Path) -> dict[str, Any]:
 
 
 def run_directory_name(item: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", item)
+    """The folder name of a bench item's run (``full+ewc@ewc.lambda_=100`` -> ``full_ewc_ewc.lambda_100``):
+    a safe name (``retain.io.unsafe_name_problem``); a long item keeps its start and a hash of the whole."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.strip()).lstrip(".") or "item"
+    if len(name) > SAFE_NAME_MAX:
+        name = f"{name[: SAFE_NAME_MAX - 13]}-{hashlib.sha256(item.encode()).hexdigest()[:12]}"
+    return check_safe_name(name)
 
 
 def build_run_config(
@@ -106,7 +112,7 @@ def build_run_config(
         "general_data": scenario.general_data.model_dump(mode="json") if scenario.general_data else None,
         "train": train,
         "checkpoint": {"every": 0},
-        "output": {"dir": str(out / "runs" / run_directory_name(item) / (f"seed-{seed}" if seed_folder else "")).rstrip("/"),
+        "output": {"dir": str(inside(out, "runs", run_directory_name(item), *([f"seed-{seed}"] if seed_folder else []))),
                    "save_per_task": False},
     }
     source = f"bench item '{item}'"

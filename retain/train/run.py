@@ -25,10 +25,10 @@ from torch import nn
 
 from retain.config import RunConfig, load_config
 from retain.errors import ConfigError
-from retain.io import atomic_write_text, default_cache_dir
+from retain.io import atomic_write_text, default_cache_dir, inside
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
-from retain.models.tasks import export_task_choices
+from retain.models.tasks import export_task_choices, task_folder_name
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
@@ -316,7 +316,7 @@ class FineTune:
         ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
         if config.output.save_per_task and accelerator.is_main_process:
             save_model_dir(
-                accelerator.unwrap_model(self.model), self.tokenizer, self.run_dir / "tasks" / f"{task.index:02d}-{task.name}",
+                accelerator.unwrap_model(self.model), self.tokenizer, inside(self.run_dir, "tasks", task_folder_name(task.index, task.name)),
                 as_full_model=hybrid.modifies_frozen_weights,
             )
         self.decision = first_stop([p.on_task_end(self.model, ctx, task, stats) for p in self.participants])
