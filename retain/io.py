@@ -76,6 +76,16 @@ def inside(root: str | os.PathLike[str], *parts: str) -> Path:
     return Path(root).joinpath(*parts)
 
 
+#: The lock file of a folder a command is writing (``retain.io_lock``); never counted as its content.
+LOCK_FILE = ".retain.lock"
+
+
+def folder_entries(folder: str | os.PathLike[str]) -> list[Path]:
+    """What ``folder`` holds, sorted, without its lock file (a folder holding only a lock is empty)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+
+
 def default_cache_dir() -> Path:
     """``$RETAIN_CACHE_DIR`` or ``~/.cache/retain``: base-model imports, eval scores, statistics."""
     return Path(os.environ.get("RETAIN_CACHE_DIR") or Path.home() / ".cache" / "retain").expanduser()
@@ -192,8 +202,8 @@ def prepare_output(
     if kind == "folder":
         if target.exists() and not target.is_dir():
             raise OutputError(f"cannot write {what} {target}: it is a file, not a folder", hint=f"choose another {what}")
-        if target.is_dir() and not overwrite and any(target.iterdir()):
-            names = sorted(p.name for p in target.iterdir())
+        if target.is_dir() and not overwrite and folder_entries(target):
+            names = [p.name for p in folder_entries(target)]
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise OutputError(
                 f"{what} {target} is not empty (it holds {shown}); retain does not replace it unless asked",
@@ -213,10 +223,11 @@ def prepare_output(
 
 
 def empty_folder(folder: str | os.PathLike[str]) -> None:
-    """Delete everything inside ``folder`` (what ``--overwrite`` replaces); links are removed, not followed."""
+    """Delete everything inside ``folder`` (what ``--overwrite`` replaces) but its lock; links are removed,
+    not followed."""
     folder = Path(folder)
     with output_errors(folder, "empty"):
-        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        for entry in folder_entries(folder):
             try:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -315,6 +326,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
         with output_errors(final):
             fsync_dir(tmp)
             if final.exists():
+                if (final / LOCK_FILE).is_file():  # the folder stays locked: its lock moves into the new one
+                    os.replace(final / LOCK_FILE, tmp / LOCK_FILE)
                 old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
                 os.replace(final, old / final.name)
                 os.replace(tmp, final)

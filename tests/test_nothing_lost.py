@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,77 @@ def test_bench_items_become_safe_folder_names() -> None:
         name = run_directory_name(item)
         assert unsafe_name_problem(name) is None, (item, name)
     assert run_directory_name("full+replay@replay.ratio=0.25") == "full_replay_replay.ratio_0.25"
+
+
+# --------------------------------------------------------------------------------------------
+# 2. One writer per run folder
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_second_train_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(
+    tiny_model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    from retain.io_lock import LOCK_FILE, FolderLock
+
+    config = write_run(tmp_path, tiny_model_dir, text_file)
+    run_dir = tmp_path / "runs" / "v"
+    with FolderLock(run_dir, "retain train"):  # a live writer (this process)
+        refused = retain("train", config, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"is in use by retain train (pid {os.getpid()} on {socket.gethostname()}, started " in refused.stderr
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / LOCK_FILE).exists()
+
+    (run_dir / LOCK_FILE).write_text(json.dumps({"command": "retain train", "pid": _dead_pid(), "host": socket.gethostname(),
+                                                 "started": 0}))
+    taken = retain("train", config, cwd=tmp_path)
+    assert taken.returncode == 0, taken.stderr
+    assert "warning:" in taken.stderr and "taking over the lock of retain train (pid" in taken.stderr, taken.stderr
+    assert not (run_dir / LOCK_FILE).exists()  # released on exit
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')  # fails after the lock was taken
+    failed = retain("train", config, "--set", "output.dir=runs/w", "--set", f"tasks[0].data.path={tmp_path / 'bad.jsonl'}", cwd=tmp_path)
+    assert failed.returncode == 2 and "malformed JSON" in failed.stderr, failed.stderr
+    assert (tmp_path / "runs" / "w" / "config.yaml").is_file() and not (tmp_path / "runs" / "w" / LOCK_FILE).exists()
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path: Path) -> None:
+    from retain.errors import StateError
+    from retain.io_lock import LOCK_FILE, FolderLock
+
+    tmp_path.joinpath(LOCK_FILE).write_text(json.dumps({"command": "retain bench", "pid": 1, "host": "elsewhere", "started": 0}))
+    with pytest.raises(StateError, match="in use by retain bench .pid 1 on elsewhere") as refused:
+        FolderLock(tmp_path, "retain train").acquire()
+    assert refused.value.hint and "delete" in refused.value.hint
+
+
+def test_merge_and_bench_hold_their_out_folder(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from retain.cli import app
+    from retain.config import DataConfig, TaskConfig
+    from retain.errors import StateError
+    from retain.eval.suite import SuiteConfig
+    from retain.eval.tasks import LossEval
+    from retain.io_lock import FolderLock
+    from retain.scenarios.base import Scenario
+    from retain.scenarios.bench import run_bench
+
+    out = tmp_path / "merged"
+    with FolderLock(out, "retain merge"):
+        result = CliRunner().invoke(app, ["merge", str(tiny_model_dir), str(tiny_model_dir), "--out", str(out)],
+                                    env={"RETAIN_DEBUG": ""})
+    assert result.exit_code == 2 and f"is in use by retain merge (pid {os.getpid()}" in result.output, result.output
+    scenario = Scenario(
+        name="tiny", base_model=str(tiny_model_dir),
+        tasks=[TaskConfig(name="t", data=DataConfig(path=str(text_file), max_length=16))],
+        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(text_file), max_length=16), max_examples=2)]),
+        general_data=None, train={"steps_per_task": 1, "batch_size": 2},
+    )
+    with FolderLock(tmp_path / "bench", "retain bench tiny"), pytest.raises(StateError, match="in use by retain bench tiny"):
+        run_bench(scenario, ["full"], out=tmp_path / "bench", progress=False)

@@ -19,8 +19,9 @@ from rich.console import Console
 
 from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
 from retain.errors import ConfigError, GateError, RetainError
+from retain.io_lock import writing_to
 from retain.eval.budget import budget_problems
-from retain.io import SAFE_NAME_MAX, check_safe_name, empty_folder, inside, prepare_output, refuse_inputs
+from retain.io import SAFE_NAME_MAX, check_safe_name, empty_folder, folder_entries, inside, prepare_output, refuse_inputs
 from retain.results.aggregate import aggregate_seeds
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
@@ -134,7 +135,7 @@ def holds_only_earlier_results(out: Path, scenario: str) -> bool:
     folder with something else in it still needs ``--overwrite``."""
     if not out.is_dir() or not (out / "results.json").is_file():
         return False
-    if not {p.name for p in out.iterdir()} <= BENCH_OUTPUTS:
+    if not {p.name for p in folder_entries(out)} <= BENCH_OUTPUTS:
         return False
     try:
         return Results.load(out / "results.json").scenario == scenario
@@ -180,11 +181,6 @@ def run_bench(
     ``runs/<item>/seed-<s>``, and add each item's mean and interval over seeds and report items.
     ``resume``: keep the runs of an earlier call into ``out`` that finished with the same config.
     """
-    from retain.eval.runner import SuiteObserver
-    from retain.report.html import write_report
-    from retain.report.markdown import print_budget, print_score_changes, print_summary
-    from retain.train import finetune
-
     console = console or Console()
     out = Path(out)
     early_inputs = [str(p) for p in (data_dir, config_file) if p is not None]
@@ -201,7 +197,7 @@ def run_bench(
     if repeated:
         raise ConfigError(f"strategy items share a run folder name ({', '.join(repeated)}): list each item once")
     seeds = list(seeds) if seeds else [seed]
-    configs = {
+    configs: dict[tuple[str, int], Any] = {
         (item, s): build_run_config(
             scenario, item, out, steps=steps, seed=s, shared=shared, train_overrides=file_settings.get("train") or {},
             overrides=overrides, progress=progress, seed_folder=len(seeds) > 1,
@@ -209,13 +205,29 @@ def run_bench(
         for item in items
         for s in seeds
     }  # every item validated before the first one trains
+    inputs = [*early_inputs, *scenario.inputs, scenario.base_model]
+    with writing_to(out, f"retain bench {scenario.name}", inputs=inputs):
+        return _train_items(scenario, configs, out, inputs=inputs, seeds=seeds, console=console, progress=progress,
+                            overwrite=overwrite, resume=resume)
+
+
+def _train_items(
+    scenario: Scenario, configs: dict[tuple[str, int], Any], out: Path, *, inputs: list[str], seeds: list[int],
+    console: Console, progress: bool, overwrite: bool, resume: bool,
+) -> Results:
+    """Train the validated items into ``out`` (whose lock the caller holds); results, report and tables."""
+    from retain.eval.runner import SuiteObserver
+    from retain.report.html import write_report
+    from retain.report.markdown import print_budget, print_score_changes, print_summary
+    from retain.train import finetune
+
     if resume and holds_only_earlier_results(out, scenario.name):
         console.print(f"resuming the {scenario.name} bench in {out}: finished runs with the same config are kept")
     elif not overwrite and holds_only_earlier_results(out, scenario.name):
         console.print(f"replacing the earlier {scenario.name} results in {out} (a folder this command wrote)")
         overwrite = True
     resuming = resume and holds_only_earlier_results(out, scenario.name)
-    prepare_output(out, overwrite=overwrite or resuming, inputs=[*early_inputs, *scenario.inputs, scenario.base_model])
+    prepare_output(out, overwrite=overwrite or resuming, inputs=inputs)
     if overwrite and not resuming:
         empty_folder(out)
     runs: list[StrategyRun] = []

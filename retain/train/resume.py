@@ -32,7 +32,7 @@ import yaml
 
 from retain.config import RunConfig, load_config_dict
 from retain.errors import ConfigError, OutputError, RetainError, StateError
-from retain.io import empty_folder, ensure_dir, refuse_inputs
+from retain.io import empty_folder, ensure_dir, folder_entries, refuse_inputs
 
 RESUMABLE_KEYS = (
     "train.lr",
@@ -136,10 +136,6 @@ def check_resume_changes(run_dir: Path, config: RunConfig) -> list[Change]:
 # The run folder
 
 
-def _entries(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
 def is_run_folder(folder: Path) -> bool:
     """A folder retain's ``train`` wrote (its ``config.yaml`` beside ``checkpoints/`` or nothing else of note)."""
     return (folder / "config.yaml").is_file() or (folder / "checkpoints").is_dir()
@@ -159,7 +155,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, has_checkpoin
                           hint="choose another output.dir (e.g. --set output.dir=runs/new)")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite starts it again from scratch: pass one")
-    entries = _entries(run_dir)
+    entries = folder_entries(run_dir)
     if overwrite and entries:
         empty_folder(run_dir)
         entries = []

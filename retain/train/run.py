@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from torch import nn
 from retain.config import RunConfig, load_config
 from retain.errors import ConfigError
 from retain.io import atomic_write_text, default_cache_dir, inside
+from retain.io_lock import writing_to
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
 from retain.models.tasks import export_task_choices, task_folder_name
@@ -139,13 +141,16 @@ def _prepare_run_dir(
 
 def _prepare_run_dir_once(
     accelerator: Any, config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool, inputs: list[str],
-    console: Console | None,
+    console: Console | None, held: ExitStack | None = None,
 ) -> ckpt.LoadedCheckpoint | None:
-    """The run folder's rules applied by the main process; every process then reads the same checkpoint."""
+    """The run folder's rules applied by the main process; every process then reads the same checkpoint.
+    The main process takes the folder's lock into ``held`` first (one writer per run folder)."""
     loaded: ckpt.LoadedCheckpoint | None = None
 
     def prepare() -> str | None:
         nonlocal loaded
+        if held is not None:
+            held.enter_context(writing_to(run_dir, "retain train", inputs=inputs, what="output.dir"))
         loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console)
         return None if loaded is None else str(loaded.path)
 
@@ -182,6 +187,7 @@ class FineTune:
         self.console = console
         self.stop = StopRequest()
         self.decision: Decision = GO_ON
+        self.held = ExitStack()  # the run folder's lock, released when the run ends however it ends
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -213,7 +219,7 @@ class FineTune:
         self.participants = [p for p in (observer, budget) if p is not None]
         self.loaded = _prepare_run_dir_once(
             self.accelerator, config, self.run_dir, resume, overwrite=overwrite,
-            inputs=run_inputs(config, self.observer), console=self.console,
+            inputs=run_inputs(config, self.observer), console=self.console, held=self.held,
         )
         if config.train.trackers:
             self.accelerator.init_trackers("retain", config=_flat_hparams(config))
@@ -415,10 +421,11 @@ def finetune(
     step and raises :class:`~retain.train.interrupt.TrainingInterrupted`.
     """
     recipe = FineTune(config, observer=observer, console=console)
-    recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
-    start = recipe.restore()
-    task_stats = recipe.train_tasks(start)
-    outcome = recipe.export(task_stats)
+    with recipe.held:
+        recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
+        start = recipe.restore()
+        task_stats = recipe.train_tasks(start)
+        outcome = recipe.export(task_stats)
     if recipe.decision.stop is not None:  # a participant ended the run (a budget's on_exhausted: stop)
         raise recipe.decision.stop
     return outcome
