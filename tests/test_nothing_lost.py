@@ -148,3 +148,35 @@ def test_merge_and_bench_hold_their_out_folder(tiny_model_dir: Path, text_file: 
     )
     with FolderLock(tmp_path / "bench", "retain bench tiny"), pytest.raises(StateError, match="in use by retain bench tiny"):
         run_bench(scenario, ["full"], out=tmp_path / "bench", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. SIGTERM (docker stop, Kubernetes, Slurm preemption) is Ctrl-C with exit 143
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_step_and_prints_the_resume_command(
+    signum: int, code: int, word: str, tiny_model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    from retain.io_lock import LOCK_FILE
+
+    config = write_run(tmp_path, tiny_model_dir, text_file, steps=100_000)
+    run_dir = tmp_path / "runs" / "v"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RETAIN_DEBUG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "retain", "train", str(config)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr[-2000:]
+    assert "saving a checkpoint of the last completed step" in stdout, stdout
+    (line,) = [line for line in stderr.splitlines() if line.startswith(word)]
+    assert "Traceback" not in stderr and line.endswith(f"continue with: retain train {config} --resume"), line
+    step = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert f"after step {step} of 100000" in line and (run_dir / "checkpoints" / f"step-{step:08d}-task00").is_dir()
+    assert not (run_dir / LOCK_FILE).exists()

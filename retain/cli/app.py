@@ -4,7 +4,7 @@ Every command is wrapped by :func:`command`: a :class:`~retain.errors.RetainErro
 ``error: <what and where>`` and at most one hint line, then exits with the error's code; Ctrl-C exits
 130 with one ``interrupted: ...`` line (``retain train`` says where it stopped and the command that
 continues the run). An ``OSError`` of the machine (disk full, file-size limit, permission) that some write path left
-unwrapped is reported like an ``OutputError`` (exit 2). Any other exception is a bug in retain: one
+unwrapped is reported like an ``OutputError`` (exit 2). SIGTERM is handled like Ctrl-C (exit 143, one ``terminated: ...`` line). Any other exception is a bug in retain: one
 line says so and where the full traceback was written (exit 70).
 ``retain --debug ...`` (or ``RETAIN_DEBUG=1``) lets every exception through with its traceback.
 """
@@ -14,8 +14,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -25,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from retain.errors import EXIT_INTERRUPTED, RetainError, environment_error
+from retain.errors import EXIT_INTERRUPTED, RetainError, environment_error, raise_interrupted
 
 EXIT_BUG = 70  # EX_SOFTWARE: an internal error, not the user's
 
@@ -84,8 +86,9 @@ def command(function: F) -> F:
             if debug_enabled():
                 raise
             said = str(err)  # a command may say where it stopped and how to continue (retain train)
-            err_console.print(f"interrupted: {escape(said)}" if said else "interrupted", soft_wrap=True, highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED)
+            word = getattr(err, "word", "interrupted")  # SIGTERM: "terminated", exit 143
+            err_console.print(f"{word}: {escape(said)}" if said else word, soft_wrap=True, highlight=False)
+            raise typer.Exit(getattr(err, "exit_code", EXIT_INTERRUPTED))
         except Exception as err:  # noqa: BLE001 - the one place that reports bugs
             if debug_enabled():
                 raise
@@ -145,5 +148,7 @@ def root(
     """Fine-tune causal LMs on new skills without catastrophic forgetting, and measure what they still know."""
     if debug:
         os.environ["RETAIN_DEBUG"] = "1"
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (docker stop, Slurm) ends a command like Ctrl-C
+        signal.signal(signal.SIGTERM, raise_interrupted)
     quiet_libraries()
     show_warnings()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shlex
+import signal
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from retain.cli.app import SetOption, app, command, console
+from retain.errors import Interrupted
 
 
 def resume_command(config: Path, sets: list[str], merge: bool) -> str:
@@ -50,9 +52,9 @@ def train(
     try:
         outcome = finetune(run_config, resume=resume, overwrite=overwrite, observer=observer, console=console)
     except TrainingInterrupted as stop:
-        raise KeyboardInterrupt(f"{stop}; continue with: {again}") from None
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the last checkpoint is kept; continue with: {again}") from None
+        raise Interrupted(f"{stop}; continue with: {again}", stop.signum) from None
+    except KeyboardInterrupt as stop:
+        raise Interrupted(f"the last checkpoint is kept; continue with: {again}", getattr(stop, "signum", signal.SIGINT)) from None
     if not outcome.is_main_process:
         return  # with several processes the main one reports and writes results.json
     console.print(f"[green]done[/]: model written to {outcome.final_dir}")

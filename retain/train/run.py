@@ -354,12 +354,12 @@ class FineTune:
         return False
 
     def stop_here(self, position: ckpt.Position, optimizer: Any, scheduler: Any, saved: Path | None) -> None:
-        """Ctrl-C: checkpoint the step just completed (a second Ctrl-C skips that) and stop."""
+        """Ctrl-C or SIGTERM: checkpoint the step just completed (a second signal skips that) and stop."""
         if saved is None:  # after a task's last step too: resuming there runs the task's end (outputs, evaluation)
             if self.accelerator.is_main_process:
-                console_print(self.console, "interrupted: saving a checkpoint of the last completed step (Ctrl-C again to skip it)")
+                console_print(self.console, self.stop.saving_note())
             saved = self.save_checkpoint(position, optimizer, scheduler)
-        raise TrainingInterrupted(describe_position(position, self.tasks), saved)
+        raise TrainingInterrupted(describe_position(position, self.tasks), saved, self.stop.signum)
 
     def save_checkpoint(self, position: ckpt.Position, optimizer: Any = None, scheduler: Any = None) -> Path:
         """Everything needed to resume at ``position``; optimizer state only mid-task (a task starts fresh)."""
