@@ -180,3 +180,29 @@ def test_a_signal_checkpoints_the_step_and_prints_the_resume_command(
     step = json.loads(log.read_text().splitlines()[-1])["step"]
     assert f"after step {step} of 100000" in line and (run_dir / "checkpoints" / f"step-{step:08d}-task00").is_dir()
     assert not (run_dir / LOCK_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. --resume refuses changed data
+
+
+def test_resume_refuses_changed_data_unless_asked(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """The issue's reproduction: the data file was cut between the runs and the resume went on silently."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(text_file.read_text())
+    config = write_run(tmp_path, tiny_model_dir, data, steps=4, extra="checkpoint: {every: 2, keep: 3}\n")
+    run_dir = tmp_path / "runs" / "v"
+    assert retain("train", config, cwd=tmp_path).returncode == 0
+    recorded = json.loads((run_dir / "inputs.json").read_text())["files"]
+    assert list(recorded) == [str(data)]
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004-task01")  # as if killed after step 2
+    data.write_text("".join(text_file.read_text().splitlines(keepends=True)[:30]))
+    refused = retain("train", config, "--resume", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"error: --resume refused: {data} changed since the run in " in refused.stderr
+    assert "--allow-changed-data" in refused.stderr
+    allowed = retain("train", config, "--resume", "--allow-changed-data", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert f"warning: resuming on changed input data (--allow-changed-data): {data}" in allowed.stderr
+    record = json.loads((run_dir / "inputs.json").read_text())
+    assert record["files"][str(data)] != recorded[str(data)] and record["allowed_changes"][0]["files"] == [str(data)]

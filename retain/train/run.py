@@ -56,7 +56,7 @@ from retain.train.processes import (
     process_group_kwargs,
 )
 from retain.train.progress import TaskProgress, console_print
-from retain.train.resume import check_resume_changes, check_run_dir
+from retain.train.resume import check_input_fingerprints, check_resume_changes, check_run_dir
 
 log = logging.getLogger("retain")
 
@@ -123,25 +123,26 @@ def run_inputs(config: RunConfig, observer: RunObserver | None = None) -> list[s
 
 def _prepare_run_dir(
     config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool = False, inputs: list[str] | None = None,
-    console: Console | None = None,
+    console: Console | None = None, allow_changed_data: bool = False,
 ) -> ckpt.LoadedCheckpoint | None:
     """Apply the run folder's rules (``retain.train.resume``), check what --resume changes, record the
     config, and read the checkpoint to resume from."""
     latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=latest is not None,
-                  inputs=inputs if inputs is not None else config.input_paths())
+    inputs = inputs if inputs is not None else config.input_paths()
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=latest is not None, inputs=inputs)
     latest = None if overwrite else latest
     if resume and latest is None:
         console_print(console, f"nothing to resume in {run_dir} (no checkpoint yet): starting from the beginning")
     for change in check_resume_changes(run_dir, config) if latest is not None else []:
         console_print(console, f"resume with a changed key: {change}")
+    check_input_fingerprints(run_dir, config, inputs, resuming=latest is not None, allow_changed=allow_changed_data)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
 def _prepare_run_dir_once(
     accelerator: Any, config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool, inputs: list[str],
-    console: Console | None, held: ExitStack | None = None,
+    console: Console | None, held: ExitStack | None = None, allow_changed_data: bool = False,
 ) -> ckpt.LoadedCheckpoint | None:
     """The run folder's rules applied by the main process; every process then reads the same checkpoint.
     The main process takes the folder's lock into ``held`` first (one writer per run folder)."""
@@ -151,7 +152,8 @@ def _prepare_run_dir_once(
         nonlocal loaded
         if held is not None:
             held.enter_context(writing_to(run_dir, "retain train", inputs=inputs, what="output.dir"))
-        loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console)
+        loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console,
+                                  allow_changed_data=allow_changed_data)
         return None if loaded is None else str(loaded.path)
 
     path = on_main_process(accelerator, prepare)
@@ -191,7 +193,8 @@ class FineTune:
 
     # -- setup --------------------------------------------------------------------------------
 
-    def setup(self, *, resume: bool, overwrite: bool = False, model: nn.Module | None = None, tokenizer: Any = None) -> None:
+    def setup(self, *, resume: bool, overwrite: bool = False, model: nn.Module | None = None, tokenizer: Any = None,
+              allow_changed_data: bool = False) -> None:
         """Validate, prepare the run folder, load model and data, and let strategies wrap the model."""
         from accelerate import Accelerator
 
@@ -220,6 +223,7 @@ class FineTune:
         self.loaded = _prepare_run_dir_once(
             self.accelerator, config, self.run_dir, resume, overwrite=overwrite,
             inputs=run_inputs(config, self.observer), console=self.console, held=self.held,
+            allow_changed_data=allow_changed_data,
         )
         if config.train.trackers:
             self.accelerator.init_trackers("retain", config=_flat_hparams(config))
@@ -412,17 +416,19 @@ def finetune(
     console: Console | None = None,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    allow_changed_data: bool = False,
 ) -> RunOutcome:
     """Train ``config.tasks`` in order with ``config.strategies``; resume exactly from the last checkpoint.
 
     ``model``/``tokenizer`` may be passed in memory (tests, benchmarks); otherwise they are loaded from
     ``config.model``. ``overwrite`` empties an ``output.dir`` that holds an earlier run or other files
     (never one that holds an input of the run). Ctrl-C during training checkpoints the last completed
-    step and raises :class:`~retain.train.interrupt.TrainingInterrupted`.
+    step and raises :class:`~retain.train.interrupt.TrainingInterrupted`. ``allow_changed_data``: resume
+    although an input's content changed since the run started (recorded in ``inputs.json``).
     """
     recipe = FineTune(config, observer=observer, console=console)
     with recipe.held:
-        recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
+        recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer, allow_changed_data=allow_changed_data)
         start = recipe.restore()
         task_stats = recipe.train_tasks(start)
         outcome = recipe.export(task_stats)
