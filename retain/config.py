@@ -21,7 +21,62 @@ from retain.io import check_safe_name
 #: A name that becomes a file or folder name (``retain.io.unsafe_name_problem`` says what is allowed).
 SafeName = Annotated[str, AfterValidator(check_safe_name)]
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_dict"]  # ConfigError re-exported for old imports
+__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_dict", "read_yaml"]  # ConfigError re-exported for old imports
+
+
+# --------------------------------------------------------------------------------------------
+# Reading YAML: one loader for every file a user writes
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names a key twice (YAML would silently keep the second value)."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(problem=f"key {key!r} appears twice (lines {first} and {second})")
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key: two ``train:`` blocks silently became the second
+    one (batch 2 -> 8). Keys brought in by a ``<<`` merge may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in ``path`` (``what``: "run YAML", "bench config", ...); every problem is a
+    ``ConfigError`` naming the file, and the line where YAML can tell."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"{path}: key {err.key!r} appears twice (lines {err.first} and {err.second}); YAML would silently keep "
+            "only the second", hint="keep one of them (merge their contents into one block)",
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err}); save the {what} as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read as a {what}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
 class StrictModel(BaseModel):
@@ -472,18 +527,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}. Pass the path to a run YAML (see README 'Config').")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 ({err}); save the run YAML as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the run YAML ({err.strerror or err})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to read as a run YAML") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    data = read_yaml(path, "run YAML") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys model, tasks, strategies, train, ...")
     data = dict(data)

@@ -260,6 +260,14 @@ ROWS: dict[str, Any] = {
         lambda c: ["train", c.train_config(model=c.tmp / "no-model", strategies="[{name: lora, rr: 4}]")], ["{tmp}/run.yaml", "rr"]
     ),
     "train-config-not-found": Row(lambda c: ["train", c.tmp / "nope.yaml"], ["{tmp}/nope.yaml", "not found"]),
+    "train-duplicate-yaml-key": Row(
+        lambda c: ["train", c.file("run.yaml", c.train_config(model=c.tmp / "no-model").read_text() + "train: {batch_size: 8}\n")],
+        ["{tmp}/run.yaml", "key 'train' appears twice (lines 4 and 6)"],
+    ),
+    "train-duplicate-nested-yaml-key": Row(
+        lambda c: ["train", c.file("run.yaml", f"model: {{name_or_path: x}}\ntasks:\n  - name: t\n    data: {{path: a.jsonl}}\n    name: u\n")],
+        ["{tmp}/run.yaml", "key 'name' appears twice (lines 3 and 5)"],
+    ),
     "train-task-name-climbs-out": Row(
         lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=../../victim"],
         ["'tasks[0].name'", "path separator"],

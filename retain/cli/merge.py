@@ -33,18 +33,18 @@ def run_dir_of(tuned: str) -> Path | None:
 
 def run_suite_of(tuned: str) -> Path | None:
     """The eval suite named by the tuned run's config (``eval.suite``), if any."""
-    import yaml
+    from retain.config import read_yaml
 
     run_dir = run_dir_of(tuned)
     if run_dir is None:
         return None
     config_path = run_dir / "config.yaml"
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        config = read_yaml(config_path, "tuned run's config") or {}
         suite = ((config.get("eval") or {}) if isinstance(config, dict) else {}).get("suite")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as err:
+    except (ConfigError, AttributeError) as err:
         raise ConfigError(
-            f"{config_path}: cannot read the tuned run's config to find its eval suite ({type(err).__name__})",
+            f"{config_path}: cannot read the tuned run's config to find its eval suite ({err})",
             hint="pass --suite suite.yaml",
         ) from None
     return Path(suite) if suite else None

@@ -14,10 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
-from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
+from retain.config import load_config_dict, parse_override, parse_value, read_yaml, resolve_relative_paths
 from retain.errors import ConfigError, GateError, RetainError
 from retain.io_lock import writing_to
 from retain.eval.budget import budget_problems
@@ -67,10 +66,7 @@ def read_bench_config(path: Path) -> dict[str, Any]:
     """A ``--config`` YAML (``strategies: {name: {param: v}}``, ``train: {...}``); strategy paths (``data``,
     ``file``, ``reuse_dir``, ``output_dir``) resolve against its folder, as in a run YAML."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the bench config ({err})") from None
+    data = read_yaml(path, "bench config") or {}
     strategies = data.get("strategies") if isinstance(data, dict) else None
     if not isinstance(data, dict) or not isinstance(strategies or {}, dict) or not isinstance(data.get("train") or {}, dict):
         raise ConfigError(f"{path}: expected a mapping with strategies: {{name: {{param: value}}}} and train: {{...}}")

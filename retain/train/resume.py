@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 
-from retain.config import RunConfig, load_config_dict
+from retain.config import RunConfig, load_config_dict, read_yaml
 from retain.errors import ConfigError, OutputError, RetainError, StateError
 from retain.io import atomic_write_json, content_hash, empty_folder, ensure_dir, folder_entries, refuse_inputs
 
@@ -108,11 +107,11 @@ def recorded_config(run_dir: Path) -> RunConfig | None:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path, "recorded config")
         if not isinstance(data, dict):
             raise ConfigError("not a mapping")
         return load_config_dict(data, source=str(path))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RetainError) as err:
+    except RetainError as err:
         raise StateError(
             f"{path}: cannot read the config this run was started with ({err})",
             hint="resume with the retain version that started the run, or start a new output.dir",
