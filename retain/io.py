@@ -243,6 +243,43 @@ def _make_parent(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` allows (``os.umask`` has no getter)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(target: Path, folder: bool) -> int:
+    """The permissions a plain ``open()`` / ``mkdir`` would give ``target`` under the current umask, or the
+    mode of what it replaces. ``tempfile`` creates 0600 files and 0700 folders, which renamed into
+    place would lock everyone else (a service account loading the model) out."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def give_plain_modes(folder: Path) -> None:
+    """Everything inside a freshly written ``folder`` gets the modes of the umask (executable bits kept):
+    libraries (transformers' shard writer) stage files through ``tempfile`` too, and leave them 0600."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        wanted = (0o777 if path.is_dir() else 0o666 | (mode & 0o111)) & ~mask
+        if mode & 0o7777 != wanted:
+            os.chmod(path, wanted)
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -270,7 +307,8 @@ def fsync_dir(path: Path) -> None:
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    The file gets the mode a plain ``open()`` would give it (or the mode of the file it replaces).
+    The file gets the mode a plain ``open()`` would give it under the umask (or the mode of the file it
+    replaces), never tempfile's 0600.
     """
     target = Path(path)
     _make_parent(target)
@@ -282,7 +320,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         with output_errors(target):  # the caller's own writes: a full disk names the target
             yield tmp
         with output_errors(target):
-            os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+            os.chmod(tmp, plain_mode(target, folder=False))
             fsync_file(tmp)
             os.replace(tmp, target)
     finally:
@@ -314,7 +352,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
 
     A folder already at ``final`` is moved aside first and deleted after the rename, so at every
     moment either the old or the new folder is complete. On failure the temporary folder is removed
-    and ``final`` is untouched.
+    and ``final`` is untouched. The folder ends with the mode a plain ``mkdir`` would give it (or the
+    mode of the folder it replaces), never tempfile's 0700.
     """
     final = Path(final)
     _make_parent(final)
@@ -324,6 +363,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
         with output_errors(final):  # save_pretrained & co. inside the block: a full disk names the folder
             yield tmp
         with output_errors(final):
+            give_plain_modes(tmp)
+            os.chmod(tmp, plain_mode(final, folder=True))
             fsync_dir(tmp)
             if final.exists():
                 if (final / LOCK_FILE).is_file():  # the folder stays locked: its lock moves into the new one

@@ -206,3 +206,49 @@ def test_resume_refuses_changed_data_unless_asked(tiny_model_dir: Path, text_fil
     assert f"warning: resuming on changed input data (--allow-changed-data): {data}" in allowed.stderr
     record = json.loads((run_dir / "inputs.json").read_text())
     assert record["files"][str(data)] != recorded[str(data)] and record["allowed_changes"][0]["files"] == [str(data)]
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Written files get the permissions of the umask, not tempfile's 0600/0700
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in root.rglob("*") if not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_permissions_of_the_umask(umask: int, tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    config = write_run(tmp_path, tiny_model_dir, text_file)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RETAIN_DEBUG": ""}
+    done = subprocess.run([sys.executable, "-m", "retain", "train", str(config)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
+    assert done.returncode == 0, done.stderr
+    modes = _modes(tmp_path / "runs" / "v")
+    for name in ("final", "final/model.safetensors", "config.yaml", "inputs.json", "tasks/00-t", "tasks/00-t/config.json"):
+        assert name in modes, sorted(modes)
+    for name, mode in modes.items():
+        is_dir = (tmp_path / "runs" / "v" / name).is_dir()
+        assert mode == (0o777 if is_dir else 0o666) & ~umask, f"{name}: {oct(mode)}"
+
+
+def test_a_model_that_cannot_be_read_is_named_as_a_permission_problem(tiny_model_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run as root, where every file is readable: os.access answers as for another account."""
+    from typer.testing import CliRunner
+
+    from retain.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    from transformers import AutoModelForCausalLM
+
+    def load_fails(*args: object, **kwargs: object) -> None:  # what the issue saw for an unreadable file
+        raise OSError(f"No such file or directory: {model / 'model.safetensors'}")
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p).name != "model.safetensors" and real_access(p, mode, **kw))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_fails)
+    result = CliRunner().invoke(app, ["generate", str(model), "hello"], env={"RETAIN_DEBUG": ""})
+    assert result.exit_code == 2, result.output
+    assert f"permission denied reading {model / 'model.safetensors'}" in result.output, result.output
+
