@@ -289,7 +289,7 @@ ROWS: dict[str, Any] = {
         lambda c: ["train", c.train_config(out=c.file("taken", "x") / "run")], ["{tmp}/taken is a file, not a folder"]
     ),
     "train-output-read-only": Row(_read_only_run, ["{tmp}/locked/run", "permission denied"]),
-    "train-disk-full": Row(_full_disk_run, ["{tmp}/full/run/config.yaml", "no space left"]),
+    "train-disk-full": Row(_full_disk_run, ["{tmp}/full/run/inputs.json", "no space left"]),  # the first file a run writes
     "train-disk-full-while-training": Row(_full_disk_while_training, ["{tmp}/run/train_log.jsonl", "no space left"]),
     "train-file-size-limit": Row(
         lambda c: ["train", c.train_config()], ["{tmp}/run", "file too large"],
