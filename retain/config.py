@@ -138,6 +138,10 @@ class DataConfig(StrictModel):
     add_eos: bool = Field(True, description="Append EOS to each document/completion.")
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share, split by seed.")
     limit: int | None = Field(None, gt=0, description="Use at most this many records (after shuffling by seed).")
+    allow_longer_than_model: bool = Field(
+        False, description="Keep a max_length above the model's context (max_position_embeddings); otherwise it is "
+        "capped there with a warning.",
+    )
     truncation: Literal["keep_completion", "right", "left"] = Field(
         "keep_completion",
         description="How an example longer than max_length is cut: keep_completion removes the start of the prompt "
@@ -335,8 +339,21 @@ def closest_name(name: str, choices: list[str] | tuple[str, ...]) -> str | None:
     return max(prefixed, key=len) if prefixed else None
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel], source: str) -> ConfigError:
-    lines = []
+def _set_by(path: str, overrides: dict[str, str]) -> str | None:
+    """The ``--set`` item that wrote the value at ``path`` (or a section above it), if any."""
+    for key, item in overrides.items():
+        if path == key or path.startswith((key + ".", key + "[")):
+            return item
+    return None
+
+
+def format_validation_error(
+    err: ValidationError, root: type[BaseModel], source: str, overrides: list[str] | None = None
+) -> ConfigError:
+    """One line per problem, naming the key path; a value that came from ``--set`` is blamed on the
+    ``--set``, not on the YAML file that never held it."""
+    set_at = {_loc_to_path(tuple(parse_override(item)[0])): item for item in overrides or []}
+    lines, from_set = [], []
     for e in err.errors():
         loc = tuple(e["loc"])
         path = _loc_to_path(loc)
@@ -352,7 +369,12 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], source:
             lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"'{path}': {str(e['msg']).removeprefix('Value error, ')} (got {e.get('input')!r})")
-    return ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(lines))
+        item = _set_by(path, set_at) if path else None
+        from_set.append(item is not None)
+        if item is not None:
+            lines[-1] = f"--set {item}: {lines[-1]}"
+    where = "invalid --set value" if all(from_set) else f"invalid config in {source}"
+    return ConfigError(f"{where}:\n  " + "\n  ".join(lines))
 
 
 def parse_override(item: str) -> tuple[list[str | int], Any]:
@@ -453,7 +475,7 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, s
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise format_validation_error(err, RunConfig, source) from None
+        raise format_validation_error(err, RunConfig, source, overrides) from None
 
 
 # --------------------------------------------------------------------------------------------

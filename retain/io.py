@@ -121,6 +121,16 @@ def _refuse_file_in_the_way(folder: Path, what: str) -> None:
             )
 
 
+def first_missing_folder(folder: str | os.PathLike[str]) -> Path | None:
+    """The outermost folder on the way to ``folder`` that does not exist yet (what creating it makes), or None."""
+    missing = None
+    for candidate in (Path(folder), *Path(folder).parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
 def ensure_dir(folder: str | os.PathLike[str], purpose: str = "create the folder") -> Path:
     """Create ``folder`` (and its parents) and check that a file can be written in it; an
     ``OutputError`` names a file in the way, or the cause (permission, read-only, disk full).

@@ -252,3 +252,51 @@ def test_a_model_that_cannot_be_read_is_named_as_a_permission_problem(tiny_model
     assert result.exit_code == 2, result.output
     assert f"permission denied reading {model / 'model.safetensors'}" in result.output, result.output
 
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Smaller items, each as the issue reproduced it
+
+
+def test_windows_longer_than_the_model_are_capped_with_a_warning(tiny_model_dir: Path, pc_file: Path, tmp_path: Path) -> None:
+    """max_length: 100000 on a 256-token model; and a prompt/completion file with empty completions."""
+    data = tmp_path / "pc.jsonl"
+    rows = [json.loads(line) for line in pc_file.read_text().splitlines()]
+    rows[:3] = [{**row, "completion": ""} for row in rows[:3]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_run(tmp_path, tiny_model_dir, data, steps=1)
+    done = retain("train", config, "--set", "tasks[0].data.max_length=100000", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ("warning: tasks[0].data.max_length 100000 is longer than the model's context (256 tokens): capped at 256; "
+            "set tasks[0].data.allow_longer_than_model: true to keep it") in done.stderr, done.stderr
+    assert f"warning: {data}: 3 of 40 records have an empty 'completion'" in done.stderr, done.stderr
+    kept = retain("train", config, "--set", "tasks[0].data.max_length=300", "--set", "tasks[0].data.allow_longer_than_model=true",
+                  "--set", "output.dir=runs/w", cwd=tmp_path)
+    assert kept.returncode == 0 and "capped" not in kept.stderr, kept.stderr
+
+
+def test_small_cli_items(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from retain import __version__
+    from retain.cli import app
+
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"retain {__version__}"
+    # a bad --set is blamed on the --set, not on the YAML that never held it
+    config = tmp_path / "base.yaml"
+    config.write_text("model: {name_or_path: m}\ntasks: [{name: t, data: {path: d.jsonl}}]\n")
+    bad = runner.invoke(app, ["train", str(config), "--set", "train.lr=abc"], env={"RETAIN_DEBUG": ""})
+    assert bad.exit_code == 2 and "--set train.lr=abc" in bad.output and "base.yaml" not in bad.output, bad.output
+    # report --out into folders that do not exist yet: created, and said so
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"schema_version": "1.0", "base_model": "m", "runs": []}))
+    report = runner.invoke(app, ["report", str(results), "--out", str(tmp_path / "a" / "b" / "r.html")])
+    assert report.exit_code == 0 and f"created the folder {tmp_path / 'a'} for the report" in report.output, report.output
+    # a merge that fails leaves no --out behind
+    out = tmp_path / "merged"
+    merge = runner.invoke(app, ["merge", str(tiny_model_dir), str(tiny_model_dir), "--method", "ties", "--out", str(out)],
+                          env={"RETAIN_DEBUG": ""})
+    assert merge.exit_code == 2 and "--method ties" in merge.output, merge.output
+    assert not out.exists()

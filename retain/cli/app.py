@@ -141,9 +141,20 @@ def show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from retain import __version__
+
+        typer.echo(f"retain {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also RETAIN_DEBUG=1)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print retain's version and exit."
+    ),
 ) -> None:
     """Fine-tune causal LMs on new skills without catastrophic forgetting, and measure what they still know."""
     if debug:

@@ -35,7 +35,8 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    """``err`` on one line: its lines joined (a library's "from one of:" list is not cut after the colon)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -43,6 +44,10 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 def _looks_local(name: str) -> bool:
     """A path rather than a hub id ("org/name"): it exists, starts like a path, or has several folders."""
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+#: Files one of which a local tokenizer folder holds (fast, sentencepiece, BPE and WordPiece tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def unreadable_path(path: Path) -> Path | None:
@@ -68,6 +73,11 @@ def _explain_load_error(name: str, err: BaseException, what: str = "model") -> M
     if denied is not None:
         return ModelError(f"cannot load the {what} {name}: permission denied reading {denied}",
                           hint="ask its owner to make it readable (chmod -R a+rX), or copy it where you can read it")
+    if what == "tokenizer" and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return ModelError(
+            f"cannot load the tokenizer: {name} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})",
+            hint="copy the tokenizer files of its base model into that folder, or set model.tokenizer to the base model",
+        )
     if _looks_local(name) and not local.exists():
         return ModelError(f"cannot load the {what}: {name} does not exist", hint=hint)
     if local.is_dir() and what == "model" and not (local / "config.json").exists():

@@ -199,6 +199,7 @@ class FineTune:
         from accelerate import Accelerator
 
         from retain.data import ensure_pad_token
+        from retain.data.task import fit_to_model
         from retain.models.loading import check_quantized_training, load_model, prepare_for_training
 
         config = self.config
@@ -230,6 +231,7 @@ class FineTune:
         seed_everything(config.train.seed)
         if model is None:
             model, tokenizer = load_model(config.model)
+        config = self.config = fit_to_model(config, model)  # no window longer than the model's context
         self.tokenizer = ensure_pad_token(tokenizer)
         self.tasks = load_tasks(config, self.tokenizer)
         self.ctx = StrategyContext.for_run(config, self.accelerator, self.tokenizer, model, self.tasks, self.run_dir,
