@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
+from rich.columns import Columns
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 from retain.errors import EXIT_INTERRUPTED, RetainError, environment_error, raise_interrupted
 
@@ -37,6 +40,46 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+class _HelpTable(Table):
+    """typer's option tables, where nothing is cut: at 80 columns rich shrank every column alike and cut
+    option names (``--min-general-retenti…``) and defaults with an ellipsis. Option names keep their
+    width; the type and help columns wrap, and a word longer than its column folds onto the next line."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        if renderables and isinstance(renderables[-1], Columns) and all(isinstance(r, Text) for r in renderables[-1].renderables):
+            # the help, the default and "[required]" as one text, so it wraps (and folds) like one
+            renderables = (*renderables[:-1], Text(" ").join(renderables[-1].renderables))
+        super().add_row(*renderables, **kwargs)
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        if len(self.columns) >= 3:  # an options panel (the commands list has two columns and wraps already)
+            for column in self.columns[:-2]:
+                column.no_wrap = True
+            for column in self.columns:
+                column.overflow = "fold"
+        return super().__rich_console__(console, options)
+
+
+def _readable_help() -> None:
+    """typer's help panels, fixed where they misled: a flag is shown without a type (not ``--resume
+    <bool>``, as if it took a value), and no option name or default is cut at 80 columns."""
+    import typer.rich_utils
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "retain_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.retain_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    if getattr(typer.rich_utils, "Table", None) is Table:
+        typer.rich_utils.Table = _HelpTable  # type: ignore[misc]
+
+
+_readable_help()
 console = Console() if sys.stdout.isatty() else Console(width=220)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 10_000)
 
