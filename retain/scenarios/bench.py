@@ -19,6 +19,7 @@ from rich.console import Console
 from retain.config import load_config_dict, parse_override, parse_value, read_yaml, resolve_relative_paths
 from retain.errors import ConfigError, GateError, RetainError
 from retain.io_lock import writing_to
+from retain.models.runtime import torch_threads
 from retain.eval.budget import budget_problems
 from retain.io import SAFE_NAME_MAX, check_safe_name, empty_folder, folder_entries, inside, prepare_output, refuse_inputs
 from retain.results.aggregate import aggregate_seeds
@@ -202,7 +203,7 @@ def run_bench(
         for s in seeds
     }  # every item validated before the first one trains
     inputs = [*early_inputs, *scenario.inputs, scenario.base_model]
-    with writing_to(out, f"retain bench {scenario.name}", inputs=inputs):
+    with writing_to(out, f"retain bench {scenario.name}", inputs=inputs), torch_threads(scenario.threads):
         return _train_items(scenario, configs, out, inputs=inputs, seeds=seeds, console=console, progress=progress,
                             overwrite=overwrite, resume=resume)
 
