@@ -300,3 +300,29 @@ def test_small_cli_items(tiny_model_dir: Path, tmp_path: Path) -> None:
                           env={"RETAIN_DEBUG": ""})
     assert merge.exit_code == 2 and "--method ties" in merge.output, merge.output
     assert not out.exists()
+
+
+def test_sigterm_stops_two_processes_at_the_same_step(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its workers: both stop after the same step, the main one checkpoints it
+    and releases the lock, each prints the resume command and exits 143. About 10 s on two cores."""
+    from retain.io_lock import LOCK_FILE
+
+    config = write_run(tmp_path, tiny_model_dir, text_file, steps=100_000)
+    run_dir = tmp_path / "runs" / "v"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RETAIN_DEBUG": ""}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "retain", "train",
+         str(config)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.startswith("terminated: stopped")]
+    assert len(lines) == 2 and lines[0] == lines[1], stderr[-3000:]  # both processes, the same step
+    step = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert f"after step {step} of 100000" in lines[0] and lines[0].endswith("--resume")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{step:08d}-task00"]
+    assert not (run_dir / LOCK_FILE).exists()
