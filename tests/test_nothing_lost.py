@@ -10,21 +10,38 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from retain.cli import app
 from retain.errors import OutputError
 from retain.io import inside
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def retain(*args: object, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m retain ...`` on this tree's code (not an installed copy)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RETAIN_DEBUG": "", **env}
-    return subprocess.run([sys.executable, "-m", "retain", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def retain(*args: object, cwd: Path) -> Ran:
+    """The real CLI (``retain ...`` as typed, in ``cwd``), run in this process: no second torch import.
+    Signals and several processes need a real subprocess (see the tests of item 3)."""
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], env={"RETAIN_DEBUG": ""})
+    finally:
+        os.chdir(previous)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def write_run(folder: Path, model: Path, data: Path, *, steps: int = 2, out: str = "runs/v", extra: str = "") -> Path:
@@ -124,9 +141,6 @@ def test_a_lock_of_another_host_is_never_taken_over(tmp_path: Path) -> None:
 
 
 def test_merge_and_bench_hold_their_out_folder(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from retain.cli import app
     from retain.config import DataConfig, TaskConfig
     from retain.errors import StateError
     from retain.eval.suite import SuiteConfig
@@ -219,9 +233,11 @@ def _modes(root: Path) -> dict[str, int]:
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_get_the_permissions_of_the_umask(umask: int, tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     config = write_run(tmp_path, tiny_model_dir, text_file)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RETAIN_DEBUG": ""}
-    done = subprocess.run([sys.executable, "-m", "retain", "train", str(config)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
+    previous = os.umask(umask)
+    try:
+        done = retain("train", config, cwd=tmp_path)
+    finally:
+        os.umask(previous)
     assert done.returncode == 0, done.stderr
     modes = _modes(tmp_path / "runs" / "v")
     for name in ("final", "final/model.safetensors", "config.yaml", "inputs.json", "tasks/00-t", "tasks/00-t/config.json"):
@@ -234,9 +250,6 @@ def test_outputs_get_the_permissions_of_the_umask(umask: int, tiny_model_dir: Pa
 def test_a_model_that_cannot_be_read_is_named_as_a_permission_problem(tiny_model_dir: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run as root, where every file is readable: os.access answers as for another account."""
-    from typer.testing import CliRunner
-
-    from retain.cli import app
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -276,10 +289,7 @@ def test_windows_longer_than_the_model_are_capped_with_a_warning(tiny_model_dir:
 
 
 def test_small_cli_items(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from retain import __version__
-    from retain.cli import app
 
     runner = CliRunner()
     version = runner.invoke(app, ["--version"])
