@@ -3,8 +3,10 @@
 Every write in retain goes through :func:`atomic_file` / :func:`atomic_write_text` /
 :func:`atomic_dir`: the content is written under a unique temporary name beside the target (so two
 writers never collide and a killed process leaves the previous version intact), flushed to disk and
-renamed into place. ``OSError`` becomes :class:`~retain.errors.OutputError` naming the target path
-and the cause (disk full, permission, not a folder).
+renamed into place, with the permissions a plain ``open()``/``mkdir`` would give under the umask.
+``OSError`` becomes :class:`~retain.errors.OutputError` naming the target path and the cause (disk
+full, permission, not a folder). A path built from a user's name goes through :func:`inside`, which
+refuses one that leaves its folder; the lock of a folder being written is in ``retain.io_lock``.
 """
 
 from __future__ import annotations
