@@ -10,14 +10,73 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retain.errors import ConfigError
+from retain.io import check_safe_name
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_dict"]  # ConfigError re-exported for old imports
+#: A name that becomes a file or folder name (``retain.io.unsafe_name_problem`` says what is allowed).
+SafeName = Annotated[str, AfterValidator(check_safe_name)]
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_dict", "read_yaml"]  # ConfigError re-exported for old imports
+
+
+# --------------------------------------------------------------------------------------------
+# Reading YAML: one loader for every file a user writes
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names a key twice (YAML would silently keep the second value)."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(problem=f"key {key!r} appears twice (lines {first} and {second})")
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key: two ``train:`` blocks silently became the second
+    one (batch 2 -> 8). Keys brought in by a ``<<`` merge may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in ``path`` (``what``: "run YAML", "bench config", ...); every problem is a
+    ``ConfigError`` naming the file, and the line where YAML can tell."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"{path}: key {err.key!r} appears twice (lines {err.first} and {err.second}); YAML would silently keep "
+            "only the second", hint="keep one of them (merge their contents into one block)",
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err}); save the {what} as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read as a {what}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
 class StrictModel(BaseModel):
@@ -79,6 +138,10 @@ class DataConfig(StrictModel):
     add_eos: bool = Field(True, description="Append EOS to each document/completion.")
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share, split by seed.")
     limit: int | None = Field(None, gt=0, description="Use at most this many records (after shuffling by seed).")
+    allow_longer_than_model: bool = Field(
+        False, description="Keep a max_length above the model's context (max_position_embeddings); otherwise it is "
+        "capped there with a warning.",
+    )
     truncation: Literal["keep_completion", "right", "left"] = Field(
         "keep_completion",
         description="How an example longer than max_length is cut: keep_completion removes the start of the prompt "
@@ -87,7 +150,7 @@ class DataConfig(StrictModel):
 
 
 class TaskConfig(StrictModel):
-    name: str = Field(description="Task name, used in logs, outputs and the accuracy matrix.")
+    name: SafeName = Field(description="Task name, used in logs, outputs (a folder name) and the accuracy matrix.")
     data: DataConfig
     steps: int | None = Field(None, gt=0, description="Optimizer steps for this task; default train.steps_per_task.")
 
@@ -246,9 +309,9 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _unique_task_names(self) -> "RunConfig":
         names = [t.name for t in self.tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            where = " and ".join(f"tasks[{i}].name" for i, n in enumerate(names) if n == name)
+            raise ValueError(f"task names must be unique: {where} are both '{name}'")
         return self
 
     def steps_for(self, task: TaskConfig) -> int:
@@ -306,8 +369,21 @@ def closest_name(name: str, choices: list[str] | tuple[str, ...]) -> str | None:
     return max(prefixed, key=len) if prefixed else None
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel], source: str) -> ConfigError:
-    lines = []
+def _set_by(path: str, overrides: dict[str, str]) -> str | None:
+    """The ``--set`` item that wrote the value at ``path`` (or a section above it), if any."""
+    for key, item in overrides.items():
+        if path == key or path.startswith((key + ".", key + "[")):
+            return item
+    return None
+
+
+def format_validation_error(
+    err: ValidationError, root: type[BaseModel], source: str, overrides: list[str] | None = None
+) -> ConfigError:
+    """One line per problem, naming the key path; a value that came from ``--set`` is blamed on the
+    ``--set``, not on the YAML file that never held it."""
+    set_at = {_loc_to_path(tuple(parse_override(item)[0])): item for item in overrides or []}
+    lines, from_set = [], []
     for e in err.errors():
         loc = tuple(e["loc"])
         path = _loc_to_path(loc)
@@ -319,9 +395,16 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], source:
             lines.append(f"unknown key '{path}'{extra}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{path}'")
+        elif not path:  # a check across keys: its message names the keys itself
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
-    return ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(lines))
+            lines.append(f"'{path}': {str(e['msg']).removeprefix('Value error, ')} (got {e.get('input')!r})")
+        item = _set_by(path, set_at) if path else None
+        from_set.append(item is not None)
+        if item is not None:
+            lines[-1] = f"--set {item}: {lines[-1]}"
+    where = "invalid --set value" if all(from_set) else f"invalid config in {source}"
+    return ConfigError(f"{where}:\n  " + "\n  ".join(lines))
 
 
 def parse_override(item: str) -> tuple[list[str | int], Any]:
@@ -422,7 +505,7 @@ def load_config_dict(data: dict[str, Any], overrides: list[str] | None = None, s
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise format_validation_error(err, RunConfig, source) from None
+        raise format_validation_error(err, RunConfig, source, overrides) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,18 +579,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}. Pass the path to a run YAML (see README 'Config').")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 ({err}); save the run YAML as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the run YAML ({err.strerror or err})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to read as a run YAML") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    data = read_yaml(path, "run YAML") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys model, tasks, strategies, train, ...")
     data = dict(data)

@@ -10,7 +10,8 @@ Exit codes (documented in the README):
     1    a gate (``retain gate``, a forgetting budget that was exhausted with ``on_exhausted: stop``)
     2    a user error: config, data, model, state (checkpoint/resume), output (filesystem)
     3    training diverged (non-finite loss or gradients)
-    130  interrupted (Ctrl-C)
+    130  interrupted (Ctrl-C, SIGINT)
+    143  terminated (SIGTERM: docker stop, Kubernetes, Slurm preemption)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 from pathlib import Path
 
 EXIT_OK = 0
@@ -25,6 +27,7 @@ EXIT_GATE = 1
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 
 class RetainError(Exception):
@@ -65,6 +68,22 @@ class DivergenceError(RetainError, RuntimeError):
     """Training diverged (non-finite loss or gradients); the last good checkpoint is kept."""
 
     exit_code = EXIT_DIVERGED
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal: SIGINT (Ctrl-C, exit 130) or SIGTERM (exit 143). The message may say
+    where the command stopped and how to continue; the CLI prints it on one line."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+        self.word = "interrupted" if signum == signal.SIGINT else "terminated"
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """A signal handler: SIGTERM stops a command the way Ctrl-C does (cleanups run, one line, exit 143)."""
+    raise Interrupted(signum=signum)
 
 
 class GateError(RetainError):

@@ -3,8 +3,10 @@
 Every write in retain goes through :func:`atomic_file` / :func:`atomic_write_text` /
 :func:`atomic_dir`: the content is written under a unique temporary name beside the target (so two
 writers never collide and a killed process leaves the previous version intact), flushed to disk and
-renamed into place. ``OSError`` becomes :class:`~retain.errors.OutputError` naming the target path
-and the cause (disk full, permission, not a folder).
+renamed into place, with the permissions a plain ``open()``/``mkdir`` would give under the umask.
+``OSError`` becomes :class:`~retain.errors.OutputError` naming the target path and the cause (disk
+full, permission, not a folder). A path built from a user's name goes through :func:`inside`, which
+refuses one that leaves its folder; the lock of a folder being written is in ``retain.io_lock``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -20,6 +23,69 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 from retain.errors import OutputError, RetainError, os_error_of, output_error
+
+
+#: Longest name that may become a file or folder name (task folders add a prefix; file systems allow 255 bytes).
+SAFE_NAME_MAX = 100
+_SAFE_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]")
+SAFE_NAME_RULE = f"letters, digits, '.', '_' and '-', no leading dot, at most {SAFE_NAME_MAX} characters"
+
+
+def unsafe_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used as one file or folder name, or None when it can.
+
+    Names users choose (tasks, bench items) become folder names; a separator or ``..`` would write
+    outside the run folder, a leading dot would hide the folder, other characters break shells and
+    file systems.
+    """
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if name.startswith("."):
+        return "it starts with a dot"
+    if len(name) > SAFE_NAME_MAX:
+        return f"it is {len(name)} characters long"
+    bad = sorted({ch for ch in name if not _SAFE_NAME_CHARS.fullmatch(ch)})
+    if bad:
+        return "it contains " + " ".join(repr(ch) for ch in bad[:5])
+    return None
+
+
+def check_safe_name(name: str) -> str:
+    """``name`` unchanged, or a ``ValueError`` saying why it cannot become a folder name (a pydantic
+    validator: the config error then names the key path, e.g. ``tasks[0].name``)."""
+    problem = unsafe_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"cannot be used as a folder name: {problem}; use {SAFE_NAME_RULE}")
+    return name
+
+
+def inside(root: str | os.PathLike[str], *parts: str) -> Path:
+    """``root / parts...``, refused with an ``OutputError`` when the result would lie outside ``root``.
+
+    Every path built from a name goes through this, so a name that slipped past validation can never
+    replace a file outside the folder it belongs to. The check is on the written path (``..`` and
+    absolute parts), not on links the user made inside the folder on purpose.
+    """
+    base = Path(os.path.abspath(root))
+    target = Path(os.path.normpath(base.joinpath(*parts)))
+    if target == base or not target.is_relative_to(base):
+        raise OutputError(
+            f"refusing to write {Path(root).joinpath(*parts)}: it is not inside {root}, the folder it belongs to",
+            hint=f"names that become paths must be plain names: {SAFE_NAME_RULE}",
+        )
+    return Path(root).joinpath(*parts)
+
+
+#: The lock file of a folder a command is writing (``retain.io_lock``); never counted as its content.
+LOCK_FILE = ".retain.lock"
+
+
+def folder_entries(folder: str | os.PathLike[str]) -> list[Path]:
+    """What ``folder`` holds, sorted, without its lock file (a folder holding only a lock is empty)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
 
 
 def default_cache_dir() -> Path:
@@ -55,6 +121,16 @@ def _refuse_file_in_the_way(folder: Path, what: str) -> None:
                 f"cannot {what}: {candidate} is a file, not a folder",
                 hint="choose another output path, or move that file away",
             )
+
+
+def first_missing_folder(folder: str | os.PathLike[str]) -> Path | None:
+    """The outermost folder on the way to ``folder`` that does not exist yet (what creating it makes), or None."""
+    missing = None
+    for candidate in (Path(folder), *Path(folder).parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
 
 
 def ensure_dir(folder: str | os.PathLike[str], purpose: str = "create the folder") -> Path:
@@ -138,8 +214,8 @@ def prepare_output(
     if kind == "folder":
         if target.exists() and not target.is_dir():
             raise OutputError(f"cannot write {what} {target}: it is a file, not a folder", hint=f"choose another {what}")
-        if target.is_dir() and not overwrite and any(target.iterdir()):
-            names = sorted(p.name for p in target.iterdir())
+        if target.is_dir() and not overwrite and folder_entries(target):
+            names = [p.name for p in folder_entries(target)]
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise OutputError(
                 f"{what} {target} is not empty (it holds {shown}); retain does not replace it unless asked",
@@ -159,10 +235,11 @@ def prepare_output(
 
 
 def empty_folder(folder: str | os.PathLike[str]) -> None:
-    """Delete everything inside ``folder`` (what ``--overwrite`` replaces); links are removed, not followed."""
+    """Delete everything inside ``folder`` (what ``--overwrite`` replaces) but its lock; links are removed,
+    not followed."""
     folder = Path(folder)
     with output_errors(folder, "empty"):
-        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        for entry in folder_entries(folder):
             try:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -176,6 +253,43 @@ def _make_parent(path: Path) -> None:
     _refuse_file_in_the_way(path.parent, f"write {path}")
     with output_errors(path.parent, "create the folder"):
         path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` allows (``os.umask`` has no getter)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(target: Path, folder: bool) -> int:
+    """The permissions a plain ``open()`` / ``mkdir`` would give ``target`` under the current umask, or the
+    mode of what it replaces. ``tempfile`` creates 0600 files and 0700 folders, which renamed into
+    place would lock everyone else (a service account loading the model) out."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def give_plain_modes(folder: Path) -> None:
+    """Everything inside a freshly written ``folder`` gets the modes of the umask (executable bits kept):
+    libraries (transformers' shard writer) stage files through ``tempfile`` too, and leave them 0600."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        wanted = (0o777 if path.is_dir() else 0o666 | (mode & 0o111)) & ~mask
+        if mode & 0o7777 != wanted:
+            os.chmod(path, wanted)
 
 
 def fsync_file(path: Path) -> None:
@@ -205,7 +319,8 @@ def fsync_dir(path: Path) -> None:
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    The file gets the mode a plain ``open()`` would give it (or the mode of the file it replaces).
+    The file gets the mode a plain ``open()`` would give it under the umask (or the mode of the file it
+    replaces), never tempfile's 0600.
     """
     target = Path(path)
     _make_parent(target)
@@ -217,7 +332,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         with output_errors(target):  # the caller's own writes: a full disk names the target
             yield tmp
         with output_errors(target):
-            os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+            os.chmod(tmp, plain_mode(target, folder=False))
             fsync_file(tmp)
             os.replace(tmp, target)
     finally:
@@ -249,7 +364,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
 
     A folder already at ``final`` is moved aside first and deleted after the rename, so at every
     moment either the old or the new folder is complete. On failure the temporary folder is removed
-    and ``final`` is untouched.
+    and ``final`` is untouched. The folder ends with the mode a plain ``mkdir`` would give it (or the
+    mode of the folder it replaces), never tempfile's 0700.
     """
     final = Path(final)
     _make_parent(final)
@@ -259,8 +375,12 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
         with output_errors(final):  # save_pretrained & co. inside the block: a full disk names the folder
             yield tmp
         with output_errors(final):
+            give_plain_modes(tmp)
+            os.chmod(tmp, plain_mode(final, folder=True))
             fsync_dir(tmp)
             if final.exists():
+                if (final / LOCK_FILE).is_file():  # the folder stays locked: its lock moves into the new one
+                    os.replace(final / LOCK_FILE, tmp / LOCK_FILE)
                 old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
                 os.replace(final, old / final.name)
                 os.replace(tmp, final)

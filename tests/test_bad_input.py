@@ -220,6 +220,29 @@ def _full_disk_while_training(c: Ctx) -> Args:
     return ["train", c.train_config()]
 
 
+def _symlink_loop(c: Ctx) -> Path:
+    (c.tmp / "loop1.jsonl").symlink_to(c.tmp / "loop2.jsonl")
+    (c.tmp / "loop2.jsonl").symlink_to(c.tmp / "loop1.jsonl")
+    return c.tmp / "loop1.jsonl"
+
+
+def _unreadable_folder(c: Ctx) -> Path:
+    """A data folder with a subfolder this user may not list (os.access answers as for another account:
+    tests run as root)."""
+    c.file("data/a.jsonl", '{"text": "a"}\n')
+    private = c.folder("data/private")
+    real_access = os.access
+    c.monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != private and real_access(p, mode, **kw))
+    return c.tmp / "data"
+
+
+def _without_tokenizer(c: Ctx) -> Path:
+    folder = c.folder("no-tokenizer")
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((c.models["base"] / name).read_bytes())
+    return folder
+
+
 def _import_args(c: Ctx, checkpoint: bytes | None = b"\0" * 8, tokenizer: bytes | None = b"\0" * 8, out: str = "imported") -> Args:
     ck = c.file("model.bin", checkpoint) if checkpoint is not None else c.tmp / "missing.bin"
     tok = c.file("tok.bin", tokenizer) if tokenizer is not None else c.tmp / "missing-tok.bin"
@@ -249,6 +272,17 @@ ROWS: dict[str, Any] = {
     "train-fake-parquet": Row(_train_on("fake.parquet", "not parquet at all"), ["{tmp}/fake.parquet", "Parquet"]),
     "train-empty-folder": Row(lambda c: ["train", c.train_config(c.folder("empty"))], ["{tmp}/empty", "no data files"]),
     "train-data-not-found": Row(lambda c: ["train", c.train_config(c.tmp / "nope.jsonl")], ["{tmp}/nope.jsonl", "data.path"]),
+    "train-data-symlink-loop": Row(lambda c: ["train", c.train_config(_symlink_loop(c))], ["{tmp}/loop1.jsonl", "symbolic link loop"]),
+    "train-data-folder-unreadable": Row(
+        lambda c: ["train", c.train_config(_unreadable_folder(c))], ["{tmp}/data/private", "cannot read the folder", "permission denied"]
+    ),
+    "train-set-bad-value": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "train.lr=abc"],
+        ["invalid --set value", "--set train.lr=abc: 'train.lr'"],
+    ),
+    "train-model-without-tokenizer": Row(
+        lambda c: ["train", c.train_config(model=_without_tokenizer(c))], ["no tokenizer files", "tokenizer.json", "model.tokenizer"]
+    ),
     "train-suite-names-missing-file": Row(
         lambda c: ["train", c.train_config(suite=c.suite(c.tmp / "gone.jsonl"))], ["{tmp}/gone.jsonl"]
     ),
@@ -260,13 +294,36 @@ ROWS: dict[str, Any] = {
         lambda c: ["train", c.train_config(model=c.tmp / "no-model", strategies="[{name: lora, rr: 4}]")], ["{tmp}/run.yaml", "rr"]
     ),
     "train-config-not-found": Row(lambda c: ["train", c.tmp / "nope.yaml"], ["{tmp}/nope.yaml", "not found"]),
+    "train-duplicate-yaml-key": Row(
+        lambda c: ["train", c.file("run.yaml", c.train_config(model=c.tmp / "no-model").read_text() + "train: {batch_size: 8}\n")],
+        ["{tmp}/run.yaml", "key 'train' appears twice (lines 4 and 6)"],
+    ),
+    "train-duplicate-nested-yaml-key": Row(
+        lambda c: ["train", c.file("run.yaml", f"model: {{name_or_path: x}}\ntasks:\n  - name: t\n    data: {{path: a.jsonl}}\n    name: u\n")],
+        ["{tmp}/run.yaml", "key 'name' appears twice (lines 3 and 5)"],
+    ),
+    "train-task-name-climbs-out": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=../../victim"],
+        ["'tasks[0].name'", "path separator"],
+    ),
+    "train-task-name-nested": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=legal/contracts"],
+        ["'tasks[0].name'", "folder name"],
+    ),
+    "train-task-name-hidden": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[0].name=.."], ["'tasks[0].name'", "starts with a dot"]
+    ),
+    "train-task-names-repeated": Row(
+        lambda c: ["train", c.train_config(model=c.tmp / "no-model"), "--set", "tasks[1]={name: t, data: {path: x.jsonl}}"],
+        ["tasks[0].name and tasks[1].name are both 't'"],
+    ),
     "train-model-not-found": Row(lambda c: ["train", c.train_config(model=c.tmp / "no-model")], ["{tmp}/no-model does not exist"]),
     # ---- the output folder
     "train-output-under-a-file": Row(
         lambda c: ["train", c.train_config(out=c.file("taken", "x") / "run")], ["{tmp}/taken is a file, not a folder"]
     ),
     "train-output-read-only": Row(_read_only_run, ["{tmp}/locked/run", "permission denied"]),
-    "train-disk-full": Row(_full_disk_run, ["{tmp}/full/run/config.yaml", "no space left"]),
+    "train-disk-full": Row(_full_disk_run, ["{tmp}/full/run/inputs.json", "no space left"]),  # the first file a run writes
     "train-disk-full-while-training": Row(_full_disk_while_training, ["{tmp}/run/train_log.jsonl", "no space left"]),
     "train-file-size-limit": Row(
         lambda c: ["train", c.train_config()], ["{tmp}/run", "file too large"],
@@ -322,6 +379,10 @@ ROWS: dict[str, Any] = {
     "gate-not-found": Row(lambda c: ["gate", c.tmp / "nope.json", "--max-forgetting", "0.1"], ["{tmp}/nope.json"]),
     "gate-not-json": Row(lambda c: ["gate", c.results("\xff not json")], ["{tmp}/results.json", "not a JSON results file"]),
     "gate-wrong-schema": Row(lambda c: ["gate", c.results("[1, 2]")], ["{tmp}/results.json", "JSON object"]),
+    "gate-tune-trials-file": Row(
+        lambda c: ["gate", c.file("tune/trials.json", '{"tune": {}, "best": null, "trials": []}'), "--min-new-task", "0.5"],
+        ["{tmp}/tune/trials.json is the trials file of retain tune", "results.json", "{tmp}/tune/best.yaml"],
+    ),
     # ---- retain import-llama2c
     "import-checkpoint-not-found": Row(lambda c: _import_args(c, checkpoint=None), ["{tmp}/missing.bin", "not found"]),
     "import-tokenizer-not-found": Row(lambda c: _import_args(c, tokenizer=None), ["{tmp}/missing-tok.bin", "not found"]),

@@ -71,3 +71,18 @@ def test_duplicate_task_names_refused(tmp_path):
     path.write_text(yaml.safe_dump({**BASE, "tasks": BASE["tasks"] * 2}))
     with pytest.raises(ConfigError, match="task names must be unique"):
         load_config(path)
+
+
+def test_every_yaml_retain_reads_refuses_a_repeated_key(tmp_path):
+    """Two train: blocks: the second silently won (batch 2 -> 8). The bench --config, a run's recorded
+    config and the run YAML share the loader; a << merge may still override what it brings in."""
+    from retain.config import read_yaml
+    from retain.scenarios.bench import read_bench_config
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("strategies: {ewc: {lambda_: 1}}\ntrain: {lr: 0.1}\nstrategies: {ewc: {lambda_: 2}}\n")
+    with pytest.raises(ConfigError, match=r"bench.yaml: key 'strategies' appears twice \(lines 1 and 3\)"):
+        read_bench_config(bench)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {lr: 1, seed: 2}\ntrain:\n  <<: *b\n  lr: 3\n")
+    assert read_yaml(merged, "run YAML")["train"] == {"lr": 3, "seed": 2}

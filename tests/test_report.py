@@ -327,3 +327,50 @@ def test_gate_fails_a_non_finite_value_and_a_value_without_interval(results: Res
         "lora: general retention is nan (not a finite number), which fails min 0.900"]
     (old,) = gate.check_gate(results, strategy="lora", min_general_retention=0.5)  # records without items
     assert "has no interval" in old and "--confidence 0" in old
+
+
+# --- what a person reads (issue 20, item 13) -----------------------------------------------------
+
+
+def test_the_scores_at_every_step_are_split_into_tables_that_fit(results: Results) -> None:
+    """Many evals made one table too wide for the page (ppl delta and peak memory were cut off)."""
+    run = results.runs[0]
+    many = {f"eval_{i}": Score(value=0.5, metric="accuracy", higher_is_better=True, bounded=True, role="general", n=1)
+            for i in range(9)}
+    records = [r.model_copy(update={"scores": {**r.scores, **many}}) for r in run.records]
+    page = html.render_html(results.model_copy(update={"runs": [run.model_copy(update={"records": records})]}))
+    section = page[page.index("Scores at every step"): page.index("Sample generations")]
+    widths = [len(re.findall("<th>", table)) for table in section.split("<table>")[1:]]
+    assert len(widths) >= 3 and max(widths) <= 3 + max(html.SCORE_COLUMNS_PER_TABLE, 7), widths  # 7 training columns
+    assert "peak memory" in section and "ppl Δ" in section
+    assert f"results schema {SCHEMA_VERSION}" in page
+
+
+def test_lines_and_points_stay_apart() -> None:
+    """Lines on top of each other get their own marker and dash; the front plot names points in a
+    legend (no labels written over each other); a 0.16% change is shown on a y-range of at least 0.05."""
+    flat = [("full", [0, 1], [1.0, 1.0016]), ("lora", [0, 1], [1.0, 1.0016]), ("replay", [0, 1], [1.0, 1.0])]
+    fig = plots.line_figure(flat, xlabel="x", ylabel="y", reference=1.0, min_span=plots.MIN_SCORE_SPAN)
+    (ax,) = fig.axes
+    low, high = ax.get_ylim()
+    assert high - low >= plots.MIN_SCORE_SPAN - 1e-9
+    lines = [line for line in ax.get_lines() if line.get_label() in ("full", "lora", "replay")]
+    assert len({(line.get_marker(), line.get_linestyle()) for line in lines}) == 3
+    points = [("full", 0.9, 0.80), ("lora", 0.9, 0.801), ("replay", 0.5, 0.99)]
+    (ax,) = plots.tradeoff_figure(points).axes
+    assert not ax.texts  # no annotations on the points
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:3] == ["full", "lora", "replay"]
+
+
+def test_help_shows_no_bool_and_cuts_no_option_at_80_columns() -> None:
+    from typer.testing import CliRunner
+
+    from retain.cli import app
+
+    runner = CliRunner()
+    for command in (["gate"], ["train"], ["demo"], ["bench"], ["merge"], ["tune"], ["recommend"], ["eval"], ["report"]):
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output and "…" not in result.output.replace("fip …", ""), result.output
+        assert max(len(line) for line in result.output.splitlines()) <= 80, result.output
+    assert "--min-general-retention" in runner.invoke(app, ["gate", "--help"], env={"COLUMNS": "80"}).output

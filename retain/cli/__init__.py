@@ -47,5 +47,5 @@ def main() -> None:  # pragma: no cover - entry point
     relaunch_as_processes()
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # outside a command's own handling: 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(getattr(err, "exit_code", 130))

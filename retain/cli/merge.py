@@ -13,6 +13,7 @@ from retain.cli.app import command, console, err_console
 from retain.cli.app import fail as _fail
 from retain.errors import ConfigError, ModelError
 from retain.io import empty_folder, prepare_output
+from retain.io_lock import writing_to
 
 
 def _device():
@@ -32,18 +33,18 @@ def run_dir_of(tuned: str) -> Path | None:
 
 def run_suite_of(tuned: str) -> Path | None:
     """The eval suite named by the tuned run's config (``eval.suite``), if any."""
-    import yaml
+    from retain.config import read_yaml
 
     run_dir = run_dir_of(tuned)
     if run_dir is None:
         return None
     config_path = run_dir / "config.yaml"
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        config = read_yaml(config_path, "tuned run's config") or {}
         suite = ((config.get("eval") or {}) if isinstance(config, dict) else {}).get("suite")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as err:
+    except (ConfigError, AttributeError) as err:
         raise ConfigError(
-            f"{config_path}: cannot read the tuned run's config to find its eval suite ({type(err).__name__})",
+            f"{config_path}: cannot read the tuned run's config to find its eval suite ({err})",
             hint="pass --suite suite.yaml",
         ) from None
     return Path(suite) if suite else None
@@ -214,32 +215,33 @@ def merge_command(
             _fail("--alpha sweep needs an eval suite: pass --suite suite.yaml (the tuned run has no eval.suite)")
         suite_config = load_suite(suite_path)
     inputs = [base, *tuned, *([str(suite_path), *suite_input_files(suite_config)] if suite_config is not None else [])]
-    prepare_output(out, overwrite=overwrite, inputs=inputs)  # before any model loads
-    model, tokenizer, at, save, adapters = _load(base, list(tuned), method, parsed_weights, density, seed)
+    with writing_to(out, "retain merge", inputs=inputs, remove_if_created=True):  # a failed merge leaves no empty --out
+        prepare_output(out, overwrite=overwrite, inputs=inputs)  # before any model loads
+        model, tokenizer, at, save, adapters = _load(base, list(tuned), method, parsed_weights, density, seed)
 
-    if alphas is None:
-        _write(at(single), tokenizer, save, out)
-        console.print(f"[green]written[/] {out}: {describe_written(single, method, list(tuned), adapters, density, parsed_weights)}")
-        return
+        if alphas is None:
+            _write(at(single), tokenizer, save, out)
+            console.print(f"[green]written[/] {out}: {describe_written(single, method, list(tuned), adapters, density, parsed_weights)}")
+            return
 
-    from retain.eval.suite import evaluate_suite
+        from retain.eval.suite import evaluate_suite
 
-    result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size, part="both"),
-                         max_forgetting)
-    from retain.report import write_report
+        result = alpha_sweep(alphas, lambda a: evaluate_suite(at(a), tokenizer, suite_config, batch_size, part="both"),
+                             max_forgetting)
+        from retain.report import write_report
 
-    results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
-    results = _with_run_results(results, tuned[0])
-    if overwrite:  # the sweep ran: now the old contents go (a stale model/ must not outlive a failed budget)
-        empty_folder(out)
-    results.save(out / "results.json")
-    write_report(results, out / "report.html")
-    _print_sweep(result)
-    console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
-    if max_forgetting is None:
-        return
-    if result.best_alpha is None:
-        _fail(f"no alpha keeps forgetting within {max_forgetting:g} (or the suite has no bounded general score)", code=1)
-    _write(at(result.best_alpha), tokenizer, save, out / "model")
-    console.print(f"[green]largest alpha within forgetting {max_forgetting:g}[/]: {result.best_alpha:g}; model in {out / 'model'}")
-    console.print(f"written {out / 'model'}: {describe_written(result.best_alpha, method, list(tuned), adapters, density, parsed_weights)}")
+        results = sweep_results(result, base, tuned[0] if len(tuned) == 1 else "+".join(tuned))
+        results = _with_run_results(results, tuned[0])
+        if overwrite:  # the sweep ran: now the old contents go (a stale model/ must not outlive a failed budget)
+            empty_folder(out)
+        results.save(out / "results.json")
+        write_report(results, out / "report.html")
+        _print_sweep(result)
+        console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
+        if max_forgetting is None:
+            return
+        if result.best_alpha is None:
+            _fail(f"no alpha keeps forgetting within {max_forgetting:g} (or the suite has no bounded general score)", code=1)
+        _write(at(result.best_alpha), tokenizer, save, out / "model")
+        console.print(f"[green]largest alpha within forgetting {max_forgetting:g}[/]: {result.best_alpha:g}; model in {out / 'model'}")
+        console.print(f"written {out / 'model'}: {describe_written(result.best_alpha, method, list(tuned), adapters, density, parsed_weights)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,23 @@ import typer
 
 from retain.cli.app import app, command, console, err_console
 from retain.errors import EXIT_GATE, ConfigError
-from retain.io import prepare_output
+from retain.io import first_missing_folder, prepare_output
+
+
+def refuse_tune_file(path: Path, command: str) -> None:
+    """``trials.json`` of ``retain tune`` is no results.json; say which file the command reads instead of
+    "schema_version '<missing>'"."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # Results.load names what is wrong with it
+    if isinstance(data, dict) and "tune" in data and "trials" in data and "schema_version" not in data:
+        raise ConfigError(
+            f"{path} is the trials file of retain tune, not a results.json; retain {command} reads the results.json "
+            "that retain train (with eval.suite), bench, demo or merge --alpha sweep write",
+            hint=f"train the best trial (retain train {path.with_name('best.yaml')}) and pass its "
+            "<output.dir>/results.json, or a trial's trials/NNNN/results.json",
+        )
 
 
 @app.command()
@@ -26,10 +43,14 @@ def report(
     from retain.report.markdown import summary_table_markdown
     from retain.results.schema import Results
 
+    refuse_tune_file(results, "report")
     loaded = Results.load(results)
     target = out or results.with_name("report.html")
+    created = first_missing_folder(target.parent)
     # the default report.html is this results file's own derived page; a file named with --out is the user's
     prepare_output(target, overwrite=overwrite or out is None, inputs=[results], kind="file")
+    if created is not None:
+        console.print(f"created the folder {created} for the report")
     write_report(loaded, target)
     typer.echo(summary_table_markdown(loaded))
     console.print(f"report: {target}")
@@ -53,6 +74,7 @@ def gate(
     from retain.report.gate import check_gate
     from retain.results.schema import Results
 
+    refuse_tune_file(results, "gate")
     loaded = Results.load(results)
     if all(bound is None for bound in (max_forgetting, min_new_task, min_general_retention, max_kl)):
         raise ConfigError(

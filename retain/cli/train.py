@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shlex
+import signal
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from retain.cli.app import SetOption, app, command, console
+from retain.errors import Interrupted
 
 
 def resume_command(config: Path, sets: list[str], merge: bool) -> str:
@@ -27,6 +29,9 @@ def train(
     config: Path = typer.Argument(..., help="Run YAML: model, tasks, strategies, train, eval, output."),
     set_: Optional[List[str]] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output.dir."),
+    allow_changed_data: bool = typer.Option(
+        False, "--allow-changed-data", help="With --resume: continue although an input file changed since the run started."
+    ),
     merge: bool = typer.Option(False, "--merge", help="With adapters, also save the merged full model."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again in an output.dir that holds an earlier run or other files (they are deleted)."
@@ -53,11 +58,12 @@ def train(
         observer = SuiteObserver.from_config(run_config, console=console)
     again = resume_command(config, list(set_ or []), merge)
     try:
-        outcome = finetune(run_config, resume=resume, overwrite=overwrite, observer=observer, console=console)
+        outcome = finetune(run_config, resume=resume, overwrite=overwrite, observer=observer, console=console,
+                           allow_changed_data=allow_changed_data)
     except TrainingInterrupted as stop:
-        raise KeyboardInterrupt(f"{stop}; continue with: {again}") from None
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the last checkpoint is kept; continue with: {again}") from None
+        raise Interrupted(f"{stop}; continue with: {again}", stop.signum) from None
+    except KeyboardInterrupt as stop:
+        raise Interrupted(f"the last checkpoint is kept; continue with: {again}", getattr(stop, "signum", signal.SIGINT)) from None
     if not outcome.is_main_process:
         return  # with several processes the main one reports and writes results.json
     console.print(f"[green]done[/]: model written to {outcome.final_dir}")

@@ -7,7 +7,9 @@ value found later, after shuffling and splitting, is still reported with its fil
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -189,7 +191,17 @@ def _data_files(directory: Path) -> list[Path]:
     )
 
 
+def _unreadable_folder(directory: Path) -> Path | None:
+    """``directory`` or a folder inside it that cannot be listed: a listing skips it silently, and the
+    data would look absent ("no data files") or, worse, smaller than it is."""
+    folders = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
+    return next((folder for folder in folders if not os.access(folder, os.R_OK | os.X_OK)), None)
+
+
 def read_directory(directory: Path, cfg: DataConfig) -> list[Record]:
+    denied = _unreadable_folder(directory)
+    if denied is not None:
+        raise DataError(f"{denied}: cannot read the folder (permission denied). Check its permissions (chmod a+rx).")
     files = _data_files(directory)
     if not files:
         raise DataError(
@@ -221,6 +233,21 @@ def _looks_local(path: str) -> bool:
     return Path(path).suffix.lower() in SUPPORTED_SUFFIXES or path.startswith(("/", "./", "../", "~"))
 
 
+def _why_absent(path: Path) -> str | None:
+    """Why a path that names something is neither a file nor a folder (a link loop, a dangling link, no
+    permission), or None when there is simply nothing there."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path}: a symbolic link loop ({path} -> {os.readlink(path)} -> ... never reaches a file)"
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return f"{path}: cannot be read (permission denied on a folder along the path)"
+        if path.is_symlink():
+            return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def load_records(cfg: DataConfig) -> list[dict[str, Any]]:
     """Read ``cfg.path`` (file, directory or loadable dataset) into records; never empty."""
     path = Path(cfg.path).expanduser()
@@ -228,6 +255,8 @@ def load_records(cfg: DataConfig) -> list[dict[str, Any]]:
         records = read_directory(path, cfg)
     elif path.is_file():
         records = read_file(path, cfg)
+    elif (why := _why_absent(path)) is not None:
+        raise DataError(f"{why}. Check data.path.")
     elif _looks_local(cfg.path):
         raise DataError(
             f"file not found: {cfg.path}. Check data.path (relative paths in a run YAML start from the YAML's "

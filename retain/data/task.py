@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
-from retain.config import DataConfig
+from retain.config import DataConfig, RunConfig
 from retain.data.records import detect_format, load_records
 from retain.data.sampling import Stream, derive_seed
 from retain.data.tokenize import Example, TokenizeStats, tokenize_records
@@ -30,6 +30,41 @@ class TaskData:
     stats: TokenizeStats  # of the training part
     source: str
     validation_stats: TokenizeStats | None = None
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def cap_to_context(data: DataConfig, context: int | None, key: str) -> DataConfig:
+    """``data`` with ``max_length`` at most the model's context, unless ``allow_longer_than_model``.
+
+    A longer window trains positions the model never learnt (rotary models) or fails inside the model
+    (learned positions); ``max_length: 100000`` on a 512-token model trained 15k-token windows silently.
+    """
+    if context is None or data.max_length <= context or data.allow_longer_than_model:
+        return data
+    logger.warning(
+        "%s.max_length %d is longer than the model's context (%d tokens): capped at %d; set "
+        "%s.allow_longer_than_model: true to keep it", key, data.max_length, context, context, key,
+    )
+    return data.model_copy(update={"max_length": context})
+
+
+def fit_to_model(config: RunConfig, model: Any) -> RunConfig:
+    """``config`` with every task's and general_data's max_length capped at the model's context."""
+    context = model_context(model)
+    tasks = [t.model_copy(update={"data": cap_to_context(t.data, context, f"tasks[{i}].data")}) for i, t in enumerate(config.tasks)]
+    general = cap_to_context(config.general_data, context, "general_data") if config.general_data is not None else None
+    if all(a.data is b.data for a, b in zip(tasks, config.tasks)) and general is config.general_data:
+        return config
+    return config.model_copy(update={"tasks": tasks, "general_data": general})
 
 
 def split_items(items: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:

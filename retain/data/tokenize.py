@@ -332,6 +332,16 @@ def _drop_unlabelled(examples: list[Example], fmt: str, cfg: DataConfig, source:
     return kept, dropped
 
 
+def _warn_empty_completions(records: Records, cfg: DataConfig, source: str) -> None:
+    """A record with ``completion: ""`` teaches the model to stop right after the prompt (or, without EOS,
+    nothing): almost always a data mistake, so say how many there are."""
+    empty = sum(1 for record in records if not str(record.get(cfg.completion_field) or "").strip())
+    if empty:
+        learnt = "only the EOS token is learnt from them" if cfg.add_eos else "nothing is learnt from them"
+        logger.warning("%s: %d of %d records have an empty '%s': %s; check the data or data.completion_field",
+                       source, empty, len(records), cfg.completion_field, learnt)
+
+
 def tokenize_records(
     records: Records, tokenizer: Any, cfg: DataConfig, source: str
 ) -> tuple[list[Example], TokenizeStats]:
@@ -341,6 +351,8 @@ def tokenize_records(
     fmt = detect_format(records, cfg)
     if cfg.add_eos and getattr(tokenizer, "eos_token_id", None) is None:
         logger.warning("%s: the tokenizer has no EOS token, so data.add_eos has no effect", source)
+    if fmt == "prompt_completion":
+        _warn_empty_completions(records, cfg, source)
     if fmt == "text":
         examples, truncated = text_examples(records, tokenizer, cfg, source)
     else:

@@ -7,6 +7,7 @@ adapter, the adapter and the base it was put on), never a transformers or peft t
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    """``err`` on one line: its lines joined (a library's "from one of:" list is not cut after the colon)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -44,9 +46,38 @@ def _looks_local(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+#: Files one of which a local tokenizer folder holds (fast, sentencepiece, BPE and WordPiece tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def unreadable_path(path: Path) -> Path | None:
+    """``path``, or a file directly in it, that this user may not read; None when all can be read.
+
+    Libraries report an unreadable model file as a missing one ("No such file or directory"), which
+    sends the user looking in the wrong place: a permission problem must be named as one.
+    """
+    try:
+        if not path.exists():
+            return None
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            return path
+        return next((f for f in sorted(path.iterdir()) if f.is_file() and not os.access(f, os.R_OK)), None) if path.is_dir() else None
+    except PermissionError:
+        return path
+
+
 def _explain_load_error(name: str, err: BaseException, what: str = "model") -> ModelError:
     local = Path(name).expanduser()
     hint = f"point model.name_or_path (or the command's {what} argument) at a model directory or hub id"
+    denied = unreadable_path(local)
+    if denied is not None:
+        return ModelError(f"cannot load the {what} {name}: permission denied reading {denied}",
+                          hint="ask its owner to make it readable (chmod -R a+rX), or copy it where you can read it")
+    if what == "tokenizer" and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return ModelError(
+            f"cannot load the tokenizer: {name} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})",
+            hint="copy the tokenizer files of its base model into that folder, or set model.tokenizer to the base model",
+        )
     if _looks_local(name) and not local.exists():
         return ModelError(f"cannot load the {what}: {name} does not exist", hint=hint)
     if local.is_dir() and what == "model" and not (local / "config.json").exists():

@@ -25,6 +25,22 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Compute on ``threads`` CPU threads inside the block (None: leave torch's setting).
+
+    A float32 sum split over more threads adds in another order; on a tiny model that is enough to
+    flip a greedy answer, so a run meant to reproduce published numbers fixes its thread count.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
     """Dropout off (LoRA dropout included), gradients off unless ``no_grad=False``; afterwards every
     module gets back its own previous training flag (a submodule a strategy keeps in eval mode stays so).

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from retain.errors import ConfigError, ModelError
-from retain.io import atomic_dir, atomic_write_text
+from retain.io import atomic_dir, atomic_write_text, inside
 
 MANIFEST = "retain_tasks.json"
 MANIFEST_VERSION = 1
@@ -66,13 +66,13 @@ def export_task_choices(
     kind = None if full_model else choice_kind(strategy_names)
     if kind is None:
         return None
-    sources = [(index, name, Path(run_dir) / "tasks" / task_folder_name(index, name)) for index, name in tasks]
+    sources = [(index, name, inside(run_dir, "tasks", task_folder_name(index, name))) for index, name in tasks]
     if not all(source.is_dir() for _, _, source in sources):
         return None
     entries = []
     for index, name, source in sources:
         folder = Path("tasks") / task_folder_name(index, name)
-        with atomic_dir(Path(final_dir) / folder) as tmp:
+        with atomic_dir(inside(final_dir, *folder.parts)) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
         entries.append({
             "name": name,

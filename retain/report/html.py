@@ -13,7 +13,7 @@ from pathlib import Path
 
 from retain.io import atomic_write_text
 from retain.report import plots
-from retain.results.schema import Results, StepRecord, StrategyRun
+from retain.results.schema import SCHEMA_VERSION, Results, StepRecord, StrategyRun
 from retain.results.summary import (
     SUMMARY_HEADERS,
     Series,
@@ -39,7 +39,12 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .fig svg { max-width: 100%; height: auto; }
 pre { white-space: pre-wrap; margin: 0; font-size: .85rem; max-width: 40rem; }
 .muted { color: #888; font-size: .8rem; }
+.wide { max-width: 100%; overflow-x: auto; }
 """
+
+#: Score columns per table in "Scores at every step": a suite of many evals becomes several tables
+#: that fit a page, never one that runs off its right edge.
+SCORE_COLUMNS_PER_TABLE = 6
 
 
 def _e(text: object) -> str:
@@ -56,7 +61,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: 
         ) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _section(title: str, body: str) -> str:
@@ -80,7 +85,8 @@ def _header(results: Results) -> str:
         + (f" · scenario <b>{_e(results.scenario)}</b>" if results.scenario else "")
         + f" · {len(results.runs)} strateg{'y' if len(results.runs) == 1 else 'ies'}"
         + f" · created {_e(results.created)} · retain {_e(results.retain_version)}"
-        + f" · schema {_e(results.schema_version)}"
+        + f" · results schema {_e(SCHEMA_VERSION)}"
+        + (f" (read from a {_e(results.schema_version)} file)" if results.schema_version != SCHEMA_VERSION else "")
     )
     return f"<h1>{_e(_title(results))}</h1><p class=\"meta\">{meta}</p>"
 
@@ -170,13 +176,17 @@ def _eval_header(name: str, records: Sequence[StepRecord]) -> str:
     return f"{name} ({score.metric} {arrow})"
 
 
-def _record_row(rec: StepRecord, columns: Sequence[str]) -> list[str]:
+_KEY_HEADERS = ["#", "after task", "step"]
+_TRAINING_HEADERS = ["train loss", "KL from base", "ppl Δ", "weight drift", "seconds", "s/step", "peak memory"]
+
+
+def _record_key(rec: StepRecord) -> list[str]:
+    return [str(rec.index), rec.task or "base", str(rec.global_step)]
+
+
+def _training_cells(rec: StepRecord) -> list[str]:
     drift = rec.drift
     return [
-        str(rec.index),
-        rec.task or "base",
-        str(rec.global_step),
-        *[fmt_num(rec.scores[c].value) if c in rec.scores else fmt_num(None) for c in columns],
         fmt_num(rec.train_loss),
         fmt_num(drift.kl_from_base if drift else None),
         fmt_num(drift.ppl_delta if drift else None),
@@ -187,18 +197,26 @@ def _record_row(rec: StepRecord, columns: Sequence[str]) -> list[str]:
     ]
 
 
-def _records_table(run: StrategyRun) -> str:
+def _records_tables(run: StrategyRun) -> str:
+    """The scores, at most ``SCORE_COLUMNS_PER_TABLE`` evals per table, then training cost and drift: each
+    table repeats the step columns, so every one reads alone and fits the page."""
     columns = _eval_columns(run.records)
-    headers = [
-        "#", "after task", "step",
-        *[_eval_header(c, run.records) for c in columns],
-        "train loss", "KL from base", "ppl Δ", "weight drift", "seconds", "s/step", "peak memory",
+    tables = [
+        _table(
+            [*_KEY_HEADERS, *[_eval_header(c, run.records) for c in chunk]],
+            ([*_record_key(r), *[fmt_num(r.scores[c].value) if c in r.scores else fmt_num(None) for c in chunk]]
+             for r in run.records),
+            numeric_from=2,
+        )
+        for chunk in (columns[i: i + SCORE_COLUMNS_PER_TABLE] for i in range(0, len(columns), SCORE_COLUMNS_PER_TABLE))
     ]
-    return _table(headers, (_record_row(r, columns) for r in run.records), numeric_from=2)
+    tables.append(_table([*_KEY_HEADERS, *_TRAINING_HEADERS], ([*_record_key(r), *_training_cells(r)] for r in run.records),
+                         numeric_from=2))
+    return "".join(tables)
 
 
 def _records_section(results: Results) -> str:
-    parts = [f"<h3>{_e(run.name)}</h3>{_records_table(run)}" for run in results.runs if run.records]
+    parts = [f"<h3>{_e(run.name)}</h3>{_records_tables(run)}" for run in results.runs if run.records]
     return _section("Scores at every step", "".join(parts))
 
 

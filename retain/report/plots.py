@@ -104,10 +104,26 @@ def heatmap_svg(matrix: Sequence[Sequence[float | None]], task_names: Sequence[s
 # --- lines -------------------------------------------------------------------------------------
 
 
+#: One marker and one dash pattern per series, so lines lying on top of each other stay visible.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", "-.", ":")
+#: Smallest y-range of a score or retention axis: a 0.16% change must not fill the plot's height.
+MIN_SCORE_SPAN = 0.05
+
+
 def _plot_series(ax, series: Sequence[Series]) -> None:  # noqa: ANN001 (matplotlib Axes)
-    for label, xs, ys in series:
+    for i, (label, xs, ys) in enumerate(series):
         y = np.array([np.nan if v is None else v for v in ys], dtype=float)
-        ax.plot(np.asarray(xs, dtype=float), y, marker="o", label=label)
+        ax.plot(np.asarray(xs, dtype=float), y, marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)],
+                markersize=5 + 2 * ((len(series) - 1 - i) % 2), alpha=0.85, label=label)
+
+
+def ensure_span(ax, span: float, axis: str = "y") -> None:  # noqa: ANN001 (matplotlib Axes)
+    """Widen ``axis`` around its middle to at least ``span`` (autoscaling zooms into tiny changes)."""
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if high - low < span:
+        middle = (low + high) / 2
+        (ax.set_ylim if axis == "y" else ax.set_xlim)(middle - span / 2, middle + span / 2)
 
 
 def line_figure(
@@ -118,13 +134,17 @@ def line_figure(
     title: str = "",
     reference: float | None = None,
     logx: bool = False,
+    min_span: float | None = None,
 ) -> Figure:
-    """Generic line plot: one line per (label, xs, ys) series, None ys drawn as gaps."""
+    """Generic line plot: one line per (label, xs, ys) series, None ys drawn as gaps; ``min_span`` is the
+    smallest y-range shown."""
     fig = _new_figure(6.0, 3.6)
     ax = fig.add_subplot()
     _plot_series(ax, series)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    if min_span is not None:
+        ensure_span(ax, min_span)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -141,7 +161,7 @@ def retention_plot_svg(series: Sequence[Series]) -> str:
     """General retention (1.0 = the base model) after each training task, one line per strategy."""
     fig = line_figure(
         series, xlabel="after training task (0 = base)", ylabel="general retention",
-        title="General ability kept over the sequence", reference=1.0,
+        title="General ability kept over the sequence", reference=1.0, min_span=MIN_SCORE_SPAN,
     )
     for ax in fig.axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -152,7 +172,7 @@ def sweep_plot_svg(series: Sequence[Series], param: str) -> str:
     """Scores against a swept parameter (lambda, alpha...); log x when the values span decades."""
     xs = [x for _, sx, _ in series for x in sx]
     logx = bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 100
-    fig = line_figure(series, xlabel=param, ylabel="score", title=f"Sweep over {param}", logx=logx)
+    fig = line_figure(series, xlabel=param, ylabel="score", title=f"Sweep over {param}", logx=logx, min_span=MIN_SCORE_SPAN)
     return figure_to_svg(fig)
 
 
@@ -184,19 +204,26 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 
 
 def tradeoff_figure(points: Sequence[Point]) -> Figure:
-    """New-task score (x) against general retention (y) per strategy, the Pareto front joined."""
-    fig = _new_figure(6.0, 4.2)
+    """New-task score (x) against general retention (y) per strategy, the Pareto front joined.
+
+    Each strategy has its own marker and colour, named in a legend beside the plot: labels written next
+    to the points overlapped wherever strategies ended close together. Points on the front are ringed.
+    """
+    fig = _new_figure(7.6, 4.2)
     ax = fig.add_subplot()
     front = pareto_front(points)
     on_front = {p[0] for p in front}
-    for label, x, y in points:
-        ax.scatter([x], [y], s=40, color="tab:red" if label in on_front else "tab:blue", zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    for i, (label, x, y) in enumerate(points):
+        ax.scatter([x], [y], s=55, marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", zorder=3, label=label,
+                   edgecolors="black" if label in on_front else "none", linewidths=1.2)
     if front:
         ax.step([p[1] for p in front], [p[2] for p in front], where="post", color="tab:red",
-                linewidth=1.2, alpha=0.7, label="Pareto front")
-        ax.legend(fontsize="small", loc="lower left")
-    ax.margins(0.15)  # room for the labels of points at the edges
+                linewidth=1.2, alpha=0.7, label="Pareto front (ringed)")
+    if points:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    ax.margins(0.1)
+    ensure_span(ax, MIN_SCORE_SPAN, "x")
+    ensure_span(ax, MIN_SCORE_SPAN, "y")
     ax.set_xlabel("new-task score (higher is better)")
     ax.set_ylabel("general retention (higher is better)")
     ax.set_title("Learning vs forgetting")

@@ -27,6 +27,7 @@ class Scenario:
     train: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     inputs: list[str] = field(default_factory=list)  # data folders it reads: a bench --out must not touch them
+    threads: int | None = None  # CPU threads to train and evaluate on (None: torch's default); fixed => same numbers
 
 
 Builder = Callable[..., Scenario]

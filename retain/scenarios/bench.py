@@ -9,18 +9,20 @@ item that has that parameter). Settings shared by all items come from a YAML fil
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
-from retain.config import load_config_dict, parse_override, parse_value, resolve_relative_paths
+from retain.config import load_config_dict, parse_override, parse_value, read_yaml, resolve_relative_paths
 from retain.errors import ConfigError, GateError, RetainError
+from retain.io_lock import writing_to
+from retain.models.runtime import torch_threads
 from retain.eval.budget import budget_problems
 from retain.eval.overlap import overlap_guard
-from retain.io import empty_folder, prepare_output, refuse_inputs
+from retain.io import SAFE_NAME_MAX, check_safe_name, empty_folder, folder_entries, inside, prepare_output, refuse_inputs
 from retain.results.aggregate import aggregate_seeds
 from retain.results.schema import Results, StrategyRun
 from retain.scenarios.base import Scenario, get_scenario
@@ -66,10 +68,7 @@ def read_bench_config(path: Path) -> dict[str, Any]:
     """A ``--config`` YAML (``strategies: {name: {param: v}}``, ``train: {...}``); strategy paths (``data``,
     ``file``, ``reuse_dir``, ``output_dir``) resolve against its folder, as in a run YAML."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the bench config ({err})") from None
+    data = read_yaml(path, "bench config") or {}
     strategies = data.get("strategies") if isinstance(data, dict) else None
     if not isinstance(data, dict) or not isinstance(strategies or {}, dict) or not isinstance(data.get("train") or {}, dict):
         raise ConfigError(f"{path}: expected a mapping with strategies: {{name: {{param: value}}}} and train: {{...}}")
@@ -80,7 +79,12 @@ def read_bench_config(path: Path) -> dict[str, Any]:
 
 
 def run_directory_name(item: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", item)
+    """The folder name of a bench item's run (``full+ewc@ewc.lambda_=100`` -> ``full_ewc_ewc.lambda_100``):
+    a safe name (``retain.io.unsafe_name_problem``); a long item keeps its start and a hash of the whole."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.strip()).lstrip(".") or "item"
+    if len(name) > SAFE_NAME_MAX:
+        name = f"{name[: SAFE_NAME_MAX - 13]}-{hashlib.sha256(item.encode()).hexdigest()[:12]}"
+    return check_safe_name(name)
 
 
 def build_run_config(
@@ -107,7 +111,7 @@ def build_run_config(
         "general_data": scenario.general_data.model_dump(mode="json") if scenario.general_data else None,
         "train": train,
         "checkpoint": {"every": 0},
-        "output": {"dir": str(out / "runs" / run_directory_name(item) / (f"seed-{seed}" if seed_folder else "")).rstrip("/"),
+        "output": {"dir": str(inside(out, "runs", run_directory_name(item), *([f"seed-{seed}"] if seed_folder else []))),
                    "save_per_task": False},
     }
     source = f"bench item '{item}'"
@@ -129,7 +133,7 @@ def holds_only_earlier_results(out: Path, scenario: str) -> bool:
     folder with something else in it still needs ``--overwrite``."""
     if not out.is_dir() or not (out / "results.json").is_file():
         return False
-    if not {p.name for p in out.iterdir()} <= BENCH_OUTPUTS:
+    if not {p.name for p in folder_entries(out)} <= BENCH_OUTPUTS:
         return False
     try:
         return Results.load(out / "results.json").scenario == scenario
@@ -175,11 +179,6 @@ def run_bench(
     ``runs/<item>/seed-<s>``, and add each item's mean and interval over seeds and report items.
     ``resume``: keep the runs of an earlier call into ``out`` that finished with the same config.
     """
-    from retain.eval.runner import SuiteObserver
-    from retain.report.html import write_report
-    from retain.report.markdown import print_budget, print_score_changes, print_summary
-    from retain.train import finetune
-
     console = console or Console()
     out = Path(out)
     early_inputs = [str(p) for p in (data_dir, config_file) if p is not None]
@@ -196,7 +195,7 @@ def run_bench(
     if repeated:
         raise ConfigError(f"strategy items share a run folder name ({', '.join(repeated)}): list each item once")
     seeds = list(seeds) if seeds else [seed]
-    configs = {
+    configs: dict[tuple[str, int], Any] = {
         (item, s): build_run_config(
             scenario, item, out, steps=steps, seed=s, shared=shared, train_overrides=file_settings.get("train") or {},
             overrides=overrides, progress=progress, seed_folder=len(seeds) > 1,
@@ -206,13 +205,29 @@ def run_bench(
     }  # every item validated before the first one trains
     for config in configs.values():  # and no item trains on text the suite scores (before any training)
         overlap_guard(config, scenario.suite, allow=config.eval.allow_overlap)
+    inputs = [*early_inputs, *scenario.inputs, scenario.base_model]
+    with writing_to(out, f"retain bench {scenario.name}", inputs=inputs), torch_threads(scenario.threads):
+        return _train_items(scenario, configs, out, inputs=inputs, seeds=seeds, console=console, progress=progress,
+                            overwrite=overwrite, resume=resume)
+
+
+def _train_items(
+    scenario: Scenario, configs: dict[tuple[str, int], Any], out: Path, *, inputs: list[str], seeds: list[int],
+    console: Console, progress: bool, overwrite: bool, resume: bool,
+) -> Results:
+    """Train the validated items into ``out`` (whose lock the caller holds); results, report and tables."""
+    from retain.eval.runner import SuiteObserver
+    from retain.report.html import write_report
+    from retain.report.markdown import print_budget, print_score_changes, print_summary
+    from retain.train import finetune
+
     if resume and holds_only_earlier_results(out, scenario.name):
         console.print(f"resuming the {scenario.name} bench in {out}: finished runs with the same config are kept")
     elif not overwrite and holds_only_earlier_results(out, scenario.name):
         console.print(f"replacing the earlier {scenario.name} results in {out} (a folder this command wrote)")
         overwrite = True
     resuming = resume and holds_only_earlier_results(out, scenario.name)
-    prepare_output(out, overwrite=overwrite or resuming, inputs=[*early_inputs, *scenario.inputs, scenario.base_model])
+    prepare_output(out, overwrite=overwrite or resuming, inputs=inputs)
     if overwrite and not resuming:
         empty_folder(out)
     runs: list[StrategyRun] = []

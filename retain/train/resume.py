@@ -24,15 +24,19 @@ uninterrupted one), and any key not listed above.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-import yaml
 
-from retain.config import RunConfig, load_config_dict
+from retain.config import RunConfig, load_config_dict, read_yaml
 from retain.errors import ConfigError, OutputError, RetainError, StateError
-from retain.io import empty_folder, ensure_dir, refuse_inputs
+from retain.io import atomic_write_json, content_hash, empty_folder, ensure_dir, folder_entries, refuse_inputs
+
+log = logging.getLogger("retain")
 
 RESUMABLE_KEYS = (
     "train.lr",
@@ -103,11 +107,11 @@ def recorded_config(run_dir: Path) -> RunConfig | None:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path, "recorded config")
         if not isinstance(data, dict):
             raise ConfigError("not a mapping")
         return load_config_dict(data, source=str(path))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RetainError) as err:
+    except RetainError as err:
         raise StateError(
             f"{path}: cannot read the config this run was started with ({err})",
             hint="resume with the retain version that started the run, or start a new output.dir",
@@ -133,11 +137,62 @@ def check_resume_changes(run_dir: Path, config: RunConfig) -> list[Change]:
 
 
 # ---------------------------------------------------------------------------------------------
+# What the run reads: a content fingerprint of every input file, checked on --resume
+
+#: The run folder's record of its inputs: ``{"files": {path: sha256}, "allowed_changes": [...]}``.
+INPUTS_FILE = "inputs.json"
+
+
+def input_fingerprints(config: RunConfig, inputs: Iterable[str]) -> dict[str, str]:
+    """sha256 of every local input but the model (task data, general_data, strategy files, the suite and
+    its data); hub names have none. The model's weights are left out: hashing gigabytes on every start
+    costs more than it protects (a changed base shows in the scores)."""
+    skipped = {config.model.name_or_path, config.model.tokenizer}
+    hashes = {}
+    for path in dict.fromkeys(str(p) for p in inputs if p and str(p) not in skipped):
+        digest = content_hash(path)
+        if digest is not None:
+            hashes[path] = digest
+    return hashes
+
+
+def check_input_fingerprints(
+    run_dir: Path, config: RunConfig, inputs: Iterable[str], *, resuming: bool, allow_changed: bool = False
+) -> None:
+    """Record what the run reads; on resume, refuse an input whose content changed since the run started.
+
+    A resumed run must see the same data (README: data changes are refused), and a path can keep its
+    name while its content changes. ``allow_changed`` (``--allow-changed-data``) continues on the new
+    content: one warning line, and the change is recorded in ``inputs.json``.
+    """
+    path = run_dir / INPUTS_FILE
+    current = input_fingerprints(config, inputs)
+    record: dict[str, Any] = {}
+    if resuming and path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise StateError(f"{path}: cannot read the inputs this run was started with ({err})",
+                             hint="restore the file, or start a new output.dir") from None
+    recorded = record.get("files") if isinstance(record.get("files"), dict) else {}
+    changed = [p for p, digest in current.items() if p in recorded and recorded[p] != digest]
+    if changed and not allow_changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise StateError(
+            f"--resume refused: {changed[0]}{more} changed since the run in {run_dir} started (its content differs "
+            f"from the fingerprint in {path}); a resumed run must read the data it started with",
+            hint="restore the file as it was, start a new output.dir, or pass --allow-changed-data to continue on "
+            "the changed data (recorded in inputs.json)",
+        )
+    history = list(record.get("allowed_changes") or [])
+    if changed:
+        log.warning("resuming on changed input data (--allow-changed-data): %s; recorded in %s", ", ".join(changed), path)
+        history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": changed})
+    atomic_write_json(path, {"files": {**recorded, **current}, "allowed_changes": history})
+
+
+# ---------------------------------------------------------------------------------------------
 # The run folder
-
-
-def _entries(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -159,7 +214,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, has_checkpoin
                           hint="choose another output.dir (e.g. --set output.dir=runs/new)")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite starts it again from scratch: pass one")
-    entries = _entries(run_dir)
+    entries = folder_entries(run_dir)
     if overwrite and entries:
         empty_folder(run_dir)
         entries = []

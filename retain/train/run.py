@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,10 +26,11 @@ from torch import nn
 
 from retain.config import RunConfig, load_config
 from retain.errors import ConfigError
-from retain.io import atomic_write_text, default_cache_dir
+from retain.io import atomic_write_text, default_cache_dir, inside
+from retain.io_lock import writing_to
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
-from retain.models.tasks import export_task_choices
+from retain.models.tasks import export_task_choices, task_folder_name
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
 from retain.train import checkpoint as ckpt
@@ -55,7 +57,7 @@ from retain.train.processes import (
     process_group_kwargs,
 )
 from retain.train.progress import TaskProgress, console_print
-from retain.train.resume import check_resume_changes, check_run_dir
+from retain.train.resume import check_input_fingerprints, check_resume_changes, check_run_dir
 
 log = logging.getLogger("retain")
 
@@ -125,32 +127,37 @@ def run_inputs(config: RunConfig, observer: RunObserver | None = None) -> list[s
 
 def _prepare_run_dir(
     config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool = False, inputs: list[str] | None = None,
-    console: Console | None = None,
+    console: Console | None = None, allow_changed_data: bool = False,
 ) -> ckpt.LoadedCheckpoint | None:
     """Apply the run folder's rules (``retain.train.resume``), check what --resume changes, record the
     config, and read the checkpoint to resume from."""
     latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=latest is not None,
-                  inputs=inputs if inputs is not None else config.input_paths())
+    inputs = inputs if inputs is not None else config.input_paths()
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=latest is not None, inputs=inputs)
     latest = None if overwrite else latest
     if resume and latest is None:
         console_print(console, f"nothing to resume in {run_dir} (no checkpoint yet): starting from the beginning")
     for change in check_resume_changes(run_dir, config) if latest is not None else []:
         console_print(console, f"resume with a changed key: {change}")
+    check_input_fingerprints(run_dir, config, inputs, resuming=latest is not None, allow_changed=allow_changed_data)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
 def _prepare_run_dir_once(
     accelerator: Any, config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool, inputs: list[str],
-    console: Console | None,
+    console: Console | None, held: ExitStack | None = None, allow_changed_data: bool = False,
 ) -> ckpt.LoadedCheckpoint | None:
-    """The run folder's rules applied by the main process; every process then reads the same checkpoint."""
+    """The run folder's rules applied by the main process; every process then reads the same checkpoint.
+    The main process takes the folder's lock into ``held`` first (one writer per run folder)."""
     loaded: ckpt.LoadedCheckpoint | None = None
 
     def prepare() -> str | None:
         nonlocal loaded
-        loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console)
+        if held is not None:
+            held.enter_context(writing_to(run_dir, "retain train", inputs=inputs, what="output.dir"))
+        loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console,
+                                  allow_changed_data=allow_changed_data)
         return None if loaded is None else str(loaded.path)
 
     path = on_main_process(accelerator, prepare)
@@ -186,14 +193,17 @@ class FineTune:
         self.console = console
         self.stop = StopRequest()
         self.decision: Decision = GO_ON
+        self.held = ExitStack()  # the run folder's lock, released when the run ends however it ends
 
     # -- setup --------------------------------------------------------------------------------
 
-    def setup(self, *, resume: bool, overwrite: bool = False, model: nn.Module | None = None, tokenizer: Any = None) -> None:
+    def setup(self, *, resume: bool, overwrite: bool = False, model: nn.Module | None = None, tokenizer: Any = None,
+              allow_changed_data: bool = False) -> None:
         """Validate, prepare the run folder, load model and data, and let strategies wrap the model."""
         from accelerate import Accelerator
 
         from retain.data import ensure_pad_token
+        from retain.data.task import fit_to_model
         from retain.models.loading import check_quantized_training, load_model, prepare_for_training
 
         config = self.config
@@ -223,13 +233,15 @@ class FineTune:
                 console_print(self.console, f"warning: {warning}")
         self.loaded = _prepare_run_dir_once(
             self.accelerator, config, self.run_dir, resume, overwrite=overwrite,
-            inputs=run_inputs(config, self.observer), console=self.console,
+            inputs=run_inputs(config, self.observer), console=self.console, held=self.held,
+            allow_changed_data=allow_changed_data,
         )
         if config.train.trackers:
             self.accelerator.init_trackers("retain", config=_flat_hparams(config))
         seed_everything(config.train.seed)
         if model is None:
             model, tokenizer = load_model(config.model)
+        config = self.config = fit_to_model(config, model)  # no window longer than the model's context
         self.tokenizer = ensure_pad_token(tokenizer)
         self.tasks = load_tasks(config, self.tokenizer)
         self.ctx = StrategyContext.for_run(config, self.accelerator, self.tokenizer, model, self.tasks, self.run_dir,
@@ -326,7 +338,7 @@ class FineTune:
         ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
         if config.output.save_per_task and accelerator.is_main_process:
             save_model_dir(
-                accelerator.unwrap_model(self.model), self.tokenizer, self.run_dir / "tasks" / f"{task.index:02d}-{task.name}",
+                accelerator.unwrap_model(self.model), self.tokenizer, inside(self.run_dir, "tasks", task_folder_name(task.index, task.name)),
                 as_full_model=hybrid.modifies_frozen_weights,
             )
         self.decision = first_stop([p.on_task_end(self.model, ctx, task, stats) for p in self.participants])
@@ -358,12 +370,12 @@ class FineTune:
         return False
 
     def stop_here(self, position: ckpt.Position, optimizer: Any, scheduler: Any, saved: Path | None) -> None:
-        """Ctrl-C: checkpoint the step just completed (a second Ctrl-C skips that) and stop."""
+        """Ctrl-C or SIGTERM: checkpoint the step just completed (a second signal skips that) and stop."""
         if saved is None:  # after a task's last step too: resuming there runs the task's end (outputs, evaluation)
             if self.accelerator.is_main_process:
-                console_print(self.console, "interrupted: saving a checkpoint of the last completed step (Ctrl-C again to skip it)")
+                console_print(self.console, self.stop.saving_note())
             saved = self.save_checkpoint(position, optimizer, scheduler)
-        raise TrainingInterrupted(describe_position(position, self.tasks), saved)
+        raise TrainingInterrupted(describe_position(position, self.tasks), saved, self.stop.signum)
 
     def save_checkpoint(self, position: ckpt.Position, optimizer: Any = None, scheduler: Any = None) -> Path:
         """Everything needed to resume at ``position``; optimizer state only mid-task (a task starts fresh)."""
@@ -416,19 +428,22 @@ def finetune(
     console: Console | None = None,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    allow_changed_data: bool = False,
 ) -> RunOutcome:
     """Train ``config.tasks`` in order with ``config.strategies``; resume exactly from the last checkpoint.
 
     ``model``/``tokenizer`` may be passed in memory (tests, benchmarks); otherwise they are loaded from
     ``config.model``. ``overwrite`` empties an ``output.dir`` that holds an earlier run or other files
     (never one that holds an input of the run). Ctrl-C during training checkpoints the last completed
-    step and raises :class:`~retain.train.interrupt.TrainingInterrupted`.
+    step and raises :class:`~retain.train.interrupt.TrainingInterrupted`. ``allow_changed_data``: resume
+    although an input's content changed since the run started (recorded in ``inputs.json``).
     """
     recipe = FineTune(config, observer=observer, console=console)
-    recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
-    start = recipe.restore()
-    task_stats = recipe.train_tasks(start)
-    outcome = recipe.export(task_stats)
+    with recipe.held:
+        recipe.setup(resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer, allow_changed_data=allow_changed_data)
+        start = recipe.restore()
+        task_stats = recipe.train_tasks(start)
+        outcome = recipe.export(task_stats)
     if recipe.decision.stop is not None:  # a participant ended the run (a budget's on_exhausted: stop)
         raise recipe.decision.stop
     return outcome

@@ -41,7 +41,7 @@ from retain.config import DataConfig, RunConfig, StrictModel
 from retain.data import load_records
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.data.sampling import Stream, derive_seed, seeded_generator
-from retain.io import atomic_write_text
+from retain.io import atomic_write_text, inside
 from retain.strategies._shared.mixing import RatioMixing
 from retain.strategies.base import Batch, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
@@ -246,7 +246,7 @@ class SyntheticReplay(RatioMixing):
             return
         directory = self.out_dir(ctx)
         for source, records in self.sets.items():
-            save_jsonl(records, directory / f"{source}.jsonl")
+            save_jsonl(records, inside(directory, f"{source}.jsonl"))
         atomic_write_text(directory / "manifest.json", json.dumps(self.manifest, indent=2, ensure_ascii=False))
 
     def _activate(self, source: str, ctx: StrategyContext) -> None:
