@@ -331,6 +331,19 @@ ROWS: dict[str, Any] = {
     ),
     # ---- retain eval
     "eval-suite-names-missing-file": Row(lambda c: ["eval", c.models["base"], "--suite", c.suite(c.tmp / "gone.jsonl")], ["{tmp}/gone.jsonl"]),
+    "eval-suite-duplicate-key": Row(
+        lambda c: ["eval", c.models["base"], "--suite", c.file("suite.yaml", f"tasks: []\ntasks:\n  - {{name: g, type: loss, data: {{path: '{c.good_data}'}}}}\n")],
+        ["{tmp}/suite.yaml", "key 'tasks' appears twice (lines 1 and 2)"],
+    ),
+    "eval-suite-duplicate-eval-name": Row(
+        lambda c: ["eval", c.models["base"], "--suite", c.file("suite.yaml", "".join(
+            f"  - {{name: g, type: loss, data: {{path: '{c.good_data}'}}}}\n" for _ in range(2)).join(["tasks:\n", ""]))],
+        ["{tmp}/suite.yaml", "tasks[0].name and tasks[1].name are both 'g'"],
+    ),
+    "eval-suite-empty-choices": Row(
+        lambda c: ["eval", c.models["base"], "--suite", c.file("suite.yaml", f"tasks:\n  - {{name: q, type: multiple_choice, data: {{path: '{c.good_data}'}}, choices: []}}\n")],
+        ["{tmp}/suite.yaml", "tasks[0].choices", "the choices list is empty"],
+    ),
     "eval-suite-not-found": Row(lambda c: ["eval", c.models["base"], "--suite", c.tmp / "nope.yaml"], ["{tmp}/nope.yaml"]),
     "eval-suite-not-yaml": Row(lambda c: ["eval", c.models["base"], "--suite", c.file("suite.yaml", "tasks: [\n")], ["{tmp}/suite.yaml"]),
     "eval-suite-unknown-key": Row(

@@ -438,3 +438,18 @@ def test_cuad_tsv_loads_as_multiple_choice(model, tok, data_dir):
     )
     score = S.evaluate_suite(model, tok, suite)["cuad"]
     assert score.n == 8 and 0.0 <= score.value <= 1.0
+
+
+def test_a_continuation_keeps_the_space_a_sentencepiece_tokenizer_puts_on_its_first_token(data_dir, tmp_path):
+    """'The little dog' + 'was' read 'The little dogwas' when the new tokens were decoded alone."""
+    from retain.eval.tasks.generate import _continuation
+    from retain.models.llama2c import ensure_stories260k
+    from retain.models.loading import load_any
+
+    _, tokenizer = load_any(str(ensure_stories260k(data_dir, tmp_path)))
+    prompt = tokenizer.encode("The little dog")
+    whole = tokenizer.encode("The little dog was happy")
+    assert whole[: len(prompt)] == prompt
+    new = whole[len(prompt):]
+    assert not tokenizer.decode(new, skip_special_tokens=True).startswith(" ")  # the bug: the space is dropped
+    assert _continuation(tokenizer, prompt, new) == " was happy"

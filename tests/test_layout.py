@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "retain"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"io"},
+    {"io_lock"},
     {"config"},
     {"registry"},
     {"data"},

@@ -76,6 +76,7 @@ def tune(
     from retain.guide.target import load_target
     from retain.guide.tune import MARKER, TuneOptions, Tuner, check_folder, space_lines
     from retain.guide.tune_report import figure_lines, front_tables
+    from retain.io_lock import writing_to
 
     flags = {"compute": None if compute is None else compute.strip().lower(),
              "privacy": None if privacy is None else privacy.strip().lower(),
@@ -105,7 +106,8 @@ def tune(
         console.print(f"  {escape(line)}", highlight=False)
     for key, why in tuner.skipped.items():
         console.print(escape(f"  skipped {key}: {why}"), highlight=False)
-    result = tuner.run()
+    with writing_to(out, "retain tune"):  # one writer per tune folder
+        result = tuner.run()
     for table in front_tables(result.records, min_general_retention, result.confirmed):
         console.print(table)
     if result.best is None:

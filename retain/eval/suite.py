@@ -37,11 +37,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from torch import nn
 
-from retain.config import StrictModel, apply_overrides, closest_name
+from retain.config import StrictModel, apply_overrides, closest_name, read_yaml
 from retain.errors import ConfigError
 from retain.eval.tasks import EvalTaskConfig, SharedWork, TaskResult, eval_task_union, eval_types
 from retain.eval.split import Part, SplitConfig, is_shared, split_indices
@@ -82,9 +81,9 @@ class SuiteConfig(StrictModel):
     @model_validator(mode="after")
     def _unique_names(self) -> "SuiteConfig":
         names = [t.name for t in self.tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"eval task names must be unique; repeated: {', '.join(dupes)}")
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            where = " and ".join(f"tasks[{i}].name" for i, n in enumerate(names) if n == name)
+            raise ValueError(f"eval names must be unique (they key the scores): {where} are both '{name}'")
         return self
 
 
@@ -138,6 +137,8 @@ def _problem(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return f"missing required key '{path}'"
     message = str(error["msg"]).removeprefix("Value error, ")
+    if not path:  # a rule over the whole suite (unique names): the message names its keys; no input dump
+        return message
     return f"'{path}': {message} (got {error.get('input')!r})"
 
 
@@ -187,14 +188,7 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> SuiteCon
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"eval suite file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read eval suite {path}: {err}") from None
+    data = read_yaml(path, "eval suite") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys tasks, sample_prompts, probe_prompts")
     if overrides:

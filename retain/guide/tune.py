@@ -56,7 +56,7 @@ from retain.guide.tune_report import (
     write_trials_json,
     write_tune_report,
 )
-from retain.io import atomic_write_text, output_errors
+from retain.io import atomic_write_text, folder_entries, output_errors
 
 STUDY_NAME = "retain-tune"
 MARKER = "tune.json"
@@ -190,7 +190,7 @@ def check_folder(out: Path, settings: dict[str, Any]) -> bool:
                 "resume it with the same ones, or choose another --out"
             )
         return True
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or folder_entries(out)):
         raise OutputError(
             f"--out {out} is not empty and is not a tune folder (no {MARKER}); choose an empty or new folder"
         )

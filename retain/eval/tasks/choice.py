@@ -135,6 +135,9 @@ class MultipleChoiceEval(PromptedEval):
     @field_validator("choices", mode="before")
     @classmethod
     def _no_yaml_booleans(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("the choices list is empty: give the answers to choose from, e.g. [\"No\", \"Yes\"], or "
+                             "drop the key to read each record's choices_field")
         if isinstance(value, list) and any(isinstance(v, bool) for v in value):
             raise ValueError('YAML reads unquoted No/Yes/true/false as booleans; quote the choices, e.g. ["No", "Yes"]')
         return value

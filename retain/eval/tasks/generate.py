@@ -62,8 +62,17 @@ def greedy_generate(
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             new_tokens = generated[:, ids.shape[1] :]
             for row, i in enumerate(batch):
-                outputs[i] = tokenizer.decode(new_tokens[row].tolist(), skip_special_tokens=True)
+                outputs[i] = _continuation(tokenizer, encoded[i], new_tokens[row].tolist())
     return outputs
+
+
+def _continuation(tokenizer: Any, prompt: list[int], new: list[int]) -> str:
+    """The new tokens' text as it follows the prompt: decoded together with the prompt and cut after it,
+    since SentencePiece tokenizers drop the leading space of a sequence's first token ("The little dog"
+    + "was" instead of " was") when the new tokens are decoded alone."""
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt + new, skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new, skip_special_tokens=True)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
