@@ -186,9 +186,13 @@ def show_warnings() -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from retain import __version__
+        from importlib import metadata
 
-        typer.echo(f"retain {__version__}")
+        try:
+            version = metadata.version("retain")
+        except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+            version = "0+unknown"
+        typer.echo(f"retain {version}")
         raise typer.Exit()
 
 
