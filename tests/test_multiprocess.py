@@ -167,7 +167,8 @@ def test_two_processes_train_the_model_of_one_process_with_the_same_global_batch
     assert [(tmp_path / f"refused-rank{r}.txt").read_text() for r in range(WORLD)] == ["StateError"] * WORLD
 
 
-@pytest.mark.parametrize("strategies", [["full"], ["full", {"name": "lwf", "alpha": 8.0}]], ids=["full", "full+lwf"])
+@pytest.mark.parametrize("strategies", [["full"], ["full", {"name": "lwf", "alpha": 8.0, "anchor": "task"}]],
+                         ids=["full", "full+lwf"])  # task anchors: general ones are drawn per micro-batch
 def test_gradient_accumulation_equals_the_larger_batch_on_uneven_examples(tmp_path, strategies):
     """Prompt/completion rows hold different numbers of label tokens: the step's token mean (not the mean
     of micro-batch means) makes 2 micro-batches of 2 the same step as one batch of 4."""

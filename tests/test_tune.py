@@ -20,6 +20,7 @@ from retain.guide.target import load_target
 from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
 from retain.guide.tune_report import TrialRecord, choose_best, confirm_candidates, front
 from retain.results.schema import Score
+from retain.data.sampling import Stream, derive_seed
 from retain.train.run import load_run_config
 
 runner = CliRunner()
@@ -395,20 +396,22 @@ def test_select_chooses_confirmation_reruns_on_fresh_seeds_and_report_is_read_on
     out = tmp_path / "tune"
     target = load_target(str(tiny_run))
     base_seed = target.base["train"]["seed"]
-    train, seen = fake_training(base_seed, unlucky_seed=base_seed + 1)
+    fresh = [derive_seed(base_seed, Stream.TUNE_CONFIRM, rank) % 2**31 for rank in (0, 1)]
+    train, seen = fake_training(base_seed, unlucky_seed=fresh[0])
     options = TuneOptions(trials=3, seed=1, constraints=SMALL, min_general_retention=0.8, hybrids=["lora+lwf"])
     result = Tuner(target, options, out, train_fn=train).run()  # --steps not given: trials at the full budget
     search = [r for r in result.records if r.duplicate_of is None]
     assert all(r.stage == "search" and r.seed == base_seed and r.steps == 6 for r in search)
     for r in search:  # the search recorded select figures: 0.10 before on the task, never the report's 0.25
         assert r.new_task_score_before == pytest.approx(0.10) and r.new_task_score != pytest.approx(0.20)
-    # confirmed even at the full budget, on fresh seeds (seed + 1 + rank), scored on select
-    assert [(c.stage, c.seed, c.steps) for c in result.confirmed] == [("confirm", base_seed + 1, 6), ("confirm", base_seed + 2, 6)]
-    assert [s for s in seen if s[0] == "confirm"] == [("confirm", base_seed + 1, 6), ("confirm", base_seed + 2, 6)]
+    # confirmed even at the full budget, on fresh seeds (one rule: derive_seed by purpose), scored on select
+    assert [(c.stage, c.seed, c.steps) for c in result.confirmed] == [("confirm", fresh[0], 6), ("confirm", fresh[1], 6)]
+    assert [s for s in seen if s[0] == "confirm"] == [("confirm", fresh[0], 6), ("confirm", fresh[1], 6)]
+    assert base_seed not in fresh
     top_search = max(search, key=lambda r: r.new_task_score)
     assert result.confirmed[0].confirms == top_search.number  # rank 0: the best search trial, on the unlucky seed
     # the confirmation decides: rank 0 lost 0.3 on its fresh seed, so rank 1 wins
-    assert result.best is result.confirmed[1] and result.best.seed == base_seed + 2 and result.keeps_floor
+    assert result.best is result.confirmed[1] and result.best.seed == fresh[1] and result.keeps_floor
     assert result.confirmed[0].report is None  # only the winner is read on the report part
     report = result.best.report
     assert report["new_task_score"] == pytest.approx(0.20) and report["new_task_score_before"] == pytest.approx(0.25)
@@ -417,16 +420,16 @@ def test_select_chooses_confirmation_reruns_on_fresh_seeds_and_report_is_read_on
     data = json.loads((out / "trials.json").read_text())
     assert set(data) >= {"selection", "confirmation", "report"}
     assert [t["stage"] for t in data["selection"]] == ["search"] * len(data["selection"])
-    assert [c["seed"] for c in data["confirmation"]] == [base_seed + 1, base_seed + 2]
-    assert data["report"]["part"] == "report" and data["report"]["seed"] == base_seed + 2
+    assert [c["seed"] for c in data["confirmation"]] == [fresh[0], fresh[1]]
+    assert data["report"]["part"] == "report" and data["report"]["seed"] == fresh[1]
     assert data["report"]["new_task_score"] == pytest.approx(0.20)
     assert data["best"]["chosen_on"] == "select" and data["best"]["beats_base_model"] is False
     assert any("does not beat the base model on the new task (0.200 vs 0.250 before" in w for w in data["best"]["warnings"])
     header = [line for line in (out / "best.yaml").read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
     assert "selection (select part" in text and "confirmation (select part" in text and "report (report part" in text
-    assert f"fresh seed {base_seed + 2}" in text and "WARNING: does not beat the base model" in text
-    assert load_run_config(out / "best.yaml").train.seed == base_seed + 2  # retrains the reported run
+    assert f"fresh seed {fresh[1]}" in text and "WARNING: does not beat the base model" in text
+    assert load_run_config(out / "best.yaml").train.seed == fresh[1]  # retrains the reported run
     html = (out / "report.html").read_text()
     assert "does not beat the base model" in html and "report (report part" in html
 

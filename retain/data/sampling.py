@@ -54,6 +54,7 @@ class Stream(IntEnum):
     LWF_POOL              lwf's general anchor pool                 -
     LWF_ORDER             the order lwf reads its anchor pool       epoch
     BUDGET_PROBE          a budget's fallback task-loss subset      -
+    TUNE_CONFIRM          ``retain tune``'s fresh confirmation seed  rank of the confirmed trial
     ====================  ========================================  ============================
 
     ``ESTIMATE_*`` derive from an estimate's own seed (``retain importance compute --seed``, a strategy's
@@ -78,6 +79,7 @@ class Stream(IntEnum):
     LWF_POOL = 16
     LWF_ORDER = 17
     BUDGET_PROBE = 18
+    TUNE_CONFIRM = 19
 
 
 def derive_seed(seed: int, *indices: int) -> int:
