@@ -154,10 +154,12 @@ def test_merge_and_bench_hold_their_out_folder(tiny_model_dir: Path, text_file: 
         result = CliRunner().invoke(app, ["merge", str(tiny_model_dir), str(tiny_model_dir), "--out", str(out)],
                                     env={"RETAIN_DEBUG": ""})
     assert result.exit_code == 2 and f"is in use by retain merge (pid {os.getpid()}" in result.output, result.output
+    held = tmp_path / "held.jsonl"  # the overlap guard refuses scoring the training file itself
+    held.write_text("".join(json.dumps({"text": f"a held-out line about a quiet river, number {i}."}) + "\n" for i in range(8)))
     scenario = Scenario(
         name="tiny", base_model=str(tiny_model_dir),
         tasks=[TaskConfig(name="t", data=DataConfig(path=str(text_file), max_length=16))],
-        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(text_file), max_length=16), max_examples=2)]),
+        suite=SuiteConfig(tasks=[LossEval(name="g", data=DataConfig(path=str(held), max_length=16), max_examples=2)]),
         general_data=None, train={"steps_per_task": 1, "batch_size": 2},
     )
     with FolderLock(tmp_path / "bench", "retain bench tiny"), pytest.raises(StateError, match="in use by retain bench tiny"):
