@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import os
 from pathlib import Path
 from typing import Any
@@ -474,3 +475,31 @@ def test_task_kl_is_measured_on_the_tasks_own_inputs_and_bounds_a_budget(files, 
     assert run.budget.tasks[0].kept_step == 0 and run.summary.task_kl == pytest.approx(0.0, abs=1e-6)
     _, free = budgeted_run(tiny_model_dir, files, tmp_path / "free", ["full"], {"max_task_kl": 100.0, "check_every": 4})
     assert free.budget.tasks[0].kept_step == 8 and free.summary.task_kl == free.records[-1].drift.task_kl > 0
+
+
+def test_a_bench_stopped_inside_a_run_resumes_that_run_exactly(files, tiny_model_dir, tmp_path):
+    """``bench --resume`` after a kill: the unfinished run continues from its last checkpoint (no new rows for
+    the steps it had done) and ends with the weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    scenario = _scenario(files, tiny_model_dir, make_suite(files))
+    sets = ["checkpoint.every=2", "train.log_every=1", "checkpoint.keep=5"]
+    run_bench(scenario, ["full"], out=tmp_path / "bench", progress=False, sets=sets)
+    run_dir = tmp_path / "bench" / "runs" / "full"
+    whole = load_file(next((run_dir / "final").glob("*.safetensors")))
+    # what a kill after step 2 leaves: the step-2 checkpoint, the log of steps 1-2, no results
+    for later in sorted((run_dir / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(later)
+    log = (run_dir / "train_log.jsonl").read_text().splitlines()
+    kept = [json.dumps({**json.loads(line), "written_before_the_kill": True}) for line in log[:2]]
+    (run_dir / "train_log.jsonl").write_text("\n".join(kept) + "\n")
+    for name in ("results.json", "final"):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_bench(scenario, ["full"], out=tmp_path / "bench", progress=False, sets=sets, resume=True)
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # steps 3 and 4 were trained once, after the resume
+    assert [r.get("written_before_the_kill", False) for r in rows] == [True, True, False, False]  # not trained again
+    resumed = load_file(next((run_dir / "final").glob("*.safetensors")))
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)

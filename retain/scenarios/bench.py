@@ -153,6 +153,20 @@ def _finished_run(config: Any) -> StrategyRun | None:
     return run if run.config == config.model_dump(mode="json") else None
 
 
+def _interrupted_run(config: Any) -> bool:
+    """``config.output.dir`` holds checkpoints of an unfinished run of exactly this config (an earlier bench
+    was stopped in it): it is resumed, not trained again."""
+    from retain.train.checkpoint import latest_checkpoint
+
+    run_dir = Path(config.output.dir)
+    if not (run_dir / "config.yaml").is_file() or latest_checkpoint(run_dir) is None:
+        return False
+    try:
+        return read_yaml(run_dir / "config.yaml", "run config") == config.model_dump(mode="json")
+    except RetainError:
+        return False
+
+
 def run_bench(
     scenario: str | Scenario,
     strategies: list[str],
@@ -246,8 +260,9 @@ def _train_items(
             scenario.suite, name=item, run_dir=run_dir, config=config.model_dump(mode="json"),
             batch_size=config.eval.batch_size, progress=progress, console=console,
         )
+        picks_up = resuming and _interrupted_run(config)  # a killed bench continues the run it was in
         try:
-            finetune(config, observer=observer, console=console, overwrite=resuming)
+            finetune(config, observer=observer, console=console, overwrite=resuming and not picks_up, resume=picks_up)
         except GateError as err:  # a budget with on_exhausted: stop ended this item; the others still run
             console.print(f"[red]{label}[/]: {err}", highlight=False)
             stopped.append(label)

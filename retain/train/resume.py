@@ -217,7 +217,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, has_checkpoin
     entries = folder_entries(run_dir)
     if overwrite and entries:
         empty_folder(run_dir)
-        entries = []
+        entries, has_checkpoint = [], False  # its checkpoints went with it
     if has_checkpoint and not resume:
         raise StateError(
             f"{run_dir} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to start "
