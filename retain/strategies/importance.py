@@ -67,6 +67,7 @@ from retain.losses.quadratic import (
     sparse_penalty_per_layer,
     top_elements,
 )
+from retain.models.distributed import is_dtensor, local_part
 from retain.models.runtime import trainable_parameters
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.path_integral import GeneralOptimizer, path_integral_importance, si_importance
@@ -115,20 +116,15 @@ class ImportanceConfig(StrategyConfig):
     seed: int | None = Field(None, description="Seed of the general pass's example subset; default: train.seed.")
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """This process's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def sum_and_count(omega: dict[str, Tensor]) -> tuple[float, int]:
     """The sum and number of Omega's elements over the whole model. Sharded (FSDP2) Omega is a DTensor
     per parameter: each process adds its shards and one all-reduce adds the processes' parts."""
-    total = sum(float(_local(t).float().sum()) for t in omega.values())
-    count = sum(_local(t).numel() for t in omega.values())
-    if any(hasattr(t, "to_local") for t in omega.values()):
+    total = sum(float(local_part(t).float().sum()) for t in omega.values())
+    count = sum(local_part(t).numel() for t in omega.values())
+    if any(is_dtensor(t) for t in omega.values()):
         import torch.distributed as dist
 
-        device = _local(next(iter(omega.values()))).device
+        device = local_part(next(iter(omega.values()))).device
         both = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         dist.all_reduce(both)
         total, count = float(both[0]), int(both[1])

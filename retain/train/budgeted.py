@@ -53,13 +53,13 @@ from retain.eval.budget import BudgetMeter, Measurement, budget_problems, mean_t
 from retain.eval.participant import GO_ON, Decision, Participant
 from retain.eval.suite import SuiteConfig
 from retain.io import append_jsonl, atomic_file
+from retain.models.distributed import is_sharded, local_part, once
 from retain.models.runtime import trainable_parameters
 from retain.results.schema import BudgetCheck, BudgetResult, BudgetTask
 from retain.strategies import Strategy, TaskInfo
 from retain.strategies.base import Strength
 from retain.train.budget import Bounds, BudgetController, is_check_step, next_check_step, worst_violation
 from retain.train.checkpoint import save_tensors
-from retain.train.processes import on_main_process
 from retain.train.progress import console_print
 
 log = logging.getLogger("retain")
@@ -111,50 +111,6 @@ def budget_config_problems(config: RunConfig) -> list[str]:
     if config.budget is None or config.eval.suite:
         return []
     return budget_problems(config.budget, None, [], "eval.suite")
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether the model's parameters are sharded across processes (FSDP2's DTensors)."""
-    return any(_is_dtensor(p) for p in model.parameters())
-
-
-def _is_dtensor(tensor: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed support
-        return False
-    return isinstance(tensor, DTensor)
-
-
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
-def agreed(accelerator: Any, work: Callable[[], Any], *, together: bool) -> Any:
-    """``work()``'s value on the main process, given to every process (its error raised on every one).
-
-    ``together=False``: the main process alone runs it (data-parallel: it holds the whole model).
-    ``together=True``: every process runs it (sharded weights: each forward is a collective all must
-    join) and the main process's value wins, so float differences cannot split the decisions."""
-    if accelerator.num_processes == 1:
-        return work()
-    if not together:
-        return on_main_process(accelerator, work)
-    from accelerate.utils import broadcast_object_list
-
-    value, own = None, None
-    try:
-        value = work()
-    except Exception as err:  # noqa: BLE001 - the main process's error must reach the others
-        own = err
-    box = [value, None if own is None else RuntimeError(f"{type(own).__name__} on the main process: {own}")]
-    broadcast_object_list(box, from_process=0)
-    if own is not None:
-        raise own
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
 
 
 def broadcast_trainable(model: nn.Module) -> None:
@@ -311,7 +267,7 @@ class BudgetParticipant(Participant):
 
     def _agreed(self, model: nn.Module, work: Callable[[], Any]) -> Any:
         """``work()`` (a measurement) run where the weights allow, its main-process value on every process."""
-        return agreed(self.ctx.accelerator, work, together=self._together(model))
+        return once(self.ctx.accelerator, work, together=self._together(model))
 
     def _measure(self, model: nn.Module, task: TaskInfo) -> Measurement:
         """The main process's measurement, on every process (the decisions that follow are computed
