@@ -253,3 +253,96 @@ def test_two_processes_budget_importance_and_once_built_data_match_one_process(t
     main, other = two_records["lwf-pool"]
     assert (main["pools"], other["pools"]) == (1, 0)
     assert main["pool"] == other["pool"] == one["lwf-pool"][1]["pool"] and len(main["pool"]) == 5
+
+
+def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
+    """FSDP2 (fully_shard, gloo) on a tiny Llama: the budget keeps and restores each process's shards, and
+    importance's path integral, Omega and its normalization work on DTensors, equal to the unsharded ones."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import copy
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from retain.config import BudgetConfig
+    from retain.models.distributed import is_dtensor, is_sharded, local_part
+    from retain.models.tiny import char_tokenizer, tiny_model
+    from retain.strategies.importance import Importance, ImportanceConfig
+    from retain.strategies._shared.calibration import detached_copy
+    from retain.train.budgeted import BudgetParticipant, KeptPoint
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    tokenizer = char_tokenizer()
+    plain = tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+    model = copy.deepcopy(plain)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert is_sharded(model) and not is_sharded(plain)
+    accelerator = SimpleNamespace(num_processes=world, process_index=rank, is_main_process=rank == 0,
+                                  wait_for_everyone=dist.barrier, scaler=None)
+    ids = torch.tensor([[(7 * i + j) % len(tokenizer) for j in range(12)] for i in range(2)])
+    results: dict[str, torch.Tensor] = {}
+
+    # importance, source: training: one SGD step on each model, the same batch on every process
+    omegas = []
+    for net in (plain, model):
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        strategy = Importance(ImportanceConfig(source="training"))
+        strategy._source, strategy._params = "training", params
+        strategy.anchor = detached_copy(params)
+        strategy.path = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        ctx = SimpleNamespace(accelerator=accelerator if net is model else None, unwrapped_model=net)
+        optimizer = torch.optim.SGD(list(params.values()), lr=0.5)
+        for _ in range(2):
+            net(input_ids=ids, labels=ids).loss.backward()
+            strategy.after_backward(net, ctx)
+            optimizer.step()
+            optimizer.zero_grad()
+            strategy.after_step(net, ctx)
+        strategy.after_task(None, ctx)
+        omegas.append(strategy._weights)  # normalized Omega, as the penalty uses it
+    assert all(is_dtensor(t) for t in omegas[1].values())  # Omega sharded like its parameter
+    for name, value in omegas[1].items():
+        results[f"omega/{name}"] = value.full_tensor()
+        results[f"omega_plain/{name}"] = omegas[0][name]
+
+    # the budget's kept point: each process its own shards on disk, restored after the weights moved
+    budget = BudgetParticipant(BudgetConfig(min_general_retention=0.9), [], None, run_dir=Path(root) / "run")
+    budget.ctx = SimpleNamespace(accelerator=accelerator)
+    budget._sharded, budget.in_memory = True, False
+    kept = {n: local_part(p.detach()).clone() for n, p in model.named_parameters()}
+    budget._keep(model, SimpleNamespace(index=0), KeptPoint(2, 2, 0.5, True, -1.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            local_part(p).add_(1.0)
+    budget._restore(model, budget.kept)
+    restored = all(torch.equal(local_part(p.detach()), kept[n]) for n, p in model.named_parameters())
+    results["restored"] = torch.tensor([float(restored)])
+    files = sorted(f.name for f in (Path(root) / "run" / "budget").iterdir())
+    results["files"] = torch.tensor([float(len(files))])
+    dist.barrier()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in results.items()}, str(Path(root) / "sharded.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sharded_parameters_keep_budget_points_and_importance_per_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.start_processes(_sharded_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method=START_METHOD)
+    out = load_file(str(tmp_path / "sharded.safetensors"))
+    assert out["restored"].item() == 1.0 and out["files"].item() == WORLD  # one kept file per process
+    names = [k.split("/", 1)[1] for k in out if k.startswith("omega/")]
+    assert names
+    worst = max(((out[f"omega/{n}"] - out[f"omega_plain/{n}"]).abs().max() / out[f"omega_plain/{n}"].abs().max().clamp_min(1.0)).item()
+                for n in names)
+    print(f"sharded Omega vs unsharded: max relative difference {worst:.2e}")
+    assert worst <= 1e-4, worst
+    assert any(out[f"omega_plain/{n}"].abs().max() > 0 for n in names)
