@@ -30,7 +30,8 @@ the same ones (strengths, rollback, stop) without further messages. Data-paralle
 same weights, so the main process alone keeps the point; a rollback restores it there and broadcasts
 the trainable weights to the others. Sharded weights (FSDP2's DTensor parameters) are measured by every
 process together (each forward is a collective) and each process keeps and restores its own shards
-(``measure_together``: None detects sharding from the parameters).
+(``measure_together``; None decides at the run's start: sharded when ``train.parallel`` is ``fsdp``,
+accelerate runs FSDP or the base model's parameters are already DTensors).
 """
 
 from __future__ import annotations
@@ -113,6 +114,16 @@ def budget_config_problems(config: RunConfig) -> list[str]:
     return budget_problems(config.budget, None, [], "eval.suite")
 
 
+def shards_weights(ctx: Any, model: nn.Module) -> bool:
+    """Whether the run shards its weights across processes: ``train.parallel: fsdp``, accelerate set up
+    for FSDP, or parameters that already are DTensors."""
+    accelerator = ctx.accelerator
+    if accelerator.num_processes == 1:
+        return False
+    kind = getattr(getattr(accelerator, "distributed_type", None), "name", "")
+    return getattr(ctx.config.train, "parallel", "ddp") == "fsdp" or kind == "FSDP" or is_sharded(model)
+
+
 def broadcast_trainable(model: nn.Module) -> None:
     """The main process's trainable weights copied into every process's (data-parallel rollback)."""
     import torch.distributed as dist
@@ -129,7 +140,7 @@ def budget_participant(
 ) -> "BudgetParticipant | None":
     """The run's budget participant, or None without a ``budget:`` section; refuses, before any model loads,
     a budget the suite cannot measure. Built on every process (``processes``: how many): the main one
-    measures (with ``measure_together`` every one joins, None: when the weights are sharded) and all
+    measures (with ``measure_together`` every one joins; None: when the run shards its weights) and all
     apply the same decisions."""
     if config.budget is None:
         return None
@@ -164,7 +175,7 @@ class BudgetParticipant(Participant):
         measure_together: bool | None = None,
     ) -> None:
         self.config = config
-        self.measure_together = measure_together  # None: every process measures when the weights are sharded
+        self.measure_together = measure_together  # None: decided in on_start (sharded runs measure together)
         self.meter = meter
         self.run_dir = Path(run_dir)
         self.report = report
@@ -209,6 +220,8 @@ class BudgetParticipant(Participant):
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         """The base model's side of every measurement, taken before any strategy wraps the model."""
         self.ctx = ctx
+        if self.measure_together is None:
+            self.measure_together = shards_weights(ctx, model)
         self._agreed(model, lambda: self._start(model))
 
     def _start(self, model: nn.Module) -> None:
@@ -263,7 +276,14 @@ class BudgetParticipant(Participant):
         return self.ctx is None or self.ctx.accelerator.is_main_process
 
     def _together(self, model: nn.Module) -> bool:
-        return self.measure_together if self.measure_together is not None else is_sharded(model)
+        """Whether every process runs the measurement's forwards (fixed at the run's start: a process that
+        did not measure the base model cannot measure later)."""
+        if not self.measure_together and self.ctx.accelerator.num_processes > 1 and is_sharded(model):
+            raise RuntimeError(
+                "budget: the weights are sharded but the budget was set up to measure on the main process alone "
+                "(a sharded forward needs every process); pass measure_together=True to budget_participant"
+            )
+        return bool(self.measure_together)
 
     def _agreed(self, model: nn.Module, work: Callable[[], Any]) -> Any:
         """``work()`` (a measurement) run where the weights allow, its main-process value on every process."""
