@@ -227,3 +227,34 @@ def test_two_task_sequence_resumes_mid_second_task(strategy, tiny_model_dir, tmp
     assert set(got) == set(expected)
     diff = max((got[n] - expected[n]).abs().max().item() for n in expected)
     assert diff <= 1e-6, diff
+
+
+MICRO = "_test-micro-batch"
+
+
+@register_strategy(MICRO)
+class MicroBatchProbe(Strategy):
+    """Records ``ctx.micro_batch`` where each hook sees it (class-level: the session builds its own instance)."""
+
+    seen: list[tuple[str, int]] = []
+
+    def transform_batch(self, batch, ctx):
+        MicroBatchProbe.seen.append(("transform", ctx.micro_batch))
+        return batch
+
+    def extra_losses(self, outputs, batch, ctx):
+        MicroBatchProbe.seen.append(("score", ctx.micro_batch))
+        return {}
+
+
+def test_trainer_sets_the_micro_batch_as_the_loop_does(tmp_path):
+    """With gradient accumulation 2, each step builds micro-batches 0 and 1 before any forward, then
+    scores them in the same order (what lwf's and fip's per-micro-batch pool rows rely on)."""
+    task, general = _files(tmp_path)
+    tokenizer = char_tokenizer()
+    MicroBatchProbe.seen = []
+    session = _session(["full", MICRO], task, general, tmp_path / "trainer")
+    args = _args(tmp_path / "trainer" / "hf", 2, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    session.train(_trainer(session, session.setup(_model(tokenizer), tokenizer), args))
+    step = [("transform", 0), ("transform", 1), ("score", 0), ("score", 1)]  # 4 examples: two whole steps
+    assert MicroBatchProbe.seen == step * 2, repr(MicroBatchProbe.seen)

@@ -3,8 +3,9 @@
 ``retain_trainer(TrainerClass)`` returns a subclass that takes ``retain=session`` and places each hook where
 retain's own loop has it:
 
-- ``transform_batch``: in ``get_batch_samples``, once per micro-batch in order, before any forward; the
-  label count the Trainer normalizes by (``num_items_in_batch``) is taken again on the transformed batches,
+- ``transform_batch``: in ``get_batch_samples``, once per micro-batch in order, before any forward
+  (``ctx.micro_batch`` names the micro-batch being built, then the one being scored in ``compute_loss``,
+  as in retain's loop: lwf and fip keep their pool rows per micro-batch); the label count the Trainer normalizes by (``num_items_in_batch``) is taken again on the transformed batches,
   so masking (stm) and mixing (replay) change the normalization as they change the loss.
 - forward and ``extra_losses``: in ``compute_loss``, which runs the model on ``input_ids``/
   ``attention_mask``/``labels`` (the logits strategies need; TRL's fused head does not build them) and
@@ -83,6 +84,7 @@ class RetainTrainerMixin:
         self._retain_terms: dict[str, torch.Tensor] = {}
         self._retain_steps = 0
         self._retain_after_backward_done = False
+        self._retain_micro = 0  # the micro-batch of the step compute_loss scores next
         self.add_callback(RetainCallback(self))
         retain.bind(self)
 
@@ -90,11 +92,13 @@ class RetainTrainerMixin:
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._retain_micro = 0  # a new optimizer step: compute_loss scores its micro-batches in this order
         if not self._retain_transforms:
             return batches, num_items
         ctx = self.retain.ctx
         transformed = []
-        for batch in batches:
+        for micro, batch in enumerate(batches):
+            ctx.micro_batch = micro
             plain = _retain_batch(batch)
             plain = {k: v.cpu() for k, v in plain.items()}  # transforms build rows on the host, as in retain's loop
             transformed.append(self.retain.hybrid.transform_batch(plain, ctx))
@@ -109,6 +113,7 @@ class RetainTrainerMixin:
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         batch = _retain_batch(inputs)
+        self.retain.ctx.micro_batch, self._retain_micro = self._retain_micro, self._retain_micro + 1
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         terms = self.retain.hybrid.extra_losses(outputs, batch, self.retain.ctx)
         steps = int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps)

@@ -14,7 +14,10 @@ al. 2017), without any Fisher pass:
   from ``file`` (``retain importance compute --method importance``).
 - ``training``: a by-product of training each task (the loop's own gradients and steps; this
   strategy's own penalty gradient is subtracted so only the task loss is credited), consolidated
-  after the task, the anchor moving to the task's final weights (as SI).
+  after the task, the anchor moving to the task's final weights (as SI). With several processes the
+  weights' gradients and steps are already the averaged ones, so each process's path integral is the
+  global one once the penalty's per-layer coefficients are averaged too (``step_coefficients``); with
+  sharded weights (FSDP2) the path integral, anchor and Omega are DTensors sharded like their parameter.
 - ``general+training``; ``auto`` = ``general`` when general text or a file is set, else ``training``.
 
 Layer coefficients ``c_l`` (``layer_balance``, see ``retain.losses.quadratic.layer_coefficients``)
@@ -64,6 +67,7 @@ from retain.losses.quadratic import (
     sparse_penalty_per_layer,
     top_elements,
 )
+from retain.models.distributed import is_dtensor, local_part
 from retain.models.runtime import trainable_parameters
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.path_integral import GeneralOptimizer, path_integral_importance, si_importance
@@ -112,12 +116,43 @@ class ImportanceConfig(StrategyConfig):
     seed: int | None = Field(None, description="Seed of the general pass's example subset; default: train.seed.")
 
 
+def sum_and_count(omega: dict[str, Tensor]) -> tuple[float, int]:
+    """The sum and number of Omega's elements over the whole model. Sharded (FSDP2) Omega is a DTensor
+    per parameter: each process adds its shards and one all-reduce adds the processes' parts."""
+    total = sum(float(local_part(t).float().sum()) for t in omega.values())
+    count = sum(local_part(t).numel() for t in omega.values())
+    if any(is_dtensor(t) for t in omega.values()):
+        import torch.distributed as dist
+
+        device = local_part(next(iter(omega.values()))).device
+        both = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(both)
+        total, count = float(both[0]), int(both[1])
+    return total, count
+
+
 def normalized(omega: dict[str, Tensor]) -> dict[str, Tensor]:
     """Omega divided by its mean over every element (left as is when all zero)."""
-    total = sum(float(t.float().sum()) for t in omega.values())
-    count = sum(t.numel() for t in omega.values())
+    total, count = sum_and_count(omega)
     mean = total / max(count, 1)
     return {n: t / mean for n, t in omega.items()} if mean > 0 else dict(omega)
+
+
+def step_coefficients(scales: dict[str, Tensor], unscale: float, accelerator: Any = None) -> dict[str, float]:
+    """Each layer's c_l averaged over the step's micro-batches and processes: what the averaged gradient
+    of the penalty was weighed by, and so what ``after_backward`` subtracts to credit only the task loss.
+
+    Backward leaves each process its own micro-batches' mean in ``s_l.grad`` (``s_l`` is no parameter, so
+    DDP/FSDP do not average it), while the weights' gradients are averaged over processes; one all-reduce
+    of these few scalars makes every process subtract the same penalty gradient, so every process's path
+    integral is that of the global gradient (one process's at the same global batch when c_l = 1)."""
+    layers = [layer for layer, s in scales.items() if s.grad is not None]
+    if not layers:
+        return {}
+    values = torch.stack([scales[layer].grad.detach().float().reshape(()) for layer in layers]) * unscale
+    if accelerator is not None and accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(layers, values.tolist()))
 
 
 def sparse_state(
@@ -244,8 +279,7 @@ class Importance(Strategy):
         scales, self._scales = self._scales, None
         mean_c = {}
         if scales is not None and self._penalizing:
-            # the mean over the step's micro-batches of each layer's c_l (the loss is divided by grad_accum)
-            mean_c = {layer: float(s.grad) * unscale for layer, s in scales.items() if s.grad is not None}
+            mean_c = step_coefficients(scales, unscale, ctx.accelerator)
         grads = {}
         with torch.no_grad():
             for name, p in params.items():
@@ -352,8 +386,7 @@ class Importance(Strategy):
         dtype = DTYPES[self.config.state_dtype]
         if self.config.state == "topk":
             assert anchor is not None
-            total = sum(float(t.float().sum()) for t in omega.values())
-            count = sum(t.numel() for t in omega.values())
+            total, count = sum_and_count(omega)
             self.omega_mean = total / max(count, 1) if total > 0 else 1.0
             self.sparse = sparse_state(omega, anchor, self.config.keep_fraction, dtype)
             self.omega_raw = None

@@ -77,6 +77,7 @@ from retain.data.replay_buffer import REPLAYED
 from retain.data.sampling import Stream, sample_indices, subset_indices
 from retain.errors import ConfigError
 from retain.models.adapters import is_peft_model
+from retain.models.distributed import once
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
 from retain.models.runtime import align_to_inputs
 from retain.strategies._shared.teachers import (
@@ -223,10 +224,7 @@ class LearningWithoutForgetting(Strategy):
                 "strategies), or use teacher: copy / cached_topk."
             )
         if self.config.anchor == "general":
-            examples = ctx.general_examples(self.config.data, "lwf")
-            self._pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, ctx.seed_for(self, Stream.LWF_POOL))]
-            if not self._pool:
-                raise ConfigError("lwf: the general anchor data has no examples")
+            self._pool = once(ctx.accelerator, lambda: self._general_pool(ctx))
         if source == "copy":
             self._teacher = FrozenCopy(model)
         elif source == "adapters_off":
@@ -237,6 +235,15 @@ class LearningWithoutForgetting(Strategy):
                 dict(self._anchor_set(t) for t in tasks)
             )
         self._source = source
+
+    def _general_pool(self, ctx: StrategyContext) -> list:
+        """The general anchor examples (a seeded subset of ``pool_size``): built on the main process and
+        given to the others (``once``), so the processes neither repeat the tokenization nor differ."""
+        examples = ctx.general_examples(self.config.data, "lwf")
+        pool = [examples[i] for i in subset_indices(len(examples), self.config.pool_size, ctx.seed_for(self, Stream.LWF_POOL))]
+        if not pool:
+            raise ConfigError("lwf: the general anchor data has no examples")
+        return pool
 
     def _anchor_set(self, task: TaskInfo | None) -> AnchorSet:
         """The examples anchoring ``task`` (the pool with general anchors), named for the top-k cache."""

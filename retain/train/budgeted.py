@@ -22,6 +22,16 @@ accumulates along the path (path integrals, replay counters) is not rolled back.
 
 Everything here is in the checkpoint (``state_dict``), the kept weights of the memory case included, so
 a resumed run takes the same decisions as an uninterrupted one.
+
+Several processes: the main process measures alone (data-parallel: it holds the whole model and
+evaluates without the others) and its measurement is given to every process; the controller, the kept
+point's choice and the task's decision are pure functions of the measurements, so every process takes
+the same ones (strengths, rollback, stop) without further messages. Data-parallel processes hold the
+same weights, so the main process alone keeps the point; a rollback restores it there and broadcasts
+the trainable weights to the others. Sharded weights (FSDP2's DTensor parameters) are measured by every
+process together (each forward is a collective) and each process keeps and restores its own shards
+(``measure_together``; None decides at the run's start: sharded when ``train.parallel`` is ``fsdp``,
+accelerate runs FSDP or the base model's parameters are already DTensors).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from retain.eval.budget import BudgetMeter, Measurement, budget_problems, mean_t
 from retain.eval.participant import GO_ON, Decision, Participant
 from retain.eval.suite import SuiteConfig
 from retain.io import append_jsonl, atomic_file
+from retain.models.distributed import is_sharded, local_part, once
 from retain.models.runtime import trainable_parameters
 from retain.results.schema import BudgetCheck, BudgetResult, BudgetTask
 from retain.strategies import Strategy, TaskInfo
@@ -103,23 +114,39 @@ def budget_config_problems(config: RunConfig) -> list[str]:
     return budget_problems(config.budget, None, [], "eval.suite")
 
 
+def shards_weights(ctx: Any, model: nn.Module) -> bool:
+    """Whether the run shards its weights across processes: ``train.parallel: fsdp``, accelerate set up
+    for FSDP, or parameters that already are DTensors."""
+    accelerator = ctx.accelerator
+    if accelerator.num_processes == 1:
+        return False
+    kind = getattr(getattr(accelerator, "distributed_type", None), "name", "")
+    return getattr(ctx.config.train, "parallel", "ddp") == "fsdp" or kind == "FSDP" or is_sharded(model)
+
+
+def broadcast_trainable(model: nn.Module) -> None:
+    """The main process's trainable weights copied into every process's (data-parallel rollback)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for _, p in sorted(trainable_parameters(model).items()):
+            dist.broadcast(p.data, src=0)
+
+
 def budget_participant(
     config: RunConfig, strategies: list[Strategy], suite: SuiteConfig | None, *, processes: int,
     report: Callable[[BudgetResult], None] | None, run_dir: Path, console: Any = None,
+    measure_together: bool | None = None,
 ) -> "BudgetParticipant | None":
     """The run's budget participant, or None without a ``budget:`` section; refuses, before any model loads,
-    a budget the suite cannot measure or one on several processes."""
+    a budget the suite cannot measure. Built on every process (``processes``: how many): the main one
+    measures (with ``measure_together`` every one joins; None: when the run shards its weights) and all
+    apply the same decisions."""
     if config.budget is None:
         return None
     problems = budget_problems(config.budget, suite, [t.name for t in config.tasks], "eval.suite")
     if problems:
         raise ConfigError("invalid budget:\n  " + "\n  ".join(problems))
-    if processes > 1:
-        raise ConfigError(
-            "budget: a forgetting budget runs on one process (its measurements and kept points are the main "
-            "process's)",
-            hint="remove the budget section, or launch one process",
-        )
     assert suite is not None  # budget_problems refuses a budget without a suite
     meter = BudgetMeter(
         suite, config.budget.probe_examples, config.eval.batch_size,
@@ -127,7 +154,8 @@ def budget_participant(
         measure_forgetting=config.budget.max_task_forgetting is not None,
         measure_task_kl=config.budget.max_task_kl is not None,
     )
-    return BudgetParticipant(config.budget, strategies, meter, run_dir=run_dir, report=report, console=console)
+    return BudgetParticipant(config.budget, strategies, meter, run_dir=run_dir, report=report, console=console,
+                             measure_together=measure_together)
 
 
 class BudgetParticipant(Participant):
@@ -144,8 +172,10 @@ class BudgetParticipant(Participant):
         run_dir: Path,
         report: Callable[[BudgetResult], None] | None = None,
         console: Any = None,
+        measure_together: bool | None = None,
     ) -> None:
         self.config = config
+        self.measure_together = measure_together  # None: decided in on_start (sharded runs measure together)
         self.meter = meter
         self.run_dir = Path(run_dir)
         self.report = report
@@ -167,6 +197,7 @@ class BudgetParticipant(Participant):
         self.in_memory = True
         self.seconds = 0.0
         self.stopped: str | None = None
+        self._sharded = False  # the model's weights are sharded across processes (set at each task start)
         self._stop: GateError | None = None
         self._stopped_at: int | None = None  # the step a mid-task stop decision ended the task at
         self.apply()
@@ -189,7 +220,12 @@ class BudgetParticipant(Participant):
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         """The base model's side of every measurement, taken before any strategy wraps the model."""
         self.ctx = ctx
-        self.meter.start(model, ctx.tokenizer, ctx.tasks)
+        if self.measure_together is None:
+            self.measure_together = shards_weights(ctx, model)
+        self._agreed(model, lambda: self._start(model))
+
+    def _start(self, model: nn.Module) -> None:
+        self.meter.start(model, self.ctx.tokenizer, self.ctx.tasks)
         if self.config.min_general_retention is not None and self.meter.base_general is None:
             raise ConfigError(
                 "budget.min_general_retention: the suite's general evals gave no bounded score on the base model "
@@ -205,7 +241,10 @@ class BudgetParticipant(Participant):
         """The task's first candidate: the model as the task starts (no strength moves on it)."""
         trainable = trainable_parameters(model)
         total = sum(p.numel() for p in model.parameters())
-        self.in_memory = sum(p.numel() for p in trainable.values()) <= IN_MEMORY_SHARE * max(total, 1)
+        self._sharded = is_sharded(model)
+        # sharded: each process's shards go to its own file, so the checkpoint (the main process's) refers to all
+        small = sum(p.numel() for p in trainable.values()) <= IN_MEMORY_SHARE * max(total, 1)
+        self.in_memory = small and not self._sharded
         self.kept = None
         self._stopped_at = None
         self.controller.new_task()
@@ -232,7 +271,30 @@ class BudgetParticipant(Participant):
 
     # -- measuring ----------------------------------------------------------------------------
 
+    @property
+    def _main(self) -> bool:
+        return self.ctx is None or self.ctx.accelerator.is_main_process
+
+    def _together(self, model: nn.Module) -> bool:
+        """Whether every process runs the measurement's forwards (fixed at the run's start: a process that
+        did not measure the base model cannot measure later)."""
+        if not self.measure_together and self.ctx.accelerator.num_processes > 1 and is_sharded(model):
+            raise RuntimeError(
+                "budget: the weights are sharded but the budget was set up to measure on the main process alone "
+                "(a sharded forward needs every process); pass measure_together=True to budget_participant"
+            )
+        return bool(self.measure_together)
+
+    def _agreed(self, model: nn.Module, work: Callable[[], Any]) -> Any:
+        """``work()`` (a measurement) run where the weights allow, its main-process value on every process."""
+        return once(self.ctx.accelerator, work, together=self._together(model))
+
     def _measure(self, model: nn.Module, task: TaskInfo) -> Measurement:
+        """The main process's measurement, on every process (the decisions that follow are computed
+        from it alike on each)."""
+        return self._agreed(model, lambda: self._measure_here(model, task))
+
+    def _measure_here(self, model: nn.Module, task: TaskInfo) -> Measurement:
         earlier = [t.name for t in self.ctx.tasks[: task.index]]
         measured = self.meter.measure(model, self.ctx.tokenizer, task.name, earlier)
         if measured.task_score is None:  # no eval of this task in the suite: held-out (or a fixed subset of) its data
@@ -272,6 +334,8 @@ class BudgetParticipant(Participant):
 
     def _say_check(self, row: BudgetCheck, moved: dict[str, tuple[float, float]]) -> None:
         """One console line per check: what was measured against which bound, and how the strengths moved."""
+        if not self._main:
+            return
         state = "within budget" if row.within_budget else "over budget"
         change = "; ".join(f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in moved.items()) or "strengths unchanged"
         console_print(self.console, f"budget: task '{row.task}' step {row.step}: {self.describe(row)}: {state}; {change}")
@@ -279,7 +343,8 @@ class BudgetParticipant(Participant):
     def _over_budget(self, row: BudgetCheck, task: TaskInfo) -> Decision:
         what = self.describe(row)
         if self.config.on_exhausted == "warn":
-            console_print(self.console, f"budget: over at task '{task.name}' step {row.step} ({what}); going on (on_exhausted: warn)")
+            if self._main:
+                console_print(self.console, f"budget: over at task '{task.name}' step {row.step} ({what}); going on (on_exhausted: warn)")
         elif self.config.on_exhausted == "stop" and self.controller.at_protective_limit():
             limits = ", ".join(f"{k}={v:.3g}" for k, v in self.controller.values.items()) or "no adaptable strength"
             self._stopped_at = row.step
@@ -318,14 +383,26 @@ class BudgetParticipant(Participant):
 
     # -- the kept point -----------------------------------------------------------------------
 
+    def _keeps_here(self, model: nn.Module) -> bool:
+        """Whether this process holds kept weights: every process its shards, else the main one alone."""
+        return self._main or is_sharded(model)
+
+    def _kept_path(self, file: str, model: nn.Module) -> Path:
+        """Where this process's part of a kept point lies (one file per process when sharded)."""
+        if is_sharded(model):
+            accelerator = self.ctx.accelerator
+            file = file.replace(".safetensors", f".rank{accelerator.process_index:05d}-of-{accelerator.num_processes:05d}.safetensors")
+        return self.run_dir / KEPT_DIR / file
+
     def _keep(self, model: nn.Module, task: TaskInfo, point: KeptPoint) -> None:
-        weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable_parameters(model).items()}
+        keeps = self._keeps_here(model)
+        weights = {n: local_part(p.detach()).to("cpu", copy=True) for n, p in trainable_parameters(model).items()} if keeps else {}
         if self.in_memory:
-            point.tensors = weights
+            point.tensors = weights if keeps else None
         else:
             point.file = f"kept-task{task.index:02d}-step{point.global_step:08d}.safetensors"
-            if self.ctx.accelerator.is_main_process:
-                with atomic_file(self.run_dir / KEPT_DIR / point.file) as tmp:
+            if keeps:
+                with atomic_file(self._kept_path(point.file, model)) as tmp:
                     save_tensors(weights, tmp)
             self.ctx.accelerator.wait_for_everyone()
         replaced = self.kept
@@ -334,13 +411,19 @@ class BudgetParticipant(Participant):
             self.after_checkpoint()  # the one it replaces, unless a checkpoint needs it
 
     def _restore(self, model: nn.Module, point: KeptPoint) -> None:
+        """The kept weights back on every process: its own shards when sharded, else the main process's
+        copy broadcast to the others."""
         from safetensors.torch import load_file
 
-        tensors = point.tensors if point.tensors is not None else load_file(str(self.run_dir / KEPT_DIR / str(point.file)))
-        own = trainable_parameters(model)
-        with torch.no_grad():
-            for name, value in tensors.items():
-                own[name].copy_(value.to(own[name].device, own[name].dtype))
+        if self._keeps_here(model):
+            tensors = point.tensors if point.tensors is not None else load_file(str(self._kept_path(str(point.file), model)))
+            own = trainable_parameters(model)
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    target = local_part(own[name])
+                    target.copy_(value.to(target.device, target.dtype))
+        if self.ctx.accelerator.num_processes > 1 and not is_sharded(model):
+            broadcast_trainable(model)
 
     def end_task(self, model: nn.Module, task: TaskInfo, end_step: int | None = None) -> BudgetTask:
         """The task's decision: keep the last model, or restore the kept point (rollback/stop over budget).
@@ -372,7 +455,8 @@ class BudgetParticipant(Participant):
         elif policy == "stop" and not last.within_budget:
             self.stopped = f"task '{task.name}' ended over budget ({self.describe(last)})"
         self.decisions.append(decision)
-        console_print(self.console, f"budget: task '{task.name}' keeps step {decision.kept_step} of {end_step}: {decision.reason}")
+        if self._main:
+            console_print(self.console, f"budget: task '{task.name}' keeps step {decision.kept_step} of {end_step}: {decision.reason}")
         self.kept = None
         self.seconds += time.perf_counter() - start
         return decision
@@ -380,7 +464,8 @@ class BudgetParticipant(Participant):
     def record_task_end(self, model: nn.Module, task: TaskInfo) -> None:
         """The trained tasks' subset scores after this task (what forgetting is measured from)."""
         start = time.perf_counter()
-        self.meter.record_task_end(model, self.ctx.tokenizer, [t.name for t in self.ctx.tasks[: task.index + 1]])
+        trained = [t.name for t in self.ctx.tasks[: task.index + 1]]
+        self._agreed(model, lambda: self.meter.record_task_end(model, self.ctx.tokenizer, trained))
         self.seconds += time.perf_counter() - start
 
     def stop_error(self) -> GateError:
@@ -399,11 +484,20 @@ class BudgetParticipant(Participant):
     def after_checkpoint(self) -> None:
         """Delete kept-weight files neither this run nor a checkpoint on disk refers to."""
         folder = self.run_dir / KEPT_DIR
-        if not folder.is_dir() or not self.ctx.accelerator.is_main_process:
+        if not folder.is_dir() or not (self._main or self._sharded):
             return
         referenced = referenced_kept_files(self.run_dir) | self.kept_files()
+        accelerator = self.ctx.accelerator
+        own = f".rank{accelerator.process_index:05d}-of-"  # sharded: each process deletes its own files
         for path in folder.glob("kept-*.safetensors"):
-            if path.name not in referenced:
+            name = path.name
+            if ".rank" in name:
+                if own not in name:
+                    continue
+                name = name.split(".rank")[0] + ".safetensors"
+            elif not self._main:
+                continue
+            if name not in referenced:
                 path.unlink(missing_ok=True)
 
     # -- checkpoint and results ---------------------------------------------------------------
@@ -431,6 +525,8 @@ class BudgetParticipant(Participant):
         self.decisions = [BudgetTask.model_validate(d) for d in state.get("decisions", [])]
         kept = state.get("kept")
         self.kept = None if kept is None else KeptPoint(**kept)
+        if self.kept is not None and not self._main:
+            self.kept.tensors = None  # data-parallel: the main process alone keeps the point (a rollback broadcasts it)
         self.in_memory = bool(state.get("in_memory", True))
         self.seconds = float(state.get("seconds", 0.0))
         self.meter.history = {k: [float(x) for x in v] for k, v in state.get("history", {}).items()}

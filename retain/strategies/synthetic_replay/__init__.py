@@ -15,7 +15,8 @@ With no settings at all, ``synthetic-replay`` thus runs from its name like every
 per task from 3 of its examples, and a general set when the run has ``general_data``.
 Sets are written to ``output_dir`` (default ``<run_dir>/synthetic``) as ``<source>.jsonl`` with a
 ``manifest.json`` naming the description, demonstrations and sampling settings behind each; a later run
-can reuse them with ``reuse_dir``.
+can reuse them with ``reuse_dir``. With several processes the main process generates (and relabels)
+alone and gives the sets to the others.
 
 The general set is rehearsed from the first step; a task's set from the task after it (the same
 schedule as replaying that task's real data). With ``relabel: true`` the latest model re-answers every
@@ -42,6 +43,7 @@ from retain.data import load_records
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.data.sampling import Stream, derive_seed, seeded_generator
 from retain.io import atomic_write_text, inside
+from retain.models.distributed import is_sharded, once
 from retain.strategies._shared.mixing import RatioMixing
 from retain.strategies.base import Batch, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
@@ -205,8 +207,18 @@ class SyntheticReplay(RatioMixing):
         return [texts[i] for i in sorted(order[: self.config.general_prompts])]
 
     def _generate_all(self, ctx: StrategyContext) -> None:
-        """Every set, from the model as it is before any training (the base model)."""
+        """Every set, from the model as it is before any training (the base model): generated once, on
+        the main process (every process joins when the weights are sharded), and given to every process."""
         model = ctx.unwrapped_model
+        self.sets, self.manifest = once(ctx.accelerator, lambda: self._generated_sets(ctx), together=is_sharded(model))
+        self.generated = True
+        self._save(ctx)
+
+    def _generated_sets(self, ctx: StrategyContext) -> tuple[dict[str, list[dict[str, str]]], dict[str, dict[str, Any]]]:
+        """(sets, manifest): each source's records and what they were made from."""
+        model = ctx.unwrapped_model
+        sets: dict[str, list[dict[str, str]]] = {}
+        manifest: dict[str, dict[str, Any]] = {}
         disable = getattr(model, "disable_adapter", None)
         settings = self.config.sampling()
         reuse = Path(self.config.reuse_dir) if self.config.reuse_dir else None
@@ -235,11 +247,10 @@ class SyntheticReplay(RatioMixing):
                         f"synthetic-replay: the model generated no usable example for '{source}'; raise "
                         "max_new_tokens or candidates, or check the prompts"
                     )
-                self.sets[source] = records
-                self.manifest[source] = {**material, "n": len(records)}
-        self.manifest["@settings"] = {k: v for k, v in self.config.model_dump().items() if k not in ("tasks", "prompts")}
-        self.generated = True
-        self._save(ctx)
+                sets[source] = records
+                manifest[source] = {**material, "n": len(records)}
+        manifest["@settings"] = {k: v for k, v in self.config.model_dump().items() if k not in ("tasks", "prompts")}
+        return sets, manifest
 
     def _save(self, ctx: StrategyContext) -> None:
         if not ctx.accelerator.is_main_process:
@@ -275,8 +286,12 @@ class SyntheticReplay(RatioMixing):
             self._activate(task.name, ctx)
         if self.config.relabel:
             active = [s for s in self.buffer.sources if any("prompt" in r for r in self.sets[s])]
+            model = ctx.unwrapped_model
+            answered = once(ctx.accelerator, lambda: {  # once, on the main process, as the generation
+                s: relabel(model, ctx.tokenizer, self.sets[s], self.config.sampling()) for s in active
+            }, together=is_sharded(model))
             for source in active:
-                self.sets[source] = relabel(ctx.unwrapped_model, ctx.tokenizer, self.sets[source], self.config.sampling())
+                self.sets[source] = answered[source]
                 self._activate(source, ctx)
             if active:
                 self._save(ctx)
