@@ -25,6 +25,7 @@ from torch import nn
 
 from retain.errors import DivergenceError, StateError
 from retain.io import atomic_dir, output_errors, remove_stale_temporaries
+from retain.models.sharding import is_sharded
 
 CHECKPOINT_VERSION = 1
 _PREFIX = "step-"
@@ -201,7 +202,14 @@ def _refuse_nonfinite(bad: list[str], total: int, where: str) -> None:
 
 
 def check_finite_weights(model: nn.Module, where: str) -> None:
-    """Refuse to go on (and write model folders) from a model with a non-finite weight."""
+    """Refuse to go on (and write model folders) from a model with a non-finite weight (a sharded model:
+    every process's rows, agreed on by every process)."""
+    if is_sharded(model):
+        from retain.train.sharded_checkpoint import nonfinite_local
+
+        bad = nonfinite_local(model)
+        _refuse_nonfinite(["(rows of a sharded weight)"] * bad, len(list(model.parameters())), where)
+        return
     params = dict(model.named_parameters())
     _refuse_nonfinite(nonfinite_tensors(params), len(params), where)
 
@@ -292,6 +300,8 @@ class LoadedCheckpoint:
     strategies: dict[str, Any]
     extra: dict[str, Any]
     participants: dict[str, dict[str, Any]] = field(default_factory=dict)  # by participant name
+    # a sharded (FSDP2) checkpoint's parts read once the model exists (retain.train.sharded_checkpoint)
+    sharded: dict[str, Any] | None = None
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -299,6 +309,10 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
         raise StateError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+    if meta.get("format") == "sharded":
+        from retain.train.sharded_checkpoint import load_sharded_meta
+
+        return load_sharded_meta(path)
     optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
     scheduler = torch.load(path / "scheduler.pt", weights_only=True) if (path / "scheduler.pt").exists() else None
     return LoadedCheckpoint(

@@ -1,0 +1,110 @@
+"""Sharded training (``train.parallel: fsdp``, FSDP2) on the training side: which launches shard,
+which strategies may, and the loop's gradient maths on sharded gradients.
+
+- ``torchrun`` (or ``accelerate launch`` without FSDP flags) with ``train.parallel: fsdp``: retain shards
+  the model itself (``retain.models.sharding.shard_model``: every transformer block, then the root).
+- ``accelerate launch --use_fsdp --fsdp_version 2``: the same (retain shards; accelerate's wrap policy is
+  not used), so both launches train alike. FSDP version 1, Megatron-LM and DeepSpeed are refused.
+- One process with ``fsdp``: nothing to shard; the run trains unsharded (and checkpoints in the sharded
+  layout, so it resumes on several processes).
+
+Gradients: FSDP2's reduce-scatter averages over processes as DDP's all-reduce does, so the loop's
+token-mean scaling holds unchanged. A penalty computed on a process's rows of a weight
+(``retain.models.sharding.summed_over_shards``) reaches that process's gradient rows alone, once, as in
+one process. The total gradient norm is the square root of the squared local norms added over processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+from retain.errors import ConfigError
+from retain.models.sharding import is_dtensor, local
+
+log = logging.getLogger("retain")
+
+REFUSED_LAUNCHES = {
+    "DEEPSPEED": "DeepSpeed ZeRO is not supported: retain's anchors, statistics passes and checkpoints are written "
+                 "for FSDP2's DTensors; shard with train.parallel: fsdp (torchrun, or accelerate launch --use_fsdp "
+                 "--fsdp_version 2) instead",
+    "MEGATRON_LM": "Megatron-LM tensor/pipeline parallelism is not supported; shard with train.parallel: fsdp",
+}
+
+
+def launch_kind(accelerator: Any) -> str:
+    """``ddp`` or ``fsdp`` as the launch asks (before the config says): accelerate's FSDP2 flags mean fsdp."""
+    name = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type)).split(".")[-1]
+    if name in REFUSED_LAUNCHES:
+        raise ConfigError(f"this launch is configured for {name}: {REFUSED_LAUNCHES[name]}",
+                          hint="`torchrun --nproc_per_node N -m retain train RUN.yaml --set train.parallel=fsdp`")
+    if name == "FSDP":
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        version = int(getattr(plugin, "fsdp_version", 1) or 1)
+        if version != 2:
+            raise ConfigError(
+                "this launch is configured for FSDP version 1, whose flattened parameters retain cannot pair "
+                "with its per-weight strategy state; use FSDP2",
+                hint="`accelerate launch --use_fsdp --fsdp_version 2 ...` or `torchrun ... --set train.parallel=fsdp`",
+            )
+        return "fsdp"
+    return "ddp"
+
+
+def resolve_parallel(configured: str, accelerator: Any) -> str:
+    """``fsdp`` when the config or the launch asks for it, else ``ddp``."""
+    return "fsdp" if launch_kind(accelerator) == "fsdp" else configured
+
+
+def sharding_problems(strategies: Iterable[Any]) -> list[str]:
+    """Why each strategy that does not declare ``supports_sharding`` cannot train sharded."""
+    problems = []
+    for strategy in strategies:
+        cls = type(strategy) if not isinstance(strategy, type) else strategy
+        if cls.supports_sharding:
+            continue
+        reason = cls.sharding_refusal or (
+            "it trains PEFT adapters or prompts, which train.parallel: fsdp does not shard (they are small: use "
+            "train.parallel: ddp)" if cls.peft_wrapper else
+            "its state or extra forwards assume whole weights on every process"
+        )
+        problems.append(f"{cls.name}: {reason}")
+    return problems
+
+
+def check_sharding_support(strategies: Iterable[Any]) -> None:
+    """Refuse, before any model loads, a hybrid with a strategy that cannot train sharded."""
+    problems = sharding_problems(strategies)
+    if problems:
+        raise ConfigError(
+            "train.parallel: fsdp (FSDP2) cannot train this hybrid:\n  " + "\n  ".join(problems),
+            hint="set train.parallel: ddp, or drop the strategies listed",
+        )
+
+
+def sharded_grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor | None:
+    """The L2 norm of every gradient together when gradients are sharded: squared local norms added over
+    processes (one all-reduce every process must join); inf/nan when any entry is."""
+    grads = [local(p.grad.detach()) for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    device = grads[0].device
+    square = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(device) ** 2 for g in grads]).sum()
+    if any(is_dtensor(p.grad) for p in parameters if p.grad is not None) and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(square)
+    return square.sqrt()
+
+
+def clip_sharded_grads_(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """``torch.nn.utils.clip_grad_norm_``'s rule (scale by ``max_norm / (norm + 1e-6)`` when below 1) on
+    sharded gradients: the norm over every process, each process scaling its rows."""
+    norm = sharded_grad_norm(parameters)
+    if norm is None:
+        return None
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in parameters:
+        if p.grad is not None:
+            local(p.grad).mul_(scale.to(p.grad.device))
+    return norm
