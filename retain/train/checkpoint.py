@@ -247,6 +247,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 1,
     participant_state: dict[str, dict[str, Any] | None] | None = None,
+    processes: int = 1,
 ) -> Path:
     """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed.
 
@@ -269,7 +270,7 @@ def save_checkpoint(
         for name, state in stateful.items():  # e.g. a forgetting budget's controller, trajectory and kept point
             save_nested(state, tmp, name)
         meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights,
-                "participants": sorted(stateful)}
+                "participants": sorted(stateful), "processes": processes}
         meta["extra"] = extra or {}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _prune(Path(run_dir) / "checkpoints", keep)
@@ -333,3 +334,9 @@ def _participant_names(path: Path, meta: dict[str, Any]) -> list[str]:
     if "participants" in meta:
         return list(meta["participants"])
     return ["budget"] if (path / "budget.json").is_file() else []
+
+
+def checkpoint_processes(path: Path) -> int | None:
+    """How many processes wrote a checkpoint (None for one written before this was recorded)."""
+    value = json.loads((Path(path) / "meta.json").read_text()).get("processes")
+    return int(value) if value is not None else None

@@ -136,7 +136,7 @@ def run_inputs(config: RunConfig, observer: RunObserver | None = None) -> list[s
 
 def _prepare_run_dir(
     config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool = False, inputs: list[str] | None = None,
-    console: Console | None = None, allow_changed_data: bool = False,
+    console: Console | None = None, allow_changed_data: bool = False, processes: int = 1,
 ) -> ckpt.LoadedCheckpoint | None:
     """Apply the run folder's rules (``retain.train.resume``), check what --resume changes, record the
     config, and read the checkpoint to resume from."""
@@ -146,7 +146,8 @@ def _prepare_run_dir(
     latest = None if overwrite else latest
     if resume and latest is None:
         console_print(console, f"nothing to resume in {run_dir} (no checkpoint yet): starting from the beginning")
-    for change in check_resume_changes(run_dir, config) if latest is not None else []:
+    written_by = ckpt.checkpoint_processes(latest) if latest is not None else None
+    for change in check_resume_changes(run_dir, config, (written_by, processes)) if latest is not None else []:
         console_print(console, f"resume with a changed key: {change}")
     check_input_fingerprints(run_dir, config, inputs, resuming=latest is not None, allow_changed=allow_changed_data)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -166,7 +167,7 @@ def _prepare_run_dir_once(
         if held is not None:
             held.enter_context(writing_to(run_dir, "retain train", inputs=inputs, what="output.dir"))
         loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console,
-                                  allow_changed_data=allow_changed_data)
+                                  allow_changed_data=allow_changed_data, processes=accelerator.num_processes)
         return None if loaded is None else str(loaded.path)
 
     path = on_main_process(accelerator, prepare)
@@ -430,6 +431,7 @@ class FineTune:
                 keep=self.config.checkpoint.keep,
                 participant_state={p.name: p.state_dict() for p in self.participants},
                 extra={k: v for p in self.participants for k, v in p.checkpoint_meta().items()},
+                processes=self.accelerator.num_processes,
             )
         self.accelerator.wait_for_everyone()
         for participant in self.participants:

@@ -163,7 +163,7 @@ def _write_main_part(
             ckpt.save_nested(s, tmp, name)
         meta = {
             "version": ckpt.CHECKPOINT_VERSION, "format": FORMAT, "position": asdict(position), "full_weights": True,
-            "participants": sorted(stateful), "extra": extra or {},
+            "participants": sorted(stateful), "extra": extra or {}, "processes": _world()[0],
             "sharded_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                                 for k, v in sharded.items()},
         }
