@@ -163,7 +163,7 @@ def test_strategies_that_cannot_train_sharded_are_named_with_the_reason():
     from retain.strategies.registry import STRATEGIES
     from retain.train.sharding import sharding_problems
 
-    problems = sharding_problems([STRATEGIES.get(n) for n in ("full", "ewc", "l2", "replay", "stm", "lora", "ewc-lora")])
+    problems = sharding_problems([STRATEGIES.get(n)() for n in ("full", "ewc", "l2", "fip", "replay", "stm", "lora", "ewc-lora")])
     assert [p.split(":")[0] for p in problems] == ["lora", "ewc-lora"]
     assert "PEFT adapters" in problems[0] and "LoRA adapters" in problems[1]
 

@@ -152,14 +152,56 @@ def block_classes(model: nn.Module) -> list[type[nn.Module]]:
     return [type(longest[0])]
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, reshard_root: bool = False) -> nn.Module:
     """FSDP2: ``fully_shard`` on every transformer block, then on the root (embeddings, final norm and
-    a tied head stay together in the root's group). The model is changed in place and returned."""
+    a tied head stay together in the root's group). The model is changed in place and returned.
+
+    ``reshard_root``: free the root's gathered weights after each forward too (a frozen copy, whose
+    forwards are never followed by a backward that would free them, and whose rows are rewritten)."""
     from torch.distributed.fsdp import fully_shard
 
     classes = tuple(block_classes(model))
     blocks = [m for m in model.modules() if classes and isinstance(m, classes)]
     for block in blocks:
         fully_shard(block)
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=True if reshard_root else None)
     return model
+
+
+def unsharded_class(model: nn.Module) -> type[nn.Module]:
+    """The model's own class (FSDP2 makes a subclass named ``FSDP<class>``)."""
+    for cls in type(model).__mro__:
+        if issubclass(cls, nn.Module) and not cls.__name__.startswith("FSDP"):
+            return cls
+    return type(model)
+
+
+def sharded_frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of a sharded model, sharded the same way: built on the meta device (no full copy on
+    any process), sharded, then filled with each process's rows of the weights and the buffers.
+
+    Its forward is a collective like the model's: every process must run the same forwards."""
+    cls = unsharded_class(model)
+    with torch.device("meta"):
+        copy = cls(model.config)
+    shard_model(copy, reshard_root=True)
+    device = next(iter(sharded_parameters(model, trainable_only=False).values())).device
+    copy.to_empty(device=device)
+    copy_weights_(copy, model)
+    for parameter in copy.parameters():
+        parameter.requires_grad_(False)
+    return copy.eval()
+
+
+@torch.no_grad()
+def copy_weights_(target: nn.Module, source: nn.Module) -> None:
+    """Every weight and buffer of ``source`` into ``target`` (same architecture, same sharding): each
+    process copies its rows; no communication."""
+    for module in fsdp_modules(target):  # a gathered copy would hide the new rows from the next forward
+        module.reshard()
+    theirs = sharded_parameters(source, trainable_only=False)
+    for name, parameter in sharded_parameters(target, trainable_only=False).items():
+        local(parameter).copy_(local(theirs[name]))
+    buffers = dict(source.named_buffers())
+    for name, buffer in target.named_buffers():
+        buffer.copy_(buffers[name])

@@ -282,6 +282,17 @@ class Strategy:
         """Holds a second copy of the model's (trained) weights while training."""
         return False
 
+    def sharding_problem(self) -> str | None:
+        """Why this strategy, as configured, cannot train under ``train.parallel: fsdp`` (None: it can).
+        A strategy whose support depends on its settings overrides this."""
+        if self.supports_sharding:
+            return None
+        if self.sharding_refusal:
+            return self.sharding_refusal
+        if self.peft_wrapper:
+            return "it trains PEFT adapters or prompts, which train.parallel: fsdp does not shard (they are small: use train.parallel: ddp)"
+        return "its state or extra forwards assume whole weights on every process"
+
     @classmethod
     def declaration_problems(cls) -> list[str]:
         """What is wrong with the class's declared facts (checked when it registers): every key it names

@@ -268,10 +268,12 @@ class FineTune:
             participant.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
         self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
         model = prepare_for_training(model, config.model, gradient_checkpointing=config.train.gradient_checkpointing)
-        model = self.hybrid.setup(model, self.ctx)
-        if self.sharded:  # FSDP2 per transformer block, by retain (also under accelerate's FSDP2 flags)
-            self.model = self.ctx.model = shard_model(model.to(self.accelerator.device))
+        if self.sharded:  # FSDP2 per transformer block, by retain (also under accelerate's FSDP2 flags), before the
+            # strategies' setup, so a teacher copied there is sharded too (no whole copy per process)
+            model = self.ctx.model = shard_model(model.to(self.accelerator.device))
+            self.model = self.ctx.model = self.hybrid.setup(model, self.ctx)
         else:
+            model = self.hybrid.setup(model, self.ctx)
             self.model = self.ctx.model = self.accelerator.prepare(model)
         self.layout = parameter_layout(model)
 

@@ -59,19 +59,8 @@ def resolve_parallel(configured: str, accelerator: Any) -> str:
 
 
 def sharding_problems(strategies: Iterable[Any]) -> list[str]:
-    """Why each strategy that does not declare ``supports_sharding`` cannot train sharded."""
-    problems = []
-    for strategy in strategies:
-        cls = type(strategy) if not isinstance(strategy, type) else strategy
-        if cls.supports_sharding:
-            continue
-        reason = cls.sharding_refusal or (
-            "it trains PEFT adapters or prompts, which train.parallel: fsdp does not shard (they are small: use "
-            "train.parallel: ddp)" if cls.peft_wrapper else
-            "its state or extra forwards assume whole weights on every process"
-        )
-        problems.append(f"{cls.name}: {reason}")
-    return problems
+    """Why each strategy of the hybrid cannot train sharded (``Strategy.sharding_problem``), by name."""
+    return [f"{s.name}: {problem}" for s in strategies if (problem := s.sharding_problem()) is not None]
 
 
 def check_sharding_support(strategies: Iterable[Any]) -> None:
