@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from test_multiprocess import START_METHOD, _free_port, config_for, write_inputs
 
@@ -56,6 +56,34 @@ def _cut_to_mid_task(run: Path) -> None:
     shutil.rmtree(run / "final")
 
 
+def _statistics(root: Path, shard: bool) -> dict[str, torch.Tensor]:
+    """The Fisher (sampled with 2 draws, and per batch) and the SI path integral of a tiny Llama, whole
+    tensors; with ``shard`` computed on the FSDP2-sharded model (each process its rows) and gathered."""
+    from retain.config import DataConfig
+    from retain.data import build_task_data, collate
+    from retain.models.sharding import shard_model, sharded_parameters
+    from retain.models.tiny import char_tokenizer, tiny_model
+    from retain.stats.fisher import diagonal_fisher
+    from retain.stats.path_integral import path_integral_importance
+
+    tok = char_tokenizer()
+    examples = build_task_data(DataConfig(path=str(root / "general.jsonl"), max_length=24, pack=False), tok, seed=0).train
+    model = tiny_model("llama", len(tok), seed=0, hidden=32, layers=2, heads=4)
+    if shard:
+        shard_model(model)
+    params = sharded_parameters(model)
+    batch = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
+    out = {}
+    for label, (value, _) in {
+        "sampled": diagonal_fisher(model, params, examples[:5], batch, estimator="sampled", samples=2, seed=3),
+        "batch": diagonal_fisher(model, params, examples[:6], batch, estimator="empirical_batch", batch_size=3),
+        "si": path_integral_importance(model, params, examples[:6], batch, lr=1e-3, batch_size=3),
+    }.items():
+        out.update({f"{label}/{k}": v.full_tensor() if shard else v for k, v in value.items()})
+    out["weights-restored"] = torch.stack([(p.full_tensor() if shard else p).detach().sum() for p in params.values()])
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -67,6 +95,10 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     base = Path(root)
+    torch.distributed.init_process_group("gloo")  # accelerate joins this group
+    stats = _statistics(base, shard=True)
+    if rank == 0:
+        save_file(stats, str(base / "sharded-statistics.safetensors"))
     for name in CASES:
         _train(base, name, base / "two" / name, BATCH)
     # a copy cut mid-task, for this process to resume alone (batch doubled)
@@ -131,6 +163,12 @@ def test_two_sharded_processes_train_the_model_of_one_process(tmp_path, monkeypa
         resumed = _final(tmp_path / run)
         gap = max((reference[k] - resumed[k]).abs().max().item() for k in reference)
         assert gap <= 1e-5, (run, gap)
+    # statistics passes of the sharded model: every process ran every example; its rows are the whole ones
+    sharded_stats = load_file(str(tmp_path / "sharded-statistics.safetensors"))
+    whole_stats = _statistics(tmp_path, shard=False)
+    assert sharded_stats.keys() == whole_stats.keys()
+    for key, value in whole_stats.items():
+        assert torch.allclose(sharded_stats[key], value, rtol=1e-5, atol=1e-9), key
     refused = [(tmp_path / f"refused-rank{r}.txt").read_text() for r in range(WORLD)]
     assert all(r.startswith("ConfigError") and "lora" in r and "train.parallel: fsdp" in r for r in refused), refused
     from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ from torch import nn
 
 from retain.errors import DivergenceError, StateError
 from retain.io import atomic_dir, output_errors, remove_stale_temporaries
-from retain.models.sharding import is_sharded
+from retain.models.sharding import is_sharded, local, sharded_parameters
 
 CHECKPOINT_VERSION = 1
 _PREFIX = "step-"
@@ -205,13 +205,21 @@ def check_finite_weights(model: nn.Module, where: str) -> None:
     """Refuse to go on (and write model folders) from a model with a non-finite weight (a sharded model:
     every process's rows, agreed on by every process)."""
     if is_sharded(model):
-        from retain.train.sharded_checkpoint import nonfinite_local
-
-        bad = nonfinite_local(model)
+        bad = nonfinite_rows(model)
         _refuse_nonfinite(["(rows of a sharded weight)"] * bad, len(list(model.parameters())), where)
         return
     params = dict(model.named_parameters())
     _refuse_nonfinite(nonfinite_tensors(params), len(params), where)
+
+
+def nonfinite_rows(model: nn.Module) -> int:
+    """How many weight tensors of a sharded model hold a NaN or an infinity in any process's rows (one
+    all-reduce every process joins)."""
+    params = sharded_parameters(model, trainable_only=False)
+    bad = torch.tensor(float(len(nonfinite_tensors({n: local(p).detach() for n, p in params.items()}))))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return int(bad.item())
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -311,9 +319,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     if meta.get("version") != CHECKPOINT_VERSION:
         raise StateError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
     if meta.get("format") == "sharded":
-        from retain.train.sharded_checkpoint import load_sharded_meta
-
-        return load_sharded_meta(path)
+        raise StateError(f"{path} was written by a sharded run (train.parallel: fsdp)",
+                         hint="read it with retain.train.sharded_checkpoint.load_any_checkpoint")
     optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
     scheduler = torch.load(path / "scheduler.pt", weights_only=True) if (path / "scheduler.pt").exists() else None
     return LoadedCheckpoint(

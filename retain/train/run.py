@@ -61,6 +61,7 @@ from retain.train.processes import (
 from retain.train.progress import TaskProgress, console_print
 from retain.train.sharded_checkpoint import (
     consolidated_state_dict,
+    load_any_checkpoint,
     restore_sharded,
     restore_sharded_optimizer,
     save_sharded_checkpoint,
@@ -151,7 +152,7 @@ def _prepare_run_dir(
         console_print(console, f"resume with a changed key: {change}")
     check_input_fingerprints(run_dir, config, inputs, resuming=latest is not None, allow_changed=allow_changed_data)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return ckpt.load_checkpoint(latest) if latest is not None else None
+    return load_any_checkpoint(latest) if latest is not None else None
 
 
 def _prepare_run_dir_once(
@@ -173,7 +174,7 @@ def _prepare_run_dir_once(
     path = on_main_process(accelerator, prepare)
     if loaded is not None or path is None:
         return loaded
-    return ckpt.load_checkpoint(Path(path))
+    return load_any_checkpoint(Path(path))
 
 
 class FineTune:

@@ -30,7 +30,7 @@ from torch import nn
 
 from retain.errors import DivergenceError
 from retain.io import fsync_dir, give_plain_modes, output_errors, plain_mode
-from retain.models.sharding import is_dtensor, local, sharded_parameters
+from retain.models.sharding import is_dtensor, sharded_parameters
 from retain.train import checkpoint as ckpt
 
 FORMAT = "sharded"
@@ -60,15 +60,6 @@ def _barrier() -> None:
 
 def _optimizer_of(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
-
-
-def nonfinite_local(model: nn.Module) -> int:
-    """How many weight tensors hold a NaN or an infinity in any process's rows (one all-reduce)."""
-    params = sharded_parameters(model, trainable_only=False)
-    bad = torch.tensor(float(len(ckpt.nonfinite_tensors({n: local(p).detach() for n, p in params.items()}))))
-    if _world()[0] > 1:
-        torch.distributed.all_reduce(bad)
-    return int(bad.item())
 
 
 def _split(strategy_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
@@ -109,7 +100,7 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     final = ckpt.checkpoint_dir(run_dir, position.global_step, position.task_index)
-    bad = nonfinite_local(model)
+    bad = ckpt.nonfinite_rows(model)
     if bad:
         raise DivergenceError(
             f"{bad} weight tensors are not finite at global step {position.global_step} ({final.name}); nothing was "
@@ -193,6 +184,11 @@ def _plain_json(node: Any) -> Any:
 def is_sharded_checkpoint(path: Path) -> bool:
     meta = json.loads((Path(path) / "meta.json").read_text())
     return meta.get("format") == FORMAT
+
+
+def load_any_checkpoint(path: Path) -> ckpt.LoadedCheckpoint:
+    """A checkpoint of either layout: a DDP one read whole, a sharded one's parts readable before the model."""
+    return load_sharded_meta(path) if is_sharded_checkpoint(path) else ckpt.load_checkpoint(path)
 
 
 def load_sharded_meta(path: Path) -> ckpt.LoadedCheckpoint:
