@@ -7,6 +7,7 @@ full+ewc, trained by 1 process at batch 4 and by 2 FSDP2 processes at batch 2 (t
 each in a fresh process. Per process it prints:
 
 - ``libs``: resident memory (RSS) after importing torch/transformers/retain, before the model exists;
+- ``at start``: RSS when the tasks start (model loaded, sharded, strategies set up);
 - ``train peak``: the largest RSS sampled (every 5 ms) while the tasks train, after the model was loaded,
   sharded and the strategies set up: weights, gradients, optimizer and strategy state, activations;
 - ``state``: ``train peak - libs``, what the run adds to the process;
@@ -92,9 +93,11 @@ def worker(root: Path, name: str, batch_size: int, parallel: str, steps: int, ou
 
     libs = rss()
     sampler = Sampler()
+    starts: list[int] = []
     original = run_module.FineTune.train_tasks
 
     def sampled(self: Any, start: Any) -> Any:
+        starts.append(rss())
         with sampler:
             return original(self, start)
 
@@ -113,7 +116,7 @@ def worker(root: Path, name: str, batch_size: int, parallel: str, steps: int, ou
     copies = 4 + (2 if name == "full+ewc" else 0)  # weights, gradients, 2 AdamW moments (+ anchor, Fisher)
     rank = int(os.environ.get("RANK", "0"))
     (out / f"{name}-{parallel}-rank{rank}.json").write_text(json.dumps(
-        {"libs": libs, "peak": sampler.peak, "counted": rows * copies}))
+        {"libs": libs, "start": starts[0], "peak": sampler.peak, "counted": rows * copies}))
 
 
 def main() -> None:
@@ -127,7 +130,10 @@ def main() -> None:
         root, name, batch, parallel = args.worker
         worker(Path(root), name, int(batch), parallel, args.steps, Path(root))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # glibc: return freed large blocks to the system at once, so RSS follows what is allocated (without it
+    # the whole model each process loads before sharding stays counted as resident)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536",
+           "MALLOC_TRIM_THRESHOLD_": "0"}
     with tempfile.TemporaryDirectory(prefix="fsdp-mem-") as tmp:
         root = Path(tmp)
         params = write_inputs(root, args.hidden, args.layers)
@@ -143,12 +149,13 @@ def main() -> None:
                     print(done.stdout[-2000:], done.stderr[-4000:])
                     raise SystemExit(f"{name}: a run failed")
         mib = 1024 * 1024
-        print(f"{'run':28s} {'libs':>8s} {'train peak':>11s} {'state':>8s} {'counted':>8s}   (MiB per process)")
+        print(f"{'run':28s} {'libs':>8s} {'at start':>9s} {'train peak':>11s} {'state':>8s} {'counted':>8s}   (MiB per process)")
         for name in HYBRIDS:
             one = json.loads((root / f"{name}-ddp-rank0.json").read_text())
             twos = [json.loads((root / f"{name}-fsdp-rank{r}.json").read_text()) for r in range(2)]
             for label, row in [(f"{name}, 1 process", one)] + [(f"{name}, FSDP2 rank {r} of 2", t) for r, t in enumerate(twos)]:
-                print(f"{label:28s} {row['libs'] / mib:8.0f} {row['peak'] / mib:11.0f} {(row['peak'] - row['libs']) / mib:8.0f} "
+                print(f"{label:28s} {row['libs'] / mib:8.0f} {row['start'] / mib:9.0f} {row['peak'] / mib:11.0f} "
+                      f"{(row['peak'] - row['libs']) / mib:8.0f} "
                       f"{row['counted'] / mib:8.0f}")
             state = max(t["peak"] - t["libs"] for t in twos) / (one["peak"] - one["libs"])
             counted = max(t["counted"] for t in twos) / one["counted"]

@@ -229,3 +229,30 @@ def test_the_sharded_gradient_norm_and_clipping_follow_torch_on_whole_tensors():
     clip_sharded_grads_(params, 1.0)
     torch.nn.utils.clip_grad_norm_(twins, 1.0)
     assert all(torch.allclose(p.grad, t.grad, atol=1e-7) for p, t in zip(params, twins))
+
+
+def test_settings_that_cannot_train_sharded_are_refused_with_the_reason(tmp_path):
+    from retain.train.sharding import config_sharding_problems
+
+    write_inputs(tmp_path)
+    config = _config(tmp_path, "full", tmp_path / "out", BATCH, "fsdp")
+    assert config_sharding_problems(config) == []
+    mofo = config.model_copy(update={"train": config.train.model_copy(update={"optimizer": "mofo"})})
+    fp16 = config.model_copy(update={"train": config.train.model_copy(update={"mixed_precision": "fp16"})})
+    assert "only its rows" in config_sharding_problems(mofo)[0]
+    assert "skip steps on some processes" in config_sharding_problems(fp16)[0]
+
+
+def test_parallel_defaults_to_ddp_and_is_set_from_the_command_line(tmp_path):
+    import yaml
+
+    from retain.config import load_config
+    from retain.errors import ConfigError
+
+    write_inputs(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, "full", tmp_path / "out", BATCH, "ddp").model_dump(mode="json")))
+    assert load_config(path).train.parallel == "ddp"
+    assert load_config(path, ["train.parallel=fsdp"]).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match="parallel"):
+        load_config(path, ["train.parallel=zero3"])

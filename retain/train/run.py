@@ -231,7 +231,7 @@ class FineTune:
         check_process_count(self.accelerator.num_processes, os.environ)
         self.parallel = resolve_parallel(config.train.parallel, self.accelerator)  # refuses DeepSpeed, FSDP1, Megatron
         if self.parallel == "fsdp":
-            check_sharding_support(self.hybrid.strategies)  # before any model loads
+            check_sharding_support(self.hybrid.strategies, config)  # before any model loads
         else:
             check_data_parallel(self.accelerator.distributed_type)
         self.sharded = self.parallel == "fsdp" and self.accelerator.num_processes > 1
@@ -244,6 +244,9 @@ class FineTune:
             report=observer.set_budget if observer is not None else None, run_dir=self.run_dir, console=self.console,
         )
         self.participants = [p for p in (observer, budget) if p is not None]
+        # whether any process measures the model (the same answer on every process: the observer is the
+        # main process's, the budget every process's); a sharded model is gathered for it only then
+        self.measuring = self.observer is not None or budget is not None
         warnings = overlap_guard(config, self.observer.suite if self.observer is not None else None,
                                  allow=config.eval.allow_overlap)  # before any model loads
         if observer is not None and warnings:
@@ -375,7 +378,8 @@ class FineTune:
         ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
         if config.output.save_per_task:
             self.write_model_dir(inside(self.run_dir, "tasks", task_folder_name(task.index, task.name)))
-        with gathered(self.model):  # sharded: whole weights on every process, so the main one measures alone
+        with gathered(self.model) if self.measuring else contextlib.nullcontext():  # sharded: whole weights on
+            # every process, so the main one measures alone
             self.decision = first_stop([p.on_task_end(self.model, ctx, task, stats) for p in self.participants])
         accelerator.wait_for_everyone()
         if not self.decision.stops:  # a stopped run keeps no task-end checkpoint: a resume repeats the stop
@@ -387,7 +391,8 @@ class FineTune:
         """After each optimizer step: the participants (a budget check, a step evaluation), the periodic
         checkpoint, and a Ctrl-C's stop. True when a participant ends the task here."""
         stopping = self.stop.requested
-        with gathered(self.model) if self.sharded and self.measures_at(step_in_task) else contextlib.nullcontext():
+        with gathered(self.model) if self.sharded and self.measuring and self.measures_at(step_in_task) \
+                else contextlib.nullcontext():
             decision = first_stop([
                 p.on_step_end(self.model, self.ctx, task, step_in_task, stopping=stopping) for p in self.participants
             ])

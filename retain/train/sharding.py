@@ -63,13 +63,28 @@ def sharding_problems(strategies: Iterable[Any]) -> list[str]:
     return [f"{s.name}: {problem}" for s in strategies if (problem := s.sharding_problem()) is not None]
 
 
-def check_sharding_support(strategies: Iterable[Any]) -> None:
-    """Refuse, before any model loads, a hybrid with a strategy that cannot train sharded."""
-    problems = sharding_problems(strategies)
+def config_sharding_problems(config: Any) -> list[str]:
+    """Training settings that cannot run sharded, each with the reason."""
+    problems = []
+    if config.train.optimizer == "mofo":
+        problems.append("train.optimizer: mofo ranks each weight's entries by momentum; sharded, each process would "
+                        "rank only its rows (use adamw, or train.parallel: ddp)")
+    if config.train.mixed_precision == "fp16":
+        problems.append("train.mixed_precision: fp16's gradient scaler would find infinities per process and skip "
+                        "steps on some processes only (use bf16)")
+    if getattr(config.model, "quantization", None) is not None:
+        problems.append("model.quantization: a quantized base cannot be sharded by FSDP2 (train adapters with "
+                        "train.parallel: ddp)")
+    return problems
+
+
+def check_sharding_support(strategies: Iterable[Any], config: Any = None) -> None:
+    """Refuse, before any model loads, a hybrid with a strategy (or a setting) that cannot train sharded."""
+    problems = sharding_problems(strategies) + (config_sharding_problems(config) if config is not None else [])
     if problems:
         raise ConfigError(
             "train.parallel: fsdp (FSDP2) cannot train this hybrid:\n  " + "\n  ".join(problems),
-            hint="set train.parallel: ddp, or drop the strategies listed",
+            hint="set train.parallel: ddp, or change what is listed",
         )
 
 
