@@ -186,15 +186,22 @@ def test_sharded_launches_other_than_fsdp2_are_refused_with_the_reason():
     def launch(kind: Any, version: int | None = None) -> Any:
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
 
-    assert resolve_parallel("ddp", launch(DistributedType.MULTI_CPU)) == "ddp"
-    assert resolve_parallel("fsdp", launch(DistributedType.MULTI_GPU)) == "fsdp"
-    assert resolve_parallel("ddp", launch(DistributedType.FSDP, 2)) == "fsdp"  # accelerate's FSDP2 flags
+    assert resolve_parallel("ddp", launch(DistributedType.MULTI_CPU), {}) == "ddp"
+    # accelerate launch --use_fsdp --fsdp_version 2 on CPUs: accelerate's state says MULTI_CPU, its launcher's env FSDP
+    fsdp2_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert resolve_parallel("ddp", launch(DistributedType.MULTI_CPU), fsdp2_env) == "fsdp"
     with pytest.raises(ConfigError, match="FSDP version 1"):
-        resolve_parallel("ddp", launch(DistributedType.FSDP, 1))
+        resolve_parallel("ddp", launch(DistributedType.MULTI_CPU), {**fsdp2_env, "FSDP_VERSION": "1"})
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        resolve_parallel("ddp", launch(DistributedType.MULTI_CPU), {"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert resolve_parallel("fsdp", launch(DistributedType.MULTI_GPU), {}) == "fsdp"
+    assert resolve_parallel("ddp", launch(DistributedType.FSDP, 2), {}) == "fsdp"  # accelerate's FSDP2 flags
+    with pytest.raises(ConfigError, match="FSDP version 1"):
+        resolve_parallel("ddp", launch(DistributedType.FSDP, 1), {})
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO is not supported.*train.parallel: fsdp"):
-        resolve_parallel("fsdp", launch(DistributedType.DEEPSPEED))
+        resolve_parallel("fsdp", launch(DistributedType.DEEPSPEED), {})
     with pytest.raises(ConfigError, match="Megatron"):
-        resolve_parallel("ddp", launch(DistributedType.MEGATRON_LM))
+        resolve_parallel("ddp", launch(DistributedType.MEGATRON_LM), {})
 
 
 def test_strategies_that_cannot_train_sharded_are_named_with_the_reason():

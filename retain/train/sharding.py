@@ -17,7 +17,8 @@ one process. The total gradient norm is the square root of the squared local nor
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+import os
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -34,15 +35,27 @@ REFUSED_LAUNCHES = {
 }
 
 
-def launch_kind(accelerator: Any) -> str:
-    """``ddp`` or ``fsdp`` as the launch asks (before the config says): accelerate's FSDP2 flags mean fsdp."""
+def launch_kind(accelerator: Any, environ: Mapping[str, str] | None = None) -> str:
+    """``ddp`` or ``fsdp`` as the launch asks (before the config says): accelerate's FSDP2 flags mean fsdp.
+
+    The flags are read from accelerate's state and from the environment its launcher sets
+    (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``ACCELERATE_USE_DEEPSPEED``): on CPUs accelerate drops
+    them from its state, and training would silently be data-parallel."""
+    environ = os.environ if environ is None else environ
     name = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type)).split(".")[-1]
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        name = "DEEPSPEED"
+    if name not in REFUSED_LAUNCHES and environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if str(environ.get("FSDP_VERSION", "1")) != "2":
+            name = "FSDP"  # refused below as version 1
+        else:
+            return "fsdp"
     if name in REFUSED_LAUNCHES:
         raise ConfigError(f"this launch is configured for {name}: {REFUSED_LAUNCHES[name]}",
                           hint="`torchrun --nproc_per_node N -m retain train RUN.yaml --set train.parallel=fsdp`")
     if name == "FSDP":
         plugin = getattr(accelerator.state, "fsdp_plugin", None)
-        version = int(getattr(plugin, "fsdp_version", 1) or 1)
+        version = int(getattr(plugin, "fsdp_version", None) or environ.get("FSDP_VERSION", 1) or 1)
         if version != 2:
             raise ConfigError(
                 "this launch is configured for FSDP version 1, whose flattened parameters retain cannot pair "
@@ -53,9 +66,9 @@ def launch_kind(accelerator: Any) -> str:
     return "ddp"
 
 
-def resolve_parallel(configured: str, accelerator: Any) -> str:
+def resolve_parallel(configured: str, accelerator: Any, environ: Mapping[str, str] | None = None) -> str:
     """``fsdp`` when the config or the launch asks for it, else ``ddp``."""
-    return "fsdp" if launch_kind(accelerator) == "fsdp" else configured
+    return "fsdp" if launch_kind(accelerator, environ) == "fsdp" else configured
 
 
 def sharding_problems(strategies: Iterable[Any]) -> list[str]:
