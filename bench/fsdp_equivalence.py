@@ -38,6 +38,7 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
                                            "reanchor_every": 2, "max_step_norm": 0.05}], 1),
     "full+fip (path)": (["full", {"name": "fip", "pool_size": 6, "pool_batch": 2, "anchor": "path", "reanchor_every": 2}], 1),
     "full+fip (bounded)": (["full", {"name": "fip", "pool_size": 6, "pool_batch": 2, "max_step_norm": 0.05}], 1),
+    "freeze (top layer) + ewc": ([{"name": "freeze", "top_layers": 1}, EWC], 2),
     "full+replay": (["full", {"name": "replay", "ratio": 0.25, "source": "general"}], 1),
     "full+stm": (["full", {"name": "stm", "threshold": 105.0}], 1),
 }
@@ -114,8 +115,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--ddp", action="store_true", help="also 2 DDP processes, for the DDP gap beside FSDP2's")
+    parser.add_argument("--only", default="", help="comma-separated hybrids of the table (default: all)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only:
+        for name in set(HYBRIDS) - set(args.only.split(",")):
+            del HYBRIDS[name]
     if args.worker:  # one of the two FSDP2 processes
         import torch
 
@@ -131,7 +136,8 @@ def main() -> None:
         write_inputs(root, args.hidden, args.layers)
         two = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-             "--worker", str(root), "--steps", str(args.steps), *(["--ddp"] if args.ddp else [])],
+             "--worker", str(root), "--steps", str(args.steps), *(["--ddp"] if args.ddp else []),
+             *(["--only", args.only] if args.only else [])],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         import torch
