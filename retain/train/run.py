@@ -447,12 +447,14 @@ class FineTune:
         return ckpt.checkpoint_dir(self.run_dir, position.global_step, position.task_index)
 
     def measures_at(self, step_in_task: int) -> bool:
-        """Whether a participant measures the model after this step (a step evaluation, or a participant's
-        ``measures_at``): under sharding the weights are gathered for it on every process."""
+        """Whether a participant measures the model after this step (a step evaluation, or the ``measures_at``
+        of a participant every process has, e.g. a budget): under sharding the weights are gathered for it on
+        every process, so every process must give the same answer."""
         every = self.config.eval.every_n_steps
         if every and step_in_task % every == 0:
             return True
-        return any(getattr(p, "measures_at", lambda step: False)(step_in_task) for p in self.participants)
+        shared = [p for p in self.participants if p is not self.observer]  # the observer is the main process's
+        return any(getattr(p, "measures_at", lambda step: False)(step_in_task) for p in shared)
 
     def write_model_dir(self, out_dir: Path, merge: bool = False) -> None:
         """A model folder ``from_pretrained`` loads, written by the main process; a sharded model's whole
