@@ -4,8 +4,10 @@ Two CPU processes (gloo) sharding the model with ``fully_shard`` at ``batch_size
 weights of one unsharded process at ``2b``, for full fine-tuning and the hybrids whose state is sharded
 like the weights (EWC's anchors and Fisher over two tasks, l2's anchor), with gradient accumulation.
 Checkpoints are sharded (DCP): a run cut mid-task resumes on two processes, on one (batch doubled), and a
-one-process run resumes on two. One launch of two processes runs every case; this process runs the
-one-process references meanwhile.
+one-process run resumes on two. The evaluation of a sharded run (weights gathered, the main process
+scoring alone) gives the one-process scores; the statistics passes of a sharded model (Fisher, SI path
+integral) give the whole model's values, each process its rows. One launch of two processes runs every
+case; this process runs the one-process references meanwhile.
 """
 
 from __future__ import annotations
@@ -39,10 +41,27 @@ def _config(root: Path, name: str, out: Path, batch_size: int, parallel: str) ->
     return config.model_copy(update={"train": config.train.model_copy(update={"parallel": parallel})})
 
 
-def _train(root: Path, name: str, out: Path, batch_size: int, parallel: str = "fsdp", resume: bool = False) -> None:
+def _train(root: Path, name: str, out: Path, batch_size: int, parallel: str = "fsdp", resume: bool = False,
+           evaluate: bool = False) -> None:
+    from retain.eval.runner import SuiteObserver
     from retain.train import finetune
 
-    finetune(_config(root, name, out, batch_size, parallel), resume=resume)
+    config = _config(root, name, out, batch_size, parallel)
+    if evaluate:  # the suite after every task and every 2 steps: forwards of the main process alone
+        config = config.model_copy(update={"eval": config.eval.model_copy(
+            update={"suite": str(root / "suite.yaml"), "every_n_steps": 2})})
+    finetune(config, resume=resume, observer=SuiteObserver.from_config(config) if evaluate else None)
+
+
+def _write_suite(root: Path) -> None:
+    rows = [{"text": f"a small owl flew over hill {i} and saw {i * 3} stars."} for i in range(8)]
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "suite.yaml").write_text(
+        "tasks:\n"
+        f"  - {{name: general, type: loss, data: {{path: {root / 'eval.jsonl'}, max_length: 32}}, max_examples: 4}}\n"
+        f"  - {{name: add_acc, type: next_token_accuracy, role: task, train_task: add, "
+        f"data: {{path: {root / 'add.jsonl'}, max_length: 32}}, max_examples: 4}}\n"
+    )
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
@@ -101,6 +120,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         save_file(stats, str(base / "sharded-statistics.safetensors"))
     for name in CASES:
         _train(base, name, base / "two" / name, BATCH)
+    _train(base, "full", base / "two-eval", BATCH, evaluate=True)
     # a copy cut mid-task, for this process to resume alone (batch doubled)
     if rank == 0:
         shutil.copytree(base / "two" / "full+ewc", base / "to-one")
@@ -124,7 +144,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 
 def test_two_sharded_processes_train_the_model_of_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("RETAIN_CACHE_DIR", str(tmp_path / "cache"))
     write_inputs(tmp_path)
+    _write_suite(tmp_path)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     # one process with parallel: fsdp (unsharded, sharded checkpoints), cut for the two processes to resume
@@ -136,6 +158,7 @@ def test_two_sharded_processes_train_the_model_of_one_process(tmp_path, monkeypa
     try:
         for name in CASES:
             _train(tmp_path, name, tmp_path / "one" / name, BATCH * WORLD, parallel="ddp")
+        _train(tmp_path, "full", tmp_path / "one-eval", BATCH * WORLD, parallel="ddp", evaluate=True)
     finally:
         while not two.join():
             pass
@@ -163,6 +186,15 @@ def test_two_sharded_processes_train_the_model_of_one_process(tmp_path, monkeypa
         resumed = _final(tmp_path / run)
         gap = max((reference[k] - resumed[k]).abs().max().item() for k in reference)
         assert gap <= 1e-5, (run, gap)
+    # evaluation of the sharded model (gathered on every process, scored by the main one): the same scores
+    records = [json.loads((tmp_path / run / "eval_records.json").read_text()) for run in ("one-eval", "two-eval")]
+    assert [r["index"] for r in records[1]] == [0, 1]
+    for one_row, two_row in zip(*records):
+        for key, score in one_row["scores"].items():
+            assert two_row["scores"][key]["value"] == pytest.approx(score["value"], rel=1e-5), key
+    steps = [(tmp_path / run / "step_evals.jsonl").read_text().splitlines() for run in ("one-eval", "two-eval")]
+    assert len(steps[0]) == len(steps[1]) == 1
+    assert json.loads(steps[1][0])["general"] == pytest.approx(json.loads(steps[0][0])["general"], rel=1e-5)
     # statistics passes of the sharded model: every process ran every example; its rows are the whole ones
     sharded_stats = load_file(str(tmp_path / "sharded-statistics.safetensors"))
     whole_stats = _statistics(tmp_path, shard=False)
