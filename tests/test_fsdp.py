@@ -295,3 +295,23 @@ def test_parallel_defaults_to_ddp_and_is_set_from_the_command_line(tmp_path):
     assert load_config(path, ["train.parallel=fsdp"]).train.parallel == "fsdp"
     with pytest.raises(ConfigError, match="parallel"):
         load_config(path, ["train.parallel=zero3"])
+
+
+def test_the_shard_helpers_leave_an_unsharded_model_as_it_is():
+    """Strategies call the same helpers with and without sharding; unsharded they change nothing."""
+    from retain.models.sharding import (
+        is_sharded, local, local_dict, shard_like, sharded_parameters, sum_over_processes, summed_over_shards,
+    )
+    from retain.models.tiny import tiny_model
+
+    model = tiny_model("llama", 40, seed=0, hidden=16, layers=1, heads=2)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    assert not is_sharded(model)
+    assert list(sharded_parameters(model)) == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(sharded_parameters(model, trainable_only=False)) == len(list(model.parameters()))
+    weight = model.model.norm.weight
+    assert local(weight) is weight and local_dict({"w": weight})["w"] is weight
+    whole = torch.ones_like(weight)
+    assert torch.equal(shard_like(whole, weight), whole)
+    term = (weight ** 2).sum()
+    assert summed_over_shards(term, sharded=False) is term and sum_over_processes(term, sharded=False) is term

@@ -102,6 +102,16 @@ def summed_over_shards(partial: Tensor, sharded: bool) -> Tensor:
     return partial + (total - partial.detach())
 
 
+def sum_over_processes(value: Tensor, sharded: bool) -> Tensor:
+    """A statistic summed over every process's rows (e.g. the sum or count behind a mean over all weights),
+    outside autograd; ``value`` itself when not sharded. Every process must call it (one all-reduce)."""
+    if not sharded or not torch.distributed.is_initialized():
+        return value
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
 @contextlib.contextmanager
 def gathered(model: nn.Module) -> Iterator[nn.Module]:
     """Every process holds the whole weights for the block (a collective: every process enters it), and
