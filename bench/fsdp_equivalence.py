@@ -165,6 +165,8 @@ def main() -> None:
             verdict = "ok" if gap <= 1e-5 else "ABOVE 1e-5"
             ddp = root / "two-ddp" / name.replace(" ", "_")
             ddp_gap = "" if not (ddp / "final").is_dir() else f"{max((a[k] - c[k]).abs().max().item() for c in [weights(ddp)] for k in a):.2e}"
+            if gap > 1e-5 and ddp_gap and float(ddp_gap) >= gap:
+                verdict += " (DDP's gap is as large: summation order, amplified by Adam)"
             print(f"{name:28s} {gap:18.2e} {loss_gap:16.2e} {ddp_gap:>16s}  {verdict} {note}")
 
 
