@@ -115,13 +115,22 @@ def save_sharded_checkpoint(
         state["strategies"] = sharded
     _, rank = _world()
     with ExitStack() as main_only:
-        tmp_name = None
+        made: tuple[str | None, str | None] = (None, None)  # (the temporary folder, or why it could not be made)
+        failure: Exception | None = None
         if rank == 0:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with output_errors(final):
-                tmp_name = tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent)
-            main_only.callback(lambda: shutil.rmtree(tmp_name, ignore_errors=True))  # a no-op once renamed
-        tmp = Path(_broadcast(tmp_name))
+            try:
+                with output_errors(final):
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    made = (tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent), None)
+                main_only.callback(shutil.rmtree, made[0], ignore_errors=True)  # a no-op once renamed
+            except Exception as err:  # noqa: BLE001 - every process must hear of it
+                failure, made = err, (None, f"{type(err).__name__}: {err}")
+        tmp_name, why = _broadcast(made)
+        if failure is not None:
+            raise failure
+        if why is not None:
+            raise RuntimeError(f"the main process could not make the checkpoint folder {final}: {why}")
+        tmp = Path(tmp_name)
         dcp.save(state, checkpoint_id=str(tmp / DCP_FOLDER))
         _barrier()
         error = None
