@@ -15,6 +15,9 @@ Sections (each prints one line per measurement, then a ratio):
 3. two GPUs (only when ``torch.cuda.device_count() >= 2``): ``accelerate launch --num_processes 2 -m retain
    train`` at batch 2 per process against one process at batch 4, same global batch: max abs difference of
    the final weights, for full and full+ewc.
+4. FSDP2 (2+ GPUs): ``torchrun --nproc_per_node N -m retain train`` with ``train.parallel: fsdp`` at batch 2
+   per process against one process at batch 2N: max abs difference of the consolidated final weights, for
+   full and full+ewc. ``--skip loop,memory,ddp`` runs this section alone (one short command).
 """
 
 from __future__ import annotations
@@ -230,6 +233,56 @@ def two_gpus(model_dir: Path, train: Path, general: Path, tmp: Path, args: argpa
             print(f"   {name:9s} max abs weight difference after 6 steps: {diff:.3e}")
 
 
+def fsdp2_gpus(model_dir: Path, train: Path, general: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """FSDP2 (train.parallel: fsdp) on every GPU against one process with the same global batch: weight
+    difference of the consolidated final model and the largest peak GPU memory of a process."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        print(f"\n4. FSDP2: skipped ({gpus} GPU)")
+        return
+    print(f"\n4. FSDP2 on {gpus} GPUs x batch 2 vs 1 process x batch {2 * gpus} (fp32, constant lr, no clipping)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name, strategies in (("full", ["full"]), ("full+ewc", ["full", "ewc"])):
+        finals, peaks = [], []
+        for processes, batch, parallel in ((1, 2 * gpus, "ddp"), (gpus, 2, "fsdp")):
+            out = tmp / f"fsdp-{name}-{processes}"
+            config = config_dict(model_dir, train, general, out, strategies, args)
+            config["train"].update({"steps_per_task": 6, "batch_size": batch, "scheduler": "constant",
+                                    "max_grad_norm": None, "mixed_precision": "no", "parallel": parallel})
+            path = tmp / f"fsdp-{name}-{processes}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+                      if processes > 1 else [sys.executable])
+            script = tmp / "peak.py"
+            script.write_text(_PEAK_SCRIPT)
+            done = subprocess.run([*launch, str(script), str(path)], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"   {name}: {processes} process(es) FAILED: {done.stderr.strip().splitlines()[-1:]}")
+                break
+            finals.append(load_file(str(out / "final" / "model.safetensors")))
+            peaks.append(max(_peaks(done.stdout), default=0))
+        if len(finals) == 2:
+            diff = max((finals[0][k].float() - finals[1][k].float()).abs().max().item() for k in finals[0])
+            ratio = f"{peaks[1] / peaks[0]:.2f}" if peaks[0] and peaks[1] else "n/a"
+            print(f"   {name:9s} max abs weight difference after 6 steps: {diff:.3e}; peak memory per process "
+                  f"FSDP2 / one process: {ratio}")
+
+
+_PEAK_SCRIPT = """import os, sys, torch
+from retain.train.run import finetune, load_run_config
+finetune(load_run_config(sys.argv[1]))
+print("PEAK", os.environ.get("RANK", "0"), torch.cuda.max_memory_allocated(), flush=True)
+"""
+
+
+def _peaks(stdout: str) -> list[int]:
+    return [int(line.split()[2]) for line in stdout.splitlines() if line.startswith("PEAK ")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
@@ -237,7 +290,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="a causal LM folder instead of stories260K")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: loop,memory,ddp")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: loop,memory,ddp,fsdp")
     args = parser.parse_args()
     cuda_or_exit()
     import torch
@@ -255,6 +308,8 @@ def main() -> None:
             memory(model_dir, train, general, tmp, args)
         if "ddp" not in skip:
             two_gpus(model_dir, train, general, tmp, args)
+        if "fsdp" not in skip:
+            fsdp2_gpus(model_dir, train, general, tmp, args)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class TrainConfig(StrictModel):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="A step with a non-finite loss or gradient is skipped; stop after this many in a row."
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several processes: ddp (each holds the whole model) or fsdp (FSDP2: weights, gradients, "
+        "optimizer and strategy state sharded per transformer block; retain.train.sharding)."
+    )
 
 
 class CheckpointConfig(StrictModel):

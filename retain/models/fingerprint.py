@@ -22,13 +22,17 @@ import torch
 from torch import nn
 
 from retain.models.adapters import base_parameters, is_peft_model
+from retain.models.sharding import is_dtensor
 
 _MODEL_VERSION = b"retain-fingerprint-v1"
 _BASE_VERSION = b"retain-base-fingerprint-v2"
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's raw bytes in its own dtype (exact, also for bfloat16), copied to the CPU if needed."""
+    """The tensor's raw bytes in its own dtype (exact, also for bfloat16), copied to the CPU if needed. A
+    sharded weight (FSDP2 DTensor) is gathered first: every process hashes the whole weight (a collective)."""
+    if is_dtensor(tensor):
+        tensor = tensor.full_tensor()
     flat = tensor.detach().contiguous().reshape(-1).to("cpu")
     return memoryview(flat.view(torch.uint8).numpy())
 

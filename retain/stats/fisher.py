@@ -22,7 +22,8 @@ stories260K: see ``bench/importance_cost.py``). A lambda tuned under ``example``
 T times the same strength under ``token``.
 
 With several processes each process takes every ``world``-th example, and sums and counts are added
-across processes before dividing.
+across processes before dividing. A sharded (FSDP2) model is estimated by every process on every
+example instead, each keeping its rows (:func:`_sharded_diagonal_fisher`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from retain.models.runtime import eval_mode, model_device
+from retain.models.sharding import is_sharded
 from retain.stats.per_example import (
     Collate,
     batches,
@@ -113,6 +115,9 @@ def diagonal_fisher(
     (``torch.autograd.grad``), so it is safe between training steps. Pass the unwrapped model.
     """
     _check(estimator, normalize)
+    if is_sharded(model):
+        return _sharded_diagonal_fisher(model, params, examples, collate, estimator=estimator, samples=samples,
+                                        seed=seed, batch_size=batch_size, normalize=normalize)
     names = list(params)
     tensors = [params[n] for n in names]
     device = model_device(model)
@@ -157,6 +162,73 @@ def diagonal_fisher(
                 count += 1
                 tokens += float(scored_tokens(batch["labels"]).sum())
     return _normalized(total, count, tokens, estimator, normalize, accelerator)
+
+
+def _sharded_diagonal_fisher(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    examples: Sequence[Any],
+    collate: Collate,
+    *,
+    estimator: Estimator,
+    samples: int,
+    seed: int,
+    batch_size: int,
+    normalize: Normalize,
+) -> tuple[dict[str, Tensor], int]:
+    """:func:`diagonal_fisher` of a sharded (FSDP2) model, sharded like its parameters.
+
+    A sharded forward is a collective, so every process runs every example (the same forwards, in the
+    same order): each process's gathered gradient is then the example's own, FSDP2's averaging
+    reduce-scatter leaves each process its rows of it, and each process squares its rows. No sums
+    across processes are needed; the cost is ``world`` times the compute of a split pass. Each
+    sampled draw gets its own forward (a second backward through one FSDP2 forward is not supported).
+    ``.grad`` of the parameters is used and left as it was.
+    """
+    names = list(params)
+    tensors = [params[n] for n in names]
+    kept = [p.grad for p in tensors]
+    device = model_device(model)
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count, tokens = 0, 0.0
+    per_token = normalize == "token"
+
+    def squared_grads(loss: Tensor, scale: float) -> None:
+        for p in tensors:
+            p.grad = None
+        loss.backward()
+        for n, p in zip(names, tensors):
+            if p.grad is not None:
+                total[n].add_(p.grad.float().pow(2), alpha=scale)
+
+    try:
+        with eval_mode(model, no_grad=False):
+            if estimator == "empirical_batch":
+                for batch_examples in batches([e for e in examples if has_label_tokens(e)], batch_size):
+                    batch = to_device(collate(batch_examples), device)
+                    losses = per_example_nll(forward_logits(model, batch), batch["labels"], "sum" if per_token else "mean")
+                    squared_grads(losses.sum() if per_token else losses.sum() / len(batch_examples), 1.0)
+                    tokens += float(scored_tokens(batch["labels"]).sum())
+                    count += 1
+            else:
+                for index, example in enumerate(examples):
+                    if not has_label_tokens(example):
+                        continue
+                    batch = to_device(collate([example]), device)
+                    generators = [example_generator(seed, index, device)] if estimator == "sampled" else []
+                    draws = samples if estimator == "sampled" else 1
+                    for _ in range(draws):
+                        logits = forward_logits(model, batch)
+                        loss = _losses_for(logits, batch["labels"], estimator, 1, generators, normalize)[0]
+                        squared_grads(loss.sum(), 1.0 / draws)
+                    count += 1
+                    tokens += float(scored_tokens(batch["labels"]).sum())
+    finally:
+        for p, grad in zip(tensors, kept):
+            p.grad = grad
+    n = max(count, 1)
+    divisor = max(tokens, 1.0) if per_token else float(n)
+    return {name: value / divisor for name, value in total.items()}, n
 
 
 def lora_delta_fisher(

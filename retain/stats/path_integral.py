@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from retain.models.runtime import eval_mode, model_device
+from retain.models.sharding import is_sharded
 from retain.stats.per_example import (
     Collate,
     batches,
@@ -132,6 +133,9 @@ def path_integral_importance(
     such a rate moves weights by ``lr * g``, far below sqrt(xi): Omega is then ``lr * sum g^2 / xi``, a
     batch-gradient Fisher whatever ``xi`` and ``lr``.) One forward/backward per batch, no per-example
     gradients. Returns (importance, steps taken). Dropout is off so the pass is deterministic.
+
+    A sharded (FSDP2) model: ``params`` are its sharded parameters, every process runs every batch and
+    the result is sharded like them (each process its rows).
     """
     names = list(params)
     tensors = [params[n] for n in names]
@@ -141,8 +145,27 @@ def path_integral_importance(
     groups = list(batches(scored, batch_size))
     total_steps = len(groups) if steps is None else (steps if groups else 0)
 
+    sharded = is_sharded(model)
+
+    def sharded_gradient(batch_examples: list[Any]) -> dict[str, Tensor]:
+        """Every process runs the whole batch (a sharded forward is a collective); FSDP2's averaging
+        reduce-scatter of identical gradients leaves each process its rows of the batch gradient."""
+        batch = to_device(collate(batch_examples), device)
+        count = scored_tokens(batch["labels"]).sum().float().clamp_min(1.0)
+        loss = per_example_nll(forward_logits(model, batch), batch["labels"], "sum").sum() / count
+        for p in tensors:
+            p.grad = None
+        loss.backward()
+        grads = {n: (p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                 for n, p in zip(names, tensors)}
+        for p in tensors:
+            p.grad = None
+        return grads
+
     def gradient_for(batch_examples: list[Any]) -> Callable[[], dict[str, Tensor]]:
         def compute() -> dict[str, Tensor]:
+            if sharded:
+                return sharded_gradient(batch_examples)
             mine = batch_examples[rank::world]
             grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             local = torch.zeros(1, dtype=torch.float32, device=device)

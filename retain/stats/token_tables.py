@@ -21,6 +21,7 @@ from torch import nn
 
 from retain.io import atomic_file
 from retain.models.runtime import align_to_inputs, reference_forward
+from retain.models.sharding import is_sharded
 from retain.stats.per_example import world_of
 
 if TYPE_CHECKING:
@@ -103,8 +104,10 @@ def compute_table(
 ) -> TokenTable:
     """One reference forward pass over ``examples``; ``per_token(logits, batch)`` gives per-position
     tensors ``(batch, seq, ...)`` whose real-token rows are kept (padding dropped). With several
-    processes each runs every ``world``-th batch and all of them get the whole table."""
-    world, rank = world_of(accelerator)
+    processes each runs every ``world``-th batch and all of them get the whole table; with a sharded
+    model (FSDP2) every process runs every batch, since each forward needs all of them."""
+    # a sharded model's forward is a collective: every process runs every batch (same table everywhere)
+    world, rank = (1, 0) if is_sharded(model) else world_of(accelerator)
     rows: dict[int, dict[str, torch.Tensor]] = {}
     with reference_forward(model, adapters_off=adapters_off):
         for number, start in enumerate(range(0, len(examples), batch_size)):

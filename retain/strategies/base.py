@@ -246,6 +246,9 @@ class Strategy:
     - ``stores_real_data(config)``, ``extra_passes(config, adapters=)``, ``holds_model_copy(config,
       adapters=)``: the facts that depend on the strategy's settings (and on whether the hybrid trains
       adapters), from its validated config.
+    - ``supports_sharding``: trains under ``train.parallel: fsdp`` (FSDP2) with its per-parameter state
+      sharded like the weights and its forwards run on every process; others are refused there, with
+      ``sharding_refusal`` (why) when it says more than the default.
     """
 
     name: ClassVar[str] = ""
@@ -258,6 +261,8 @@ class Strategy:
     min_tasks: ClassVar[int] = 1
     strength: ClassVar[Strength | None] = None
     preserves_function: ClassVar[bool] = False
+    supports_sharding: ClassVar[bool] = False
+    sharding_refusal: ClassVar[str] = ""
     quadratic_state: ClassVar[bool] = False
     input_path_keys: ClassVar[tuple[str, ...]] = ()
     output_path_keys: ClassVar[tuple[str, ...]] = ()
@@ -276,6 +281,17 @@ class Strategy:
     def holds_model_copy(cls, config: StrategyConfig, *, adapters: bool) -> bool:
         """Holds a second copy of the model's (trained) weights while training."""
         return False
+
+    def sharding_problem(self) -> str | None:
+        """Why this strategy, as configured, cannot train under ``train.parallel: fsdp`` (None: it can).
+        A strategy whose support depends on its settings overrides this."""
+        if self.supports_sharding:
+            return None
+        if self.sharding_refusal:
+            return self.sharding_refusal
+        if self.peft_wrapper:
+            return "it trains PEFT adapters or prompts, which train.parallel: fsdp does not shard (they are small: use train.parallel: ddp)"
+        return "its state or extra forwards assume whole weights on every process"
 
     @classmethod
     def declaration_problems(cls) -> list[str]:

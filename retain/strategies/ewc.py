@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from retain.config import RunConfig
 from retain.data.sampling import Stream, estimate_subset
 from retain.losses.quadratic import quadratic_penalty
-from retain.models.runtime import trainable_parameters
+from retain.models.sharding import is_sharded, local_dict, shard_like, sharded_parameters, summed_over_shards
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.fisher import diagonal_fisher, online_update
 from retain.strategies._shared.calibration import (
@@ -66,6 +66,7 @@ class EwcConfig(CalibrationConfig):
 
 @register_strategy("ewc")
 class Ewc(Strategy):
+    supports_sharding = True  # anchors and Fisher sharded like the weights
     Config = EwcConfig
     strength = Strength("lambda_", 1e-2, 1e5)
     quadratic_state = True
@@ -77,6 +78,7 @@ class Ewc(Strategy):
         self.general_done = False
         self._source: str | None = None
         self._params: dict[str, nn.Parameter] | None = None
+        self._sharded = False
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         return calibration_requirements(self.config, run, where)
@@ -97,9 +99,9 @@ class Ewc(Strategy):
     def extra_losses(self, outputs: Any, batch: dict[str, Tensor], ctx: StrategyContext) -> dict[str, Tensor]:
         if not self.penalties or self.config.lambda_ == 0:
             return {}
-        params = self._live(ctx)
-        total = sum(quadratic_penalty(params, p["anchor"], p["fisher"]) for p in self.penalties)
-        return {"penalty": 0.5 * self.config.lambda_ * total}
+        params = local_dict(self._live(ctx))  # each process its rows; the value summed over processes
+        total = sum(quadratic_penalty(params, local_dict(p["anchor"]), local_dict(p["fisher"])) for p in self.penalties)
+        return {"penalty": 0.5 * self.config.lambda_ * summed_over_shards(total, self._sharded)}
 
     def after_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         if self._source not in ("previous_task", "both") or task.index == len(ctx.tasks) - 1:
@@ -127,7 +129,8 @@ class Ewc(Strategy):
 
     def _live(self, ctx: StrategyContext) -> dict[str, nn.Parameter]:
         if self._params is None:
-            self._params = trainable_parameters(ctx.unwrapped_model)
+            self._params = sharded_parameters(ctx.unwrapped_model)
+            self._sharded = is_sharded(ctx.unwrapped_model)
             for penalty in self.penalties:
                 check_same_parameters(penalty["fisher"], self._params, self.name)
                 penalty["anchor"] = on_device(penalty["anchor"], self._params)
@@ -139,7 +142,7 @@ class Ewc(Strategy):
             loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("ewc",))
             stats = statistics_for(loaded, list(params), self.config.file)
             dtype = DTYPES[self.config.state_dtype]
-            return {n: stats[n].to(params[n].device, dtype) for n in params}
+            return {n: shard_like(stats[n].to(dtype), params[n]) for n in params}
         seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
         examples = estimate_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
         return self._estimate(params, examples, ctx, seed=seed)

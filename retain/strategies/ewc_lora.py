@@ -141,6 +141,7 @@ def merge_and_reset(layers: dict[str, nn.Module], generator: torch.Generator) ->
 
 @register_strategy("ewc-lora")
 class EwcLora(Strategy):
+    sharding_refusal = "it trains LoRA adapters, which train.parallel: fsdp does not shard; use train.parallel: ddp"
     Config = EwcLoraConfig
     strength = Strength("lambda_", 1e-2, 1e6)
     quadratic_state = True

@@ -37,7 +37,9 @@ the forward, after every strategy's ``before_task``), so ``extra_losses`` only r
 
 Memory: the anchor is a snapshot of the *trainable* weights only, evaluated with
 ``torch.func.functional_call`` on the training model: with LoRA that is the adapters (a few MB),
-with full fine-tuning one copy of the weights, the "frozen copy" of the method.
+with full fine-tuning one copy of the weights, the "frozen copy" of the method. Sharded
+(``train.parallel: fsdp``): the anchor is a frozen copy of the model sharded like it (each process
+holds its rows of one copy), whose forward every process runs.
 Cost: one extra student forward+backward and one anchor forward on the pool batch per micro-batch.
 """
 
@@ -55,6 +57,15 @@ from retain.config import DataConfig, RunConfig
 from retain.data.sampling import Stream, sample_indices, seeded_generator
 from retain.losses.distill import bhattacharyya_distance
 from retain.models.runtime import align_to_inputs, reference_forward, trainable_parameters
+from retain.models.sharding import (
+    copy_weights_,
+    is_dtensor,
+    is_sharded,
+    local,
+    sharded_frozen_copy,
+    sharded_parameters,
+)
+from retain.strategies._shared.calibration import on_device
 from retain.strategies.base import (
     Batch,
     Strategy,
@@ -99,14 +110,18 @@ def snapshot(parameters: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 
 
 def project_update(parameters: dict[str, nn.Parameter], previous: dict[str, torch.Tensor], max_norm: float) -> float:
-    """Scale the update theta - previous onto the ball of radius ``max_norm``; returns its norm before."""
+    """Scale the update theta - previous onto the ball of radius ``max_norm``; returns its norm before.
+    Sharded weights: each process its rows, the norm summed over processes (every process calls it)."""
     with torch.no_grad():
-        squares = [((p - previous[name]).float() ** 2).sum() for name, p in parameters.items()]
-        norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        squares = [((local(p) - local(previous[name])).float() ** 2).sum() for name, p in parameters.items()]
+        square = torch.stack(squares).sum() if squares else torch.zeros(())
+        if any(is_dtensor(p) for p in parameters.values()) and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(square)
+        norm = float(square.sqrt())
         if norm > max_norm:
             scale = max_norm / norm
             for name, p in parameters.items():
-                p.copy_(previous[name] + (p - previous[name]) * scale)
+                local(p).copy_(local(previous[name]) + (local(p) - local(previous[name])) * scale)
     return norm
 
 
@@ -115,6 +130,7 @@ class FunctionallyInvariantPaths(Strategy):
     Config = FipConfig
     strength = Strength("weight", 1e-2, 1e3)
     preserves_function = True
+    supports_sharding = True  # sharded: the anchor is a sharded frozen copy of the model (no functional_call)
 
     @classmethod
     def extra_passes(cls, config: StrategyConfig, *, adapters: bool) -> float:
@@ -139,6 +155,7 @@ class FunctionallyInvariantPaths(Strategy):
         self._previous: dict[str, torch.Tensor] | None = None
         self._last_step_norm = 0.0
         self._picks: dict[int, list[int]] = {}  # pool rows of each micro-batch of the step, chosen in transform_batch
+        self._anchor_module: nn.Module | None = None  # sharded runs: the anchor as a sharded frozen model
 
     def requirements(self, run: RunConfig, where: str) -> list[str]:
         merging = [s.name for s in run.strategies if get_strategy_class(s.name).modifies_frozen_weights]
@@ -194,10 +211,26 @@ class FunctionallyInvariantPaths(Strategy):
     # ------------------------------------------------------------------ anchor
 
     def _take_anchor(self, model: nn.Module, ctx: StrategyContext) -> None:
-        self._anchor = snapshot(trainable_parameters(model))
+        self._anchor = self._snapshot(model)
         self._anchor_step = ctx.step_in_task
 
+    def _snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable weights now; sharded, copied into the sharded anchor model (whose weights they are)."""
+        if not is_sharded(model):
+            return snapshot(trainable_parameters(model))
+        if self._anchor_module is None:
+            self._anchor_module = sharded_frozen_copy(model)
+        else:
+            copy_weights_(self._anchor_module, model)
+        mine = sharded_parameters(self._anchor_module, trainable_only=False)
+        return {name: mine[name].detach() for name in sharded_parameters(model)}
+
     def _anchor_logits(self, model: nn.Module, batch: Batch, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if is_sharded(model):  # a forward of the anchor model (or of the model itself: the current point)
+            reference = self._anchor_module if weights is None and self._anchor_module is not None else model
+            with reference_forward(reference):
+                logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return align_to_inputs(logits, batch["input_ids"].shape[1])
         weights = weights if weights is not None else self._anchor
         assert weights is not None
         with reference_forward(model):
@@ -234,7 +267,7 @@ class FunctionallyInvariantPaths(Strategy):
         student = ctx.model(input_ids=pool_batch["input_ids"], attention_mask=pool_batch["attention_mask"]).logits
         student = align_to_inputs(student, pool_batch["input_ids"].shape[1])
         # hooks driven by hand, without transform_batch: the anchor is the current point (not stored)
-        current = {n: p.detach() for n, p in trainable_parameters(model).items()} if self._anchor is None else None
+        current = {n: p.detach() for n, p in sharded_parameters(model).items()} if self._anchor is None else None
         anchor = self._anchor_logits(model, pool_batch, current)
         distance = bhattacharyya_distance(
             student, anchor, pool_batch["attention_mask"], self.config.eps_add, self.config.reduction
@@ -243,18 +276,18 @@ class FunctionallyInvariantPaths(Strategy):
 
     def after_backward(self, model: nn.Module, ctx: StrategyContext) -> None:
         if self.config.max_step_norm is not None:
-            self._previous = snapshot(trainable_parameters(ctx.unwrapped_model))
+            self._previous = snapshot(sharded_parameters(ctx.unwrapped_model))
 
     def after_step(self, model: nn.Module, ctx: StrategyContext) -> None:
         unwrapped = ctx.unwrapped_model
         if self.config.max_step_norm is not None and self._previous is not None:
-            self._last_step_norm = project_update(trainable_parameters(unwrapped), self._previous, self.config.max_step_norm)
+            self._last_step_norm = project_update(sharded_parameters(unwrapped), self._previous, self.config.max_step_norm)
             self._previous = None
             ctx.log("fip/step_norm_before_bound", self._last_step_norm)  # this step's, in its own row
         steps_done = ctx.step_in_task + 1
         if self.config.anchor == "path" and self._pool:
             if steps_done % self.config.reanchor_every == 0:
-                self._anchor = snapshot(trainable_parameters(unwrapped))
+                self._anchor = self._snapshot(unwrapped)
                 self._anchor_step = steps_done
                 self._reanchors += 1
             ctx.log("fip/reanchors", self._reanchors)  # the task's count so far, in every row
@@ -278,7 +311,12 @@ class FunctionallyInvariantPaths(Strategy):
         self._anchor_step = int(state.get("anchor_step", 0))
         self._reanchors = int(state.get("reanchors", 0))
         self._anchor = None
-        if state.get("has_anchor"):
+        if state.get("has_anchor") and is_sharded(ctx.unwrapped_model):  # into a sharded anchor model
+            self._anchor = self._snapshot(ctx.unwrapped_model)
+            with torch.no_grad():
+                for name, tensor in on_device(dict(state["anchor"]), self._anchor).items():
+                    local(self._anchor[name]).copy_(local(tensor))
+        elif state.get("has_anchor"):
             self._anchor = {name: t.to(ctx.device) for name, t in state["anchor"].items()}
         self._picks = {}
         task_index = int(state.get("pool_task", -1))

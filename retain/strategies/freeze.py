@@ -64,6 +64,7 @@ def trainable_names(model: nn.Module, config: FreezeConfig) -> set[str]:
 class Freeze(Strategy):
     Config = FreezeConfig
     wraps_model = True
+    supports_sharding = True  # FSDP2 reduces only the gradients of the weights that train
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         chosen = trainable_names(model, self.config)

@@ -10,6 +10,7 @@ from retain.strategies.registry import register_strategy
 
 @register_strategy("full")
 class FullFineTuning(Strategy):
+    supports_sharding = True
     wraps_model = True
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

@@ -19,7 +19,7 @@ from pydantic import AliasChoices, Field
 from torch import Tensor, nn
 
 from retain.losses.quadratic import quadratic_penalty
-from retain.models.runtime import trainable_parameters
+from retain.models.sharding import is_sharded, local_dict, sharded_parameters, summed_over_shards
 from retain.strategies._shared.calibration import check_same_parameters, detached_copy, on_device
 from retain.strategies.base import Strategy, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
@@ -36,6 +36,7 @@ class L2Config(StrategyConfig):
 
 @register_strategy("l2")
 class L2ToBase(Strategy):
+    supports_sharding = True  # the anchor is sharded like the weights
     Config = L2Config
     strength = Strength("lambda_", 1e-3, 1e3)
     quadratic_state = True
@@ -44,6 +45,7 @@ class L2ToBase(Strategy):
         super().__init__(config)
         self.anchor: dict[str, Tensor] | None = None
         self._params: dict[str, nn.Parameter] | None = None
+        self._sharded = False
 
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         params = self._live(ctx)
@@ -53,7 +55,8 @@ class L2ToBase(Strategy):
     def extra_losses(self, outputs: Any, batch: dict[str, Tensor], ctx: StrategyContext) -> dict[str, Tensor]:
         if self.anchor is None or self.config.lambda_ == 0:
             return {}
-        return {"penalty": 0.5 * self.config.lambda_ * quadratic_penalty(self._live(ctx), self.anchor)}
+        partial = quadratic_penalty(local_dict(self._live(ctx)), local_dict(self.anchor))  # each process its rows
+        return {"penalty": 0.5 * self.config.lambda_ * summed_over_shards(partial, self._sharded)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": self.anchor} if self.anchor is not None else {}
@@ -64,7 +67,8 @@ class L2ToBase(Strategy):
 
     def _live(self, ctx: StrategyContext) -> dict[str, nn.Parameter]:
         if self._params is None:
-            self._params = trainable_parameters(ctx.unwrapped_model)
+            self._params = sharded_parameters(ctx.unwrapped_model)
+            self._sharded = is_sharded(ctx.unwrapped_model)
             if self.anchor is not None:
                 check_same_parameters(self.anchor, self._params, self.name)
                 self.anchor = on_device(self.anchor, self._params)

@@ -68,6 +68,7 @@ class ReplayConfig(StrategyConfig):
 
 @register_strategy("replay")
 class Replay(RatioMixing):
+    supports_sharding = True  # host-side mixing of batches only
     Config = ReplayConfig
     strength = Strength("ratio", 0.01, 0.9)  # a strong shift may need most rows replayed to hold a budget
 

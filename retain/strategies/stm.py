@@ -116,6 +116,7 @@ def drop_masks(
 
 @register_strategy("stm")
 class SelectiveTokenMasking(Strategy):
+    supports_sharding = True  # its perplexity pass runs every batch on every process (compute_table)
     Config = StmConfig
     strength = Strength("threshold", 1.25, 100.0, protects_more_when_higher=False)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from retain.errors import DivergenceError, StateError
 from retain.io import atomic_dir, output_errors, remove_stale_temporaries
+from retain.models.sharding import is_sharded, local, sharded_parameters
 
 CHECKPOINT_VERSION = 1
 _PREFIX = "step-"
@@ -201,9 +202,24 @@ def _refuse_nonfinite(bad: list[str], total: int, where: str) -> None:
 
 
 def check_finite_weights(model: nn.Module, where: str) -> None:
-    """Refuse to go on (and write model folders) from a model with a non-finite weight."""
+    """Refuse to go on (and write model folders) from a model with a non-finite weight (a sharded model:
+    every process's rows, agreed on by every process)."""
+    if is_sharded(model):
+        bad = nonfinite_rows(model)
+        _refuse_nonfinite(["(rows of a sharded weight)"] * bad, len(list(model.parameters())), where)
+        return
     params = dict(model.named_parameters())
     _refuse_nonfinite(nonfinite_tensors(params), len(params), where)
+
+
+def nonfinite_rows(model: nn.Module) -> int:
+    """How many weight tensors of a sharded model hold a NaN or an infinity in any process's rows (one
+    all-reduce every process joins)."""
+    params = sharded_parameters(model, trainable_only=False)
+    bad = torch.tensor(float(len(nonfinite_tensors({n: local(p).detach() for n, p in params.items()}))))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return int(bad.item())
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -239,6 +255,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 1,
     participant_state: dict[str, dict[str, Any] | None] | None = None,
+    processes: int = 1,
 ) -> Path:
     """Write everything needed to resume exactly; older step checkpoints beyond ``keep`` are removed.
 
@@ -261,7 +278,7 @@ def save_checkpoint(
         for name, state in stateful.items():  # e.g. a forgetting budget's controller, trajectory and kept point
             save_nested(state, tmp, name)
         meta = {"version": CHECKPOINT_VERSION, "position": asdict(position), "full_weights": full_weights,
-                "participants": sorted(stateful)}
+                "participants": sorted(stateful), "processes": processes}
         meta["extra"] = extra or {}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _prune(Path(run_dir) / "checkpoints", keep)
@@ -292,6 +309,8 @@ class LoadedCheckpoint:
     strategies: dict[str, Any]
     extra: dict[str, Any]
     participants: dict[str, dict[str, Any]] = field(default_factory=dict)  # by participant name
+    # a sharded (FSDP2) checkpoint's parts read once the model exists (retain.train.sharded_checkpoint)
+    sharded: dict[str, Any] | None = None
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -299,6 +318,9 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
         raise StateError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+    if meta.get("format") == "sharded":
+        raise StateError(f"{path} was written by a sharded run (train.parallel: fsdp)",
+                         hint="read it with retain.train.sharded_checkpoint.load_any_checkpoint")
     optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
     scheduler = torch.load(path / "scheduler.pt", weights_only=True) if (path / "scheduler.pt").exists() else None
     return LoadedCheckpoint(
@@ -319,3 +341,9 @@ def _participant_names(path: Path, meta: dict[str, Any]) -> list[str]:
     if "participants" in meta:
         return list(meta["participants"])
     return ["budget"] if (path / "budget.json").is_file() else []
+
+
+def checkpoint_processes(path: Path) -> int | None:
+    """How many processes wrote a checkpoint (None for one written before this was recorded)."""
+    value = json.loads((Path(path) / "meta.json").read_text()).get("processes")
+    return int(value) if value is not None else None

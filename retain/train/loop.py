@@ -39,6 +39,11 @@ mean over the tokens of its micro-batch becomes its share of the step's token me
 With several processes the step's sums (loss, terms, tokens, a Ctrl-C flag) are added across
 processes in one all-reduce just before the step's one host read, so every process logs the same
 values and takes the same skip/stop decision on a non-finite step.
+
+Sharded (``train.parallel: fsdp``, FSDP2): the same arithmetic. FSDP2's reduce-scatter averages as
+DDP does; accumulation holds gathered gradients until the last micro-batch
+(``set_requires_gradient_sync``); the gradient norm and clipping add squared local norms over
+processes (``retain.train.sharding``); a penalty on a process's rows of a weight reaches its rows once.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ from retain.errors import ConfigError, DivergenceError
 from retain.io import append_jsonl
 from retain.strategies.base import StrategyContext, TaskInfo
 from retain.strategies.compose import Hybrid
+from retain.models.sharding import is_sharded, sharded_parameters
 from retain.train.optim import MoFO
+from retain.train.sharding import clip_sharded_grads_, sharded_grad_norm
 
 NonFiniteLossError = DivergenceError  # the name earlier releases exported
 
@@ -77,7 +84,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = list(sharded_parameters(model).values())  # a sharded model's DTensors, else its trainable weights
     if not parameters:
         raise ConfigError("no parameter is trainable: check the strategies (e.g. freeze.trainable matches nothing)")
     decay = [p for p in parameters if p.ndim >= 2]
@@ -343,7 +350,8 @@ def train_task(
     train = ctx.config.train
     world, rank = accelerator.num_processes, accelerator.process_index
     parts = train.grad_accum * world  # (micro-batch, process) pairs a term is averaged over
-    trainable = [p for p in model.parameters() if p.requires_grad]  # fixed for the task once before_task ran
+    sharded = is_sharded(model)  # FSDP2 (train.parallel: fsdp): DTensor weights and gradients
+    trainable = list(sharded_parameters(model).values())  # fixed for the task once before_task ran
     stats = TaskStats(trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
     model.train()
     window = LogWindow()
@@ -363,7 +371,9 @@ def train_task(
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in rows_of(batch, world, rank).items()}
             count = label_tokens(batch["labels"])
             sync = micro == train.grad_accum - 1
-            with accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext():
+            if sharded:  # FSDP2 keeps gathered gradients until the step's last micro-batch, then reduce-scatters
+                model.set_requires_gradient_sync(sync)
+            with accelerator.no_sync(model) if not sync and world > 1 and not sharded else contextlib.nullcontext():
                 with accelerator.autocast():
                     outputs = model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
@@ -380,7 +390,8 @@ def train_task(
         del batches
         ctx.step_tokens = None
         requested = bool(stop is not None and stop.requested)
-        values = sums.read(total_grad_norm(trainable) if check_grads else None, accelerator, requested)  # the one host sync
+        norm = (sharded_grad_norm(trainable) if sharded else total_grad_norm(trainable)) if check_grads else None
+        values = sums.read(norm, accelerator, requested)  # the one host sync
         if values.stop and stop is not None:
             stop.requested = True  # every process stops after this same step
         streak = check_finite(values, task, step + 1, streak, train.max_nonfinite_steps)
@@ -390,7 +401,9 @@ def train_task(
             window.skipped += 1
         else:
             hybrid.after_backward(model, ctx)
-            if train.max_grad_norm is not None:
+            if train.max_grad_norm is not None and sharded:
+                clip_sharded_grads_(trainable, train.max_grad_norm)
+            elif train.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
             optimizer.step()
             scheduler.step()

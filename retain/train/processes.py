@@ -2,7 +2,8 @@
 
 - Launch checks: processes that would not train together are refused before any work, and several
   processes on a machine without GPUs are made to train together on the CPU (gloo).
-- Sharded training (FSDP, DeepSpeed, Megatron) is refused with the reason.
+- Sharded launches are ``retain.train.sharding``'s (FSDP2 trains; FSDP1, DeepSpeed, Megatron are refused
+  with the reason); :func:`check_data_parallel` guards a run configured for DDP.
 - ``on_main_process``: work done once (the run folder's rules) with its value or error given to all.
 - ``parameter_layout``: when a strategy changes the parameters, the DDP wrapper is built again.
 - The process group outlives a run (``retain bench`` runs several in one process) and is destroyed at
@@ -153,21 +154,20 @@ SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 def check_data_parallel(distributed_type: Any) -> None:
-    """Refuse sharded training (FSDP, DeepSpeed, Megatron): ``retain train`` runs data-parallel (DDP).
+    """Refuse a sharded launch for a run configured data-parallel (DDP).
 
-    Sharding splits each weight across processes, and retain reads whole weights in many places:
-    anchors and Fisher/importance snapshots, LwF's teacher copy, the evaluation and the checkpoints
-    (on the main process alone), and the statistics passes, where processes run different numbers of
-    forwards (a sharded forward is a collective every process must join). Each would need gathering
-    (``summon_full_params`` / ``full_tensor()`` on every process, gathered state dicts for checkpoints).
+    The DDP path reads whole weights in many places (anchors, statistics split across processes,
+    teachers, evaluation and checkpoints on the main process alone); sharded training has its own path
+    (``train.parallel: fsdp``, ``retain.train.sharding``), which launches with accelerate's FSDP2 flags
+    select before this is reached.
     """
     name = getattr(distributed_type, "name", str(distributed_type)).split(".")[-1]
     if name in SHARDED:
         raise ConfigError(
-            f"retain train runs data-parallel (DDP) only; this launch is configured for {name}, which shards the "
-            "weights, and retain's anchors, Fisher, teachers, evaluation and checkpoints need whole weights",
-            hint="launch without FSDP/DeepSpeed (`accelerate launch --num_processes N -m retain train RUN.yaml`); "
-                 "for a model that does not fit one device, train adapters (lora) or use model.quantization",
+            f"this run is configured data-parallel (train.parallel: ddp) and the launch for {name}, which shards "
+            "the weights",
+            hint="shard with train.parallel: fsdp (FSDP2: `torchrun --nproc_per_node N -m retain train RUN.yaml "
+                 "--set train.parallel=fsdp`), or launch without FSDP/DeepSpeed",
         )
 
 

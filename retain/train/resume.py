@@ -13,7 +13,9 @@ Keys that may change on resume (``RESUMABLE_KEYS``; a key also matches everythin
   activations, same weights);
 - ``train.log_every``, ``train.progress``, ``train.trackers``;
 - ``checkpoint.every``, ``checkpoint.keep``; ``eval.*``; ``output.dir`` (a moved folder),
-  ``output.merge``, ``output.save_per_task``.
+  ``output.merge``, ``output.save_per_task``;
+- ``train.batch_size`` when the number of processes changes with it so that the global batch
+  (``batch_size x processes``) stays the same (e.g. 2 processes at 2 resumed on 1 at 4).
 
 Refused: the model, the tasks and their data settings, the strategies and their settings,
 ``general_data``, ``train.steps_per_task``/``batch_size``/``grad_accum``/``seed``/``mixed_precision``,
@@ -118,13 +120,17 @@ def recorded_config(run_dir: Path) -> RunConfig | None:
         ) from None
 
 
-def check_resume_changes(run_dir: Path, config: RunConfig) -> list[Change]:
-    """The allowed changes since the run started; a StateError listing every key that may not change."""
+def check_resume_changes(run_dir: Path, config: RunConfig, processes: tuple[int | None, int] | None = None) -> list[Change]:
+    """The allowed changes since the run started; a StateError listing every key that may not change.
+
+    ``processes``: (the checkpoint's process count, this run's). ``train.batch_size`` (per process) may
+    change when the global batch ``batch_size x processes`` stays the same: resuming on another number
+    of processes then continues the same run."""
     recorded = recorded_config(run_dir)
     if recorded is None:
         return []
     changes = config_changes(recorded, config)
-    refused = [c for c in changes if not resumable(c.key)]
+    refused = [c for c in changes if not resumable(c.key) and not same_global_batch(c, processes)]
     if refused:
         listed = "; ".join(str(c) for c in refused[:12]) + ("; ..." if len(refused) > 12 else "")
         raise StateError(
@@ -134,6 +140,14 @@ def check_resume_changes(run_dir: Path, config: RunConfig) -> list[Change]:
             + ", ".join(RESUMABLE_KEYS) + " may change on resume",
         )
     return changes
+
+
+def same_global_batch(change: Change, processes: tuple[int | None, int] | None) -> bool:
+    """A per-process ``train.batch_size`` change that keeps ``batch_size x processes``."""
+    if change.key != "train.batch_size" or processes is None or processes[0] is None:
+        return False
+    before, now = processes
+    return isinstance(change.old, int) and isinstance(change.new, int) and change.old * before == change.new * now
 
 
 # ---------------------------------------------------------------------------------------------

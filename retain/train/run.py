@@ -9,6 +9,7 @@ final model folder). No inheritance; ``finetune(config)`` runs the steps in orde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ from retain.io import atomic_write_text, default_cache_dir, inside
 from retain.io_lock import writing_to
 from retain.models.adapters import is_peft_model
 from retain.models.export import save_model_dir
+from retain.models.sharding import gathered, shard_model
 from retain.models.tasks import export_task_choices, task_folder_name
 from retain.strategies import Hybrid, StrategyContext, TaskInfo
 from retain.strategies.registry import validate_run_config
@@ -57,6 +59,14 @@ from retain.train.processes import (
     process_group_kwargs,
 )
 from retain.train.progress import TaskProgress, console_print
+from retain.train.sharded_checkpoint import (
+    consolidated_state_dict,
+    load_any_checkpoint,
+    restore_sharded,
+    restore_sharded_optimizer,
+    save_sharded_checkpoint,
+)
+from retain.train.sharding import check_sharding_support, resolve_parallel
 from retain.train.resume import check_input_fingerprints, check_resume_changes, check_run_dir
 
 log = logging.getLogger("retain")
@@ -127,7 +137,7 @@ def run_inputs(config: RunConfig, observer: RunObserver | None = None) -> list[s
 
 def _prepare_run_dir(
     config: RunConfig, run_dir: Path, resume: bool, *, overwrite: bool = False, inputs: list[str] | None = None,
-    console: Console | None = None, allow_changed_data: bool = False,
+    console: Console | None = None, allow_changed_data: bool = False, processes: int = 1,
 ) -> ckpt.LoadedCheckpoint | None:
     """Apply the run folder's rules (``retain.train.resume``), check what --resume changes, record the
     config, and read the checkpoint to resume from."""
@@ -137,11 +147,12 @@ def _prepare_run_dir(
     latest = None if overwrite else latest
     if resume and latest is None:
         console_print(console, f"nothing to resume in {run_dir} (no checkpoint yet): starting from the beginning")
-    for change in check_resume_changes(run_dir, config) if latest is not None else []:
+    written_by = ckpt.checkpoint_processes(latest) if latest is not None else None
+    for change in check_resume_changes(run_dir, config, (written_by, processes)) if latest is not None else []:
         console_print(console, f"resume with a changed key: {change}")
     check_input_fingerprints(run_dir, config, inputs, resuming=latest is not None, allow_changed=allow_changed_data)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return ckpt.load_checkpoint(latest) if latest is not None else None
+    return load_any_checkpoint(latest) if latest is not None else None
 
 
 def _prepare_run_dir_once(
@@ -157,13 +168,13 @@ def _prepare_run_dir_once(
         if held is not None:
             held.enter_context(writing_to(run_dir, "retain train", inputs=inputs, what="output.dir"))
         loaded = _prepare_run_dir(config, run_dir, resume, overwrite=overwrite, inputs=inputs, console=console,
-                                  allow_changed_data=allow_changed_data)
+                                  allow_changed_data=allow_changed_data, processes=accelerator.num_processes)
         return None if loaded is None else str(loaded.path)
 
     path = on_main_process(accelerator, prepare)
     if loaded is not None or path is None:
         return loaded
-    return ckpt.load_checkpoint(Path(path))
+    return load_any_checkpoint(Path(path))
 
 
 class FineTune:
@@ -218,13 +229,24 @@ class FineTune:
             kwargs_handlers=process_group_kwargs(),
         )
         check_process_count(self.accelerator.num_processes, os.environ)
-        check_data_parallel(self.accelerator.distributed_type)
+        self.parallel = resolve_parallel(config.train.parallel, self.accelerator)  # refuses DeepSpeed, FSDP1, Megatron
+        if self.parallel == "fsdp":
+            check_sharding_support(self.hybrid.strategies, config)  # before any model loads
+        else:
+            check_data_parallel(self.accelerator.distributed_type)
+        self.sharded = self.parallel == "fsdp" and self.accelerator.num_processes > 1
+        if self.parallel == "fsdp" and not self.sharded and self.accelerator.is_main_process:
+            console_print(self.console, "train.parallel: fsdp with one process: training unsharded "
+                          "(checkpoints are written sharded, so the run resumes on several processes)")
         observer = self.observer if self.accelerator.is_main_process else None  # evaluation is the main process's
         budget = budget_participant(
             config, self.hybrid.strategies, self.observer.suite if self.observer is not None else None, processes=self.accelerator.num_processes,
             report=observer.set_budget if observer is not None else None, run_dir=self.run_dir, console=self.console,
         )
         self.participants = [p for p in (observer, budget) if p is not None]
+        # whether any process measures the model (the same answer on every process: the observer is the
+        # main process's, the budget every process's); a sharded model is gathered for it only then
+        self.measuring = self.observer is not None or budget is not None
         warnings = overlap_guard(config, self.observer.suite if self.observer is not None else None,
                                  allow=config.eval.allow_overlap)  # before any model loads
         if observer is not None and warnings:
@@ -250,8 +272,13 @@ class FineTune:
             participant.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
         self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
         model = prepare_for_training(model, config.model, gradient_checkpointing=config.train.gradient_checkpointing)
-        model = self.hybrid.setup(model, self.ctx)
-        self.model = self.ctx.model = self.accelerator.prepare(model)
+        if self.sharded:  # FSDP2 per transformer block, by retain (also under accelerate's FSDP2 flags), before the
+            # strategies' setup, so a teacher copied there is sharded too (no whole copy per process)
+            model = self.ctx.model = shard_model(model.to(self.accelerator.device))
+            self.model = self.ctx.model = self.hybrid.setup(model, self.ctx)
+        else:
+            model = self.hybrid.setup(model, self.ctx)
+            self.model = self.ctx.model = self.accelerator.prepare(model)
         self.layout = parameter_layout(model)
 
     # -- restore ------------------------------------------------------------------------------
@@ -263,10 +290,19 @@ class FineTune:
         if loaded is None:
             return ckpt.Position(task_index=0, step_in_task=0, global_step=0, task_started=False)
         self.ctx.resuming = True
+        if (loaded.sharded is not None) != (self.parallel == "fsdp"):
+            raise ConfigError(
+                f"{loaded.path} was written with train.parallel: {'fsdp' if loaded.sharded is not None else 'ddp'}, "
+                f"and this run asks for {self.parallel}; the checkpoint layouts differ",
+                hint=f"resume with --set train.parallel={'fsdp' if loaded.sharded is not None else 'ddp'}",
+            )
+        if loaded.sharded is not None:  # weights and sharded strategy tensors, on every process
+            restore_sharded(loaded, self.accelerator.unwrap_model(self.model))
         for participant in self.participants:  # a budget's strengths first: strategy state derived from them follows
             participant.load_state_dict(loaded.participants.get(participant.name))
         self.hybrid.load_state_dict(loaded.strategies, self.ctx)  # may rebuild structure the weights need
-        ckpt.load_weights(self.accelerator.unwrap_model(self.model), loaded.weights)
+        if loaded.sharded is None:
+            ckpt.load_weights(self.accelerator.unwrap_model(self.model), loaded.weights)
         self.ctx.global_step = loaded.position.global_step
         ckpt.set_rng_state(loaded.rng)
         self.rewrap_if_changed()
@@ -281,7 +317,7 @@ class FineTune:
         was built with, and building it again broadcasts the main process's values of every new one."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         layout = parameter_layout(unwrapped)
-        if layout == self.layout or self.accelerator.num_processes == 1:
+        if layout == self.layout or self.accelerator.num_processes == 1 or self.sharded:
             self.layout = layout
             return
         self.accelerator.free_memory()  # drops the old wrapper (its gradient buckets and hooks); optimizers are per task
@@ -317,7 +353,11 @@ class FineTune:
         first_step = start.step_in_task if resumed_here else 0
         optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
         scheduler = build_scheduler(optimizer, config.train, task.steps)
-        if mid_task and self.loaded is not None and self.loaded.optimizer is not None:
+        if mid_task and self.loaded is not None and self.loaded.sharded is not None and self.loaded.scheduler is not None:
+            with keep_hyperparameters(optimizer, scheduler):  # resharded to this run's processes
+                restore_sharded_optimizer(self.loaded, self.model, optimizer)
+                scheduler.load_state_dict(self.loaded.scheduler)
+        elif mid_task and self.loaded is not None and self.loaded.optimizer is not None:
             # the restored state, with the hyperparameters of this config (they may change on resume)
             with keep_hyperparameters(optimizer, scheduler):
                 optimizer.load_state_dict(self.loaded.optimizer)
@@ -332,16 +372,15 @@ class FineTune:
                 progress=progress, stop=self.stop,
             )
         for participant in self.participants:  # a budget restores its kept point before anything is exported or scored
-            participant.on_train_end(self.model, ctx, task)
+            participant.on_train_end(self.model, ctx, task)  # sharded: not gathered, so writes reach the shards
         hybrid.after_task(task, ctx)
         stats.peak_memory = peak_memory_bytes(accelerator.device)
         ckpt.check_finite_weights(accelerator.unwrap_model(self.model), f"the end of task '{task.name}'")
-        if config.output.save_per_task and accelerator.is_main_process:
-            save_model_dir(
-                accelerator.unwrap_model(self.model), self.tokenizer, inside(self.run_dir, "tasks", task_folder_name(task.index, task.name)),
-                as_full_model=hybrid.modifies_frozen_weights,
-            )
-        self.decision = first_stop([p.on_task_end(self.model, ctx, task, stats) for p in self.participants])
+        if config.output.save_per_task:
+            self.write_model_dir(inside(self.run_dir, "tasks", task_folder_name(task.index, task.name)))
+        with gathered(self.model) if self.measuring else contextlib.nullcontext():  # sharded: whole weights on
+            # every process, so the main one measures alone
+            self.decision = first_stop([p.on_task_end(self.model, ctx, task, stats) for p in self.participants])
         accelerator.wait_for_everyone()
         if not self.decision.stops:  # a stopped run keeps no task-end checkpoint: a resume repeats the stop
             # The task is complete: the next position is the start of the next task, before its setup.
@@ -352,9 +391,11 @@ class FineTune:
         """After each optimizer step: the participants (a budget check, a step evaluation), the periodic
         checkpoint, and a Ctrl-C's stop. True when a participant ends the task here."""
         stopping = self.stop.requested
-        decision = first_stop([
-            p.on_step_end(self.model, self.ctx, task, step_in_task, stopping=stopping) for p in self.participants
-        ])
+        with gathered(self.model) if self.sharded and self.measuring and self.measures_at(step_in_task) \
+                else contextlib.nullcontext():
+            decision = first_stop([
+                p.on_step_end(self.model, self.ctx, task, step_in_task, stopping=stopping) for p in self.participants
+            ])
         if decision.stops:
             self.decision = decision
             return True
@@ -379,7 +420,14 @@ class FineTune:
 
     def save_checkpoint(self, position: ckpt.Position, optimizer: Any = None, scheduler: Any = None) -> Path:
         """Everything needed to resume at ``position``; optimizer state only mid-task (a task starts fresh)."""
-        if self.accelerator.is_main_process:
+        if self.parallel == "fsdp":  # every process writes its rows (DCP)
+            save_sharded_checkpoint(
+                self.run_dir, position=position, model=self.accelerator.unwrap_model(self.model), optimizer=optimizer,
+                scheduler=scheduler, strategy_state=self.hybrid.state_dict(), keep=self.config.checkpoint.keep,
+                participant_state={p.name: p.state_dict() for p in self.participants},
+                extra={k: v for p in self.participants for k, v in p.checkpoint_meta().items()},
+            )
+        elif self.accelerator.is_main_process:
             ckpt.save_checkpoint(
                 self.run_dir,
                 position=position,
@@ -391,11 +439,32 @@ class FineTune:
                 keep=self.config.checkpoint.keep,
                 participant_state={p.name: p.state_dict() for p in self.participants},
                 extra={k: v for p in self.participants for k, v in p.checkpoint_meta().items()},
+                processes=self.accelerator.num_processes,
             )
         self.accelerator.wait_for_everyone()
         for participant in self.participants:
             participant.after_checkpoint()
         return ckpt.checkpoint_dir(self.run_dir, position.global_step, position.task_index)
+
+    def measures_at(self, step_in_task: int) -> bool:
+        """Whether a participant measures the model after this step (a step evaluation, or the ``measures_at``
+        of a participant every process has, e.g. a budget): under sharding the weights are gathered for it on
+        every process, so every process must give the same answer."""
+        every = self.config.eval.every_n_steps
+        if every and step_in_task % every == 0:
+            return True
+        shared = [p for p in self.participants if p is not self.observer]  # the observer is the main process's
+        return any(getattr(p, "measures_at", lambda step: False)(step_in_task) for p in shared)
+
+    def write_model_dir(self, out_dir: Path, merge: bool = False) -> None:
+        """A model folder ``from_pretrained`` loads, written by the main process; a sharded model's whole
+        weights are gathered onto the main process's CPU first (every process takes part)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        whole = consolidated_state_dict(unwrapped) if self.sharded else None
+        if self.accelerator.is_main_process:
+            save_model_dir(unwrapped, self.tokenizer, out_dir, merge=merge,
+                           as_full_model=self.hybrid.modifies_frozen_weights, state_dict=whole)
+        del whole
 
     # -- export -------------------------------------------------------------------------------
 
@@ -403,11 +472,8 @@ class FineTune:
         """The final model folder (adapter, or full model; merged too when asked); trackers closed."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         final_dir = self.run_dir / "final"
+        self.write_model_dir(final_dir, merge=self.config.output.merge)
         if self.accelerator.is_main_process:
-            save_model_dir(
-                unwrapped, self.tokenizer, final_dir,
-                merge=self.config.output.merge, as_full_model=self.hybrid.modifies_frozen_weights,
-            )
             export_task_choices(self.run_dir, final_dir, [(t.index, t.name) for t in self.tasks],
                                 [s.name for s in self.hybrid.strategies], full_model=self.full_weights)
         self.accelerator.wait_for_everyone()

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from retain.config import DataConfig, RunConfig
 from retain.errors import StateError
+from retain.models.sharding import is_dtensor, shard_like
 from retain.stats.fisher import Estimator
 from retain.strategies.base import StrategyConfig, has_general_text
 
@@ -69,8 +70,17 @@ def detached_copy(params: dict[str, Tensor], dtype: torch.dtype | None = None) -
 
 
 def on_device(tensors: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Move stored tensors next to the live parameters (state is loaded on the CPU)."""
-    return {n: t if t.device == like[n].device else t.to(like[n].device) for n, t in tensors.items()}
+    """Move stored tensors next to the live parameters (state is loaded on the CPU); a whole tensor
+    meeting a sharded parameter (a checkpoint of another process count) is cut as the parameter is."""
+    out = {}
+    for n, t in tensors.items():
+        if is_dtensor(like[n]) and not is_dtensor(t):
+            out[n] = shard_like(t, like[n])
+        elif not is_dtensor(like[n]) and is_dtensor(t):
+            out[n] = t.full_tensor().to(like[n].device)
+        else:
+            out[n] = t if t.device == like[n].device else t.to(like[n].device)
+    return out
 
 
 def check_same_parameters(stored: dict[str, Tensor], live: dict[str, Tensor], who: str) -> None:

@@ -5,7 +5,8 @@ batch's input positions (``input_ids`` / ``attention_mask``), evaluated without 
 evaluation mode. A strategy picks one and *replaces* it when the reference changes (lwf's
 ``teacher_at: task_start``), rather than one class juggling optional fields and a fallback chain.
 
-- :class:`FrozenCopy`: a deep copy of the model (full fine-tuning, where nothing else keeps it).
+- :class:`FrozenCopy`: a deep copy of the model (full fine-tuning, where nothing else keeps it); of a
+  sharded model, a frozen copy sharded the same way (its forward runs on every process).
 - :class:`AdaptersOff`: the training model itself with its PEFT adapters disabled: no copy.
 - :class:`Snapshot`: the training model evaluated functionally with a saved copy of its trainable
   weights (with LoRA the adapters, a few MB; with full fine-tuning one copy of the weights).
@@ -32,6 +33,7 @@ from torch.func import functional_call
 from retain.data.identity import batch_rows, example_key, examples_hash
 from retain.losses.distill import kl_with_temperature, kl_with_temperature_topk, topk_teacher
 from retain.models.runtime import align_to_inputs, frozen_copy, reference_forward, trainable_parameters
+from retain.models.sharding import is_sharded, local, shard_like, sharded_frozen_copy, sharded_parameters
 from retain.stats.token_tables import TokenTable, cache_file, cached_table, compute_table
 from retain.strategies._shared.calibration import detached_copy
 from retain.strategies.base import Batch, StrategyContext
@@ -107,7 +109,8 @@ class FrozenCopy:
     the only way to keep the base while every weight trains."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.module = frozen_copy(model)
+        # a sharded model (train.parallel: fsdp): a copy sharded the same way, never a whole copy per process
+        self.module = sharded_frozen_copy(model) if is_sharded(model) else frozen_copy(model)
 
     def logits(self, batch: Batch) -> Tensor:
         return _reference_logits(self.module, batch, adapters_off=True)
@@ -137,12 +140,25 @@ class Snapshot:
         self._model = model
         self.weights = weights
         self.task = task
+        self._module: nn.Module | None = None
+        if is_sharded(model()):  # sharded: a sharded frozen copy holding these weights (functional_call cannot)
+            self._module = sharded_frozen_copy(model())
+            mine = sharded_parameters(self._module, trainable_only=False)
+            with torch.no_grad():
+                for name, value in weights.items():
+                    local(mine[name]).copy_(local(shard_like(value, mine[name])))
+            self.weights = {name: mine[name].detach() for name in weights}
 
     @classmethod
     def take(cls, model: ModelRef, task: int) -> "Snapshot":
-        return cls(model, detached_copy(trainable_parameters(model())), task)
+        live = model()
+        if is_sharded(live):  # the copy is made from the live weights; no whole snapshot on any process
+            return cls(model, {name: p.detach() for name, p in sharded_parameters(live).items()}, task)
+        return cls(model, detached_copy(trainable_parameters(live)), task)
 
     def logits(self, batch: Batch) -> Tensor:
+        if self._module is not None:
+            return _reference_logits(self._module, batch)
         return _reference_logits(self._model(), batch, weights=self.weights)
 
     def state_dict(self) -> dict[str, Any]:
