@@ -79,6 +79,7 @@ ROWS: dict[str, Row] = {
     "stm": Row(["full", {"name": "stm", "threshold": 100.0}]),
     "flow": Row(["full", {"name": "stm", "threshold": 100.0}, "flow"], tasks=2),
     "replay": Row(["full", {"name": "replay", "ratio": 0.25}], tasks=2),
+    "wise": Row(["full", {"name": "wise", "alpha": 0.5}], tasks=2),
     "synthetic-replay": Row(
         ["full", {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8,
                   "ratio": 0.25, "select": "first", "demonstrations_from_data": 0}]
@@ -309,6 +310,7 @@ KILL_HYBRIDS = {
         {"name": "stm", "threshold": 100.0},
         {"name": "replay", "ratio": 0.25},
         "flow",
+        {"name": "wise", "alpha": 0.75},
     ],
     "lora-family": [
         {"name": "lora", "r": 2, "dropout": 0.1},
