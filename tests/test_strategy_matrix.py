@@ -65,6 +65,7 @@ ROWS: dict[str, Row] = {
     "lora@corda": Row([{**LORA, "init": "corda", "calibration_examples": 4}], general=True),
     "freeze": Row([{"name": "freeze", "top_layers": 1}]),
     "block-expansion": Row([{"name": "block-expansion", "new_blocks": 2}], tasks=2),
+    "osf": Row([{"name": "osf", "effective_rank": 0.5}], tasks=2),
     "prompt-tuning": Row([{"name": "prompt-tuning", "num_virtual_tokens": 3}]),
     "o-lora": Row([{"name": "o-lora", "r": 2, "dropout": 0.0}], tasks=2),
     "progressive-prompts": Row([{"name": "progressive-prompts", "num_virtual_tokens": 3}], tasks=2),
