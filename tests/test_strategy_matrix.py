@@ -15,7 +15,8 @@ Each row carries the minimal config its strategy needs (general text, a second t
 A real SIGKILL of a ``python -m retain train`` subprocess costs two interpreter starts (~4 s each on a
 busy 2-core machine), so it is checked for one hybrid per family rather than per strategy: ``full``
 with the weight regularizers, function-preserving terms, replay and sample weights (``ewc``, ``importance``,
-``l2``, ``fip``, ``stm``, ``replay``, ``flow``) and ``lora`` with ``ewc-lora``, ``lwf`` and ``synthetic-replay``. The
+``l2``, ``fip``, ``stm``, ``replay``, ``flow``, ``wise``) and ``lora`` with ``ewc-lora``, ``lwf``, ``synthetic-replay``
+and ``dft`` (dft and flow refuse each other). The
 other wrappers (``freeze``, ``prompt-tuning``, ``o-lora``, ``progressive-prompts``) are covered by the
 in-process resume above, which restarts from exactly the files a kill leaves behind.
 """
@@ -82,6 +83,7 @@ ROWS: dict[str, Row] = {
     ),
     "stm": Row(["full", {"name": "stm", "threshold": 100.0}]),
     "flow": Row(["full", {"name": "stm", "threshold": 100.0}, "flow"], tasks=2),
+    "dft": Row(["full", {"name": "replay", "ratio": 0.25}, {"name": "dft", "lambda_": 0.5}], tasks=2),
     "replay": Row(["full", {"name": "replay", "ratio": 0.25}], tasks=2),
     "wise": Row(["full", {"name": "wise", "alpha": 0.5}], tasks=2),
     "synthetic-replay": Row(
@@ -322,6 +324,7 @@ KILL_HYBRIDS = {
         {"name": "lwf", "anchor": "general", "anchor_batch_size": 2},
         {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8, "ratio": 0.25, "select": "first",
          "demonstrations_from_data": 0},
+        "dft",
     ],
 }
 
