@@ -125,6 +125,9 @@ class Wise(Strategy):
         return problems
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        if self.config.alpha is None and getattr(ctx, "suite", None) is None and ctx.config.eval.suite is None:
+            raise ConfigError("wise: no eval suite to choose alpha on; set eval.suite (its select part chooses) "
+                              "or a fixed wise.alpha")  # before any training, not at the first task's end
         adapters = any(get_strategy_class(s.name).peft_wrapper for s in ctx.config.strategies)
         if not adapters:  # the run's starting point; a resumed run sets up on the model as loaded, too
             self._base = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
