@@ -56,3 +56,19 @@ def test_trained_osf_exports_an_adapter_that_loads(tiny_model_dir, tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, outcome.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_drift_folds_the_osf_delta_into_the_weight(llama):
+    """weight_rel_l2 and effective_weights read an OSF layer as base + (U_low S_low V_low - its init)."""
+    from retain.eval.drift import effective_weights, snapshot_weights, weight_rel_l2
+
+    base = snapshot_weights(llama)
+    model = Osf(OsfConfig(effective_rank=0.5)).setup(llama, ctx=None)
+    assert weight_rel_l2(base, model) == 0.0
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "osf_svd_params"))
+    with torch.no_grad():
+        layer.osf_svd_params["default"]["S_low"].mul_(2.0)  # the low part doubles
+    key = name.replace("base_model.model.", "") + ".weight"
+    u, s, v = (layer._osf_U_low_init["default"], layer._osf_S_low_init["default"], layer._osf_V_low_init["default"])
+    assert torch.allclose(effective_weights(model)[key], base[key] + (u * s) @ v, atol=1e-5)
+    assert weight_rel_l2(base, model) > 0

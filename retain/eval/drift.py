@@ -179,6 +179,14 @@ def _collect_weights(module: nn.Module, prefix: str, out: dict[str, torch.Tensor
     if isinstance(module, LoraLayer):
         out.update(_lora_layer_weights(module, prefix))
         return
+    if isinstance(module, BaseTunerLayer) and hasattr(module, "osf_svd_params"):  # OSF: base + its delta
+        weight = module.get_base_layer().weight
+        for adapter in [a for a in module.active_adapters if a in module.osf_svd_params] if not module.disable_adapters else []:
+            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+        out[f"{prefix}weight"] = weight.detach()
+        if module.get_base_layer().bias is not None:
+            out[f"{prefix}bias"] = module.get_base_layer().bias.detach()
+        return
     if isinstance(module, BaseTunerLayer):
         raise NotImplementedError(
             f"effective_weights: {type(module).__name__} at '{prefix.rstrip('.')}' is not LoRA; "
