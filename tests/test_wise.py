@@ -128,3 +128,5 @@ def test_wise_listed_before_a_wrapper_is_refused(tiny_model_dir, files, tmp_path
         validate_run_config(config_for(tiny_model_dir, files, tmp_path / "o", ["wise", "lora"]))
     with pytest.raises(ConfigError, match="has no update to scale"):
         validate_run_config(config_for(tiny_model_dir, files, tmp_path / "o", ["prompt-tuning", "wise"]))
+    with pytest.raises(ConfigError, match="folds the update into the base"):
+        validate_run_config(config_for(tiny_model_dir, files, tmp_path / "o", [{"name": "lora", "r": 2}, "ewc-lora", "wise"]))

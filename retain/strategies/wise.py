@@ -122,6 +122,10 @@ class Wise(Strategy):
         if other:
             problems.append(f"wise scales plain LoRA adapters or full weights; {', '.join(other)} has no update to "
                             "scale. Use lora or full weights")
+        merging = [n for n in names if n != self.name and get_strategy_class(n).modifies_frozen_weights]
+        if merging:
+            problems.append(f"{', '.join(merging)} folds the update into the base weights at each task's end, so wise "
+                            "would scale nothing (or a fresh adapter); use lora or full weights without it")
         return problems
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
