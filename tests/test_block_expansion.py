@@ -99,3 +99,38 @@ def test_trained_export_loads_with_plain_from_pretrained(tiny_model_dir, text_fi
                 break
         assert torch.equal(tuned[name_now or name], weight), name
     assert not torch.equal(tuned["model.layers.1.mlp.down_proj.weight"], torch.zeros_like(tuned["model.layers.1.mlp.down_proj.weight"]))
+
+
+def test_names_as_loaded_match_each_block_with_itself():
+    """Drift by name after an expansion: block 1 of 2 becomes block 2 of 4 (a new block sits at 1, another
+    at 3); renamed, the loaded blocks are compared with themselves and the new ones are left out."""
+    from retain.eval.drift import effective_weights, snapshot_weights
+    from retain.models.expansion import expand_blocks, names_as_loaded
+    from retain.models.tiny import tiny_model
+
+    model = tiny_model("llama", 40, seed=0, hidden=16, layers=2, heads=2)
+    base = snapshot_weights(model)
+    assert expand_blocks(model, 2) == [1, 3]
+    renamed = names_as_loaded(model, effective_weights(model))
+    assert set(renamed) == set(base)
+    assert all(torch.equal(renamed[k], base[k]) for k in base)  # every loaded block found under its old name
+    by_name = effective_weights(model)  # without renaming, block 1 is a new block, not the loaded block 1
+    key = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.equal(by_name[key], base[key]) and torch.equal(renamed[key], base[key])
+
+
+def test_weight_drift_of_an_expansion_is_zero_until_a_loaded_block_moves():
+    from retain.eval.drift import snapshot_weights, weight_rel_l2
+    from retain.models.expansion import expand_blocks
+    from retain.models.tiny import tiny_model
+
+    model = tiny_model("llama", 40, seed=0, hidden=16, layers=2, heads=2)
+    base = snapshot_weights(model)
+    expand_blocks(model, 2)
+    assert weight_rel_l2(base, model) == 0.0  # the loaded blocks are where they were, only renumbered
+    with torch.no_grad():
+        decoder_blocks(model)[1].mlp.up_proj.weight.add_(1.0)  # a new block trains: no base to compare with
+    assert weight_rel_l2(base, model) == 0.0
+    with torch.no_grad():
+        decoder_blocks(model)[2].mlp.up_proj.weight.add_(1.0)  # the loaded block 1 moves
+    assert weight_rel_l2(base, model) > 0.0

@@ -15,7 +15,8 @@ Each row carries the minimal config its strategy needs (general text, a second t
 A real SIGKILL of a ``python -m retain train`` subprocess costs two interpreter starts (~4 s each on a
 busy 2-core machine), so it is checked for one hybrid per family rather than per strategy: ``full``
 with the weight regularizers, function-preserving terms, replay and sample weights (``ewc``, ``importance``,
-``l2``, ``fip``, ``stm``, ``replay``, ``flow``) and ``lora`` with ``ewc-lora``, ``lwf`` and ``synthetic-replay``. The
+``l2``, ``fip``, ``stm``, ``replay``, ``flow``, ``wise``) and ``lora`` with ``ewc-lora``, ``lwf``, ``synthetic-replay``
+and ``dft`` (dft and flow refuse each other). The
 other wrappers (``freeze``, ``prompt-tuning``, ``o-lora``, ``progressive-prompts``) are covered by the
 in-process resume above, which restarts from exactly the files a kill leaves behind.
 """
@@ -60,8 +61,12 @@ class Row:
 ROWS: dict[str, Row] = {
     "full": Row(["full"]),
     "lora": Row([LORA]),
+    "lora@pissa": Row([{**LORA, "init": "pissa"}]),
+    "lora@milora": Row([{**LORA, "init": "milora"}]),
+    "lora@corda": Row([{**LORA, "init": "corda", "calibration_examples": 4}], general=True),
     "freeze": Row([{"name": "freeze", "top_layers": 1}]),
     "block-expansion": Row([{"name": "block-expansion", "new_blocks": 2}], tasks=2),
+    "osf": Row([{"name": "osf", "effective_rank": 0.5}], tasks=2),
     "prompt-tuning": Row([{"name": "prompt-tuning", "num_virtual_tokens": 3}]),
     "o-lora": Row([{"name": "o-lora", "r": 2, "dropout": 0.0}], tasks=2),
     "progressive-prompts": Row([{"name": "progressive-prompts", "num_virtual_tokens": 3}], tasks=2),
@@ -78,7 +83,9 @@ ROWS: dict[str, Row] = {
     ),
     "stm": Row(["full", {"name": "stm", "threshold": 100.0}]),
     "flow": Row(["full", {"name": "stm", "threshold": 100.0}, "flow"], tasks=2),
+    "dft": Row(["full", {"name": "replay", "ratio": 0.25}, {"name": "dft", "lambda_": 0.5}], tasks=2),
     "replay": Row(["full", {"name": "replay", "ratio": 0.25}], tasks=2),
+    "wise": Row(["full", {"name": "wise", "alpha": 0.5}], tasks=2),
     "synthetic-replay": Row(
         ["full", {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8,
                   "ratio": 0.25, "select": "first", "demonstrations_from_data": 0}]
@@ -291,7 +298,7 @@ def test_row_in_a_hybrid_with_lora(name, files, tiny_model_dir, tmp_path):
     moved = max(
         (tuned[k] - base[k.replace(".base_layer", "")]).abs().max().item() for k in tuned if "lora_" not in k
     )
-    merges = any(get_strategy_class(s["name"] if isinstance(s, dict) else s).modifies_frozen_weights for s in strategies)
+    merges = any(s.modifies_frozen_weights for s in validate_run_config(config))  # lora's residual inits too
     assert (moved > 0) if merges else (moved == 0), f"{name}: base weights moved by {moved} beside lora"
 
 
@@ -309,6 +316,7 @@ KILL_HYBRIDS = {
         {"name": "stm", "threshold": 100.0},
         {"name": "replay", "ratio": 0.25},
         "flow",
+        {"name": "wise", "alpha": 0.75},
     ],
     "lora-family": [
         {"name": "lora", "r": 2, "dropout": 0.1},
@@ -316,6 +324,7 @@ KILL_HYBRIDS = {
         {"name": "lwf", "anchor": "general", "anchor_batch_size": 2},
         {"name": "synthetic-replay", "prompts": ["the cat"], "per_source": 4, "max_new_tokens": 8, "ratio": 0.25, "select": "first",
          "demonstrations_from_data": 0},
+        "dft",
     ],
 }
 

@@ -55,6 +55,7 @@ class Stream(IntEnum):
     LWF_ORDER             the order lwf reads its anchor pool       epoch
     BUDGET_PROBE          a budget's fallback task-loss subset      -
     TUNE_CONFIRM          ``retain tune``'s fresh confirmation seed  rank of the confirmed trial
+    LORA_CALIBRATION      CorDA's general-text calibration subset   -
     ====================  ========================================  ============================
 
     ``ESTIMATE_*`` derive from an estimate's own seed (``retain importance compute --seed``, a strategy's
@@ -80,6 +81,7 @@ class Stream(IntEnum):
     LWF_ORDER = 17
     BUDGET_PROBE = 18
     TUNE_CONFIRM = 19
+    LORA_CALIBRATION = 20
 
 
 def derive_seed(seed: int, *indices: int) -> int:

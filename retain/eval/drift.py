@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from retain.eval.tasks.scoring import encode, forward_logits, length_sorted_batches, right_pad
+from retain.models.expansion import names_as_loaded
 from retain.models.runtime import eval_mode, model_device
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +180,14 @@ def _collect_weights(module: nn.Module, prefix: str, out: dict[str, torch.Tensor
     if isinstance(module, LoraLayer):
         out.update(_lora_layer_weights(module, prefix))
         return
+    if isinstance(module, BaseTunerLayer) and hasattr(module, "osf_svd_params"):  # OSF: base + its delta
+        weight = module.get_base_layer().weight
+        for adapter in [a for a in module.active_adapters if a in module.osf_svd_params] if not module.disable_adapters else []:
+            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+        out[f"{prefix}weight"] = weight.detach()
+        if module.get_base_layer().bias is not None:
+            out[f"{prefix}bias"] = module.get_base_layer().bias.detach()
+        return
     if isinstance(module, BaseTunerLayer):
         raise NotImplementedError(
             f"effective_weights: {type(module).__name__} at '{prefix.rstrip('.')}' is not LoRA; "
@@ -220,9 +229,10 @@ def snapshot_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def weight_rel_l2(base_weights: dict[str, torch.Tensor], model: nn.Module) -> float:
     """||theta - theta_0|| / ||theta_0|| over the floating-point weights present in both with equal shapes.
 
-    A weight shared under several names (tied embeddings) is counted once.
+    A weight shared under several names (tied embeddings) is counted once. After block expansion the
+    blocks are matched by identity, not position (``names_as_loaded``); the new blocks have no base.
     """
-    current = effective_weights(model)
+    current = names_as_loaded(model, effective_weights(model))
     num = den = 0.0
     seen: set[int] = set()
     for name, base in base_weights.items():

@@ -94,6 +94,23 @@ CATALOGUE: tuple[Hybrid, ...] = (
     hybrid("full+replay", "full fine-tuning + a small share of stored examples in every batch"),
     hybrid("full+lwf+replay@lwf.anchor=general@lwf.teacher=copy",
            "full fine-tuning + distillation + a little rehearsal"),
+    hybrid("lora@lora.init=milora", "LoRA started on each weight's minor singular directions (MiLoRA): "
+           "the principal ones the model relies on stay in the frozen base"),
+    hybrid("lora@lora.init=corda", "LoRA started on the directions general text uses least (CorDA, "
+           "knowledge-preserving mode, calibrated on general text)"),
+    hybrid("lora@lora.init=pissa", "LoRA started on each weight's principal singular directions (PiSSA): "
+           "learns fastest of the adapters, and moves what the model relies on"),
+    hybrid("osf", "orthogonal subspace fine-tuning: the top singular directions frozen, the rest trains "
+           "orthogonal to them"),
+    hybrid("lora+wise", "LoRA, then its update scaled back (WiSE-FT) by the alpha chosen on the select part"),
+    hybrid("block-expansion", "new identity blocks train, every original weight frozen (LLaMA Pro)"),
+    hybrid("full+dft", "full fine-tuning with each token's loss weighted by the model's own probability (DFT)"),
+    hybrid("full+replay+wise", "full fine-tuning + rehearsal, then interpolated toward the base (WiSE-FT) "
+           "by the alpha chosen on the select part"),
+    hybrid("full+replay+lwf@replay.mode=append@lwf.anchor=replay",
+           "full fine-tuning + rehearsal distilled from the original on the replayed rows (DER)"),
+    hybrid("full+lwf+replay+wise@lwf.anchor=general@lwf.teacher=copy",
+           "full fine-tuning + distillation + rehearsal, then interpolated toward the base (WiSE-FT)"),
 )
 
 

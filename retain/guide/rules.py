@@ -167,6 +167,9 @@ def compute_rule(h: Hybrid, c: Constraints) -> list[Effect]:
     high compute: full weights are affordable."""
     adapters, memory, extra = uses_adapters(h), memory_in_models(h), extra_passes(h)
     if c.compute == "low":
+        if "osf" in h.names:
+            return exclude("compute low: osf trains the low half of every weight's singular subspace, about as many "
+                           "parameters (and optimizer state) as full fine-tuning")
         if holds_frozen_copy(h):
             return exclude("compute low: holds a frozen copy of the whole model "
                            f"({'fip anchor' if 'fip' in h.names else 'lwf teacher'})")
@@ -212,7 +215,24 @@ def tasks_rule(h: Hybrid, c: Constraints) -> list[Effect]:
     return []
 
 
-RULES: tuple[Rule, ...] = (privacy_rule, stakes_rule, compute_rule, weights_rule, tasks_rule)
+def method_notes(h: Hybrid, c: Constraints) -> list[Effect]:
+    """What a method needs or offers that no constraint decides (no points): wise's choice on the
+    suite, corda's calibration text, MoFO as the optimizer of full-weight hybrids."""
+    notes = []
+    if "wise" in h.names and "alpha" not in h.params("wise"):
+        notes.append(Effect(0, "wise → after each task the update is scaled back by the alpha that keeps "
+                               f"{h.params('wise').get('min_gain_share', 0.95)} of its gain with the most general "
+                               "ability on the suite's select part (needs eval.suite; one select-part evaluation per alpha)"))
+    if h.params("lora").get("init") == "corda":
+        notes.append(Effect(0, "lora.init corda → calibrates on the run's general_data (a few dozen examples, one "
+                               "forward each) before training"))
+    if not uses_adapters(h) and c.compute != "low" and "block-expansion" not in h.names:
+        notes.append(Effect(0, "full weights → train.optimizer: mofo (MoFO) moves only the top 15% of each tensor by "
+                               "momentum per step, for no extra compute; an option with any of these hybrids"))
+    return notes
+
+
+RULES: tuple[Rule, ...] = (privacy_rule, stakes_rule, compute_rule, weights_rule, tasks_rule, method_notes)
 
 
 #: a hybrid "learned" on the benchmark when its gain is at least this share of the best hybrid's gain

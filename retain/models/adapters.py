@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 _ADAPTER_MARKERS = ("lora_", "prompt_encoder", "modules_to_save", "original_module")
@@ -58,3 +59,19 @@ def is_adapter_parameter(name: str) -> bool:
 def base_parameters(model: nn.Module) -> dict[str, Tensor]:
     """The base model's parameters under canonical names (adapter tensors skipped)."""
     return {canonical_name(n): p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
+
+
+def minor_factors(weight: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+    """MiLoRA (Wang et al. 2024, arXiv 2406.09044): the adapter starts on the ``r`` *smallest* singular
+    triplets of ``W = U S V^T`` (out x in), and the base keeps the rest, so the model computes exactly
+    what it did: ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``, ``W_res = W - s B A`` with ``s`` the
+    adapter's scaling (divided out as PEFT's PiSSA does, so that ``s B A`` is the minor component).
+    Returns (A, B, W_res) in float32."""
+    matrix = weight.detach().float()
+    if not 0 < r <= min(matrix.shape):
+        raise ValueError(f"MiLoRA needs 0 < r <= min{tuple(matrix.shape)}, got r={r}")
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # s descending: the minor ones are last
+    root = torch.sqrt(s[-r:] / scaling)
+    a = root[:, None] * vh[-r:]
+    b = u[:, -r:] * root[None, :]
+    return a, b, matrix - scaling * (b @ a)

@@ -24,6 +24,9 @@ from torch import nn
 
 from retain.errors import ConfigError
 
+#: Attribute of an expanded decoder's block list: each block's index in the model as loaded (None: a new block).
+ORIGIN_ATTRIBUTE = "retain_block_origin"
+
 #: The output projections zeroed in a new block (Llama, Mistral, Qwen2 names), as in the authors' script.
 OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -89,9 +92,39 @@ def expand_blocks(model: nn.Module, new_blocks: int) -> list[int]:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
+    origin = list(getattr(layers, ORIGIN_ATTRIBUTE, range(len(layers))))
     del layers[:]  # in place: the decoder keeps its ModuleList
     layers.extend(blocks)
+    kept = iter(origin)
+    setattr(layers, ORIGIN_ATTRIBUTE, [None if i in added else next(kept) for i in range(len(blocks))])
     config.num_hidden_layers = len(blocks)
     if types:
         config.layer_types = new_types
     return added
+
+
+def names_as_loaded(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` (named as in ``model``, or its peft base model) renamed to the model as loaded: after an
+    expansion ``model.layers.5`` may be a new block and the loaded block 4 now ``model.layers.6``; new
+    blocks are dropped (they have no counterpart). Unchanged for a model that was never expanded. What
+    drift by parameter name (``weight_rel_l2``) needs to compare a block with itself."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        layers = decoder_blocks(inner)
+    except ConfigError:
+        return weights
+    origin = getattr(layers, ORIGIN_ATTRIBUTE, None)
+    prefix = next((name for name, module in inner.named_modules() if module is layers), None)
+    if origin is None or prefix is None:
+        return weights
+    out: dict[str, torch.Tensor] = {}
+    head = prefix + "."
+    for name, value in weights.items():
+        if not name.startswith(head):
+            out[name] = value
+            continue
+        index, _, rest = name[len(head):].partition(".")
+        source = origin[int(index)] if index.isdigit() and int(index) < len(origin) else None
+        if source is not None:
+            out[f"{head}{source}.{rest}"] = value
+    return out

@@ -92,6 +92,7 @@ class StrategyContext:
     micro_batch: int = 0  # the micro-batch of the step being built (transform_batch) or scored (extra_losses)
     step_tokens: torch.Tensor | None = None  # attention tokens of the step's batches, every process (in the loop)
     step_parts: int = 1  # micro-batches per step times processes: what the loop averages terms over
+    suite: Any = None  # the run's eval suite (a SuiteConfig) when it has one: wise chooses alpha on its select part
     _loaded: dict[str, list["Example"]] = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -268,6 +268,7 @@ class FineTune:
         self.tasks = load_tasks(config, self.tokenizer)
         self.ctx = StrategyContext.for_run(config, self.accelerator, self.tokenizer, model, self.tasks, self.run_dir,
                                            default_cache_dir())
+        self.ctx.suite = self.observer.suite if self.observer is not None else None  # what wise chooses on (select)
         for participant in self.participants:
             participant.on_start(model, self.ctx)  # the untouched base model, before any strategy wraps it
         self.accelerator.wait_for_everyone()  # the other processes waited for the main one's evaluation
