@@ -289,6 +289,10 @@ def test_strategies_that_cannot_train_sharded_are_named_with_the_reason():
     problems = sharding_problems([STRATEGIES.get(n)() for n in ("full", "ewc", "l2", "fip", "replay", "stm", "lora", "ewc-lora")])
     assert [p.split(":")[0] for p in problems] == ["lora", "ewc-lora"]
     assert "PEFT adapters" in problems[0] and "LoRA adapters" in problems[1]
+    importance = STRATEGIES.get("importance")
+    assert sharding_problems([importance(), STRATEGIES.get("lwf")()]) == []  # dense state; a sharded teacher
+    topk = sharding_problems([importance(importance.Config(state="topk"))])
+    assert len(topk) == 1 and "state: topk" in topk[0] and "state: dense" in topk[0]
 
 
 def test_batch_size_may_change_on_resume_when_the_global_batch_stays():
