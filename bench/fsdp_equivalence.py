@@ -6,9 +6,9 @@ model folders (goal <= 1e-5, as for DDP) and whether the logged losses agree.
 
 Tiny random Llama (retain.models.tiny), two prompt/completion tasks of uneven completion lengths, general
 text; grad_accum 2, so FSDP2's held gradients (set_requires_gradient_sync) are exercised. A hybrid
-retain refuses under ``train.parallel: fsdp`` is listed with the reason. lwf does not declare
-``supports_sharding`` in its own file yet (another change owns it); its row is measured with the flag
-set for this bench only, and marked so.
+retain refuses under ``train.parallel: fsdp`` is listed with the reason. importance's default layer
+balance (``penalty_share``) weighs each layer by the micro-batch's own task loss, which differs between
+a batch of 4 and two of 2 (under DDP alike); its ``uniform`` row is the batch-invariant comparison.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
     "full+ewc": (["full", EWC], 2),
     "full+ewc (online)": (["full", {**EWC, "mode": "online"}], 2),
     "full+importance": (["full", {"name": "importance", "max_examples": 6}], 2),
+    "full+importance (uniform)": (["full", {"name": "importance", "max_examples": 6, "layer_balance": "uniform"}], 2),
+    "full+importance (training)": (["full", {"name": "importance", "source": "training", "layer_balance": "uniform"}], 2),
     "full+l2": (["full", {"name": "l2", "lambda_": 10.0}], 1),
     "full+lwf (copy teacher)": (["full", {"name": "lwf", "alpha": 2.0, "teacher": "copy"}], 1),
     "full+fip": (["full", {"name": "fip", "pool_size": 6, "pool_batch": 2}], 1),
@@ -42,7 +44,6 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
     "full+replay": (["full", {"name": "replay", "ratio": 0.25, "source": "general"}], 1),
     "full+stm": (["full", {"name": "stm", "threshold": 105.0}], 1),
 }
-DECLARED_HERE = {"lwf"}  # strategies whose supports_sharding this bench sets (their files do not yet)
 
 
 def write_inputs(root: Path, hidden: int, layers: int) -> None:
@@ -74,13 +75,6 @@ def config(root: Path, name: str, out: Path, batch_size: int, parallel: str, ste
         "checkpoint": {"every": 0},
         "output": {"dir": str(out), "save_per_task": False},
     })
-
-
-def declare_here() -> None:
-    from retain.strategies.registry import STRATEGIES
-
-    for name in DECLARED_HERE:
-        STRATEGIES.get(name).supports_sharding = True
 
 
 def train_all(root: Path, layout: str, batch_size: int, parallel: str, steps: int) -> None:
@@ -125,7 +119,6 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        declare_here()
         train_all(Path(args.worker), "two", 2, "fsdp", args.steps)
         if args.ddp:
             train_all(Path(args.worker), "two-ddp", 2, "ddp", args.steps)
@@ -143,7 +136,6 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        declare_here()
         train_all(root, "one", 4, "ddp", args.steps)
         output, _ = two.communicate()
         if two.returncode != 0:
@@ -160,14 +152,12 @@ def main() -> None:
             a, b = weights(one), weights(two_run)
             gap = max((a[k] - b[k]).abs().max().item() for k in a)
             loss_gap = max(abs(x - y) for x, y in zip(losses(one), losses(two_run)))
-            strategy = HYBRIDS[name][0][-1]
-            note = "supports_sharding set by this bench" if isinstance(strategy, dict) and strategy["name"] in DECLARED_HERE else ""
             verdict = "ok" if gap <= 1e-5 else "ABOVE 1e-5"
             ddp = root / "two-ddp" / name.replace(" ", "_")
             ddp_gap = "" if not (ddp / "final").is_dir() else f"{max((a[k] - c[k]).abs().max().item() for c in [weights(ddp)] for k in a):.2e}"
             if gap > 1e-5 and ddp_gap and float(ddp_gap) >= gap:
                 verdict += " (DDP's gap is as large: summation order, amplified by Adam)"
-            print(f"{name:28s} {gap:18.2e} {loss_gap:16.2e} {ddp_gap:>16s}  {verdict} {note}")
+            print(f"{name:28s} {gap:18.2e} {loss_gap:16.2e} {ddp_gap:>16s}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -31,13 +31,25 @@ CASES: dict[str, tuple[list[Any], int]] = {
     "full": (["full"], 1),
     "full+ewc": (["full", EWC], 2),  # the general Fisher before task 1, the task Fisher after it
     "full+l2": (["full", {"name": "l2", "lambda_": 10.0}], 1),
+    # Omega from a general pass, sharded like the weights; uniform c_l (penalty_share weighs each layer by
+    # the micro-batch's own loss, so a batch of 4 is not two of 2, under DDP alike)
+    "full+importance": (["full", {"name": "importance", "max_examples": 6, "layer_balance": "uniform"}], 2),
+    "full+lwf": (["full", {"name": "lwf", "alpha": 2.0, "teacher": "copy"}], 1),  # a sharded frozen teacher
+    "full+l2+budget": (["full", {"name": "l2", "lambda_": 1.0}], 2),
 }
+# a KL ceiling the tasks cross: l2's strength moves, and a task ends over budget and rolls back
+BUDGETS = {"full+l2+budget": {"max_kl": 1.3e-3, "check_every": 1, "on_exhausted": "rollback"}}
 BATCH, WORLD = 2, 2
 
 
 def _config(root: Path, name: str, out: Path, batch_size: int, parallel: str) -> Any:
     strategies, tasks = CASES[name]
     config = config_for(root, strategies, tasks, out, batch_size)
+    if name in BUDGETS:
+        from retain.config import BudgetConfig
+
+        config = config.model_copy(update={"budget": BudgetConfig(**BUDGETS[name]), "eval": config.eval.model_copy(
+            update={"suite": str(root / "budget_suite.yaml")})})
     return config.model_copy(update={"train": config.train.model_copy(update={"parallel": parallel})})
 
 
@@ -50,7 +62,8 @@ def _train(root: Path, name: str, out: Path, batch_size: int, parallel: str = "f
     if evaluate:  # the suite after every task and every 2 steps: forwards of the main process alone
         config = config.model_copy(update={"eval": config.eval.model_copy(
             update={"suite": str(root / "suite.yaml"), "every_n_steps": 2})})
-    finetune(config, resume=resume, observer=SuiteObserver.from_config(config) if evaluate else None)
+    observed = evaluate or name in BUDGETS
+    finetune(config, resume=resume, observer=SuiteObserver.from_config(config) if observed else None)
 
 
 def _write_suite(root: Path) -> None:
@@ -62,10 +75,31 @@ def _write_suite(root: Path) -> None:
         f"  - {{name: add_acc, type: next_token_accuracy, role: task, train_task: add, "
         f"data: {{path: {root / 'add.jsonl'}, max_length: 32}}, max_examples: 4}}\n"
     )
+    (root / "budget_suite.yaml").write_text(
+        "tasks:\n"
+        f"  - {{name: general_acc, type: next_token_accuracy, data: {{path: {root / 'eval.jsonl'}, max_length: 32}}, "
+        "max_examples: 4}\n"
+        "probe_prompts: ['a small owl flew', 'the cat sat on', '3 + 4 =']\n"
+    )
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(next((run / "final").glob("*.safetensors")))).items()}
+
+
+def _losses(run: Path) -> list[dict[str, Any]]:
+    """The training log's loss rows (a budget writes rows of its own)."""
+    rows = [json.loads(r) for r in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def _budget(run: Path) -> dict[str, Any]:
+    return json.loads((run / "results.json").read_text())["runs"][0]["budget"]
+
+
+def _decisions(budget: dict[str, Any]) -> list[Any]:
+    checks = [(c["task"], c["step"], c["within_budget"], round(c["strengths"]["l2.lambda_"], 6)) for c in budget["checks"]]
+    return [checks, [(t["kept_step"], t["rolled_back"]) for t in budget["tasks"]]]
 
 
 def _cut_to_mid_task(run: Path) -> None:
@@ -125,6 +159,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     if rank == 0:
         shutil.copytree(base / "two" / "full+ewc", base / "to-one")
         _cut_to_mid_task(base / "to-one")
+        shutil.copytree(base / "two" / "full+l2+budget", base / "budget-to-one")  # a kept point in its checkpoint
+        _cut_to_mid_task(base / "budget-to-one")
         _cut_to_mid_task(base / "two" / "full+ewc")
     torch.distributed.barrier()
     _train(base, "full+ewc", base / "two" / "full+ewc", BATCH, resume=True)  # two processes again
@@ -168,8 +204,7 @@ def test_two_sharded_processes_train_the_model_of_one_process(tmp_path, monkeypa
         one, sharded = _final(tmp_path / "one" / name), _final(tmp_path / "two" / name)
         assert one.keys() == sharded.keys(), name  # the consolidated folder is the unsharded one
         gaps[name] = max((one[k] - sharded[k]).abs().max().item() for k in one)
-        one_log = [json.loads(r) for r in (tmp_path / "one" / name / "train_log.jsonl").read_text().splitlines()]
-        two_log = [json.loads(r) for r in (tmp_path / "two" / name / "train_log.jsonl").read_text().splitlines()]
+        one_log, two_log = (_losses(tmp_path / run / name) for run in ("one", "two"))
         for a, b in zip(one_log, two_log):  # every term's value is the whole one (summed over the shards)
             assert {k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in a.items() if k.startswith("loss")} == \
                 {k: v for k, v in b.items() if k.startswith("loss")}, name
@@ -186,6 +221,17 @@ def test_two_sharded_processes_train_the_model_of_one_process(tmp_path, monkeypa
         resumed = _final(tmp_path / run)
         gap = max((reference[k] - resumed[k]).abs().max().item() for k in reference)
         assert gap <= 1e-5, (run, gap)
+    # a budget on sharded weights: the main process measures the gathered model; both processes take one
+    # process's checks, strengths and rollback (kept as sharded clones); a resume on one process reads the
+    # kept point from the sharded checkpoint and ends the same
+    decisions = _decisions(_budget(tmp_path / "one" / "full+l2+budget"))
+    assert decisions == _decisions(_budget(tmp_path / "two" / "full+l2+budget"))
+    assert decisions[1][0] == (1, True) and len({c[3] for c in decisions[0]}) > 1, decisions  # rolled back; moved
+    assert not (tmp_path / "two" / "full+l2+budget" / "budget").exists()  # sharded: in memory, no file
+    _train(tmp_path, "full+l2+budget", tmp_path / "budget-to-one", BATCH * WORLD, resume=True)
+    assert _decisions(_budget(tmp_path / "budget-to-one")) == decisions
+    budget_reference, resumed = _final(tmp_path / "one" / "full+l2+budget"), _final(tmp_path / "budget-to-one")
+    assert max((budget_reference[k] - resumed[k]).abs().max().item() for k in resumed) <= 1e-5
     # evaluation of the sharded model (gathered on every process, scored by the main one): the same scores
     records = [json.loads((tmp_path / run / "eval_records.json").read_text()) for run in ("one-eval", "two-eval")]
     assert [r["index"] for r in records[1]] == [0, 1]
@@ -243,6 +289,10 @@ def test_strategies_that_cannot_train_sharded_are_named_with_the_reason():
     problems = sharding_problems([STRATEGIES.get(n)() for n in ("full", "ewc", "l2", "fip", "replay", "stm", "lora", "ewc-lora")])
     assert [p.split(":")[0] for p in problems] == ["lora", "ewc-lora"]
     assert "PEFT adapters" in problems[0] and "LoRA adapters" in problems[1]
+    importance = STRATEGIES.get("importance")
+    assert sharding_problems([importance(), STRATEGIES.get("lwf")()]) == []  # dense state; a sharded teacher
+    topk = sharding_problems([importance(importance.Config(state="topk"))])
+    assert len(topk) == 1 and "state: topk" in topk[0] and "state: dense" in topk[0]
 
 
 def test_batch_size_may_change_on_resume_when_the_global_batch_stays():

@@ -206,13 +206,13 @@ def test_launches_that_would_not_train_together_are_refused():
 
 def test_an_error_that_cannot_be_sent_reaches_the_other_processes_as_text():
     from retain.errors import StateError
-    from retain.train.processes import _sendable
+    from retain.models.sharding import sendable
 
     refused = StateError("run folder holds checkpoints", hint="pass --resume")
-    assert _sendable(refused) is refused
+    assert sendable(refused) is refused
     odd = ValueError("bad")
     odd.callback = lambda: None  # lambdas do not pickle
-    sent = _sendable(odd)
+    sent = sendable(odd)
     assert isinstance(sent, RuntimeError) and str(sent) == "ValueError on the main process: bad"
 
 

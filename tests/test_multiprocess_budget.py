@@ -269,7 +269,7 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from retain.config import BudgetConfig
-    from retain.models.distributed import is_dtensor, is_sharded, local_part
+    from retain.models.sharding import is_dtensor, is_sharded, local
     from retain.models.tiny import char_tokenizer, tiny_model
     from retain.strategies.importance import Importance, ImportanceConfig
     from retain.strategies._shared.calibration import detached_copy
@@ -312,20 +312,27 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
         results[f"omega/{name}"] = value.full_tensor()
         results[f"omega_plain/{name}"] = omegas[0][name]
 
-    # the budget's kept point: each process its own shards on disk, restored after the weights moved
+    # the budget's kept point: each process its own rows, as sharded clones in memory (even where the
+    # state said disk), restored after the weights moved; and a point kept whole (by one process) is cut
     budget = BudgetParticipant(BudgetConfig(min_general_retention=0.9), [], None, run_dir=Path(root) / "run")
     budget.ctx = SimpleNamespace(accelerator=accelerator)
-    budget._sharded, budget.in_memory = True, False
-    kept = {n: local_part(p.detach()).clone() for n, p in model.named_parameters()}
+    budget.in_memory = False
+    kept = {n: local(p.detach()).clone() for n, p in model.named_parameters()}
     budget._keep(model, SimpleNamespace(index=0), KeptPoint(2, 2, 0.5, True, -1.0))
+    sharded_clones = all(is_dtensor(t) for t in budget.kept.tensors.values())
     with torch.no_grad():
         for p in model.parameters():
-            local_part(p).add_(1.0)
+            local(p).add_(1.0)
     budget._restore(model, budget.kept)
-    restored = all(torch.equal(local_part(p.detach()), kept[n]) for n, p in model.named_parameters())
-    results["restored"] = torch.tensor([float(restored)])
-    files = sorted(f.name for f in (Path(root) / "run" / "budget").iterdir())
-    results["files"] = torch.tensor([float(len(files))])
+    restored = all(torch.equal(local(p.detach()), kept[n]) for n, p in model.named_parameters())
+    whole = KeptPoint(2, 2, 0.5, True, -1.0, tensors={n: p.detach().full_tensor() for n, p in model.named_parameters()})
+    with torch.no_grad():
+        for p in model.parameters():
+            local(p).add_(1.0)
+    budget._restore(model, whole)
+    restored = restored and all(torch.equal(local(p.detach()), kept[n]) for n, p in model.named_parameters())
+    results["restored"] = torch.tensor([float(restored and sharded_clones)])
+    results["files"] = torch.tensor([float((Path(root) / "run" / "budget").is_dir())])
     dist.barrier()
     if rank == 0:
         save_file({k: v.contiguous() for k, v in results.items()}, str(Path(root) / "sharded.safetensors"))
@@ -338,7 +345,7 @@ def test_sharded_parameters_keep_budget_points_and_importance_per_shard(tmp_path
     mp.start_processes(_sharded_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
                        start_method=START_METHOD)
     out = load_file(str(tmp_path / "sharded.safetensors"))
-    assert out["restored"].item() == 1.0 and out["files"].item() == WORLD  # one kept file per process
+    assert out["restored"].item() == 1.0 and out["files"].item() == 0.0  # sharded clones, no file
     names = [k.split("/", 1)[1] for k in out if k.startswith("omega/")]
     assert names
     worst = max(((out[f"omega/{n}"] - out[f"omega_plain/{n}"]).abs().max() / out[f"omega_plain/{n}"].abs().max().clamp_min(1.0)).item()

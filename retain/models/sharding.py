@@ -11,12 +11,16 @@ communication: :func:`local` gives the rows, :func:`shard_like` cuts a whole ten
 A penalty computed on the local rows has this process's rows' gradient and no other's; its value is
 this process's part of the sum. :func:`summed_over_shards` makes its value the whole sum (one small
 all-reduce) and keeps the local gradient, so logs and a single-process run agree.
+
+Work done once per run (:func:`once`: synthetic replay's generation, lwf's general pool, the run
+folder's rules, a budget's measurement) runs on the main process and its value or error reaches every
+process. It lives here, below the strategies and the run, so that both use the one copy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +49,14 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards the model (also while :func:`gathered` holds its whole weights)."""
     return bool(fsdp_modules(model))
+
+
+def holds_shards(model: nn.Module) -> bool:
+    """Whether the model's parameters are its shards now (sharded and not gathered): a forward would be
+    a collective every process must join."""
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def sharded_parameters(model: nn.Module, trainable_only: bool = True) -> dict[str, nn.Parameter]:
@@ -122,6 +133,9 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     if not modules:
         yield model
         return
+    # FSDP2 settles the root's reshard rule at its first forward; settled here on every process, so a
+    # first forward by the main process alone (a measurement before any training) cannot change it there only
+    modules[0]._get_fsdp_state()._lazy_init()  # noqa: SLF001
     groups = [g for m in modules for g in _groups(m)]
     kept = [g.post_forward_mesh_info for g in groups]
     for group in groups:
@@ -215,3 +229,48 @@ def copy_weights_(target: nn.Module, source: nn.Module) -> None:
     buffers = dict(source.named_buffers())
     for name, buffer in target.named_buffers():
         buffer.copy_(buffers[name])
+
+
+T = TypeVar("T")
+
+
+def processes(accelerator: Any) -> int:
+    return 1 if accelerator is None else int(accelerator.num_processes)
+
+
+def once(accelerator: Any, work: Callable[[], T], *, together: bool = False) -> T:
+    """``work()``'s value on the main process, given to every process; its error raised on every one
+    (so none waits for a main process that has stopped).
+
+    ``together=False``: the main process alone runs it (the others wait in the broadcast).
+    ``together=True``: every process runs it (sharded weights: each forward is a collective all must
+    join) and the main process's value wins, so float differences cannot split the processes."""
+    if processes(accelerator) == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    value: Any = None
+    own: Exception | None = None
+    if together or accelerator.is_main_process:
+        try:
+            value = work()
+        except Exception as err:  # noqa: BLE001 - the main process's error must reach the others
+            own = err
+    box = [value, None if own is None else sendable(own)] if accelerator.is_main_process else [None, None]
+    broadcast_object_list(box, from_process=0)
+    if own is not None:
+        raise own
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def sendable(err: Exception) -> Exception:
+    """The error itself if it pickles (the other processes raise the same type and hint), else its text."""
+    import pickle
+
+    try:
+        pickle.dumps(err)
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(err).__name__} on the main process: {err}")
+    return err

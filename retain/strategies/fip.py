@@ -62,6 +62,7 @@ from retain.models.sharding import (
     is_dtensor,
     is_sharded,
     local,
+    once,
     sharded_frozen_copy,
     sharded_parameters,
 )
@@ -188,13 +189,20 @@ class FunctionallyInvariantPaths(Strategy):
         return "general", ctx.general_examples(self.config.data, "fip")
 
     def _use_pool(self, task: TaskInfo, ctx: StrategyContext, indices: list[int] | None) -> None:
-        """Fix the task's pool: ``indices`` into its candidates, or a fresh seeded draw when None."""
-        source, candidates = self._candidates(task, ctx)
-        if indices is None:
-            generator = seeded_generator(ctx.seed_for(self, Stream.FIP_POOL, task.index))
-            indices = sorted(torch.randperm(len(candidates), generator=generator)[: self.config.pool_size].tolist())
+        """Fix the task's pool: ``indices`` into its candidates, or a fresh seeded draw when None. Built on
+        the main process and given to the others (``once``): they neither tokenize the general text again
+        nor can they differ."""
+
+        def build() -> tuple[str, list[int], list]:
+            source, candidates = self._candidates(task, ctx)
+            chosen = indices
+            if chosen is None:
+                generator = seeded_generator(ctx.seed_for(self, Stream.FIP_POOL, task.index))
+                chosen = sorted(torch.randperm(len(candidates), generator=generator)[: self.config.pool_size].tolist())
+            return source, chosen, [candidates[i] for i in chosen]
+
+        source, indices, self._pool = once(ctx.accelerator, build)
         self._pool_source, self._pool_task, self._pool_indices = source, task.index, indices
-        self._pool = [candidates[i] for i in indices]
 
     def before_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         self._use_pool(task, ctx, None)

@@ -67,8 +67,7 @@ from retain.losses.quadratic import (
     sparse_penalty_per_layer,
     top_elements,
 )
-from retain.models.distributed import is_dtensor, local_part
-from retain.models.runtime import trainable_parameters
+from retain.models.sharding import is_dtensor, is_sharded, local, local_dict, shard_like, sharded_parameters, summed_over_shards
 from retain.stats.files import load_importance, statistics_for
 from retain.stats.path_integral import GeneralOptimizer, path_integral_importance, si_importance
 from retain.strategies._shared.calibration import DTYPES, check_same_parameters, detached_copy, on_device
@@ -119,12 +118,12 @@ class ImportanceConfig(StrategyConfig):
 def sum_and_count(omega: dict[str, Tensor]) -> tuple[float, int]:
     """The sum and number of Omega's elements over the whole model. Sharded (FSDP2) Omega is a DTensor
     per parameter: each process adds its shards and one all-reduce adds the processes' parts."""
-    total = sum(float(local_part(t).float().sum()) for t in omega.values())
-    count = sum(local_part(t).numel() for t in omega.values())
+    total = sum(float(local(t).float().sum()) for t in omega.values())
+    count = sum(local(t).numel() for t in omega.values())
     if any(is_dtensor(t) for t in omega.values()):
         import torch.distributed as dist
 
-        device = local_part(next(iter(omega.values()))).device
+        device = local(next(iter(omega.values()))).device
         both = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         dist.all_reduce(both)
         total, count = float(both[0]), int(both[1])
@@ -188,6 +187,13 @@ class Importance(Strategy):
     strength = Strength("lambda_", 1e-2, 1e4)
     quadratic_state = True
     input_path_keys = ("file",)
+    supports_sharding = True  # dense state: anchor, Omega and path integral sharded like their weight
+
+    def sharding_problem(self) -> str | None:
+        if self.config.state == "topk":
+            return ("state: topk keeps the top elements over the whole model, which no process sees when the "
+                    "weights are sharded (use state: dense, with state_dtype: bfloat16 for a compact state)")
+        return None
 
     def __init__(self, config: ImportanceConfig | None = None) -> None:
         super().__init__(config)
@@ -199,6 +205,7 @@ class Importance(Strategy):
         self.general_done = False
         self._source: str | None = None
         self._params: dict[str, nn.Parameter] | None = None
+        self._sharded = False  # the parameters are FSDP2 shards (set with _params)
         self._weights: dict[str, Tensor] | None = None  # dense Omega as the penalty uses it
         self._sparse_weights: dict[str, dict[str, Tensor]] | None = None  # topk: index, anchor, weight
         self._scales: dict[str, Tensor] | None = None  # per layer, a leaf whose grad is the step's mean c_l
@@ -260,8 +267,12 @@ class Importance(Strategy):
         params = self._live(ctx)
         if self._sparse_weights is not None:
             per_layer = sparse_penalty_per_layer(params, self._sparse_weights)
-        else:
-            per_layer = penalty_per_layer(params, self.anchor, self._weights)
+        else:  # each process its rows; every layer's value summed over the processes (c_l needs the whole T_l)
+            per_layer = penalty_per_layer(local_dict(params), local_dict(self.anchor), local_dict(self._weights))
+            if self._sharded:
+                layers = sorted(per_layer)
+                summed = summed_over_shards(torch.stack([per_layer[layer] for layer in layers]), True)
+                per_layer = dict(zip(layers, summed.unbind()))
         terms = {layer: 0.5 * self.config.lambda_ * value for layer, value in per_layer.items()}
         coefficients = layer_coefficients(terms, outputs.loss, self.config.layer_balance)
         penalty = sum(coefficients[layer].to(term.dtype) * term for layer, term in terms.items())
@@ -351,7 +362,8 @@ class Importance(Strategy):
 
     def _live(self, ctx: StrategyContext) -> dict[str, nn.Parameter]:
         if self._params is None:
-            self._params = trainable_parameters(ctx.unwrapped_model)
+            self._params = sharded_parameters(ctx.unwrapped_model)
+            self._sharded = is_sharded(ctx.unwrapped_model)
             for key in ("anchor", "omega_raw", "path", "_weights"):
                 value = getattr(self, key)
                 if value is not None:
@@ -412,7 +424,7 @@ class Importance(Strategy):
         if self.config.file is not None:
             loaded = load_importance(self.config.file, model=ctx.unwrapped_model, methods=("importance",))
             stats = statistics_for(loaded, list(params), self.config.file)
-            return {n: stats[n].to(params[n].device, torch.float32) for n in params}
+            return {n: shard_like(stats[n].to(torch.float32), params[n]) for n in params}
         seed = ctx.seed_for(self)  # the base seed, as `retain importance compute --seed` uses it
         examples = estimate_subset(ctx.general_examples(self.config.data, self.name), self.config.max_examples, seed)
         train = ctx.config.train

@@ -77,7 +77,7 @@ from retain.data.replay_buffer import REPLAYED
 from retain.data.sampling import Stream, sample_indices, subset_indices
 from retain.errors import ConfigError
 from retain.models.adapters import is_peft_model
-from retain.models.distributed import once
+from retain.models.sharding import once
 from retain.models.fingerprint import base_fingerprint, model_fingerprint
 from retain.models.runtime import align_to_inputs
 from retain.strategies._shared.teachers import (
@@ -142,6 +142,9 @@ class LearningWithoutForgetting(Strategy):
     Config = LwfConfig
     strength = Strength("alpha", 1e-2, 1e2)
     preserves_function = True
+    # sharded: a copy teacher is a sharded frozen copy, cached tables run every batch on every process,
+    # the general pool is built once (adapters_off needs lora, which is refused sharded)
+    supports_sharding = True
 
     @classmethod
     def teacher_source(cls, config: StrategyConfig, *, adapters: bool) -> str:

@@ -17,25 +17,29 @@ What happens, per task::
 The kept point is the trainable weights only (nothing else moves within a task: the one strategy that
 changes frozen weights, ewc-lora, merges in ``after_task``, which runs after the rollback). They stay
 in memory when they are a small share of the model (adapters, prompts, a few unfrozen blocks) and go
-to ``<run_dir>/budget/`` otherwise (full fine-tuning), written atomically. Strategy state that
-accumulates along the path (path integrals, replay counters) is not rolled back.
+to ``<run_dir>/budget/`` otherwise (full fine-tuning), written atomically; sharded weights (FSDP2) stay
+in memory as sharded clones, each process its own rows. Strategy state that accumulates along the path
+(path integrals, replay counters) is not rolled back.
 
 Everything here is in the checkpoint (``state_dict``), the kept weights of the memory case included, so
 a resumed run takes the same decisions as an uninterrupted one.
 
-Several processes: the main process measures alone (data-parallel: it holds the whole model and
-evaluates without the others) and its measurement is given to every process; the controller, the kept
-point's choice and the task's decision are pure functions of the measurements, so every process takes
-the same ones (strengths, rollback, stop) without further messages. Data-parallel processes hold the
-same weights, so the main process alone keeps the point; a rollback restores it there and broadcasts
-the trainable weights to the others. Sharded weights (FSDP2's DTensor parameters) are measured by every
-process together (each forward is a collective) and each process keeps and restores its own shards
-(``measure_together``; None decides at the run's start: sharded when ``train.parallel`` is ``fsdp``,
-accelerate runs FSDP or the base model's parameters are already DTensors).
+Several processes: the main process measures alone and its measurement is given to every process;
+the controller, the kept point's choice and the task's decision are pure functions of the
+measurements, so every process takes the same ones (strengths, rollback, stop) without further
+messages. Data-parallel processes hold the same weights, so the main process alone keeps the point; a
+rollback restores it there and broadcasts the trainable weights to the others. Sharded weights
+(FSDP2) are gathered on every process around a measurement, as for the evaluation (the recipe gathers
+around the steps :meth:`BudgetParticipant.measures_at` names; the participant gathers itself at a
+task's start and end), so the main process measures the whole model alone; every process keeps its
+own rows of the point (sharded clones) and a rollback writes them back into its shards. The kept
+point goes into the sharded checkpoint as sharded tensors, so a resume on another number of processes
+reads it resharded (and a point kept whole, on disk by one process, is cut to each process's rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -54,8 +58,9 @@ from retain.eval.budget import BudgetMeter, Measurement, budget_problems, mean_t
 from retain.eval.participant import GO_ON, Decision, Participant
 from retain.eval.suite import SuiteConfig
 from retain.io import append_jsonl, atomic_file
-from retain.models.distributed import is_sharded, local_part, once
-from retain.models.runtime import trainable_parameters
+from retain.models.sharding import (
+    fsdp_modules, gathered, holds_shards, is_dtensor, is_sharded, local, once, shard_like, sharded_parameters,
+)
 from retain.results.schema import BudgetCheck, BudgetResult, BudgetTask
 from retain.strategies import Strategy, TaskInfo
 from retain.strategies.base import Strength
@@ -114,34 +119,28 @@ def budget_config_problems(config: RunConfig) -> list[str]:
     return budget_problems(config.budget, None, [], "eval.suite")
 
 
-def shards_weights(ctx: Any, model: nn.Module) -> bool:
-    """Whether the run shards its weights across processes: ``train.parallel: fsdp``, accelerate set up
-    for FSDP, or parameters that already are DTensors."""
-    accelerator = ctx.accelerator
-    if accelerator.num_processes == 1:
-        return False
-    kind = getattr(getattr(accelerator, "distributed_type", None), "name", "")
-    return getattr(ctx.config.train, "parallel", "ddp") == "fsdp" or kind == "FSDP" or is_sharded(model)
-
-
 def broadcast_trainable(model: nn.Module) -> None:
     """The main process's trainable weights copied into every process's (data-parallel rollback)."""
     import torch.distributed as dist
 
     with torch.no_grad():
-        for _, p in sorted(trainable_parameters(model).items()):
+        for _, p in sorted(sharded_parameters(model).items()):
             dist.broadcast(p.data, src=0)
+
+
+def whole_weights(model: nn.Module) -> Any:
+    """The whole weights on every process for a block (a collective): a sharded model not gathered yet is
+    gathered (``retain.models.sharding.gathered``); otherwise nothing changes."""
+    return gathered(model) if holds_shards(model) else contextlib.nullcontext()
 
 
 def budget_participant(
     config: RunConfig, strategies: list[Strategy], suite: SuiteConfig | None, *, processes: int,
     report: Callable[[BudgetResult], None] | None, run_dir: Path, console: Any = None,
-    measure_together: bool | None = None,
 ) -> "BudgetParticipant | None":
     """The run's budget participant, or None without a ``budget:`` section; refuses, before any model loads,
     a budget the suite cannot measure. Built on every process (``processes``: how many): the main one
-    measures (with ``measure_together`` every one joins; None: when the run shards its weights) and all
-    apply the same decisions."""
+    measures and all apply the same decisions."""
     if config.budget is None:
         return None
     problems = budget_problems(config.budget, suite, [t.name for t in config.tasks], "eval.suite")
@@ -154,8 +153,7 @@ def budget_participant(
         measure_forgetting=config.budget.max_task_forgetting is not None,
         measure_task_kl=config.budget.max_task_kl is not None,
     )
-    return BudgetParticipant(config.budget, strategies, meter, run_dir=run_dir, report=report, console=console,
-                             measure_together=measure_together)
+    return BudgetParticipant(config.budget, strategies, meter, run_dir=run_dir, report=report, console=console)
 
 
 class BudgetParticipant(Participant):
@@ -172,10 +170,8 @@ class BudgetParticipant(Participant):
         run_dir: Path,
         report: Callable[[BudgetResult], None] | None = None,
         console: Any = None,
-        measure_together: bool | None = None,
     ) -> None:
         self.config = config
-        self.measure_together = measure_together  # None: decided in on_start (sharded runs measure together)
         self.meter = meter
         self.run_dir = Path(run_dir)
         self.report = report
@@ -197,7 +193,6 @@ class BudgetParticipant(Participant):
         self.in_memory = True
         self.seconds = 0.0
         self.stopped: str | None = None
-        self._sharded = False  # the model's weights are sharded across processes (set at each task start)
         self._stop: GateError | None = None
         self._stopped_at: int | None = None  # the step a mid-task stop decision ended the task at
         self.apply()
@@ -220,8 +215,6 @@ class BudgetParticipant(Participant):
     def on_start(self, model: nn.Module, ctx: Any) -> None:
         """The base model's side of every measurement, taken before any strategy wraps the model."""
         self.ctx = ctx
-        if self.measure_together is None:
-            self.measure_together = shards_weights(ctx, model)
         self._agreed(model, lambda: self._start(model))
 
     def _start(self, model: nn.Module) -> None:
@@ -239,16 +232,18 @@ class BudgetParticipant(Participant):
 
     def on_task_start(self, model: nn.Module, ctx: Any, task: TaskInfo) -> None:
         """The task's first candidate: the model as the task starts (no strength moves on it)."""
-        trainable = trainable_parameters(model)
-        total = sum(p.numel() for p in model.parameters())
-        self._sharded = is_sharded(model)
-        # sharded: each process's shards go to its own file, so the checkpoint (the main process's) refers to all
+        trainable = sharded_parameters(model)
+        total = sum(p.numel() for p in sharded_parameters(model, trainable_only=False).values())
         small = sum(p.numel() for p in trainable.values()) <= IN_MEMORY_SHARE * max(total, 1)
-        self.in_memory = small and not self._sharded
+        self.in_memory = small or is_sharded(model)  # sharded: each process keeps its rows in memory
         self.kept = None
         self._stopped_at = None
         self.controller.new_task()
         self.check(model, task, 0, update=False)
+
+    def measures_at(self, step_in_task: int) -> bool:
+        """Whether this participant measures after the step (the recipe gathers sharded weights for it)."""
+        return is_check_step(step_in_task, self.config.check_every, self.config.early_checks)
 
     def on_step_end(self, model: nn.Module, ctx: Any, task: TaskInfo, step: int, *, stopping: bool) -> Decision:
         """Measure at check steps (before the step's checkpoint, which holds what the check changed)."""
@@ -275,19 +270,11 @@ class BudgetParticipant(Participant):
     def _main(self) -> bool:
         return self.ctx is None or self.ctx.accelerator.is_main_process
 
-    def _together(self, model: nn.Module) -> bool:
-        """Whether every process runs the measurement's forwards (fixed at the run's start: a process that
-        did not measure the base model cannot measure later)."""
-        if not self.measure_together and self.ctx.accelerator.num_processes > 1 and is_sharded(model):
-            raise RuntimeError(
-                "budget: the weights are sharded but the budget was set up to measure on the main process alone "
-                "(a sharded forward needs every process); pass measure_together=True to budget_participant"
-            )
-        return bool(self.measure_together)
-
     def _agreed(self, model: nn.Module, work: Callable[[], Any]) -> Any:
-        """``work()`` (a measurement) run where the weights allow, its main-process value on every process."""
-        return once(self.ctx.accelerator, work, together=self._together(model))
+        """``work()`` (a measurement) on the main process, on whole weights (sharded ones gathered on every
+        process first, unless the recipe did), its value on every process."""
+        with whole_weights(model):
+            return once(self.ctx.accelerator, work)
 
     def _measure(self, model: nn.Module, task: TaskInfo) -> Measurement:
         """The main process's measurement, on every process (the decisions that follow are computed
@@ -384,25 +371,21 @@ class BudgetParticipant(Participant):
     # -- the kept point -----------------------------------------------------------------------
 
     def _keeps_here(self, model: nn.Module) -> bool:
-        """Whether this process holds kept weights: every process its shards, else the main one alone."""
+        """Whether this process holds kept weights: every process its rows when sharded, else the main one."""
         return self._main or is_sharded(model)
 
-    def _kept_path(self, file: str, model: nn.Module) -> Path:
-        """Where this process's part of a kept point lies (one file per process when sharded)."""
-        if is_sharded(model):
-            accelerator = self.ctx.accelerator
-            file = file.replace(".safetensors", f".rank{accelerator.process_index:05d}-of-{accelerator.num_processes:05d}.safetensors")
-        return self.run_dir / KEPT_DIR / file
-
     def _keep(self, model: nn.Module, task: TaskInfo, point: KeptPoint) -> None:
-        keeps = self._keeps_here(model)
-        weights = {n: local_part(p.detach()).to("cpu", copy=True) for n, p in trainable_parameters(model).items()} if keeps else {}
-        if self.in_memory:
-            point.tensors = weights if keeps else None
+        params = sharded_parameters(model)  # the shards, also while the recipe holds the gathered weights
+        if is_sharded(model):
+            weights = {n: p.detach().clone() for n, p in params.items()}  # sharded clones: this process's rows
+        else:
+            weights = {n: p.detach().to("cpu", copy=True) for n, p in params.items()} if self._main else {}
+        if self.in_memory or is_sharded(model):  # sharded: in memory even when a resumed state said disk
+            point.tensors = weights if self._keeps_here(model) else None
         else:
             point.file = f"kept-task{task.index:02d}-step{point.global_step:08d}.safetensors"
-            if keeps:
-                with atomic_file(self._kept_path(point.file, model)) as tmp:
+            if self._main:
+                with atomic_file(self.run_dir / KEPT_DIR / point.file) as tmp:
                     save_tensors(weights, tmp)
             self.ctx.accelerator.wait_for_everyone()
         replaced = self.kept
@@ -411,18 +394,24 @@ class BudgetParticipant(Participant):
             self.after_checkpoint()  # the one it replaces, unless a checkpoint needs it
 
     def _restore(self, model: nn.Module, point: KeptPoint) -> None:
-        """The kept weights back on every process: its own shards when sharded, else the main process's
-        copy broadcast to the others."""
+        """The kept weights back on every process: its own rows when sharded (a point kept whole, by a
+        run on one process, is cut to them), else the main process's copy broadcast to the others."""
         from safetensors.torch import load_file
 
+        sharded = is_sharded(model)
+        if sharded:
+            for module in fsdp_modules(model):  # a gathered copy would hide the restored rows from the next forward
+                module.reshard()
         if self._keeps_here(model):
-            tensors = point.tensors if point.tensors is not None else load_file(str(self._kept_path(str(point.file), model)))
-            own = trainable_parameters(model)
+            tensors = point.tensors if point.tensors is not None else load_file(str(self.run_dir / KEPT_DIR / str(point.file)))
+            own = sharded_parameters(model)
             with torch.no_grad():
                 for name, value in tensors.items():
-                    target = local_part(own[name])
-                    target.copy_(value.to(target.device, target.dtype))
-        if self.ctx.accelerator.num_processes > 1 and not is_sharded(model):
+                    target = own[name]
+                    if is_dtensor(target) and not is_dtensor(value):
+                        value = shard_like(value.to(local(target).device, target.dtype), target)
+                    local(target).copy_(local(value).to(local(target).device, target.dtype))
+        if self.ctx.accelerator.num_processes > 1 and not sharded:
             broadcast_trainable(model)
 
     def end_task(self, model: nn.Module, task: TaskInfo, end_step: int | None = None) -> BudgetTask:
@@ -484,20 +473,11 @@ class BudgetParticipant(Participant):
     def after_checkpoint(self) -> None:
         """Delete kept-weight files neither this run nor a checkpoint on disk refers to."""
         folder = self.run_dir / KEPT_DIR
-        if not folder.is_dir() or not (self._main or self._sharded):
+        if not folder.is_dir() or not self._main:
             return
         referenced = referenced_kept_files(self.run_dir) | self.kept_files()
-        accelerator = self.ctx.accelerator
-        own = f".rank{accelerator.process_index:05d}-of-"  # sharded: each process deletes its own files
         for path in folder.glob("kept-*.safetensors"):
-            name = path.name
-            if ".rank" in name:
-                if own not in name:
-                    continue
-                name = name.split(".rank")[0] + ".safetensors"
-            elif not self._main:
-                continue
-            if name not in referenced:
+            if path.name not in referenced:
                 path.unlink(missing_ok=True)
 
     # -- checkpoint and results ---------------------------------------------------------------
@@ -525,13 +505,17 @@ class BudgetParticipant(Participant):
         self.decisions = [BudgetTask.model_validate(d) for d in state.get("decisions", [])]
         kept = state.get("kept")
         self.kept = None if kept is None else KeptPoint(**kept)
-        if self.kept is not None and not self._main:
+        if self.kept is not None and not self._main and not self._sharded_run():
             self.kept.tensors = None  # data-parallel: the main process alone keeps the point (a rollback broadcasts it)
         self.in_memory = bool(state.get("in_memory", True))
         self.seconds = float(state.get("seconds", 0.0))
         self.meter.history = {k: [float(x) for x in v] for k, v in state.get("history", {}).items()}
         self.apply()
         self._report()
+
+    def _sharded_run(self) -> bool:
+        model = getattr(self.ctx, "model", None) if self.ctx is not None else None
+        return model is not None and is_sharded(model)
 
     def _report(self) -> None:
         if self.report is not None:

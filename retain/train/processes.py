@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from retain.errors import ConfigError
+from retain.models.sharding import once
 
 # The other processes wait in a barrier while the main one scores the eval suite, writes checkpoints
 # and model folders; a large suite on a large model can take longer than torch's default (10 to 30 min).
@@ -37,40 +38,13 @@ T = TypeVar("T")
 
 
 def on_main_process(accelerator: Any, work: Callable[[], T]) -> T:
-    """``work()`` run by the main process alone, its value (or its error) given to every process.
+    """``work()`` run by the main process alone, its value (or its error) given to every process
+    (``retain.models.sharding.once``).
 
     For what must happen once: the run folder's rules (``--overwrite`` empties it, ``config.yaml`` is
-    written) would race if every process applied them. An error on the main process is raised on
-    every process, so none waits for a main process that has stopped.
+    written) would race if every process applied them.
     """
-    if accelerator.num_processes == 1:
-        return work()
-    from accelerate.utils import broadcast_object_list
-
-    box: list[Any] = [None, None]
-    original: Exception | None = None
-    if accelerator.is_main_process:
-        try:
-            box = [work(), None]
-        except Exception as err:  # noqa: BLE001 - every error must reach the other processes
-            original, box = err, [None, _sendable(err)]
-    broadcast_object_list(box, from_process=0)
-    if original is not None:
-        raise original
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
-
-
-def _sendable(err: Exception) -> Exception:
-    """The error itself if it pickles (the other processes raise the same type and hint), else its text."""
-    import pickle
-
-    try:
-        pickle.dumps(err)
-    except Exception:  # noqa: BLE001 - any pickling failure
-        return RuntimeError(f"{type(err).__name__} on the main process: {err}")
-    return err
+    return once(accelerator, work)
 
 
 def launched_without_devices(environ: Any) -> bool:

@@ -6,7 +6,8 @@ Layout of ``checkpoints/step-…/`` (the same folder names and rules as ``retain
 - ``sharded/``: DCP files holding the weights, the optimizer state (keyed by parameter names, so it
   reshards) and every strategy tensor kept sharded like a weight (EWC anchors and Fisher, l2's anchor).
 - ``rng``, ``strategies`` (the rest of the strategy state and the skeleton), ``scheduler.pt``, the
-  participants' state and ``meta.json`` (``"format": "sharded"``), written by the main process.
+  participants' state and ``meta.json`` (``"format": "sharded"``), written by the main process. A
+  participant's sharded tensors (a budget's kept point) go into the DCP files like the strategies'.
 
 Atomic as the DDP checkpoints: the main process makes a temporary folder beside the final name, every
 process writes into it, and the main process renames it once all have finished. A process count other
@@ -83,6 +84,36 @@ def _split(strategy_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     return sharded, whole, skeleton
 
 
+SHARDED_MARK = "__sharded__"
+
+
+def pull_sharded(node: Any, path: str, out: dict[str, torch.Tensor]) -> Any:
+    """``node`` with every DTensor replaced by a mark naming it; the DTensors into ``out`` by that name."""
+    if is_dtensor(node):
+        out[path] = node.detach()
+        return {SHARDED_MARK: path}
+    if isinstance(node, dict):
+        return {k: pull_sharded(v, f"{path}/{k}", out) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(pull_sharded(v, f"{path}/{i}", out) for i, v in enumerate(node))
+    return node
+
+
+def put_sharded(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """:func:`pull_sharded` undone: every mark replaced by its tensor."""
+    if isinstance(node, dict):
+        if set(node) == {SHARDED_MARK}:
+            return tensors[node[SHARDED_MARK]]
+        return {k: put_sharded(v, tensors) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(put_sharded(v, tensors) for v in node)
+    return node
+
+
+def _meta_of(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+
+
 def save_sharded_checkpoint(
     run_dir: Path,
     *,
@@ -108,7 +139,11 @@ def save_sharded_checkpoint(
             hint="lower train.lr (and keep train.max_grad_norm set), then continue with --resume",
         )
     sharded, whole, skeleton = _split(strategy_state)
+    in_participants: dict[str, torch.Tensor] = {}
+    participant_state = {name: pull_sharded(s, name, in_participants) for name, s in (participant_state or {}).items()}
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if in_participants:
+        state["participants"] = in_participants
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, _optimizer_of(optimizer))
     if sharded:
@@ -136,7 +171,8 @@ def save_sharded_checkpoint(
         error = None
         if rank == 0:
             try:
-                _write_main_part(tmp, final, position, scheduler, skeleton, whole, sharded, extra, participant_state)
+                _write_main_part(tmp, final, position, scheduler, skeleton, whole, sharded, extra, participant_state,
+                                 in_participants)
                 ckpt._prune(Path(run_dir) / "checkpoints", keep)  # noqa: SLF001 - the same rule as DDP checkpoints
             except Exception as err:  # noqa: BLE001 - every process must hear of it
                 error = err
@@ -151,6 +187,7 @@ def save_sharded_checkpoint(
 def _write_main_part(
     tmp: Path, final: Path, position: ckpt.Position, scheduler: Any, skeleton: Any, whole: dict[str, torch.Tensor],
     sharded: dict[str, torch.Tensor], extra: dict[str, Any] | None, participant_state: dict[str, Any] | None,
+    in_participants: dict[str, torch.Tensor],
 ) -> None:
     with output_errors(final):
         if scheduler is not None:
@@ -164,8 +201,7 @@ def _write_main_part(
         meta = {
             "version": ckpt.CHECKPOINT_VERSION, "format": FORMAT, "position": asdict(position), "full_weights": True,
             "participants": sorted(stateful), "extra": extra or {}, "processes": _world()[0],
-            "sharded_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                                for k, v in sharded.items()},
+            "sharded_tensors": _meta_of(sharded), "sharded_participant_tensors": _meta_of(in_participants),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         give_plain_modes(tmp)
@@ -217,6 +253,7 @@ def load_sharded_meta(path: Path) -> ckpt.LoadedCheckpoint:
         "skeleton": json.loads((path / "strategies.json").read_text()),
         "whole": load_file(str(path / "strategies.safetensors")),
         "tensors": meta.get("sharded_tensors", {}),
+        "participant_tensors": meta.get("sharded_participant_tensors", {}),
         "has_optimizer": (path / DCP_FOLDER).is_dir() and _dcp_has(path / DCP_FOLDER, "optimizer"),
     }
     return loaded
@@ -242,7 +279,8 @@ def _template(shape: list[int], dtype: str, model: nn.Module) -> torch.Tensor:
 
 
 def restore_sharded(loaded: ckpt.LoadedCheckpoint, model: nn.Module) -> None:
-    """Read the weights into ``model`` and the strategy tensors into ``loaded.strategies`` (every process)."""
+    """Read the weights into ``model``, the strategy tensors into ``loaded.strategies`` and the participants'
+    sharded tensors into ``loaded.participants`` (every process), resharded to this run's processes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -251,7 +289,11 @@ def restore_sharded(loaded: ckpt.LoadedCheckpoint, model: nn.Module) -> None:
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if info["tensors"]:
         state["strategies"] = {k: _template(v["shape"], v["dtype"], model) for k, v in info["tensors"].items()}
+    if info.get("participant_tensors"):
+        state["participants"] = {k: _template(v["shape"], v["dtype"], model) for k, v in info["participant_tensors"].items()}
     dcp.load(state, checkpoint_id=str(loaded.path / DCP_FOLDER))
+    if "participants" in state:
+        loaded.participants = {name: put_sharded(s, state["participants"]) for name, s in loaded.participants.items()}
     set_model_state_dict(model, state["model"])
     loaded.strategies = ckpt.unflatten_state(info["skeleton"], {**info["whole"], **state.get("strategies", {})})
 

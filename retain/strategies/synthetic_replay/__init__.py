@@ -43,7 +43,7 @@ from retain.data import load_records
 from retain.data.replay_buffer import RatioSchedule, ReplayBuffer, mix_from_buffer
 from retain.data.sampling import Stream, derive_seed, seeded_generator
 from retain.io import atomic_write_text, inside
-from retain.models.distributed import is_sharded, once
+from retain.models.sharding import is_sharded, once
 from retain.strategies._shared.mixing import RatioMixing
 from retain.strategies.base import Batch, StrategyConfig, StrategyContext, Strength, TaskInfo
 from retain.strategies.registry import register_strategy
