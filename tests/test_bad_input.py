@@ -299,7 +299,7 @@ ROWS: dict[str, Any] = {
         ["{tmp}/run.yaml", "key 'train' appears twice (lines 4 and 6)"],
     ),
     "train-duplicate-nested-yaml-key": Row(
-        lambda c: ["train", c.file("run.yaml", f"model: {{name_or_path: x}}\ntasks:\n  - name: t\n    data: {{path: a.jsonl}}\n    name: u\n")],
+        lambda c: ["train", c.file("run.yaml", "model: {name_or_path: x}\ntasks:\n  - name: t\n    data: {path: a.jsonl}\n    name: u\n")],
         ["{tmp}/run.yaml", "key 'name' appears twice (lines 3 and 5)"],
     ),
     "train-task-name-climbs-out": Row(

@@ -53,7 +53,6 @@ def test_init_starts_at_the_base_and_exports_a_loadable_full_model(init, tiny_mo
     from transformers import AutoModelForCausalLM
 
     from retain.strategies.lora import Lora, LoraConfig
-    from retain.strategies.base import StrategyContext
 
     ids = torch.tensor([[1, 5, 9, 13, 7, 3]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+
+from launch_utils import START_METHOD, beside_workers, free_port  # noqa: F401 (START_METHOD: test_fsdp)
 
 LORA = {"name": "lora", "r": 4, "dropout": 0.0}
 # name -> (strategies, number of tasks): one hybrid per family; two tasks where the method needs them
@@ -39,15 +39,7 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
 }
 STEPS, BATCH, ACCUM, WORLD = 3, 2, 2, 2
 RESUMED = ("o-lora", "full+ewc")
-# fork: the workers inherit the imported libraries (spawn re-imports torch and transformers in each,
-# about 20 s of this test on two cores); spawn where fork is unsafe, or when asked
-START_METHOD = os.environ.get("RETAIN_TEST_START_METHOD", "fork" if sys.platform == "linux" else "spawn")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_free_port = free_port  # the names test_fsdp imports
 
 
 def write_inputs(root: Path) -> None:
@@ -131,16 +123,8 @@ def _log(run: Path) -> list[dict[str, Any]]:
 def test_two_processes_train_the_model_of_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_inputs(tmp_path)
-    two = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method=START_METHOD)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = {name: train(tmp_path, name, tmp_path / "one" / name, BATCH * WORLD) for name in HYBRIDS}
-    finally:
-        torch.set_num_threads(previous)
-        while not two.join():
-            pass
+    one = beside_workers(_worker, WORLD, str(tmp_path),
+                         lambda: {name: train(tmp_path, name, tmp_path / "one" / name, BATCH * WORLD) for name in HYBRIDS})
     for name in HYBRIDS:
         ranks = [load_file(str(tmp_path / f"two-{name}-rank{r}.safetensors")) for r in range(WORLD)]
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), f"{name}: the processes disagree"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -28,6 +27,8 @@ from unittest import mock
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+
+from launch_utils import START_METHOD, beside_workers, free_port
 
 STEPS, BATCH, WORLD = 4, 2, 2
 BUDGET = {"check_every": 2, "early_checks": 0}
@@ -47,7 +48,6 @@ CASES: dict[str, tuple[list[Any], int, dict[str, Any] | None]] = {  # name -> (s
 }
 # scripted (general retention, new-task score) at steps 0, 2, 4: over budget at the end, step 2 the best kept
 SCRIPT = ([1.0, 0.97, 0.90], [0.1, 0.4, 0.5])
-START_METHOD = os.environ.get("RETAIN_TEST_START_METHOD", "fork" if sys.platform == "linux" else "spawn")
 
 
 def write_inputs(root: Path) -> None:
@@ -183,12 +183,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         (base / f"two-{name}-rank{rank}.json").write_text(json.dumps(record))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "") -> float:
@@ -206,20 +200,12 @@ def _decisions(budget: dict[str, Any]) -> list[Any]:
 def test_two_processes_budget_importance_and_once_built_data_match_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_inputs(tmp_path)
-    two = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method=START_METHOD)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = {name: run_case(tmp_path, name, tmp_path / "one" / name, BATCH * WORLD) for name in CASES}
-    finally:
-        torch.set_num_threads(previous)
-        while not two.join():
-            pass
+    one = beside_workers(_worker, WORLD, str(tmp_path),
+                         lambda: {name: run_case(tmp_path, name, tmp_path / "one" / name, BATCH * WORLD) for name in CASES})
     two_weights = {n: [load_file(str(tmp_path / f"two-{n}-rank{r}.safetensors")) for r in range(WORLD)] for n in CASES}
     two_records = {n: [json.loads((tmp_path / f"two-{n}-rank{r}.json").read_text()) for r in range(WORLD)] for n in CASES}
     for name in CASES:
-        ranks, (reference, record) = two_weights[name], one[name]
+        ranks, (reference, _) = two_weights[name], one[name]
         weights = [k for k in reference if not k.startswith("omega/")]
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in weights), f"{name}: the processes' weights disagree"
         gap = max((reference[k] - ranks[0][k]).abs().max().item() for k in weights)
@@ -342,7 +328,7 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
 
 def test_sharded_parameters_keep_budget_points_and_importance_per_shard(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.start_processes(_sharded_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+    mp.start_processes(_sharded_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True,
                        start_method=START_METHOD)
     out = load_file(str(tmp_path / "sharded.safetensors"))
     assert out["restored"].item() == 1.0 and out["files"].item() == 0.0  # sharded clones, no file

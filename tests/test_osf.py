@@ -4,7 +4,6 @@ singular directions, the model starts at the base, and the exported adapter load
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 

@@ -18,7 +18,7 @@ What keeps R for a few steps need not keep it for a whole run, what misses it ma
 run's retention recovers as the learning rate decays), and the best of many noisy trials is flattered
 by its own seed and sample (the winner's curse). So ``confirm`` promising trials (spread along the front
 of those within 0.1 of R, from the best new-task score to the most retention) are retrained at the full
-budget on a fresh seed (``derive_seed(seed, Stream.TUNE_CONFIRM, rank)``), still scored on ``select``, and the winner is the
+budget on a fresh seed (``derive_seed(seed, Stream.TUNE_CONFIRM, place)``), still scored on ``select``, and the winner is the
 best of those. Only then is the winner read, once, on the ``report`` part: that is the figure
 best.yaml, trials.json and the console report, with its interval.
 
@@ -545,13 +545,13 @@ class Tuner:
 
     def _confirm(self, study: Any, records: list[TrialRecord], deadline: float | None) -> None:
         """Retrain the most promising trials at the target's own budget on fresh seeds
-        (``derive_seed(seed, Stream.TUNE_CONFIRM, rank)``), scored on the select part: what kept the floor for a few steps may not keep it for
+        (``derive_seed(seed, Stream.TUNE_CONFIRM, place)``), scored on the select part: what kept the floor for a few steps may not keep it for
         the whole run, the search's best is flattered by its own seed and sample, and best.yaml is what
         the user will train."""
-        for rank, candidate in enumerate(confirm_candidates(records, self.floor, self.confirm)):
+        for place, candidate in enumerate(confirm_candidates(records, self.floor, self.confirm)):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            self.confirmed.append(self._confirm_one(candidate, derive_seed(self.seed, Stream.TUNE_CONFIRM, rank) % 2**31))
+            self.confirmed.append(self._confirm_one(candidate, derive_seed(self.seed, Stream.TUNE_CONFIRM, place) % 2**31))
             self.write_outputs(study, records)
 
     def _confirm_one(self, trial: TrialRecord, seed: int) -> TrialRecord:

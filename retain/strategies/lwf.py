@@ -184,8 +184,8 @@ class LearningWithoutForgetting(Strategy):
                 problems.append(f"anchor: replay distils on the rows replay mixes in: list replay before lwf "
                                 f"(e.g. strategies: [full, replay, lwf]), or set {where}.anchor: general or task")
             elif self.name in names and names.index("replay") > names.index(self.name):
-                problems.append(f"anchor: replay reads the rows replay marks as each batch is built: list replay "
-                                f"before lwf in strategies")
+                problems.append("anchor: replay reads the rows replay marks as each batch is built: list replay "
+                                "before lwf in strategies")
         if self.config.anchor == "general" and not has_general_text(self.config.data, run):
             problems.append(f"anchor: general needs text: set general_data or {where}.data")
         if self.config.anchor == "auto" and self.config.pool_size is not None and not has_general_text(self.config.data, run):

@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,13 +45,12 @@ class Position:
 # Nested state <-> (tensors, json)
 
 
-def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested structure into a flat tensor dict (for safetensors) and a JSON skeleton."""
-    tensors: dict[str, torch.Tensor] = {}
+def skeleton_of(state: Any, store: Callable[[str, torch.Tensor], None], prefix: str = "") -> Any:
+    """The JSON skeleton of a nested structure, each tensor replaced by its path and handed to ``store``."""
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, torch.Tensor):
-            tensors[path] = node.detach().to("cpu").contiguous().clone()
+            store(path, node.detach())
             return {"__tensor__": path}
         if isinstance(node, dict):
             return {"__dict__": [[str(k), walk(v, f"{path}/{k}")] for k, v in node.items()]}
@@ -62,7 +61,14 @@ def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor]
             return node.item()
         return node
 
-    return tensors, walk(state, prefix)
+    return walk(state, prefix)
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested structure into a flat tensor dict (CPU copies, for safetensors) and a JSON skeleton."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = skeleton_of(state, lambda path, t: tensors.__setitem__(path, t.to("cpu").contiguous().clone()), prefix)
+    return tensors, skeleton
 
 
 def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:

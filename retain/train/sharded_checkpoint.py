@@ -67,19 +67,7 @@ def _split(strategy_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     """(sharded tensors, whole tensors, JSON skeleton) of the strategy state."""
     sharded: dict[str, torch.Tensor] = {}
     whole: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, torch.Tensor):
-            (sharded if is_dtensor(node) else whole)[path] = node.detach()
-            return {"__tensor__": path}
-        if isinstance(node, dict):
-            return {"__dict__": [[str(k), walk(v, f"{path}/{k}")] for k, v in node.items()]}
-        if isinstance(node, (list, tuple)):
-            items = [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
-            return {"__tuple__": items} if isinstance(node, tuple) else items
-        return node
-
-    skeleton = walk(strategy_state, "")
+    skeleton = ckpt.skeleton_of(strategy_state, lambda path, t: (sharded if is_dtensor(t) else whole).__setitem__(path, t))
     whole = {k: v.to("cpu").contiguous().clone() for k, v in whole.items()}
     return sharded, whole, skeleton
 
