@@ -351,3 +351,12 @@ def test_among_hybrids_below_the_floor_the_one_that_kept_more_ranks_first():
     allowed = rank(Constraints(compute="high", stakes="high", weights="full"), ev)[0]
     labels = [r.hybrid.key for r in allowed]
     assert labels.index("full+lwf@lwf.anchor=general@lwf.teacher=copy") < labels.index("full+fip")
+
+
+@pytest.mark.parametrize(("key", "extra"), [
+    ("full+replay@replay.mode=append@replay.ratio=0.5", 1.0),  # one replayed row per task row: twice the rows
+    ("full+replay@replay.mode=append@replay.ratio=0.2", 0.25),
+    ("full+replay@replay.mode=replace@replay.ratio=0.5", 0.0),  # the same rows per step
+])
+def test_append_replay_declares_the_rows_it_adds(key, extra):
+    assert extra_passes(hybrid(key, "")) == pytest.approx(extra)
