@@ -11,7 +11,10 @@ whenever strategy defaults change:
     python bench/make_evidence.py runs/bench/results.json [more/results.json ...]
 
 With ``--run``, items already present in the given results files are not trained again. Only rows
-of catalogue hybrids are kept (other bench items in a results file are ignored).
+of catalogue hybrids are kept (other bench items in a results file are ignored). A bench item that
+trains exactly a catalogue hybrid under another name (lwf's ``auto`` settings, which resolve to the
+catalogue's explicit ones on stories-contracts) counts as it with ``--same NAME=KEY``; several seeds of
+an item are combined first with ``python bench/seed_table.py DIR... --out combined.json``.
 """
 
 from __future__ import annotations
@@ -67,16 +70,23 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/evidence"), help="bench output folder (--run)")
     parser.add_argument("--steps", type=int, default=None, help="steps per task (default: the scenario's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--same", action="append", default=[], metavar="NAME=KEY",
+                        help="the bench item NAME trains exactly the catalogue hybrid KEY (repeatable)")
     args = parser.parse_args()
+    same = dict(pair.split("=", 1) for pair in args.same)
+    catalogue = {h.key for h in CATALOGUE}
+    unknown = sorted(k for k in same.values() if k not in catalogue)
+    if unknown:
+        parser.error(f"--same names a key that is not in the catalogue: {', '.join(unknown)}")
 
     results = [Results.load(p) for p in args.results]
     if args.run:
-        done = {run.name for r in results for run in r.runs}
+        done = {same.get(run.name, run.name) for r in results for run in r.runs}
         made = run_missing(done, args.data_dir, args.work, args.steps)
         if made is not None:
             results.append(Results.load(made))
     keys = {h.key for h in CATALOGUE}
-    evidence = evidence_from_results(results)
+    evidence = evidence_from_results(results, keys=same)
     kept = {k: v for k, v in evidence.rows.items() if k in keys}
     evidence = type(evidence)(evidence.scenario, evidence.steps, evidence.created, evidence.retain_version, kept)
     atomic_write_text(args.out, evidence.to_json())
