@@ -111,6 +111,8 @@ CATALOGUE: tuple[Hybrid, ...] = (
            "full fine-tuning + rehearsal distilled from the original on the replayed rows (DER)"),
     hybrid("full+lwf+replay+wise@lwf.anchor=general@lwf.teacher=copy",
            "full fine-tuning + distillation + rehearsal, then interpolated toward the base (WiSE-FT)"),
+    hybrid("full+replay@replay.mode=append@replay.ratio=0.5",
+           "joint training: every task row kept and one general row added per task row (twice the rows per step)"),
 )
 
 
