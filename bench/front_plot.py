@@ -82,33 +82,51 @@ def on_front(all_points: list[Point]) -> set[str]:
                        for q in all_points)}
 
 
+def short_label(name: str) -> str:
+    """``full+replay@replay.mode=append@replay.ratio=0.5`` -> ``full+replay(mode=append,ratio=0.5)``: the
+    settings without their strategy prefix, so labels fit beside the points."""
+    head, *settings = name.split("@")
+    return head + ("(" + ",".join(s.split(".", 1)[-1] for s in settings) + ")" if settings else "")
+
+
 def plot(all_points: list[Point], front: set[str], out: Path, title: str, labelled: set[str] | None,
          min_retention: float | None = None) -> None:
+    """Two panels: every item (left) and the region near the corner (right, retention >= 0.85 and at
+    least 0.7 of full's gain), where most labels are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
-    ax.fill_between([CORNER_SHARE, 1.1], CORNER_RETENTION, 1.01, color="tab:green", alpha=0.15,
-                    label=f"corner: retention >= {CORNER_RETENTION}, gain share >= {CORNER_SHARE}")
-    for p in all_points:
-        color = "tab:red" if p.name in front else "tab:blue"
-        ax.errorbar(p.share, p.retention,
-                    xerr=[[p.share - p.share_bar[0]], [p.share_bar[1] - p.share]],
-                    yerr=[[p.retention - p.retention_bar[0]], [p.retention_bar[1] - p.retention]],
-                    fmt="o", color=color, ms=4, capsize=2, lw=0.8)
-        if labelled is None or p.name in labelled or p.name in front:
-            ax.annotate(p.name, (p.share, p.retention), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("share of full fine-tuning's gain on the new task (report part)")
-    ax.set_ylabel("general retention (report part)")
-    ax.set_title(f"{title}: red = on the front (no item better on both), bars = 95% interval", fontsize=9)
-    ax.set_xlim(min(0.0, min(p.share_bar[0] for p in all_points)) - 0.02, 1.1)
+    fig, (whole, near) = plt.subplots(1, 2, figsize=(13, 6), dpi=110, gridspec_kw={"width_ratios": [1, 1.4]})
     low = min(p.retention_bar[0] for p in all_points) - 0.03 if min_retention is None else min_retention
-    ax.set_ylim(low, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=7)
-    fig.tight_layout()
+    panels = ((whole, (min(0.0, min(p.share_bar[0] for p in all_points)) - 0.02, 1.08), (low, 1.01), 0.85),
+              (near, (0.7, 1.05), (0.85, 1.0), None))
+    for ax, xlim, ylim, label_below in panels:
+        ax.fill_between([CORNER_SHARE, xlim[1]], CORNER_RETENTION, ylim[1], color="tab:green", alpha=0.15,
+                        label=f"corner: retention >= {CORNER_RETENTION}, gain share >= {CORNER_SHARE}")
+        for p in all_points:
+            if not (xlim[0] <= p.share <= xlim[1] and ylim[0] <= p.retention <= ylim[1]):
+                continue
+            color = "tab:red" if p.name in front else "tab:blue"
+            ax.errorbar(p.share, p.retention,
+                        xerr=[[p.share - p.share_bar[0]], [p.share_bar[1] - p.share]],
+                        yerr=[[p.retention - p.retention_bar[0]], [p.retention_bar[1] - p.retention]],
+                        fmt="o", color=color, ms=4, capsize=2, lw=0.8)
+            wanted = labelled is None or p.name in labelled or p.name in front
+            if wanted and (label_below is None or p.retention < label_below or p.share < 0.7):  # not in the right panel
+                ax.annotate(short_label(p.name), (p.share, p.retention), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points", annotation_clip=True)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("share of full fine-tuning's gain on the new task (report part)")
+    whole.set_ylabel("general retention (report part)")
+    whole.set_title("every item (labels near the corner: right)", fontsize=9)
+    near.set_title("near the corner", fontsize=9)
+    near.legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"{title}: red = on the front (no item better on both), bars = 95% interval", fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.09, top=0.9, wspace=0.12)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
