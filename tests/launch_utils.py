@@ -40,3 +40,18 @@ def beside_workers(worker: Callable[..., Any], world: int, root: str, one_proces
         torch.set_num_threads(previous)
         while not workers.join():
             pass
+
+
+def join_as_worker(rank: int, world: int, port: int) -> None:
+    """This forked process as rank ``rank`` of ``world`` gloo CPU processes: the environment torchrun would
+    set, one thread, and a fresh accelerate state (a forked worker inherits this process's single-process
+    one from earlier tests)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
+    )
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

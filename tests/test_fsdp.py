@@ -13,7 +13,6 @@ case; this process runs the one-process references meanwhile.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from launch_utils import join_as_worker
 from test_multiprocess import START_METHOD, _free_port, config_for, write_inputs
 
 EWC = {"name": "ewc", "lambda_": 1.0e3, "max_examples": 6}
@@ -138,15 +138,7 @@ def _statistics(root: Path, shard: bool) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
-    )
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    join_as_worker(rank, world, port)
     base = Path(root)
     torch.distributed.init_process_group("gloo")  # accelerate joins this group
     stats = _statistics(base, shard=True)

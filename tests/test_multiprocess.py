@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch_utils import START_METHOD, beside_workers, free_port  # noqa: F401 (START_METHOD: test_fsdp)
+from launch_utils import START_METHOD, beside_workers, free_port, join_as_worker  # noqa: F401 (START_METHOD: test_fsdp)
 
 LORA = {"name": "lora", "r": 4, "dropout": 0.0}
 # name -> (strategies, number of tasks): one hybrid per family; two tasks where the method needs them
@@ -86,15 +86,7 @@ def train(root: Path, name: str, out: Path, batch_size: int, grad_accum: int = A
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
-    )
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # a forked worker inherits this process's
-    GradientState._reset_state()  # single-process accelerate state from earlier tests
+    join_as_worker(rank, world, port)
     base = Path(root)
     for name in HYBRIDS:
         weights = train(base, name, base / "two" / name, BATCH)

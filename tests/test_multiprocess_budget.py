@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from launch_utils import START_METHOD, beside_workers, free_port
+from launch_utils import START_METHOD, beside_workers, free_port, join_as_worker
 
 STEPS, BATCH, WORLD = 4, 2, 2
 BUDGET = {"check_every": 2, "early_checks": 0}
@@ -167,15 +167,7 @@ def run_case(root: Path, name: str, out: Path, batch: int) -> tuple[dict[str, to
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
-    )
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # a forked worker inherits this process's
-    GradientState._reset_state()  # single-process accelerate state from earlier tests
+    join_as_worker(rank, world, port)
     base = Path(root)
     for name in CASES:
         weights, record = run_case(base, name, base / "two" / name, BATCH)
