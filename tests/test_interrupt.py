@@ -50,12 +50,13 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tex
 
     _CtrlC.at = 2  # during the third step
     config = run_config("tiny", text_file, tmp_path / "run", strategies, steps=8)
+    before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; SIG_IGN in a background job
     try:
         with pytest.raises(TrainingInterrupted) as raised:
             finetune(config, model=_tiny()[0], tokenizer=_tiny()[1])
     finally:
         _CtrlC.at = None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed again
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is removed again
     stop = raised.value
     assert "task 't1' (1 of 1), after step 3 of 8 (global step 3)" in str(stop)
     assert stop.checkpoint == tmp_path / "run" / "checkpoints" / "step-00000003-task00"
