@@ -107,13 +107,16 @@ def test_ladder_next_finishes_the_first_rung_that_keeps_the_floor():
     assert ladder_next(rungs, nothing, 2, 0.9) is None
 
 
-def test_promising_first_puts_measured_winners_within_the_floor_first():
+def test_promising_first_puts_measured_winners_within_the_floor_first_and_unmeasured_before_misses():
     hybrids = [find_hybrid(k) for k in ("lora", "full", "full+ewc", "full+replay")]
     ev = Evidence("s", 300, "2026", "0", {"full": EvidenceRow(0.6, 0.2, 0.3), "full+ewc": EvidenceRow(0.4, 0.2, 0.92),
                                           "full+replay": EvidenceRow(0.5, 0.2, 0.95)})
+    # lora is unmeasured: after the floor keepers, before full (measured, retention 0.3 < floor)
     assert [h.label for h in promising_first(hybrids, ev, 0.9)] == ["full+replay", "full+ewc", "lora", "full"]
     assert [h.label for h in promising_first(hybrids, None, 0.9)] == ["lora", "full", "full+ewc", "full+replay"]
     assert [h.label for h in promising_first(hybrids, ev, 0.93)] == ["full+replay", "lora", "full", "full+ewc"]
+    swapped = [find_hybrid(k) for k in ("full", "full+ewc", "lora", "full+replay")]  # rules order: a miss first
+    assert [h.label for h in promising_first(swapped, ev, 0.93)] == ["full+replay", "lora", "full", "full+ewc"]
 
 
 def test_pick_hybrids_by_key_or_label():
@@ -548,3 +551,25 @@ def test_a_recommended_strict_yaml_is_tuned_within_its_constraints(tiny_run, tin
     narrowed = runner.invoke(app, ["tune", str(strict), "--out", str(tmp_path / "narrow"), "--trials", "1", "--steps", "2",
                                    "--confirm", "0", "--adapters", "--hybrids", "lora+fip"])
     assert narrowed.exit_code == 0 and f"(recorded in {strict}, narrowed by --adapters)" in narrowed.output
+
+
+def test_an_interrupted_or_failed_trial_reaches_the_user_without_a_traceback(tiny_run, tmp_path, capfd):
+    from retain.errors import Interrupted
+
+    options = TuneOptions(trials=2, steps=3, seed=1, constraints=SMALL, min_general_retention=0.0, hybrids=["lora+lwf"])
+
+    def stopped(config, observer):
+        raise Interrupted("stopped task 'contracts' after step 1; checkpoint somewhere")
+
+    with pytest.raises(Interrupted):
+        Tuner(load_target(str(tiny_run)), options, tmp_path / "a", train_fn=stopped).run()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "stopped task" not in err  # the CLI prints the interruption once, itself
+
+    def refused(config, observer):
+        raise ConfigError("strategies[0].x: not a setting of lwf")
+
+    with pytest.raises(ConfigError):
+        Tuner(load_target(str(tiny_run)), options, tmp_path / "b", train_fn=refused).run()
+    err = capfd.readouterr().err
+    assert "not a setting of lwf" in err and "Traceback" not in err

@@ -29,6 +29,7 @@ that was running when the process died is run again with the same settings.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import warnings
@@ -39,7 +40,7 @@ from typing import Any, Callable
 import yaml
 
 from retain.data.sampling import Stream, derive_seed
-from retain.errors import ConfigError, DivergenceError, OutputError, RetainError, StateError
+from retain.errors import ConfigError, DivergenceError, Interrupted, OutputError, RetainError, StateError
 from retain.guide.catalogue import Hybrid, display_name
 from retain.guide.evidence import Evidence, load_evidence
 from retain.guide.monitor import TrialObserver, prune_reason
@@ -127,13 +128,17 @@ def search_space(
 
 def promising_first(eligible: list[Hybrid], evidence: Evidence | None, floor: float) -> list[Hybrid]:
     """The hybrids in the order a short search should try them: those that kept ``floor`` on the
-    benchmark with the largest new-task gain first, then the rules' order for the rest."""
+    benchmark, largest new-task gain first; then those the evidence has not measured (unknown is better
+    than known to miss the floor: a newly added method must not fall out of a short search); then those
+    measured below the floor. Ties keep the rules' order."""
 
-    def order(i: int) -> tuple[bool, float, int]:
+    def order(i: int) -> tuple[int, float, int]:
         row = evidence.row(eligible[i].key) if evidence is not None else None
-        if row is None or row.general_retention is None or row.new_task_gain is None or row.general_retention < floor:
-            return True, 0.0, i
-        return False, -row.new_task_gain, i
+        if row is None or row.general_retention is None or row.new_task_gain is None:
+            return 1, 0.0, i
+        if row.general_retention < floor:
+            return 2, 0.0, i
+        return 0, -row.new_task_gain, i
 
     return [eligible[i] for i in sorted(range(len(eligible)), key=order)]
 
@@ -201,11 +206,28 @@ def check_folder(out: Path, settings: dict[str, Any]) -> bool:
 # --- optuna ------------------------------------------------------------------------------------
 
 
+class _OurErrorsWithoutTraceback(logging.Filter):
+    """optuna logs a failed trial's exception with its traceback. Ours are already a clear line: an
+    interruption is printed by the CLI (with how to resume), and a trial's RetainError is recorded in the
+    trial and the report; neither should reach the user as a stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, Interrupted):
+            return False
+        if isinstance(error, RetainError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _optuna() -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _OurErrorsWithoutTraceback) for f in handler.filters):
+            handler.addFilter(_OurErrorsWithoutTraceback())
     return optuna
 
 
