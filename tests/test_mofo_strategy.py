@@ -116,10 +116,10 @@ def test_the_strategy_and_the_optimizer_option_train_the_same_weights_bit_for_bi
 def test_a_budget_move_reaches_the_optimizer_on_the_next_step(tiny_model_dir, tmp_path, monkeypatch):
     """Checks at steps 0, 2, 4; retention 0.5 at step 2 is over the 0.95 floor, so the budget lowers
     mofo.fraction there, and optimizer steps 3 and 4 use the lowered value."""
+    from retain.config import DataConfig
     from retain.eval.runner import SuiteObserver
     from retain.eval.suite import SuiteConfig
     from retain.eval.tasks import NextTokenAccuracyEval
-    from retain.config import DataConfig
 
     def write(name: str, rows: list[str]) -> Path:
         path = tmp_path / f"{name}.jsonl"
