@@ -74,6 +74,7 @@ ROWS: dict[str, Row] = {
     "ewc-lora": Row([LORA, {"name": "ewc-lora", "lambda_": 1e3, "max_examples": 8}], tasks=2, general=True),
     "importance": Row(["full", {"name": "importance", "source": "general+training", "max_examples": 8}], tasks=2, general=True),
     "l2": Row(["full", {"name": "l2", "lambda_": 0.1}]),
+    "mofo": Row(["full", {"name": "mofo", "fraction": 0.1}]),
     "lwf": Row(["full", {"name": "lwf", "anchor": "general", "anchor_batch_size": 2}], general=True),
     "lwf@replay": Row(["full", {"name": "replay", "ratio": 0.25, "mode": "append"}, {"name": "lwf", "anchor": "replay"}],
                       general=True),

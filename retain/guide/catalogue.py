@@ -104,6 +104,8 @@ CATALOGUE: tuple[Hybrid, ...] = (
            "orthogonal to them"),
     hybrid("lora+wise", "LoRA, then its update scaled back (WiSE-FT) by the alpha chosen on the select part"),
     hybrid("block-expansion", "new identity blocks train, every original weight frozen (LLaMA Pro)"),
+    hybrid("full+mofo", "full fine-tuning that moves only the top share of each weight matrix by momentum per "
+           "step (MoFO): closer to the base at no extra compute and no data"),
     hybrid("full+dft", "full fine-tuning with each token's loss weighted by the model's own probability (DFT)"),
     hybrid("full+replay+wise", "full fine-tuning + rehearsal, then interpolated toward the base (WiSE-FT) "
            "by the alpha chosen on the select part"),

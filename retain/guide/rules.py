@@ -217,7 +217,7 @@ def tasks_rule(h: Hybrid, c: Constraints) -> list[Effect]:
 
 def method_notes(h: Hybrid, c: Constraints) -> list[Effect]:
     """What a method needs or offers that no constraint decides (no points): wise's choice on the
-    suite, corda's calibration text, MoFO as the optimizer of full-weight hybrids."""
+    suite, corda's calibration text, MoFO (``mofo``) as an addition to full-weight hybrids."""
     notes = []
     if "wise" in h.names and "alpha" not in h.params("wise"):
         notes.append(Effect(0, "wise → after each task the update is scaled back by the alpha that keeps "
@@ -226,9 +226,10 @@ def method_notes(h: Hybrid, c: Constraints) -> list[Effect]:
     if h.params("lora").get("init") == "corda":
         notes.append(Effect(0, "lora.init corda → calibrates on the run's general_data (a few dozen examples, one "
                                "forward each) before training"))
-    if not uses_adapters(h) and c.compute != "low" and "block-expansion" not in h.names:
-        notes.append(Effect(0, "full weights → train.optimizer: mofo (MoFO) moves only the top 15% of each tensor by "
-                               "momentum per step, for no extra compute; an option with any of these hybrids"))
+    if not uses_adapters(h) and c.compute != "low" and not {"block-expansion", "mofo"} & set(h.names):
+        notes.append(Effect(0, "full weights → + mofo (MoFO) moves only the top mofo.fraction (15%) of each weight "
+                               "matrix by momentum per step, for no extra compute; tune searches the fraction, a budget "
+                               "moves it (train.optimizer: mofo is the same at a fixed fraction)"))
     return notes
 
 

@@ -64,6 +64,10 @@ class RetainSession:
     def __init__(self, config: RunConfig, *, suite: Any = None) -> None:
         self.config = config
         self.hybrid = Hybrid(validate_run_config(config))  # every config mistake before any model work
+        setters = [s.name for s in self.hybrid.strategies if s.optimizer_settings()]
+        if setters:  # the Trainer builds its own optimizer: what these strategies ask of it would never happen
+            raise ConfigError(f"strategy {', '.join(setters)} sets the optimizer, and a Trainer keeps its own: "
+                              "drop it here (or train with `retain train`)")
         self.run_dir = Path(config.output.dir)
         self.suite = suite if suite is not None else config.eval.suite
         self.observer: Any = None

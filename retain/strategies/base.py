@@ -250,6 +250,9 @@ class Strategy:
     - ``supports_sharding``: trains under ``train.parallel: fsdp`` (FSDP2) with its per-parameter state
       sharded like the weights and its forwards run on every process; others are refused there, with
       ``sharding_refusal`` (why) when it says more than the default.
+
+    And ``optimizer_settings()``: the ``train`` optimizer keys it sets (mofo makes the optimizer MoFO), so
+    the loop needs no strategy's name.
     """
 
     name: ClassVar[str] = ""
@@ -346,6 +349,12 @@ class Strategy:
 
     def after_task(self, task: TaskInfo, ctx: StrategyContext) -> None:
         return None
+
+    def optimizer_settings(self) -> dict[str, Any]:
+        """``train`` optimizer keys this strategy sets for the run (mofo: ``optimizer``, ``mofo_fraction``),
+        over the config's. The loop reads them when it builds a task's optimizer and again before every
+        step, so a value that ``set_strength`` moves applies from the next step."""
+        return {}
 
     def set_strength(self, value: float) -> None:
         """Apply a new value of the declared ``strength`` while the run goes on (a forgetting budget moves it).

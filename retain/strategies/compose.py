@@ -32,6 +32,13 @@ class Hybrid:
     def modifies_frozen_weights(self) -> bool:
         return any(s.modifies_frozen_weights for s in self.strategies)
 
+    def optimizer_settings(self) -> dict[str, Any]:
+        """Every strategy's ``train`` optimizer keys, merged in list order (what the loop's optimizer takes)."""
+        settings: dict[str, Any] = {}
+        for strategy in self.strategies:
+            settings.update(strategy.optimizer_settings())
+        return settings
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         for strategy in self.strategies:
             model = strategy.setup(model, ctx)

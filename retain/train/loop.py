@@ -83,7 +83,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: Any, settings: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """AdamW or MoFO over the trainable weights, as ``config`` (the run's ``train``) asks, with the
+    strategies' ``optimizer_settings`` (``settings``, ``train`` keys) over it."""
+    if settings:
+        config = config.model_copy(update=settings)
     parameters = list(sharded_parameters(model).values())  # a sharded model's DTensors, else its trainable weights
     if not parameters:
         raise ConfigError("no parameter is trainable: check the strategies (e.g. freeze.trainable matches nothing)")
@@ -94,6 +98,17 @@ def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
         groups[0]["fraction"], groups[1]["fraction"] = config.mofo_fraction, 1.0
         return MoFO([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas))
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas))
+
+
+def follow_optimizer_settings(optimizer: torch.optim.Optimizer, settings: dict[str, Any]) -> None:
+    """Give MoFO's matrix groups the fraction the strategies set now (a budget may have moved it since the
+    last step); the groups of biases and norms keep their full step. Nothing to do without such a setting."""
+    fraction = settings.get("mofo_fraction")
+    if fraction is None:
+        return
+    for group in optimizer.param_groups:
+        if "fraction" in group and all(p.ndim >= 2 for p in group["params"]):
+            group["fraction"] = float(fraction)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Any, total_steps: int) -> Any:
@@ -405,6 +420,7 @@ def train_task(
                 clip_sharded_grads_(trainable, train.max_grad_norm)
             elif train.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+            follow_optimizer_settings(optimizer, hybrid.optimizer_settings())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -352,7 +352,7 @@ class FineTune:
             for participant in self.participants:
                 participant.on_task_start(accelerator.unwrap_model(self.model), ctx, task)
         first_step = start.step_in_task if resumed_here else 0
-        optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train), device_placement=False)
+        optimizer = accelerator.prepare_optimizer(build_optimizer(self.model, config.train, hybrid.optimizer_settings()), device_placement=False)
         scheduler = build_scheduler(optimizer, config.train, task.steps)
         if mid_task and self.loaded is not None and self.loaded.sharded is not None and self.loaded.scheduler is not None:
             with keep_hyperparameters(optimizer, scheduler):  # resharded to this run's processes
