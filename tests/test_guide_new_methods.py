@@ -40,7 +40,8 @@ def test_notes_say_what_a_method_needs():
     high = Constraints(compute="high")
     wise = assess(find_hybrid("full+replay+wise"), high)
     assert any("select part" in why and "eval.suite" in why for why in wise.reasons)
-    assert any("mofo" in why for why in wise.reasons)  # a full-weight hybrid: MoFO is an option
+    assert not any("mofo" in why for why in wise.reasons)  # no unmeasured add-on advice: full+mofo competes itself
     corda = assess(find_hybrid("lora@lora.init=corda"), high)
     assert any("general_data" in why for why in corda.reasons)
     assert not any("mofo" in why for why in corda.reasons)
+    assert find_hybrid("full+mofo").names == ("full", "mofo")

@@ -216,8 +216,9 @@ def tasks_rule(h: Hybrid, c: Constraints) -> list[Effect]:
 
 
 def method_notes(h: Hybrid, c: Constraints) -> list[Effect]:
-    """What a method needs or offers that no constraint decides (no points): wise's choice on the
-    suite, corda's calibration text, MoFO (``mofo``) as an addition to full-weight hybrids."""
+    """What a method needs that no constraint decides (no points): wise's choice on the suite, corda's
+    calibration text. (MoFO is not suggested on top of every full-weight hybrid: ``full+mofo`` is a
+    catalogue hybrid and competes on its own evidence, which on stories-contracts is small.)"""
     notes = []
     if "wise" in h.names and "alpha" not in h.params("wise"):
         notes.append(Effect(0, "wise → after each task the update is scaled back by the alpha that keeps "
@@ -226,10 +227,6 @@ def method_notes(h: Hybrid, c: Constraints) -> list[Effect]:
     if h.params("lora").get("init") == "corda":
         notes.append(Effect(0, "lora.init corda → calibrates on the run's general_data (a few dozen examples, one "
                                "forward each) before training"))
-    if not uses_adapters(h) and c.compute != "low" and not {"block-expansion", "mofo"} & set(h.names):
-        notes.append(Effect(0, "full weights → + mofo (MoFO) moves only the top mofo.fraction (15%) of each weight "
-                               "matrix by momentum per step, for no extra compute; tune searches the fraction, a budget "
-                               "moves it (train.optimizer: mofo is the same at a fixed fraction)"))
     return notes
 
 
