@@ -25,6 +25,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from retain.models.tiny import write_arithmetic_run  # noqa: E402 (after the path is set)
+
 EWC = {"name": "ewc", "lambda_": 1.0e3, "max_examples": 6}
 HYBRIDS: dict[str, tuple[list[Any], int]] = {
     "full": (["full"], 1),
@@ -47,18 +49,7 @@ HYBRIDS: dict[str, tuple[list[Any], int]] = {
 
 
 def write_inputs(root: Path, hidden: int, layers: int) -> None:
-    from retain.models.tiny import char_tokenizer, tiny_model
-
-    tokenizer = char_tokenizer()
-    tiny_model("llama", len(tokenizer), seed=0, hidden=hidden, layers=layers, heads=4).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    for name, op in (("add", "+"), ("mul", "*")):
-        rows = [{"prompt": f"{i} {op} {i % 7} =", "completion": " " + str(eval(f"{i} {op} {i % 7}")) + " ok" * (i % 4)}
-                for i in range(24)]
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    general = [{"text": f"the {w} sat on the mat number {i}." + " and then" * (i % 3)} for i, w in
-               enumerate(["cat", "dog", "bird", "fox", "owl", "cow", "pig", "hen"] * 2)]
-    (root / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
+    write_arithmetic_run(root, hidden=hidden, layers=layers)  # the same case as tests/test_multiprocess.py
 
 
 def config(root: Path, name: str, out: Path, batch_size: int, parallel: str, steps: int) -> Any:

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 import torch
+from launch_utils import START_METHOD, beside_workers, free_port, join_as_worker  # noqa: F401 (START_METHOD: test_fsdp)
 from safetensors.torch import load_file, save_file
 
-from launch_utils import START_METHOD, beside_workers, free_port, join_as_worker  # noqa: F401 (START_METHOD: test_fsdp)
+from retain.models.tiny import write_arithmetic_run
 
 LORA = {"name": "lora", "r": 4, "dropout": 0.0}
 # name -> (strategies, number of tasks): one hybrid per family; two tasks where the method needs them
@@ -44,18 +45,7 @@ _free_port = free_port  # the names test_fsdp imports
 
 def write_inputs(root: Path) -> None:
     """A tiny Llama, two prompt/completion tasks of uneven completion lengths, and general text."""
-    from retain.models.tiny import char_tokenizer, tiny_model
-
-    tokenizer = char_tokenizer()
-    tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    for name, op in (("add", "+"), ("mul", "*")):
-        rows = [{"prompt": f"{i} {op} {i % 7} =", "completion": " " + str(eval(f"{i} {op} {i % 7}")) + " ok" * (i % 4)}
-                for i in range(24)]
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    general = [{"text": f"the {w} sat on the mat number {i}." + " and then" * (i % 3)} for i, w in
-               enumerate(["cat", "dog", "bird", "fox", "owl", "cow", "pig", "hen"] * 2)]
-    (root / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
+    write_arithmetic_run(root)
 
 
 def config_for(root: Path, strategies: list[Any], tasks: int, out: Path, batch_size: int, grad_accum: int = ACCUM,

@@ -66,3 +66,23 @@ def tiny_model(arch: str = "llama", vocab_size: int = 128, seed: int = 0, **size
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **sizes))
+
+
+def write_arithmetic_run(root: Any, *, hidden: int = 32, layers: int = 2) -> None:
+    """A tiny Llama (``root/model``), two prompt/completion tasks of uneven completion lengths
+    (``add.jsonl``, ``mul.jsonl``) and general text (``general.jsonl``): the shared inputs of the
+    multi-process equivalence tests and ``bench/fsdp_equivalence.py``, so both check the same case."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    tokenizer = char_tokenizer()
+    tiny_model("llama", len(tokenizer), seed=0, hidden=hidden, layers=layers, heads=4).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for name, op in (("add", "+"), ("mul", "*")):
+        rows = [{"prompt": f"{i} {op} {i % 7} =", "completion": " " + str(eval(f"{i} {op} {i % 7}")) + " ok" * (i % 4)}
+                for i in range(24)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    general = [{"text": f"the {w} sat on the mat number {i}." + " and then" * (i % 3)} for i, w in
+               enumerate(["cat", "dog", "bird", "fox", "owl", "cow", "pig", "hen"] * 2)]
+    (root / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
