@@ -154,3 +154,26 @@ def test_recommend_ranks_on_select_and_prints_report_figures_with_intervals(monk
             "(gain +0.230 [+0.210, +0.250]); report part, 3 seeds") in text
     assert "gained +0.270 on the new task" in text  # the ranking's reason quotes the select figures
     assert "measured: general retention 0.970, new-task score 0.180 → 0.300 (gain +0.120)" in text  # a row without a split
+
+
+def test_an_explicit_retention_floor_ranks_the_hybrids_that_keep_it_first():
+    from retain.guide.evidence import Evidence, EvidenceRow
+
+    joint = "full+replay@replay.mode=append@replay.ratio=0.5"
+    der = "full+replay+lwf@replay.mode=append@replay.ratio=0.5@lwf.anchor=replay"
+    evidence = Evidence("stories-contracts", 300, "2026", "0", {
+        joint: EvidenceRow(0.55, 0.18, 0.955), der: EvidenceRow(0.51, 0.18, 0.985), "full": EvidenceRow(0.58, 0.18, 0.27)})
+    default = recommend(Constraints(compute="high", weights="full"), evidence)
+    strict = recommend(Constraints(compute="high", weights="full", min_general_retention=0.98), evidence)
+    position = {h.hybrid.key: i for i, h in enumerate(default)}
+    assert position[joint] < position[der]  # at the default floor (0.9) both keep it: the larger gain first
+    assert strict[0].hybrid.key == der  # only DER keeps 0.98
+    assert any("≥ 98%" in reason for reason in strict[0].reasons)
+    assert Constraints(min_general_retention=0.98).retention_floor == 0.98
+    assert Constraints(stakes="high").retention_floor == 0.95
+
+
+def test_recommend_refuses_a_floor_outside_0_to_1():
+    result = runner.invoke(app, ["recommend", "--min-general-retention", "98"])
+    assert result.exit_code == 2
+    assert "--min-general-retention 98" in result.output and "between 0 and 1" in result.output

@@ -19,16 +19,22 @@ def _check(value: str, allowed: tuple[str, ...], option: str) -> str:
     return value
 
 
-def constraints_from_options(compute: str, privacy: str, stakes: str, adapters: bool | None, tasks: int = 1) -> Any:
+def constraints_from_options(compute: str, privacy: str, stakes: str, adapters: bool | None, tasks: int = 1,
+                             min_general_retention: float | None = None) -> Any:
     """The ``Constraints`` of the options ``recommend`` and ``tune`` share, each value checked by name."""
+    from retain.errors import ConfigError
     from retain.guide.rules import Constraints, check_consistent
 
+    if min_general_retention is not None and not 0.0 < min_general_retention <= 1.0:
+        raise ConfigError(f"--min-general-retention {min_general_retention:g}: give a share of the base model's "
+                          "general score between 0 and 1 (e.g. 0.98)")
     return check_consistent(Constraints(
         compute=_check(compute, ("low", "medium", "high"), "--compute"),  # type: ignore[arg-type]
         privacy=_check(privacy, ("strict", "normal"), "--privacy"),  # type: ignore[arg-type]
         stakes=_check(stakes, ("high", "normal"), "--stakes"),  # type: ignore[arg-type]
         weights="any" if adapters is None else ("adapters" if adapters else "full"),
         tasks=tasks,
+        min_general_retention=min_general_retention,
     ))
 
 
@@ -42,6 +48,9 @@ def recommend(
         None, "--adapters/--full-weights", help="Ship adapters, or fine-tune every weight (default: either).",
     ),
     tasks: int = typer.Option(1, "--tasks", min=1, help="How many tasks you will train in sequence."),
+    min_general_retention: Optional[float] = typer.Option(
+        None, "--min-general-retention",
+        help="Floor R on measured general retention (default: 0.95 with --stakes high, else 0.9)."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Write a run YAML of the recommended hybrid here, with your constraints recorded in it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
@@ -55,7 +64,7 @@ def recommend(
     from retain.guide.template import run_yaml
     from retain.io import atomic_write_text, output_errors, prepare_output
 
-    constraints = constraints_from_options(compute, privacy, stakes, adapters, tasks)
+    constraints = constraints_from_options(compute, privacy, stakes, adapters, tasks, min_general_retention)
     if out is not None:  # before any output: an edited run YAML is never replaced unless asked
         prepare_output(out, overwrite=overwrite, kind="file")
     evidence = load_evidence()

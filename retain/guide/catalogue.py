@@ -115,6 +115,9 @@ CATALOGUE: tuple[Hybrid, ...] = (
            "full fine-tuning + distillation + rehearsal, then interpolated toward the base (WiSE-FT)"),
     hybrid("full+replay@replay.mode=append@replay.ratio=0.5",
            "joint training: every task row kept and one general row added per task row (twice the rows per step)"),
+    hybrid("full+replay+lwf@replay.mode=append@replay.ratio=0.5@lwf.anchor=replay",
+           "joint training distilled from the original on the general rows (DER at 1:1): the most general "
+           "ability a full-weight hybrid kept on the benchmark, for less of the gain"),
 )
 
 

@@ -45,16 +45,21 @@ class Constraints:
     stakes: Stakes = "normal"
     weights: Weights = "any"
     tasks: int = 1
+    min_general_retention: float | None = None  # an explicit floor (recommend --min-general-retention)
 
     @property
     def retention_floor(self) -> float:
-        """The general retention a hybrid should have kept on the benchmark to count as safe."""
+        """The general retention a hybrid should have kept on the benchmark to count as safe: the explicit
+        floor when one is given, else what the stakes imply."""
+        if self.min_general_retention is not None:
+            return self.min_general_retention
         return 0.95 if self.stakes == "high" else 0.9
 
     def describe(self) -> str:
         weights = {"adapters": "adapters", "full": "full weights", "any": "adapters or full weights"}[self.weights]
+        floor = "" if self.min_general_retention is None else f", general retention ≥ {self.min_general_retention:g}"
         return (f"compute {self.compute}, privacy {self.privacy}, stakes {self.stakes}, {weights}, "
-                f"{self.tasks} task{'s' if self.tasks != 1 else ''}")
+                f"{self.tasks} task{'s' if self.tasks != 1 else ''}{floor}")
 
 
 #: each constraint's values from the widest (searches most) to the narrowest

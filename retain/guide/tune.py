@@ -305,7 +305,7 @@ class Tuner:
             "min_general_retention": self.floor,
             "seed": options.seed,
             "ladder": options.ladder,
-            "constraints": asdict(self.constraints),
+            "constraints": {k: v for k, v in asdict(self.constraints).items() if k != "min_general_retention"},  # the floor is its own key
             "hybrids": [h.key for h in self.eligible],
             "trials": options.trials,
             "confirm": self.confirm,
