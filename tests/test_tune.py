@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from retain.cli import app
+from retain.data.sampling import Stream, derive_seed
 from retain.errors import ConfigError, OutputError, StateError
 from retain.guide.catalogue import find_hybrid
 from retain.guide.evidence import Evidence, EvidenceRow
@@ -18,9 +19,8 @@ from retain.guide.monitor import dominated, intermediate_suite, point_from_score
 from retain.guide.rules import Constraints
 from retain.guide.target import load_target
 from retain.guide.tune import TuneOptions, Tuner, check_folder, ladder_next, pick_hybrids, promising_first
-from retain.guide.tune_report import TrialRecord, choose_best, confirm_candidates, front
+from retain.guide.tune_report import CONFIRM_BAND, TrialRecord, choose_best, confirm_band, confirm_candidates, front
 from retain.results.schema import Score
-from retain.data.sampling import Stream, derive_seed
 from retain.train.run import load_run_config
 
 runner = CliRunner()
@@ -84,6 +84,17 @@ def test_confirm_candidates_spread_along_the_front_that_keeps_the_floor():
     assert [r.number for r in confirm_candidates(records, 0.9, 9)] == [0, 5, 1, 2]
     assert [r.number for r in confirm_candidates(records, 0.999, 2, band=0.0)] == [2, 1]  # none keeps it: most retentive
     assert confirm_candidates(records, 0.9, 0) == []
+
+
+def test_trials_at_the_full_budget_confirm_only_those_that_keep_the_floor():
+    """A trial that already ran the full budget has the full run's retention: one under the floor must not
+    take a confirmation from the best trial that keeps it (a 24-trial tune at 300 steps confirmed the
+    just-under end and the most retentive end, never its best trial above the floor)."""
+    assert confirm_band(300, 300) == 0.0 and confirm_band(40, 300) == CONFIRM_BAND
+    records = [_rec(1, new=0.55, ret=0.968), _rec(23, new=0.40, ret=0.981), _rec(19, new=0.36, ret=0.983),
+               _rec(10, new=0.20, ret=0.9996)]
+    assert [r.number for r in confirm_candidates(records, 0.98, 2, confirm_band(300, 300))] == [23, 10]
+    assert [r.number for r in confirm_candidates(records, 0.98, 2, confirm_band(40, 300))] == [1, 10]
 
 
 def test_a_short_trial_just_under_the_floor_is_still_confirmed():

@@ -51,6 +51,7 @@ from retain.guide.tune_report import (
     DEFAULT_FLOOR,
     TrialRecord,
     choose_best,
+    confirm_band,
     confirm_candidates,
     figure_lines,
     pick,
@@ -570,7 +571,8 @@ class Tuner:
         (``derive_seed(seed, Stream.TUNE_CONFIRM, place)``), scored on the select part: what kept the floor for a few steps may not keep it for
         the whole run, the search's best is flattered by its own seed and sample, and best.yaml is what
         the user will train."""
-        for place, candidate in enumerate(confirm_candidates(records, self.floor, self.confirm)):
+        band = confirm_band(self.options.steps or self.full_steps, self.full_steps)
+        for place, candidate in enumerate(confirm_candidates(records, self.floor, self.confirm, band)):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             self.confirmed.append(self._confirm_one(candidate, derive_seed(self.seed, Stream.TUNE_CONFIRM, place) % 2**31))

@@ -62,6 +62,14 @@ class TrialRecord:
 CONFIRM_BAND = 0.1
 
 
+def confirm_band(steps: int, full_steps: int) -> float:
+    """How far below the floor a trial may be and still be confirmed: ``CONFIRM_BAND`` for trials shorter
+    than the full budget (protected runs recover retention later), none when the trials already ran the
+    full budget (their retention is the full run's, so a trial under the floor only lost a slot to one
+    that keeps it)."""
+    return 0.0 if steps >= full_steps else CONFIRM_BAND
+
+
 def confirm_candidates(
     records: list[TrialRecord], floor: float | None, count: int, band: float = CONFIRM_BAND
 ) -> list[TrialRecord]:
