@@ -130,6 +130,14 @@ def test_promising_first_puts_measured_winners_within_the_floor_first_and_unmeas
     assert [h.label for h in promising_first(swapped, ev, 0.93)] == ["full+replay", "lora", "full", "full+ewc"]
 
 
+def test_pick_hybrids_prefers_the_hybrid_a_key_names_over_one_that_shares_its_label():
+    joint = find_hybrid("full+replay@replay.mode=append@replay.ratio=0.5")
+    plain = find_hybrid("full+replay")
+    assert joint.label == plain.label == "full+replay"
+    picked = pick_hybrids([joint, plain], [joint.key, "full+replay"])
+    assert [h.key for h in picked] == [joint.key, plain.key]  # both, though joint training is ranked first
+
+
 def test_pick_hybrids_by_key_or_label():
     ordered = [find_hybrid(k) for k in ("lora", "full+lwf@lwf.anchor=general@lwf.teacher=cached_topk", "full+ewc")]
     assert pick_hybrids(ordered, ["full+ewc", "full+lwf(teacher=cached_topk)", "lora"]) == [ordered[2], ordered[1], ordered[0]]

@@ -160,7 +160,8 @@ def pick_hybrids(ordered: list[Hybrid], names: list[str]) -> list[Hybrid]:
     """The hybrids ``names`` asks for (catalogue keys, labels or table names), in the order given."""
     picked = []
     for name in names:
-        match = [h for h in ordered if name in (h.key, h.label, display_name(h))]
+        # a key names exactly one hybrid; a label may be shared (full+replay is also joint training's label)
+        match = [h for h in ordered if name == h.key] or [h for h in ordered if name in (h.label, display_name(h))]
         if not match:
             raise ConfigError(
                 f"--hybrids: {name!r} is not among the hybrids these constraints allow on this target: "
