@@ -177,3 +177,17 @@ def test_recommend_refuses_a_floor_outside_0_to_1():
     result = runner.invoke(app, ["recommend", "--min-general-retention", "98"])
     assert result.exit_code == 2
     assert "--min-general-retention 98" in result.output and "between 0 and 1" in result.output
+
+
+def test_at_a_floor_of_098_the_packaged_evidence_recommends_der_at_one_to_one():
+    """The one full-weight hybrid that kept 0.98 on stories-contracts (3 seeds, report part 0.985)."""
+    from retain.guide.evidence import load_evidence
+
+    evidence = load_evidence()
+    if evidence is None:
+        pytest.skip("no packaged evidence table")
+    result = runner.invoke(app, ["recommend", "--compute", "high", "--full-weights", "--min-general-retention", "0.98"])
+    assert result.exit_code == 0, result.output
+    head = _sections(result.output)["recommended"].splitlines()[0]
+    assert "full+replay+lwf@replay.mode=append@replay.ratio=0.5@lwf.anchor=replay" in head
+    assert "general retention ≥ 0.98" in result.output
