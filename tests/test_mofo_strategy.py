@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_config
-from test_mofo import B1, B2, EPS, LR, adam_step
+from test_mofo import B1, B2, EPS, LR, hand_step
 from torch import nn
 
 from retain.config import TrainConfig, load_config_dict
@@ -85,11 +85,7 @@ def test_the_loop_builds_mofo_from_the_strategy_and_follows_a_moved_fraction_by_
         model.weight.grad, model.bias.grad = g.reshape(2, 3).clone(), torch.ones(2, dtype=torch.float64)
         follow_optimizer_settings(optimizer, hybrid.optimizer_settings())  # as the loop does before every step
         optimizer.step()
-        for i in range(6):
-            m[i] = B1 * m[i] + (1 - B1) * g[i].item()
-            v[i] = B2 * v[i] + (1 - B2) * g[i].item() ** 2
-            if i in chosen:
-                expected[i] += adam_step(m[i], v[i], t)
+        hand_step(m, v, expected, g, chosen, t)
         after = model.weight.detach().flatten()
         assert {i for i in range(6) if after[i] != before[i]} == chosen, t
         assert after.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
