@@ -317,6 +317,7 @@ KILL_HYBRIDS = {
         {"name": "stm", "threshold": 100.0},
         {"name": "replay", "ratio": 0.25},
         "flow",
+        {"name": "mofo", "fraction": 0.5},  # its momentum ranks must resume exactly too
         {"name": "wise", "alpha": 0.75},
     ],
     "lora-family": [
